@@ -1,0 +1,48 @@
+# hicmae-dist: `make demo` runs the main job on its default, `make test` runs the suite.
+# Both set everything up first (apt packages, venv, pinned wheels, the native extension),
+# idempotently: a second run skips what is done.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hicmae-setup
+# The CUDA build of torch from PyPI (`===` skips the CPU-only file some machines carry):
+# torchaudio and torchcodec are built against it; it runs on the CPU too.
+TORCH_PINS := "torch===2.13.0" torchaudio==2.11.0 torchcodec==0.17.0
+APT_PACKAGES := ffmpeg
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/hicmae-dist/torch_extensions
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+DEMO_DIR ?= runs/demo
+DEMO_CLIPS ?= 256
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/python -c "import hicmae_dist.ops as o; assert o.native_available(), 'hicmae_dist._C did not build'"
+	touch $@
+
+$(DEMO_DIR)/corpus/labels.csv: | $(STAMP)
+	$(BIN)/hicmae-dist synth --out $(DEMO_DIR)/corpus --clips $(DEMO_CLIPS)
+
+$(DEMO_DIR)/shards/manifest.json: $(DEMO_DIR)/corpus/labels.csv
+	$(BIN)/hicmae-dist prepare --src $(DEMO_DIR)/corpus --out $(DEMO_DIR)/shards
+
+demo: setup $(DEMO_DIR)/shards/manifest.json
+	rm -rf $(DEMO_DIR)/run
+	$(BIN)/hicmae-dist pretrain --preset tiny-cpu --data $(DEMO_DIR)/shards --run-dir $(DEMO_DIR)/run
+
+# pytest exits 5 when a selection (PYTEST_ARGS=-k ...) collects nothing: say so, not a failure.
+test: setup
+	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected for '$(PYTEST_ARGS)'"; rc=0; fi; exit $$rc
+
+clean:
+	rm -rf build *.egg-info hicmae_dist/_C*.so runs

@@ -1,0 +1,319 @@
+"""Typed run configuration: dataclasses, YAML presets shipped in the package, dotted overrides.
+
+The bottom layer of the package: it imports nothing from hicmae_dist, so every other layer
+(models, data, train, cli) can take its own section of the config.
+
+    cfg = load_config("tiny-cpu", ["model.width=128", "train.steps=50"])
+
+An unknown key or a value of the wrong type raises ConfigError naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a value of the wrong type or range."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and pretraining objective (SPEC.md section 1; defaults are HiCMAE-S).
+
+    arch "cavmae" (SPEC.md section 2) reads the same fields: encoder_depth = modality-specific
+    blocks per modality (11), fusion_depth = shared blocks (1), decoder_* = the joint decoder,
+    num_frames = 1, image_size 224, audio_frames 1024; the preset cavmae-base-vox2 holds them.
+    """
+
+    arch: str = "hicmae"  # "hicmae" | "cavmae"
+    width: int = 384  # encoder width C (video, audio and fusion)
+    heads: int = 6
+    encoder_depth: int = 10  # blocks per modality encoder
+    fusion_depth: int = 2  # bidirectional cross+self layers
+    decoder_width: int = 192
+    decoder_heads: int = 3
+    decoder_depth: int = 4  # 1 plain block + one CSBlock per intermediate layer
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    num_frames: int = 16
+    image_size: int = 160
+    tubelet: int = 2
+    patch: int = 16
+    audio_frames: int = 256  # fbank frames (time)
+    mel_bins: int = 128
+    video_mask_ratio: float = 0.9  # tube masking
+    audio_mask_ratio: float = 0.8  # random masking
+    intermediate_layers: list[int] = field(default_factory=lambda: [3, 6, 9])  # 0-based blocks
+    contrastive_weight: float = 0.0025
+    temperature: float = 0.07
+    frame_diff_target: bool = True
+    attention_backend: str = "auto"  # see hicmae_dist.ops.attention
+    negatives: str = "local"  # "local" | "global" contrastive negatives
+    audio_mask_mode: str = "random"  # CAV-MAE audio masking: random | time | freq | tf (HiCMAE: random)
+    symmetric_contrastive: bool | None = None  # None: the arch's own (HiCMAE symmetric, CAV-MAE one direction)
+
+    def validate(self) -> None:
+        _check(self.arch in ("hicmae", "cavmae"), "model.arch", "'hicmae' or 'cavmae'", self.arch)
+        _check(self.width % self.heads == 0, "model.width", "a multiple of model.heads", self.width)
+        _check(self.decoder_width % self.decoder_heads == 0, "model.decoder_width",
+               "a multiple of model.decoder_heads", self.decoder_width)
+        _check(self.audio_mask_mode in ("random", "time", "freq", "tf"), "model.audio_mask_mode",
+               "one of random, time, freq, tf", self.audio_mask_mode)
+        _check(self.image_size % self.patch == 0, "model.image_size", "a multiple of model.patch",
+               self.image_size)
+        _check(self.audio_frames % self.patch == 0 and self.mel_bins % self.patch == 0,
+               "model.audio_frames", "audio_frames and mel_bins multiples of model.patch",
+               (self.audio_frames, self.mel_bins))
+        for key in ("video_mask_ratio", "audio_mask_ratio"):
+            _check(0.0 <= getattr(self, key) < 1.0, f"model.{key}", "in [0, 1)", getattr(self, key))
+        _check(self.attention_backend in ("auto", "sdpa", "reference"), "model.attention_backend",
+               "one of auto, sdpa, reference", self.attention_backend)
+        _check(self.negatives in ("local", "global"), "model.negatives", "'local' or 'global'",
+               self.negatives)
+        if self.arch == "cavmae":
+            self._validate_cavmae()
+        else:
+            self._validate_hicmae()
+
+    def _validate_cavmae(self) -> None:
+        _check(self.num_frames == 1, "model.num_frames", "1 for arch cavmae (one RGB frame)", self.num_frames)
+        _check(self.encoder_depth >= 1, "model.encoder_depth", ">= 1 modality-specific blocks",
+               self.encoder_depth)
+        _check(self.fusion_depth >= 1, "model.fusion_depth", ">= 1 shared blocks", self.fusion_depth)
+        _check(self.decoder_depth >= 1, "model.decoder_depth", ">= 1", self.decoder_depth)
+        # 2-D sin-cos positions: half the channels per axis, sin and cos halves of each
+        for key in ("width", "decoder_width"):
+            _check(getattr(self, key) % 4 == 0, f"model.{key}", "a multiple of 4 (2-D sin-cos positions)",
+                   getattr(self, key))
+
+    def _validate_hicmae(self) -> None:
+        _check(self.audio_mask_mode == "random", "model.audio_mask_mode", "'random' for arch hicmae",
+               self.audio_mask_mode)
+        _check(self.symmetric_contrastive in (None, True), "model.symmetric_contrastive",
+               "null or true for arch hicmae (its contrastive loss is symmetric)", self.symmetric_contrastive)
+        layers = self.intermediate_layers
+        _check(len(layers) > 0 and all(0 <= i < self.encoder_depth for i in layers)
+               and layers == sorted(set(layers)), "model.intermediate_layers",
+               f"increasing block indices in [0, {self.encoder_depth})", layers)
+        _check(layers[-1] == self.encoder_depth - 1, "model.intermediate_layers",
+               "to end with the last encoder block", layers)
+        _check(self.decoder_depth == len(layers) + 1, "model.decoder_depth",
+               f"len(model.intermediate_layers) + 1 = {len(layers) + 1}", self.decoder_depth)
+        _check(self.num_frames % self.tubelet == 0, "model.num_frames",
+               "a multiple of model.tubelet", self.num_frames)
+
+
+@dataclass
+class DataConfig:
+    """Shard loader and augmentation (SPEC.md 'Inputs')."""
+
+    shards: str = ""  # directory of *.tar shards (set by `pretrain --data`)
+    batch_size: int = 8  # per rank
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    multiscale_crop: bool = True
+    gain_augment: bool = True
+    roll_augment: bool = False  # the release's roll is a no-op; ours works when enabled
+    max_bad_fraction: float = 0.01  # stop the run when more samples than this are unreadable
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", ">= 1", self.batch_size)
+        _check(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]",
+               self.max_bad_fraction)
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, DeepSpeed engine and checkpoints (SPEC.md 'Pretraining recipe')."""
+
+    steps: int = 300
+    base_lr: float = 3e-4  # scaled by global batch / 256
+    min_lr: float = 1e-5  # also scaled by global batch / 256
+    warmup_steps: int = 30
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    zero_stage: int = 2
+    bf16: bool = False
+    grad_clip: float = 0.0  # 0 = off, as in the paper
+    grad_accum: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.steps >= 1, "train.steps", ">= 1", self.steps)
+        _check(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", "in [0, train.steps]",
+               self.warmup_steps)
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        _check(len(self.betas) == 2, "train.betas", "two numbers", self.betas)
+        _check(self.grad_clip >= 0, "train.grad_clip", ">= 0", self.grad_clip)
+        _check(self.grad_accum >= 1, "train.grad_accum", ">= 1", self.grad_accum)
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        _check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (rank 0 only)."""
+
+    enabled: bool = True
+    uri: str = ""  # empty: sqlite:///<run_dir>/mlflow.db
+    experiment: str = "hicmae-dist"
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    preset: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> "Config":
+        for section in (self.model, self.data, self.train, self.tracking):
+            if hasattr(section, "validate"):
+                section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """{'model.width': 384, ...}: the MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}{k}.", v)
+            else:
+                out[prefix[:-1]] = value
+
+        walk("", self.to_dict())
+        return out
+
+    def hash(self) -> str:
+        """Hash of everything that changes the maths (tracking and step budget excluded)."""
+        d = self.to_dict()
+        d.pop("tracking")
+        d["train"] = {k: v for k, v in d["train"].items()
+                      if k not in ("steps", "checkpoint_every", "keep_checkpoints", "log_every")}
+        d["data"] = {k: v for k, v in d["data"].items() if k not in ("shards", "num_workers")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, arg, value)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _set(obj: Any, dotted: str, value: Any, where: str, prefix: str = "") -> None:
+    parts = dotted.split(".")
+    for i, name in enumerate(parts):
+        key = prefix + ".".join(parts[: i + 1])
+        if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+            known = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else ""
+            raise ConfigError(f"unknown config key '{key}' ({where}); known here: {known}")
+        if i == len(parts) - 1:
+            hints = typing.get_type_hints(type(obj))
+            if dataclasses.is_dataclass(getattr(obj, name)):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key}: expected a mapping ({where}), got {value!r}")
+                for k, v in value.items():
+                    _set(getattr(obj, name), str(k), v, where, prefix=f"{key}.")
+            else:
+                setattr(obj, name, _coerce(key, hints[name], value))
+        else:
+            obj = getattr(obj, name)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings; values are parsed as YAML (`[1, 2]`, `true`, `3e-4`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. model.width=128")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        _set(cfg, key.strip(), value, f"override {item!r}")
+    return cfg
+
+
+def load_config(preset: str | Path, overrides: list[str] | None = None) -> Config:
+    """A preset name (see list_presets) or a YAML path, then overrides; validated."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {preset!r}; shipped presets: {', '.join(list_presets())}")
+    elif not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    cfg = Config(preset=path.stem)
+    for section, values in raw.items():
+        _set(cfg, str(section), values, f"preset {path}")
+    apply_overrides(cfg, overrides or [])
+    return cfg.validate()
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with to_dict (checkpoints, MLflow artifacts)."""
+    cfg = Config()
+    for section, values in d.items():
+        _set(cfg, section, values, "saved config")
+    return cfg.validate()

@@ -1,0 +1,1 @@
+"""Launching: the distributed environment (torchrun, Slurm or a single process)."""

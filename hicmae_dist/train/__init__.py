@@ -1,0 +1,1 @@
+"""Training loops on a DeepSpeed engine: schedules, DeepSpeed config, checkpoints."""

@@ -1,0 +1,248 @@
+"""The pretraining loop: a DeepSpeed engine over the shard loader, with atomic checkpoints,
+`--resume auto`, MLflow tracking from rank 0 and a closing summary."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from hicmae_dist.config import Config
+from hicmae_dist.data.loader import make_pretrain_loader
+from hicmae_dist.launch.dist import init_distributed
+from hicmae_dist.models import build_model
+from hicmae_dist.tracking import Tracker, default_uri
+from hicmae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hicmae_dist.train.engine import build_engine, deepspeed_config, global_batch
+from hicmae_dist.train.schedule import lr_at
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+MAX_NONFINITE_IN_A_ROW = 5
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot continue this run (other config, missing files)."""
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides weights and optimizer state."""
+
+    step: int = 0
+    mlflow_run_id: str | None = None
+    config_hash: str = ""
+    data_seed: int = 0
+    nonfinite_skipped: int = 0
+    history: dict[str, Any] = field(default_factory=dict)
+
+
+def data_seed(base_seed: int, step: int) -> int:
+    """A resumed job reads a fresh resampled stream rather than replaying the first batches."""
+    return base_seed * 1_000_003 + step
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _read_metrics(run_dir: Path, upto_step: int) -> list[dict[str, Any]]:
+    """metrics.jsonl rows up to `upto_step` (a resume drops the rows of the lost steps)."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto_step]
+
+
+def plot_losses(rows: list[dict[str, Any]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, keys, title in ((axes[0], ["loss"], "total"),
+                            (axes[1], ["loss_video", "loss_audio"], "reconstruction"),
+                            (axes[2], ["loss_contrastive"], "contrastive (sum over layers)")):
+        for k in keys:
+            ax.plot(steps, [r[k] for r in rows], label=k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Pretrain `cfg.model` on the shards in `cfg.data.shards`; returns the summary dict.
+
+    resume: "auto" continues from the newest complete checkpoint under run_dir (if any);
+    "never" refuses to start in a run dir that already has one.
+    """
+    dist_env = init_distributed()
+    rank0 = dist_env.rank == 0
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.shards:
+        raise ValueError("data.shards is empty: pass --data DIR (a directory of .tar shards)")
+
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model)
+    engine = build_engine(model, cfg, dist_env.world_size)
+    batch = global_batch(cfg, dist_env.world_size)
+
+    state = RunState(config_hash=cfg.hash())
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        if resume == "never":
+            raise ResumeError(f"{run_dir} already holds checkpoint {ckpt.name}; use --resume auto or a new --run-dir")
+        saved = load_checkpoint(engine, ckpt)
+        if saved["config_hash"] != state.config_hash:
+            raise ResumeError(f"checkpoint {ckpt} was written with config hash {saved['config_hash']}, "
+                              f"this run has {state.config_hash}: the model, data or optimiser settings "
+                              f"changed (compare {run_dir / 'config.yaml'})")
+        state = RunState(**saved)
+        log.info("resumed from %s at step %d", ckpt, state.step)
+    start_step = state.step
+
+    uri = tracking_uri or cfg.tracking.uri or default_uri(run_dir)
+    tracker = Tracker(rank0 and cfg.tracking.enabled, uri, cfg.tracking.experiment, run_dir,
+                      run_name=cfg.tracking.run_name or run_dir.name, run_id=state.mlflow_run_id)
+    state.mlflow_run_id = tracker.run_id
+    if rank0:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / "deepspeed.json").write_text(json.dumps(deepspeed_config(cfg, dist_env.world_size), indent=1))
+        if start_step == 0:
+            tracker.log_params(cfg.flat())
+            tracker.log_artifact(run_dir / "config.yaml")
+            tracker.log_artifact(run_dir / "deepspeed.json")
+    rows = _read_metrics(run_dir, start_step) if rank0 else []
+    if rank0:  # rewrite without the rows of steps lost since the checkpoint
+        (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    state.data_seed = data_seed(cfg.train.seed, start_step)
+    loader = iter(make_pretrain_loader(cfg.data.shards, cfg.data, cfg.model, rank=dist_env.rank,
+                                       world_size=dist_env.world_size, seed=state.data_seed))
+    device = engine.device
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    nonfinite_in_a_row = 0
+    window: list[dict[str, float]] = []
+    window_start = time.perf_counter()
+    session_start = None  # timed from the end of the first step (excludes start-up)
+    steps_timed = 0
+    bar = tqdm(total=cfg.train.steps, initial=start_step, desc="pretrain", disable=not (rank0 and progress),
+               dynamic_ncols=True)
+    metrics_file = open(run_dir / METRICS_FILE, "a") if rank0 else None
+    status = "FAILED"
+    try:
+        for step in range(start_step, cfg.train.steps):
+            lr = lr_at(step, cfg.train, batch)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            parts: dict[str, float] = {}
+            for _ in range(cfg.train.grad_accum):
+                b = next(loader)
+                out = engine(b["video"].to(device, dtype), b["audio"].to(device, dtype),
+                             b["video_mask"].to(device), b["audio_mask"].to(device))
+                if not torch.isfinite(out["loss"]):
+                    break
+                engine.backward(out["loss"])
+                engine.step()
+                for k, v in out.items():
+                    parts[k] = parts.get(k, 0.0) + v.item() / cfg.train.grad_accum
+            if not parts or not math.isfinite(parts["loss"]):
+                # The micro-batches already run are dropped with it: nothing reaches the weights.
+                engine.optimizer.zero_grad()
+                state.nonfinite_skipped += 1
+                nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_in_a_row)
+                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise FloatingPointError(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}; "
+                                             f"stopping (last good checkpoint: {latest_checkpoint(run_dir)})")
+                continue
+            nonfinite_in_a_row = 0
+            grad_norm = engine.get_global_grad_norm()
+            parts.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
+            window.append(parts)
+            state.step = step + 1
+            bar.update(1)
+            if session_start is None:
+                session_start = time.perf_counter()
+            else:
+                steps_timed += 1
+
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                elapsed = time.perf_counter() - window_start
+                row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                row.update(step=state.step, clips_per_s=len(window) * batch / elapsed)
+                window, window_start = [], time.perf_counter()
+                if rank0:
+                    rows.append(row)
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                    tracker.log_metrics(state.step, {k: v for k, v in row.items() if k != "step"})
+                    tracker.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+            if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
+                save_checkpoint(engine, run_dir, state.step, vars(state), cfg.train.keep_checkpoints)
+        status = "FINISHED"
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+        if status != "FINISHED":
+            tracker.finish("FAILED")
+
+    session_s = time.perf_counter() - session_start if session_start else 0.0
+    summary = {
+        "steps": state.step,
+        "start_step": start_step,
+        "loss_first": rows[0]["loss"] if rows else None,
+        "loss_last": rows[-1]["loss"] if rows else None,
+        "clips_per_s": steps_timed * batch / session_s if session_s > 0 else None,
+        "world_size": dist_env.world_size,
+        "global_batch": batch,
+        "nonfinite_skipped": state.nonfinite_skipped,
+        "checkpoint": str(latest_checkpoint(run_dir)),
+        "run_dir": str(run_dir.resolve()),
+        "tracking_uri": uri,
+        "mlflow_run_id": tracker.run_id,
+    }
+    if rank0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        tracker.log_artifact(run_dir / "summary.json")
+        if rows:
+            tracker.log_artifact(plot_losses(rows, run_dir / "losses.png"))
+        tracker.finish("FINISHED")
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    def num(x, fmt):
+        return format(x, fmt) if x is not None else "n/a"
+
+    lines = [
+        f"steps            {s['steps']} (this session from {s['start_step']}, "
+        f"{s['world_size']} rank(s), global batch {s['global_batch']})",
+        f"loss first/last  {num(s['loss_first'], '.4f')} -> {num(s['loss_last'], '.4f')}",
+        f"throughput       {num(s['clips_per_s'], '.1f')} clips/s",
+        f"checkpoint       {s['checkpoint']}",
+        f"mlflow store     {s['tracking_uri']} (run {s['mlflow_run_id']})",
+    ]
+    if s["tracking_uri"].startswith("sqlite:"):
+        lines.append(f"open it with     mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1")
+    return "\n".join(lines)

@@ -1,0 +1,29 @@
+"""A small synthetic corpus, sharded once per test session, for the training tests."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.support import require
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    require("ffmpeg", shutil.which("ffmpeg") is not None, "apt-get install ffmpeg")
+    from hicmae_dist.data.prepare import prepare_shards
+    from hicmae_dist.data.synth import write_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root / "corpus", 48, num_classes=4, seed=0, workers=2, progress=False)
+    prepare_shards(root / "corpus", root / "shards", shard_size_mb=2, workers=2, progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def cli_env() -> dict[str, str]:
+    """The environment of a `hicmae-dist` subprocess: cached DeepSpeed JIT ops, no progress bars."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/hicmae-dist/torch_extensions"))
+    env["TQDM_DISABLE"] = "1"
+    return env
