@@ -2,6 +2,7 @@
 group, and initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo on the CPU)."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -35,7 +36,10 @@ def read_env() -> DistEnv:
 def init_distributed() -> DistEnv:
     """Initialise the default process group once; returns this process's place in it."""
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
 
+    if not logging.getLogger("hicmae_dist").isEnabledFor(logging.DEBUG):
+        ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-step INFO lines drown the progress bar
     dist_env = read_env()
     if dist_env.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -36,6 +36,18 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(model.param_groups(t.weight_decay), lr=0.0, betas=tuple(t.betas), eps=t.eps)
 
 
+def build_model_for_engine(cfg: Config, world_size: int) -> torch.nn.Module:
+    """The model, built under zero.Init for ZeRO-3 so each rank only ever holds its partition
+    (the model makes its blocks one by one: zero.Init partitions each as it is created)."""
+    import deepspeed
+
+    from hicmae_dist.models import build_model
+
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size),
+                             enabled=cfg.train.zero_stage == 3):
+        return build_model(cfg.model)
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, world_size: int):
     import deepspeed
 

@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +19,41 @@ from tqdm import tqdm
 from hicmae_dist.config import Config
 from hicmae_dist.data.loader import make_pretrain_loader
 from hicmae_dist.launch.dist import init_distributed
-from hicmae_dist.models import build_model
 from hicmae_dist.tracking import Tracker, default_uri
 from hicmae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from hicmae_dist.train.engine import build_engine, deepspeed_config, global_batch
+from hicmae_dist.train.engine import build_engine, build_model_for_engine, deepspeed_config, global_batch
 from hicmae_dist.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 MAX_NONFINITE_IN_A_ROW = 5
+
+
+_stop = threading.Event()
+_stop_reason: list[str] = []
+
+
+def request_stop(reason: str) -> None:
+    """Ask the running loop to save a checkpoint at the next step boundary and return.
+    Safe to call from a signal handler."""
+    _stop_reason.append(reason)
+    _stop.set()
+
+
+def install_stop_signals(signals=(signal.SIGTERM, signal.SIGUSR2)) -> None:
+    """SIGTERM / SIGUSR2 (Slurm's warning before a time limit or preemption) -> request_stop."""
+    for sig in signals:
+        signal.signal(sig, lambda num, frame: request_stop(signal.Signals(num).name))
+
+
+def _stop_requested_anywhere() -> bool:
+    """True on every rank when any rank was asked to stop (one tiny all-reduce per step)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if _stop.is_set() else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 class ResumeError(RuntimeError):
@@ -101,8 +129,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
         raise ValueError("data.shards is empty: pass --data DIR (a directory of .tar shards)")
 
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model)
-    engine = build_engine(model, cfg, dist_env.world_size)
+    engine = build_engine(build_model_for_engine(cfg, dist_env.world_size), cfg, dist_env.world_size)
     batch = global_batch(cfg, dist_env.world_size)
 
     state = RunState(config_hash=cfg.hash())
@@ -148,6 +175,9 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
                dynamic_ncols=True)
     metrics_file = open(run_dir / METRICS_FILE, "a") if rank0 else None
     status = "FAILED"
+    interrupted = None
+    # A stop requested before the loop (a signal during start-up) is honoured after the first
+    # step; the request is cleared when this call ends (the finally below).
     try:
         for step in range(start_step, cfg.train.steps):
             lr = lr_at(step, cfg.train, batch)
@@ -197,14 +227,21 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
                     tracker.log_metrics(state.step, {k: v for k, v in row.items() if k != "step"})
                     tracker.flush()
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-            if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
+            stop = _stop_requested_anywhere()
+            if stop or state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
                 save_checkpoint(engine, run_dir, state.step, vars(state), cfg.train.keep_checkpoints)
-        status = "FINISHED"
+            if stop:
+                interrupted = ",".join(_stop_reason) or "stop requested"
+                log.warning("stopping at step %d (%s); checkpoint saved", state.step, interrupted)
+                break
+        status = "KILLED" if interrupted else "FINISHED"
     finally:
+        _stop.clear()
+        _stop_reason.clear()
         bar.close()
         if metrics_file:
             metrics_file.close()
-        if status != "FINISHED":
+        if status == "FAILED":
             tracker.finish("FAILED")
 
     session_s = time.perf_counter() - session_start if session_start else 0.0
@@ -217,6 +254,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
         "world_size": dist_env.world_size,
         "global_batch": batch,
         "nonfinite_skipped": state.nonfinite_skipped,
+        "interrupted": interrupted,
         "checkpoint": str(latest_checkpoint(run_dir)),
         "run_dir": str(run_dir.resolve()),
         "tracking_uri": uri,
@@ -227,7 +265,11 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
         tracker.log_artifact(run_dir / "summary.json")
         if rows:
             tracker.log_artifact(plot_losses(rows, run_dir / "losses.png"))
-        tracker.finish("FINISHED")
+        # An interrupted run stays RUNNING in MLflow: the requeued job continues it.
+        if interrupted:
+            tracker.flush()
+        else:
+            tracker.finish("FINISHED")
     return summary
 
 
@@ -240,6 +282,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['world_size']} rank(s), global batch {s['global_batch']})",
         f"loss first/last  {num(s['loss_first'], '.4f')} -> {num(s['loss_last'], '.4f')}",
         f"throughput       {num(s['clips_per_s'], '.1f')} clips/s",
+        *([f"interrupted      {s['interrupted']} (resume with --resume auto)"] if s["interrupted"] else []),
         f"checkpoint       {s['checkpoint']}",
         f"mlflow store     {s['tracking_uri']} (run {s['mlflow_run_id']})",
     ]

@@ -1,0 +1,238 @@
+"""A synthetic VoxCeleb2-like corpus written as real media files.
+
+Layout (VoxCeleb2's official one):
+
+    out/dev/mp4/idNNNNN/VIDEO/NNNNN.mp4   H.264 224x224 at 25 fps with a 16 kHz mono AAC track
+    out/dev/aac/idNNNNN/VIDEO/NNNNN.m4a   the same AAC audio on its own
+    out/labels.csv                         key,speaker,video,clip,label (label = hidden class)
+
+Each clip has a hidden class that sets both what is seen (shape, colour, motion) and what is
+heard (pitch, beat rate); the shape also pulses with the audio beat, so the two streams agree in
+time as well as in kind. Per-clip jitter (position, phase, amplitude, detune, noise) makes every
+clip different, so audio-visual contrastive learning has something real to find and retrieval
+by hidden class rises above chance. Speakers set the background colour and the voice timbre.
+Everything is drawn from `seed`: the same seed gives the same classes, metadata and pixels.
+"""
+from __future__ import annotations
+
+import colorsys
+import csv
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hicmae_dist.data.audio import SAMPLE_RATE
+from hicmae_dist.data.video import FPS, FRAME_STRIDE, MIN_SOURCE_FRAMES, SOURCE_SIZE
+
+SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross")
+_ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+
+
+@dataclass(frozen=True)
+class _ClipPlan:
+    index: int
+    speaker: str
+    video: str
+    clip: str
+    label: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.speaker}/{self.video}/{self.clip}"
+
+
+def write_corpus(out_dir: str | Path, num_clips: int, *, num_classes: int = 4,
+                 num_speakers: int | None = None, seed: int = 0, duration_s: float = 3.2,
+                 workers: int = 1, progress: bool = True) -> dict:
+    """Write `num_clips` clips under out_dir (layout in the module docstring).
+
+    Returns a summary: out_dir, clips, speakers, videos, classes, seconds, bytes, labels path.
+    Clips are written under a temporary name and renamed when complete, so a reader never sees
+    a half-written file; labels.csv is written last.
+    """
+    if num_clips < 1 or num_classes < 1:
+        raise ValueError(f"num_clips and num_classes must be >= 1, got {num_clips}, {num_classes}")
+    min_s = (MIN_SOURCE_FRAMES + FRAME_STRIDE) / FPS
+    if duration_s < min_s:
+        raise ValueError(f"duration_s={duration_s}: clips need at least {min_s:.2f} s (the "
+                         f"{MIN_SOURCE_FRAMES / FPS} s window plus room for a random start)")
+    out = Path(out_dir)
+    num_speakers = num_speakers or max(2, num_clips // 8)
+    plans = _plan(num_clips, min(num_speakers, num_clips), num_classes, seed)
+
+    def write(plan: _ClipPlan) -> int:
+        return _write_clip(out, plan, num_classes, seed, duration_s)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # the work is in ffmpeg subprocesses
+        sizes = list(tqdm(pool.map(write, plans), total=len(plans), desc="synth clips",
+                          unit="clip", disable=not progress))
+
+    labels = out / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "speaker", "video", "clip", "label"])
+        writer.writerows([p.key, p.speaker, p.video, p.clip, p.label] for p in plans)
+    return {
+        "out_dir": str(out),
+        "clips": len(plans),
+        "speakers": len({p.speaker for p in plans}),
+        "videos": len({(p.speaker, p.video) for p in plans}),
+        "classes": num_classes,
+        "seconds": round(len(plans) * _num_frames(duration_s) / FPS, 2),
+        "bytes": sum(sizes),
+        "labels": str(labels),
+    }
+
+
+def _num_frames(duration_s: float) -> int:
+    return int(round(duration_s * FPS))
+
+
+def _plan(num_clips: int, num_speakers: int, num_classes: int, seed: int) -> list[_ClipPlan]:
+    """Speakers round-robin, two clips per video, classes balanced and shuffled."""
+    rng = np.random.default_rng((seed, 0))
+    labels = rng.permutation(np.arange(num_clips) % num_classes)
+    plans, videos = [], {}
+    for i in range(num_clips):
+        speaker = f"id{i % num_speakers:05d}"
+        j = i // num_speakers  # this clip's index among its speaker's clips
+        if j % 2 == 0:
+            videos[speaker] = "".join(rng.choice(list(_ID_CHARS), 11))  # a YouTube-like id
+        plans.append(_ClipPlan(i, speaker, videos[speaker], f"{j % 2 + 1:05d}", int(labels[i])))
+    return plans
+
+
+@dataclass(frozen=True)
+class _ClassStyle:
+    shape: str
+    colour: np.ndarray  # (3,) float32 RGB in [0, 255]
+    motion: int  # 0 horizontal, 1 vertical, 2 circular
+    motion_hz: float
+    f0: float  # fundamental, Hz
+    beat_hz: float  # syllable-like amplitude beat, Hz
+
+
+def _class_style(label: int, num_classes: int) -> _ClassStyle:
+    r, g, b = colorsys.hsv_to_rgb(label / num_classes, 0.85, 0.95)
+    return _ClassStyle(
+        shape=SHAPES[label % len(SHAPES)],
+        colour=np.array([r, g, b], np.float32) * 255,
+        motion=label % 3,
+        motion_hz=0.4 + 0.3 * (label % 4),
+        f0=120.0 * 2 ** (3 * label / num_classes),  # classes spread evenly over 3 octaves
+        beat_hz=2.0 + (label % 4),
+    )
+
+
+def _write_clip(out: Path, plan: _ClipPlan, num_classes: int, seed: int, duration_s: float) -> int:
+    """Render and encode one clip; returns the bytes written (mp4 + m4a)."""
+    style = _class_style(plan.label, num_classes)
+    spk = np.random.default_rng((seed, 1, int(plan.speaker[2:])))
+    background = spk.uniform(30, 200, 3).astype(np.float32)  # (3,)
+    timbre = spk.uniform(0.7, 2.0)  # harmonic k has weight 1 / k**timbre
+    rng = np.random.default_rng((seed, 2, plan.index))
+    beat_phase = rng.uniform(0, 2 * np.pi)  # shared by sound and picture: they are one event
+
+    def beat(t: np.ndarray) -> np.ndarray:  # envelope in [0, 1]
+        return (0.5 - 0.5 * np.cos(2 * np.pi * style.beat_hz * t + beat_phase)) ** 2
+
+    n_frames = _num_frames(duration_s)
+    pcm = _render_audio(style, timbre, beat, n_frames / FPS, rng)
+    frames = _render_frames(style, background, beat, n_frames, rng)
+
+    mp4 = (out / "dev" / "mp4" / plan.key).with_suffix(".mp4")
+    m4a = (out / "dev" / "aac" / plan.key).with_suffix(".m4a")
+    for path in (mp4, m4a):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    m4a_part, mp4_part = m4a.with_suffix(".part"), mp4.with_suffix(".part")  # renamed when done
+    exact = ["-fflags", "+bitexact", "-map_metadata", "-1"]
+    _ffmpeg(["-f", "s16le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", "pipe:0",
+             "-c:a", "aac", "-b:a", "48k", "-flags:a", "+bitexact", *exact, "-f", "mp4", str(m4a_part)],
+            pcm.tobytes(), m4a)
+    _ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SOURCE_SIZE}x{SOURCE_SIZE}", "-r", str(FPS),
+             "-i", "pipe:0", "-i", str(m4a_part), "-map", "0:v:0", "-map", "1:a:0",
+             "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
+             "-g", str(2 * FPS), "-flags:v", "+bitexact", "-c:a", "copy", *exact,
+             "-movflags", "+faststart", "-f", "mp4", str(mp4_part)],
+            frames.tobytes(), mp4)
+    m4a_part.rename(m4a)
+    mp4_part.rename(mp4)
+    return mp4.stat().st_size + m4a.stat().st_size
+
+
+def _render_audio(style: _ClassStyle, timbre: float, beat, seconds: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """(S,) int16 mono at 16 kHz: harmonics of a detuned f0, gated by the beat, plus noise."""
+    t = np.arange(int(round(seconds * SAMPLE_RATE))) / SAMPLE_RATE
+    f0 = style.f0 * rng.uniform(0.97, 1.03)
+    harmonics = [k for k in range(1, 16) if k * f0 < 0.45 * SAMPLE_RATE]
+    voice = sum(np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi)) / k ** timbre
+                for k in harmonics)
+    voice = voice / np.abs(voice).max()
+    wave = rng.uniform(0.25, 0.5) * beat(t) * voice + rng.uniform(0.005, 0.03) * rng.standard_normal(t.size)
+    return (np.clip(wave, -1, 1) * 32767).astype(np.int16)
+
+
+def _render_frames(style: _ClassStyle, background: np.ndarray, beat, n_frames: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """(n_frames, 224, 224, 3) uint8: the class shape moving and pulsing over a speaker background.
+
+    The shape stays inside the face crop the data layer keeps (rows 0:160, cols 32:192).
+    """
+    cx, cy = rng.uniform(92, 132), rng.uniform(62, 100)  # centre of the motion
+    amp, phase = rng.uniform(10, 20), rng.uniform(0, 2 * np.pi)
+    radius = rng.uniform(18, 26)
+    noise_std = rng.uniform(1, 3)
+    # The shape (at most 1.2 r across from its centre, times the 1.3 beat pulse) never leaves
+    # this box, so only the box is drawn.
+    half = int(amp + 1.6 * radius) + 2
+    top, bottom = max(0, int(cy) - half), min(SOURCE_SIZE, int(cy) + half)
+    left, right = max(0, int(cx) - half), min(SOURCE_SIZE, int(cx) + half)
+    yy, xx = np.mgrid[top:bottom, left:right].astype(np.float32)
+    rows = np.arange(SOURCE_SIZE, dtype=np.float32)[:, None, None]
+    texture = rng.normal(0, 8, (SOURCE_SIZE, SOURCE_SIZE, 3)).astype(np.float32)  # static per clip
+    base = background * (0.75 + 0.25 * rows / SOURCE_SIZE) + texture  # vertical gradient
+    frames = np.empty((n_frames, SOURCE_SIZE, SOURCE_SIZE, 3), np.uint8)
+    for f in range(n_frames):
+        t = f / FPS
+        angle = 2 * np.pi * style.motion_hz * t + phase
+        s, c = amp * np.sin(angle), amp * np.cos(angle)
+        dx, dy = ((s, 0.0), (0.0, s), (s, c))[style.motion]
+        r = radius * (1 + 0.3 * beat(np.array(t)))
+        inside = _shape_mask(style.shape, xx - (cx + dx), yy - (cy + dy), r)[..., None]
+        frame = base.copy()
+        box = frame[top:bottom, left:right]
+        box += (style.colour - box) * inside
+        luma_noise = rng.standard_normal((SOURCE_SIZE, SOURCE_SIZE, 1), dtype=np.float32)
+        frame += noise_std * luma_noise
+        frames[f] = np.clip(frame, 0, 255)
+    return frames
+
+
+def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """(H, W) float32 coverage in [0, 1] with a one-pixel soft edge."""
+    if shape == "circle":
+        d = np.hypot(dx, dy) - r
+    elif shape == "square":
+        d = np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * r
+    elif shape == "triangle":  # apex up: inside when below the apex and within the slanted sides
+        d = np.maximum(dy - 0.8 * r, np.abs(dx) * 1.8 - (dy + r))
+    elif shape == "diamond":
+        d = np.abs(dx) + np.abs(dy) - 1.2 * r
+    elif shape == "ring":
+        d = np.abs(np.hypot(dx, dy) - 0.8 * r) - 0.3 * r
+    else:  # cross
+        d = np.minimum(np.maximum(np.abs(dx) - 0.3 * r, np.abs(dy) - r),
+                       np.maximum(np.abs(dy) - 0.3 * r, np.abs(dx) - r))
+    return np.clip(0.5 - d, 0, 1)
+
+
+def _ffmpeg(args: list[str], stdin: bytes, target: Path) -> None:
+    proc = subprocess.run(["ffmpeg", "-hide_banner", "-v", "error", "-y", *args], input=stdin,
+                          capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg failed writing {target}: {proc.stderr.decode(errors='replace')[-2000:]}")

@@ -1,0 +1,97 @@
+"""Video frames: the stored face crop, JPEG packing, frame sampling and the pretraining
+augmentation (SPEC.md 1, 'Inputs', video).
+
+Frames are (T, 3, H, W) uint8 tensors until to_model_input makes the (3, T, S, S) float32 input.
+"""
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchcodec.decoders import decode_jpeg
+
+FPS = 25  # VoxCeleb2
+FRAME_STRIDE = 4  # the model sees one frame in 4
+MIN_SOURCE_FRAMES = 16 * FRAME_STRIDE  # the span of the model's 16 frames: 64 frames, 2.56 s
+SOURCE_SIZE = 224  # VoxCeleb2 face tracks
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# (x / 255 - mean) / std as one multiply-add: x * _NORM_SCALE + _NORM_SHIFT, per channel
+_NORM_SCALE = 1 / (255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+_NORM_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
+# The 13 fixed crop positions of VideoMAE's GroupMultiScaleCrop, as (x, y) in quarter steps of
+# the free room: 4 corners, centre, 4 edge centres, 4 quarter points.
+MULTISCALE_OFFSETS = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2),
+                      (0, 2), (4, 2), (2, 4), (2, 0),
+                      (1, 1), (3, 1), (1, 3), (3, 3))
+
+
+def face_crop(frames: torch.Tensor, size: int = 160) -> torch.Tensor:
+    """(T, 3, 224, 224) -> (T, 3, size, size): rows 0:size, centred columns (32:192 for 160,
+    16:208 for 192), the crop of the spec."""
+    if tuple(frames.shape[-2:]) != (SOURCE_SIZE, SOURCE_SIZE):
+        raise ValueError(f"face_crop expects {SOURCE_SIZE}x{SOURCE_SIZE} frames, got "
+                         f"{frames.shape[-1]}x{frames.shape[-2]}")
+    left = (SOURCE_SIZE - size) // 2
+    return frames[..., :size, left:left + size]
+
+
+def encode_jpegs(frames: torch.Tensor, quality: int = 90) -> tuple[bytes, list[int]]:
+    """(T, 3, H, W) uint8 -> (concatenated JPEG bytes, byte size of each frame)."""
+    parts = []
+    for frame in frames:
+        buf = io.BytesIO()
+        Image.fromarray(frame.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=quality)
+        parts.append(buf.getvalue())
+    return b"".join(parts), [len(p) for p in parts]
+
+
+def decode_jpegs(blob: bytes, sizes: list[int], indices: range) -> torch.Tensor:
+    """The frames at `indices` of a blob made by encode_jpegs -> (len(indices), 3, H, W) uint8."""
+    ends = np.cumsum(sizes)
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    chosen = [data[ends[i] - sizes[i]:ends[i]] for i in indices]
+    return torch.stack(decode_jpeg(chosen, mode="RGB"))
+
+
+def sample_start(num_stored: int, num_frames: int, rng: random.Random) -> int:
+    """Random first stored frame of a window of num_frames consecutive stored frames (stored
+    frames are every FRAME_STRIDE-th source frame, so this is the spec's stride-4 sampling)."""
+    if num_stored < num_frames:
+        raise ValueError(f"{num_stored} stored frames, need at least {num_frames}")
+    return rng.randrange(num_stored - num_frames + 1)
+
+
+def multiscale_crop_box(size: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """A random (top, left, height, width) multi-scale crop of a size x size frame.
+
+    Sides are int(size * scale) for the MULTISCALE_SCALES; height and width are at most one
+    scale step apart (10 pairs); the position is one of the 13 MULTISCALE_OFFSETS.
+    """
+    sides = [int(size * s) for s in MULTISCALE_SCALES]
+    pairs = [(h, w) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
+    height, width = rng.choice(pairs)
+    x, y = rng.choice(MULTISCALE_OFFSETS)
+    return y * ((size - height) // 4), x * ((size - width) // 4), height, width
+
+
+def to_model_input(frames: torch.Tensor, box: tuple[int, int, int, int] | None,
+                   out_size: int) -> torch.Tensor:
+    """(T, 3, H, W) uint8 -> (3, T, out_size, out_size) float32, ImageNet-normalised.
+
+    With a box, the frames are cropped to it and resized back to out_size, bilinear on uint8
+    as PIL does in the release; without one they must already be out_size.
+    """
+    if box is not None:
+        top, left, height, width = box
+        frames = frames[..., top:top + height, left:left + width]
+        if (height, width) != (out_size, out_size):
+            frames = F.interpolate(frames, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    if tuple(frames.shape[-2:]) != (out_size, out_size):
+        raise ValueError(f"frames are {frames.shape[-1]}x{frames.shape[-2]}, expected {out_size}x{out_size}")
+    return torch.addcmul(_NORM_SHIFT, frames.float(), _NORM_SCALE).permute(1, 0, 2, 3)
