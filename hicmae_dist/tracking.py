@@ -22,11 +22,12 @@ class Tracker:
     """No-op unless `enabled` (rank 0 with tracking on)."""
 
     def __init__(self, enabled: bool, uri: str, experiment: str, run_dir: Path,
-                 run_name: str = "", run_id: str | None = None):
+                 run_name: str = "", run_id: str | None = None, system_metrics_s: float = 10.0):
         self.enabled = enabled
         self.uri = uri
         self.run_id: str | None = None
         self._pending: list[Any] = []
+        self._system = None
         if not enabled:
             return
         from mlflow.tracking import MlflowClient
@@ -35,16 +36,25 @@ class Tracker:
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
-            return
+        else:
+            self.run_id = self._create_run(experiment, run_dir, run_name)
+        if system_metrics_s > 0:  # CPU, memory, disk, network (and GPU where present), in a thread
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics_s,
+                                                resume_logging=run_id is not None, tracking_uri=uri)
+            self._system.start()
+
+    def _create_run(self, experiment: str, run_dir: Path, run_name: str) -> str:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             artifacts = None
-            if uri.startswith("sqlite:"):  # keep artifacts in the run dir, not in ./mlruns of the cwd
+            if self.uri.startswith("sqlite:"):  # keep artifacts in the run dir, not in ./mlruns of the cwd
                 artifacts = (run_dir / "mlartifacts").resolve().as_uri()
             exp_id = self.client.create_experiment(experiment, artifact_location=artifacts)
         else:
             exp_id = exp.experiment_id
-        self.run_id = self.client.create_run(exp_id, run_name=run_name or None).info.run_id
+        return self.client.create_run(exp_id, run_name=run_name or None).info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
@@ -75,7 +85,14 @@ class Tracker:
         if self.enabled:
             self.client.log_artifact(self.run_id, str(path))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled:
-            self.flush()
+    def finish(self, status: str | None = "FINISHED") -> None:
+        """Flush and stop the system-metrics thread; status None leaves the run RUNNING (a
+        requeued job continues it)."""
+        if not self.enabled:
+            return
+        self.flush()
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
+        if status is not None:
             self.client.set_terminated(self.run_id, status=status)

@@ -5,19 +5,22 @@ Layout under <run_dir>/checkpoints/:
     latest                 the tag of the newest complete checkpoint
 A save writes into `.tmp-<tag>/`, renames it to `<tag>/` when every rank has written, then
 replaces `latest` atomically; a crash at any point leaves the previous checkpoint current.
-Loads go through torch.load(weights_only=True).
+Every load, DeepSpeed's included, runs with weights_only=True (weights_only_loads).
+A checkpoint written at another world size is converted to DeepSpeed's universal format first.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
 STATE_FILE = "state.json"
 LATEST = "latest"
@@ -32,12 +35,38 @@ def _deepspeed_safe_globals() -> list[Any]:
     return [ZeroStageEnum, LossScaler, fragment_address]
 
 
-class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch engine, loading with weights_only=True (no arbitrary unpickling)."""
-
-    def load(self, path: str, map_location=None):
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside, DeepSpeed's own included, runs with weights_only=True
+    (TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides their weights_only=False): no arbitrary unpickling."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -71,6 +100,8 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], kee
         shutil.rmtree(root / tmp_tag)
     _barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(_rng_state(), root / tmp_tag / _rng_file(rank))  # dropout/drop-path streams, per rank
     _barrier()
     if _is_rank0():
         _atomic_write(root / tmp_tag / STATE_FILE, json.dumps({**state, "step": step}, indent=1))
@@ -97,10 +128,41 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
+def saved_world_size(path: Path) -> int:
+    return json.loads((path / STATE_FILE).read_text()).get("world_size", 1)
+
+
+def to_universal(path: Path) -> Path:
+    """Convert a checkpoint to DeepSpeed's universal format (loadable at any world size) under
+    checkpoints/universal/<tag>; done once, atomically (temporary name, then rename)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = path.parent / "universal" / path.name
+    if (out / STATE_FILE).exists():
+        return out
+    tmp = out.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    with weights_only_loads():
+        ds_to_universal.main(args)
+    shutil.copy(path / STATE_FILE, tmp / STATE_FILE)
+    os.replace(tmp, out)
+    return out
+
+
 def load_checkpoint(engine, path: Path) -> dict[str, Any]:
-    """Collective. Restores weights and optimizer state into `engine`; returns our state."""
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    """Collective. Restores weights and optimizer state into `engine`; returns our state.
+    A universal checkpoint (to_universal) needs an engine built with load_universal=True."""
+    with weights_only_loads():
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-    return json.loads((path / STATE_FILE).read_text())
+    state = json.loads((path / STATE_FILE).read_text())
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng = path / _rng_file(rank)
+    if rng.exists() and state.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
+        _set_rng_state(torch.load(rng, weights_only=True))  # the same ranks: continue their streams
+    return state

@@ -8,10 +8,11 @@ import torch
 from hicmae_dist.config import Config
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """Every setting that matters is explicit: ZeRO stage, precision, clipping, overflow checks."""
     t = cfg.train
     return {
+        "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": cfg.data.batch_size * t.grad_accum * world_size,
@@ -48,12 +49,9 @@ def build_model_for_engine(cfg: Config, world_size: int) -> torch.nn.Module:
         return build_model(cfg.model)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world_size: int):
+def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False):
     import deepspeed
 
-    from hicmae_dist.train.checkpoint import WeightsOnlyCheckpointEngine
-
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
-                                           config=deepspeed_config(cfg, world_size))
-    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+                                           config=deepspeed_config(cfg, world_size, load_universal))
     return engine

@@ -9,7 +9,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,14 @@ from hicmae_dist.config import Config
 from hicmae_dist.data.loader import make_pretrain_loader
 from hicmae_dist.launch.dist import init_distributed
 from hicmae_dist.tracking import Tracker, default_uri
-from hicmae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hicmae_dist.train.accounting import model_flops_per_sample, peak_flops
+from hicmae_dist.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, saved_world_size,
+                                          to_universal)
 from hicmae_dist.train.engine import build_engine, build_model_for_engine, deepspeed_config, global_batch
 from hicmae_dist.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
-MAX_NONFINITE_IN_A_ROW = 5
 
 
 _stop = threading.Event()
@@ -67,14 +68,9 @@ class RunState:
     step: int = 0
     mlflow_run_id: str | None = None
     config_hash: str = ""
-    data_seed: int = 0
+    world_size: int = 1
+    batches: int = 0  # batches this rank has read: the data position
     nonfinite_skipped: int = 0
-    history: dict[str, Any] = field(default_factory=dict)
-
-
-def data_seed(base_seed: int, step: int) -> int:
-    """A resumed job reads a fresh resampled stream rather than replaying the first batches."""
-    return base_seed * 1_000_003 + step
 
 
 def seed_everything(seed: int) -> None:
@@ -128,27 +124,38 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
     if not cfg.data.shards:
         raise ValueError("data.shards is empty: pass --data DIR (a directory of .tar shards)")
 
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None and resume == "never":
+        raise ResumeError(f"{run_dir} already holds checkpoint {ckpt.name}; use --resume auto or a new --run-dir")
+    universal = ckpt is not None and saved_world_size(ckpt) != dist_env.world_size
+    if universal:  # written by another number of ranks: convert once (rank 0), load anywhere
+        if rank0:
+            log.info("checkpoint %s was written by %d ranks, this job has %d: converting to universal",
+                     ckpt, saved_world_size(ckpt), dist_env.world_size)
+            to_universal(ckpt)
+        torch.distributed.barrier()
+        ckpt = to_universal(ckpt)
+
     seed_everything(cfg.train.seed)
-    engine = build_engine(build_model_for_engine(cfg, dist_env.world_size), cfg, dist_env.world_size)
+    engine = build_engine(build_model_for_engine(cfg, dist_env.world_size), cfg, dist_env.world_size,
+                          load_universal=universal)
     batch = global_batch(cfg, dist_env.world_size)
 
-    state = RunState(config_hash=cfg.hash())
-    ckpt = latest_checkpoint(run_dir)
+    state = RunState(config_hash=cfg.hash(), world_size=dist_env.world_size)
     if ckpt is not None:
-        if resume == "never":
-            raise ResumeError(f"{run_dir} already holds checkpoint {ckpt.name}; use --resume auto or a new --run-dir")
         saved = load_checkpoint(engine, ckpt)
         if saved["config_hash"] != state.config_hash:
             raise ResumeError(f"checkpoint {ckpt} was written with config hash {saved['config_hash']}, "
                               f"this run has {state.config_hash}: the model, data or optimiser settings "
                               f"changed (compare {run_dir / 'config.yaml'})")
-        state = RunState(**saved)
+        state = RunState(**{**saved, "world_size": dist_env.world_size})
         log.info("resumed from %s at step %d", ckpt, state.step)
     start_step = state.step
 
     uri = tracking_uri or cfg.tracking.uri or default_uri(run_dir)
     tracker = Tracker(rank0 and cfg.tracking.enabled, uri, cfg.tracking.experiment, run_dir,
-                      run_name=cfg.tracking.run_name or run_dir.name, run_id=state.mlflow_run_id)
+                      run_name=cfg.tracking.run_name or run_dir.name, run_id=state.mlflow_run_id,
+                      system_metrics_s=cfg.tracking.system_metrics_s)
     state.mlflow_run_id = tracker.run_id
     if rank0:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -161,11 +168,17 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
     if rank0:  # rewrite without the rows of steps lost since the checkpoint
         (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    state.data_seed = data_seed(cfg.train.seed, start_step)
+    # The stream is a function of (seed, rank, world size): a resumed job skips the batches it
+    # already trained on, undecoded, and continues the same stream.
     loader = iter(make_pretrain_loader(cfg.data.shards, cfg.data, cfg.model, rank=dist_env.rank,
-                                       world_size=dist_env.world_size, seed=state.data_seed))
+                                       world_size=dist_env.world_size, seed=cfg.train.seed,
+                                       start_batch=state.batches))
     device = engine.device
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    flops_per_sample = model_flops_per_sample(cfg)
+    tokens_per_clip = sum(m.shape[1] for m in engine.module.make_masks(1))  # input tokens, both modalities
+    peak, peak_source = peak_flops(torch.device(device), cfg.train.bf16)
+    log.info("MFU against %s", peak_source)
     nonfinite_in_a_row = 0
     window: list[dict[str, float]] = []
     window_start = time.perf_counter()
@@ -179,13 +192,15 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
     # A stop requested before the loop (a signal during start-up) is honoured after the first
     # step; the request is cleared when this call ends (the finally below).
     try:
-        for step in range(start_step, cfg.train.steps):
+        while state.step < cfg.train.steps:  # a skipped step is tried again on the next batch
+            step = state.step
             lr = lr_at(step, cfg.train, batch)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             parts: dict[str, float] = {}
             for _ in range(cfg.train.grad_accum):
                 b = next(loader)
+                state.batches += 1
                 out = engine(b["video"].to(device, dtype), b["audio"].to(device, dtype),
                              b["video_mask"].to(device), b["audio_mask"].to(device))
                 if not torch.isfinite(out["loss"]):
@@ -200,7 +215,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
                 state.nonfinite_skipped += 1
                 nonfinite_in_a_row += 1
                 log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_in_a_row)
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
                     raise FloatingPointError(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}; "
                                              f"stopping (last good checkpoint: {latest_checkpoint(run_dir)})")
                 continue
@@ -218,7 +233,12 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start
                 row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                row.update(step=state.step, clips_per_s=len(window) * batch / elapsed)
+                clips_per_s = len(window) * batch / elapsed
+                row.update(step=state.step, clips_per_s=clips_per_s, step_time_s=elapsed / len(window),
+                           tokens_per_s=clips_per_s * tokens_per_clip,
+                           tflops_per_s=clips_per_s * flops_per_sample / 1e12)
+                if peak:
+                    row["mfu"] = clips_per_s * flops_per_sample / (peak * dist_env.world_size)
                 window, window_start = [], time.perf_counter()
                 if rank0:
                     rows.append(row)
@@ -242,7 +262,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
         if metrics_file:
             metrics_file.close()
         if status == "FAILED":
-            tracker.finish("FAILED")
+            tracker.finish("FAILED")  # the failing job's run ends FAILED; a resume reopens it
 
     session_s = time.perf_counter() - session_start if session_start else 0.0
     summary = {
@@ -266,10 +286,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
         if rows:
             tracker.log_artifact(plot_losses(rows, run_dir / "losses.png"))
         # An interrupted run stays RUNNING in MLflow: the requeued job continues it.
-        if interrupted:
-            tracker.flush()
-        else:
-            tracker.finish("FINISHED")
+        tracker.finish(None if interrupted else "FINISHED")
     return summary
 
 

@@ -1,0 +1,38 @@
+"""Consolidated fp32 weights of a run's checkpoint, for fine-tuning: our format or the authors'."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from hicmae_dist.config import config_from_dict
+from hicmae_dist.models.convert import Converted, ours_file_payload, to_upstream, upstream_file_payload
+from hicmae_dist.train.checkpoint import latest_checkpoint, weights_only_loads
+
+
+def export_weights(run_dir: Path, out: Path, *, to: str = "ours", checkpoint: Path | None = None) -> Converted:
+    """Gather the fp32 master weights from every ZeRO partition of `checkpoint` (default: the
+    run's latest) and write them to `out` (weights_only-loadable; written then renamed)."""
+    import yaml
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = checkpoint or latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to export (checkpoints/latest is missing)")
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    with weights_only_loads():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    ours = Converted(cfg.model.arch, "pretrain", cfg.model, None, {k: v.float() for k, v in state.items()})
+    if to == "ours":
+        converted, payload = ours, ours_file_payload(ours)
+    elif to == "upstream":
+        converted = to_upstream(ours_file_payload(ours))
+        payload = upstream_file_payload(converted)
+    else:
+        raise ValueError(f"to {to!r}: expected 'ours' or 'upstream'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, out)
+    return converted
