@@ -1,24 +1,303 @@
-"""`info_nce`: the contrastive (InfoNCE) loss between two batches of paired features."""
+"""`info_nce`: the contrastive (InfoNCE) loss between two batches of paired features.
+
+    info_nce(a, b, temperature, *, symmetric=True, negatives="local", backend="auto",
+             group=None, chunk=1024) -> scalar
+
+logits = a @ b.T / temperature, the pairs (a[i], b[i]) the positives.
+  symmetric=True:  0.5 * (CE(a b^T / t, i) + CE(b a^T / t, i))
+  symmetric=False: CE(a b^T / t, i)   (cross-entropy over the rows of a b^T)
+temperature: a positive float, or a tensor (0-d or one element; learnable: it gets a gradient).
+
+Negatives
+---------
+"local": the other samples of this batch (B x B logits, conceptually).
+"global": the features of every rank of `group` (default: the default process group) are
+gathered *with gradients* (hicmae_dist.ops.distributed.all_gather_with_grad), and this rank's
+rows are scored against all N = sum_r B_r columns (open_clip's "local loss" layout); for the
+symmetric loss the column direction is the same computation with the roles swapped: this
+rank's b rows against all N gathered a rows. Without an initialised process group (or with one
+rank) "global" is "local".
+
+Scaling of the global loss (the choice, and why it is right): let S_r be the sum of the
+per-row cross-entropies of rank r's rows (both directions averaged when symmetric) and J the
+single-process loss over the whole global batch, J = (1/N) sum_r S_r. Rank r returns
+        L_r = (W / N) * S_r          (W = world size; = the mean over its own rows when all
+                                      ranks hold B = N / W rows)
+so that mean_r L_r = J (all-reduce-mean the logged value to see J), and the gradients come
+out right under DDP / DeepSpeed's *average* over ranks: the gather's backward sums every
+rank's gradient for rank r's features (rank r's features receive sum_s dL_s/dx_r =
+W * dJ/dx_r), and the engine's 1/W average of the parameter gradients turns that into exactly
+dJ/dtheta. A learnable temperature (replicated on every rank) gets dL_r/dt on rank r, whose
+average over ranks is dJ/dt. tests/ops/test_info_nce.py checks all of this in a 2-process
+gloo group against one process holding the whole batch.
+
+Memory: never B_local x B_global logits. Per direction, the forward streams column tiles with
+a running max / sum (log-sum-exp) and keeps lse (B_local,) only; the backward recomputes the
+probabilities tile by tile. Memory is O(B_global * D) (the gathered features and their
+gradient) plus one tile.
+
+Backends
+--------
+  - "triton": hicmae_dist/ops/triton/info_nce.py (forward and backward kernels), float16 /
+    bfloat16 / float32; CUDA (compute capability 8.0+), or CPU tensors under the Triton
+    interpreter (TRITON_INTERPRET=1; the tests).
+  - "torch": the same blockwise algorithm in PyTorch, chunk x chunk tiles (rows and columns),
+    any float dtype, accumulation in fp32 (fp64 for fp64 inputs).
+  - "auto": CUDA -> triton; CPU -> torch (triton under the interpreter). The pick is logged
+    once per (device type, pick); on CUDA an input triton cannot take (fp64, an old GPU, no
+    triton) runs torch with a warning naming the reason, logged once per reason.
+Both run through the torch.library ops `hicmae_dist::info_nce_fwd` / `info_nce_bwd` (fake
+implementations and the autograd formula registered: torch.compile, opcheck).
+`info_nce_reference` is the naive full-logits loss (the tests' ground truth).
+"""
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 
+from hicmae_dist.ops import triton as _triton_pkg
+from hicmae_dist.ops.distributed import all_gather_with_grad, world
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, *, symmetric: bool = True,
-             negatives: str = "local") -> torch.Tensor:
-    """Scalar InfoNCE loss with the pairs (a[i], b[i]) as positives.
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "triton", "torch")
+NEGATIVES = ("local", "global")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEFAULT_CHUNK = 1024
+_logged_picks: set[tuple[str, str]] = set()
+_logged_fallbacks: set[str] = set()
 
-    a, b: (B, D), already L2-normalised if cosine logits are wanted; logits = a @ b.T / t.
-    symmetric: 0.5 * (CE(logits, i) + CE(logits.T, i)); else CE(logits, i) only.
-    negatives: "local" uses the other samples of this batch. ("global", features gathered
-    from all ranks, comes with the kernels issue.)
+
+# ----------------------------------------------------------------------------------------------
+# The chunked PyTorch path
+# ----------------------------------------------------------------------------------------------
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _torch_forward(x, y, scale, offset: int, chunk: int):
+    """(row_loss (M,), lse (M,)) in the accumulation dtype; chunk x chunk logit tiles only."""
+    acc = _acc_dtype(x.dtype)
+    M, N = x.shape[0], y.shape[0]
+    s = scale.detach().to(acc)
+    row_loss = x.new_empty(M, dtype=acc)
+    lse = x.new_empty(M, dtype=acc)
+    for r0 in range(0, M, chunk):
+        xr = x[r0:r0 + chunk].to(acc)
+        R = xr.shape[0]
+        m = xr.new_full((R,), float("-inf"))
+        l = xr.new_zeros(R)  # noqa: E741
+        pos = xr.new_zeros(R)
+        for c0 in range(0, N, chunk):
+            z = (xr @ y[c0:c0 + chunk].to(acc).T) * s
+            C = z.shape[1]
+            m_new = torch.maximum(m, z.amax(dim=1))
+            l = l * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(dim=1)  # noqa: E741
+            m = m_new
+            # the positive logits, taken from the same tile: m - pos is then exact (0) when the
+            # positive is the row's largest logit, and the loss keeps its relative precision
+            lo, hi = max(r0, c0 - offset), min(r0 + R, c0 + C - offset)
+            if lo < hi:
+                i = torch.arange(lo, hi, device=x.device)
+                pos[i - r0] = z[i - r0, i + offset - c0]
+        log_l = torch.log(l)
+        lse[r0:r0 + R] = m + log_l
+        row_loss[r0:r0 + R] = (m - pos) + log_l
+    return row_loss, lse
+
+
+def _torch_backward(grad_row, x, y, scale, lse, offset: int, chunk: int):
+    """(dx, dy, dscale): dz_ij = g_i (p_ij - [j == offset + i]); dx = s dz y, dy = s dz^T x,
+    dscale = sum dz_ij x_i.y_j. Tile by tile, recomputing p from lse."""
+    acc = _acc_dtype(x.dtype)
+    M, N = x.shape[0], y.shape[0]
+    s = scale.detach().to(acc)
+    g = grad_row.to(acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dy = torch.zeros(y.shape, dtype=acc, device=y.device)
+    ds = torch.zeros((), dtype=acc, device=x.device)
+    for r0 in range(0, M, chunk):
+        xr = x[r0:r0 + chunk].to(acc)
+        R = xr.shape[0]
+        gr, lr = g[r0:r0 + R], lse[r0:r0 + R].to(acc)
+        for c0 in range(0, N, chunk):
+            yc = y[c0:c0 + chunk].to(acc)
+            C = yc.shape[0]
+            z = xr @ yc.T
+            dz = torch.exp(z * s - lr[:, None]) * gr[:, None]
+            # positives in this tile: rows i with c0 <= offset + i < c0 + C
+            lo, hi = max(r0, c0 - offset), min(r0 + R, c0 + C - offset)
+            if lo < hi:
+                i = torch.arange(lo, hi, device=x.device)
+                dz[i - r0, i + offset - c0] -= gr[i - r0]
+            ds += (dz * z).sum()
+            dx[r0:r0 + R] += dz @ yc
+            dy[c0:c0 + C] += dz.T @ xr
+    return (dx * s).to(x.dtype), (dy * s).to(y.dtype), ds
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("hicmae_dist::info_nce_fwd", mutates_args=())
+def info_nce_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int,
+                 backend: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x (M, D) against columns y (N, D), logits scale * x y^T, row i's positive column
+    offset + i. Returns (row_loss, lse), both (M,): row_loss_i = lse_i - z_{i, offset+i}.
+    fp32 (fp64 for fp64 inputs). backend: "triton" | "torch" (already resolved)."""
+    if backend == "triton":
+        from hicmae_dist.ops.triton.info_nce import info_nce_forward
+        return info_nce_forward(x, y, scale, offset)
+    return _torch_forward(x, y, scale, offset, chunk)
+
+
+@info_nce_fwd.register_fake
+def _(x, y, scale, offset, backend, chunk):
+    acc = _acc_dtype(x.dtype)
+    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("hicmae_dist::info_nce_bwd", mutates_args=())
+def info_nce_bwd(grad_row: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                 lse: torch.Tensor, offset: int, backend: str,
+                 chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx, dy, dscale) for the upstream gradient grad_row (M,) of row_loss."""
+    if backend == "triton":
+        from hicmae_dist.ops.triton.info_nce import info_nce_backward
+        dx, dy, ds = info_nce_backward(grad_row, x, y, scale, lse, offset)
+    else:
+        dx, dy, ds = _torch_backward(grad_row, x, y, scale, lse, offset, chunk)
+    return dx, dy, ds.to(scale.dtype).reshape(scale.shape)
+
+
+@info_nce_bwd.register_fake
+def _(grad_row, x, y, scale, lse, offset, backend, chunk):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, scale, offset, backend, chunk = inputs
+    _, lse = output
+    ctx.save_for_backward(x, y, scale, lse)
+    ctx.offset, ctx.backend, ctx.chunk = offset, backend, chunk
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_row, _grad_lse):
+    x, y, scale, lse = ctx.saved_tensors
+    if grad_row is None:
+        grad_row = torch.zeros_like(lse)
+    dx, dy, ds = info_nce_bwd(grad_row.contiguous(), x, y, scale, lse, ctx.offset, ctx.backend,
+                              ctx.chunk)
+    return dx, dy, ds, None, None, None
+
+
+info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend choice and the public function
+# ----------------------------------------------------------------------------------------------
+def _triton_error(x: torch.Tensor) -> str | None:
+    ok, why = _triton_pkg.available(x.device)
+    if not ok:
+        return why
+    if x.dtype not in TRITON_DTYPES:
+        return f"triton kernels take float16, bfloat16 or float32, got {x.dtype}"
+    return None
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend that will run on `x` (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"info_nce backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        why = _triton_error(x)
+        if x.device.type == "cuda":
+            pick = "triton" if why is None else "torch"
+            if why is not None and why not in _logged_fallbacks:
+                _logged_fallbacks.add(why)
+                log.warning("ops.info_nce: backend 'auto' on cuda cannot run triton (%s); "
+                            "running the chunked torch path instead", why)
+        else:
+            pick = "triton" if why is None and _triton_pkg.interpreting() else "torch"
+        if (x.device.type, pick) not in _logged_picks:
+            _logged_picks.add((x.device.type, pick))
+            log.info("ops.info_nce: backend 'auto' on %s runs %s", x.device.type, pick)
+        return pick
+    if backend == "triton":
+        why = _triton_error(x)
+        if why is not None:
+            raise RuntimeError(f"ops.info_nce backend 'triton' cannot run: {why}")
+    return backend
+
+
+def _scale_of(temperature, x: torch.Tensor) -> torch.Tensor:
+    acc = _acc_dtype(x.dtype)
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"info_nce: temperature tensor must hold one value, got shape "
+                             f"{tuple(temperature.shape)}")
+        return (1.0 / temperature.reshape(())).to(device=x.device, dtype=acc)
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
+    return torch.tensor(1.0 / temperature, dtype=acc, device=x.device)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature, *, symmetric: bool = True,
+             negatives: str = "local", backend: str = "auto", group=None,
+             chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Scalar InfoNCE loss with the pairs (a[i], b[i]) as positives (see the module docstring).
+
+    a, b: (B, D) of one dtype and device, already L2-normalised if cosine logits are wanted.
+    temperature: float > 0 or a one-element tensor (learnable). symmetric: both directions
+    averaged, else CE over the rows of a b^T. negatives: "local" | "global" (global: rank r
+    returns (W / N) * its rows' summed loss; mean over ranks = the single-process loss, and
+    the DDP gradient average gives the single-process gradient). backend: "auto" | "triton" |
+    "torch". group: the process group of "global". chunk: tile size of the torch backend.
+    Returns a 0-d fp32 tensor (fp64 for fp64 inputs).
     """
-    if negatives != "local":
-        raise NotImplementedError(f"info_nce negatives={negatives!r}: only 'local' is implemented")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"info_nce negatives={negatives!r}: expected 'local' or 'global'")
     if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"info_nce: expected a and b of one shape (B, D); got {tuple(a.shape)}, {tuple(b.shape)}")
-    logits = (a @ b.T).float() / temperature  # (B, B)
+        raise ValueError(f"info_nce: expected a and b of one shape (B, D); got {tuple(a.shape)}, "
+                         f"{tuple(b.shape)}")
+    if a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(f"info_nce: a and b must share dtype and device, got {a.dtype} / "
+                         f"{b.dtype}, {a.device} / {b.device}")
+    if not a.is_floating_point():
+        raise ValueError(f"info_nce: expected floating-point features, got {a.dtype}")
+    if int(chunk) < 1:
+        raise ValueError(f"info_nce: chunk must be >= 1, got {chunk}")
+    pick = resolve_backend(backend, a)
+    scale = _scale_of(temperature, a)
+    ws = world(group)[1] if negatives == "global" else 1
+    if ws == 1:
+        if a.shape[0] == 0:
+            raise ValueError("info_nce: empty batch")
+        a_all, b_all, offset, n_total = a, b, 0, a.shape[0]
+    else:
+        d = a.shape[1]
+        if symmetric:  # one collective for both
+            both, offset = all_gather_with_grad(torch.cat([a, b], dim=1), group)
+            a_all, b_all = both[:, :d], both[:, d:]
+        else:
+            b_all, offset = all_gather_with_grad(b, group)
+            a_all = None
+        n_total = b_all.shape[0]
+    loss = info_nce_fwd(a, b_all, scale, offset, pick, int(chunk))[0].sum()
+    if symmetric:
+        loss = 0.5 * (loss + info_nce_fwd(b, a_all, scale, offset, pick, int(chunk))[0].sum())
+    return loss * (ws / n_total)
+
+
+def info_nce_reference(a: torch.Tensor, b: torch.Tensor, temperature, *,
+                       symmetric: bool = True) -> torch.Tensor:
+    """The naive loss over the full B x B logits (fp32, fp64 for fp64 inputs): ground truth."""
+    acc = _acc_dtype(a.dtype)
+    logits = (a.to(acc) @ b.to(acc).T) / temperature
     target = torch.arange(a.shape[0], device=a.device)
     loss = F.cross_entropy(logits, target)
     if symmetric:
