@@ -1,5 +1,7 @@
 // Visible-token gather for masked autoencoders: out[b, j] = x[b, idx[b, j]], and its backward.
-// CPU kernels; registered as torch ops hicmae_dist::gather_visible(_backward).
+// CPU kernels; registered as torch ops hicmae_dist::gather_visible(_backward). This file also
+// holds the schemas of every hicmae_dist op (TORCH_LIBRARY) and the module's Python entry points;
+// the other CPU impls are in tokens.cpp, the CUDA impls in kernels.cu.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstring>
@@ -72,6 +74,11 @@ at::Tensor gather_visible_backward_cpu(const at::Tensor& grad_in, const at::Tens
 TORCH_LIBRARY(hicmae_dist, m) {
   m.def("gather_visible(Tensor x, Tensor idx) -> Tensor");
   m.def("gather_visible_backward(Tensor grad, Tensor idx, int N) -> Tensor");
+  // decoder input: [visible + pos[visible_idx], mask_token + pos[masked_idx]] along dim 1
+  m.def("assemble_decoder_tokens(Tensor visible, Tensor mask_token, Tensor pos, Tensor visible_idx, "
+        "Tensor masked_idx) -> Tensor");
+  // per-patch target normalisation of x (R, F, S, C) over (F, S), optional frame differences
+  m.def("patch_norm(Tensor x, bool frame_diff) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hicmae_dist, CPU, m) {
@@ -81,5 +88,14 @@ TORCH_LIBRARY_IMPL(hicmae_dist, CPU, m) {
 
 }  // namespace hicmae_dist
 
-// The module only carries the op registrations above.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
+// The module carries the op registrations above plus a build flag: setup.py defines
+// HICMAE_WITH_CUDA when it compiled csrc/*.cu into the extension.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("built_with_cuda", [] {
+#ifdef HICMAE_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "True when the CUDA kernels (csrc/*.cu) were compiled into this extension.");
+}

@@ -59,6 +59,9 @@ class ModelConfig:
     temperature: float = 0.07
     frame_diff_target: bool = True
     attention_backend: str = "auto"  # see hicmae_dist.ops.attention
+    # HiCMAE fusion: run the two cross-attentions of a fusion layer (video->audio, audio->video)
+    # as one packed varlen attention launch, and likewise the two self-attentions; same maths
+    pack_fusion: bool = False
     negatives: str = "local"  # "local" | "global" contrastive negatives
     audio_mask_mode: str = "random"  # CAV-MAE audio masking: random | time | freq | tf (HiCMAE: random)
     symmetric_contrastive: bool | None = None  # None: the arch's own (HiCMAE symmetric, CAV-MAE one direction)
@@ -152,6 +155,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
+    max_nonfinite_in_a_row: int = 5  # skipped non-finite steps in a row before the run stops
     seed: int = 0
 
     def validate(self) -> None:
@@ -165,6 +169,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
         _check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+        _check(self.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", ">= 1",
+               self.max_nonfinite_in_a_row)
 
 
 @dataclass
@@ -175,6 +181,7 @@ class TrackingConfig:
     uri: str = ""  # empty: sqlite:///<run_dir>/mlflow.db
     experiment: str = "hicmae-dist"
     run_name: str = ""
+    system_metrics_s: float = 10.0  # sampling interval of CPU/GPU/memory metrics; 0 = off
 
 
 @dataclass
@@ -213,8 +220,11 @@ class Config:
         d = self.to_dict()
         d.pop("tracking")
         d["train"] = {k: v for k, v in d["train"].items()
-                      if k not in ("steps", "checkpoint_every", "keep_checkpoints", "log_every")}
+                      if k not in ("steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                                   "max_nonfinite_in_a_row")}
         d["data"] = {k: v for k, v in d["data"].items() if k not in ("shards", "num_workers")}
+        if not d["model"].get("pack_fusion"):  # the default: hashes of existing runs unchanged
+            d["model"].pop("pack_fusion", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -98,9 +98,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, C) -> q, k, v, each (B, N, C) (heads not split)."""
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])  # k: no bias
-        q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)  # 3 x (B, N, C)
+        return F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x)  # 3 x (B, N, C)
         out = attention(_split_heads(q, self.heads), _split_heads(k, self.heads),
                         _split_heads(v, self.heads), backend=self.backend)  # (B, H, N, D)
         return self.proj(_merge_heads(out))
@@ -120,13 +124,49 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        q = F.linear(x, self.q.weight, self.q_bias)  # (B, Nq, C)
+    def project(self, x: torch.Tensor, context: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, Nq, C), context (B, Nk, C) -> q (B, Nq, C), k, v (B, Nk, C) (heads not split)."""
+        q = F.linear(x, self.q.weight, self.q_bias)
         kv_bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
-        k, v = F.linear(context, self.kv.weight, kv_bias).chunk(2, dim=-1)  # 2 x (B, Nk, C)
+        k, v = F.linear(context, self.kv.weight, kv_bias).chunk(2, dim=-1)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x, context)  # (B, Nq, C), 2 x (B, Nk, C)
         out = attention(_split_heads(q, self.heads), _split_heads(k, self.heads),
                         _split_heads(v, self.heads), backend=self.backend)  # (B, H, Nq, D)
         return self.proj(_merge_heads(out))
+
+
+def _cu_seqlens(lengths: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """[(batch, length), ...] -> int32 cumulative lengths over all the segments, starting at 0."""
+    seg = torch.tensor([n for b, n in lengths for _ in range(b)], dtype=torch.int32)
+    return torch.cat([seg.new_zeros(1), seg.cumsum(0, dtype=torch.int32)]).to(device)
+
+
+def packed_attention_pair(first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                          second: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                          heads: int, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent attentions in one packed varlen launch of ops.attention.
+
+    first = (q1 (B, Nq1, C), k1 (B, Nk1, C), v1), second = (q2 (B, Nq2, C), k2 (B, Nk2, C), v2):
+    2B segments, sample b of the first pair then sample b of the second, each query segment
+    attending to its own key segment (lengths may differ, e.g. video queries on audio keys).
+    Returns (out1 (B, Nq1, C), out2 (B, Nq2, C)), heads merged, as two separate calls would.
+    """
+    (q1, k1, v1), (q2, k2, v2) = first, second
+    B, C = q1.shape[0], q1.shape[2]
+    nq1, nk1, nq2, nk2 = q1.shape[1], k1.shape[1], q2.shape[1], k2.shape[1]
+
+    def pack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # -> (B*Na + B*Nb, H, D)
+        return torch.cat([a.reshape(-1, heads, C // heads), b.reshape(-1, heads, C // heads)])
+
+    cu_q = _cu_seqlens([(B, nq1), (B, nq2)], q1.device)
+    cu_k = _cu_seqlens([(B, nk1), (B, nk2)], q1.device)
+    out = attention(pack(q1, q2), pack(k1, k2), pack(v1, v2), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                    max_seqlen_q=max(nq1, nq2), max_seqlen_k=max(nk1, nk2), backend=backend)
+    return out[:B * nq1].reshape(B, nq1, C), out[B * nq1:].reshape(B, nq2, C)
 
 
 class Block(nn.Module):
@@ -168,3 +208,27 @@ class CSBlock(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
+
+
+def cs_block_pair_packed(first: CSBlock, second: CSBlock, x1: torch.Tensor, x2: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first(x1, x2), second(x2, x1)), both from the inputs (a simultaneous update, HiCMAE's
+    two fusion directions), with the two cross-attentions in one packed varlen attention launch
+    and the two self-attentions in another. Same maths as the two separate calls; with drop
+    path in training the random draws come in another order (same distribution)."""
+    if first.cross_attn.heads != second.cross_attn.heads or first.attn.heads != second.attn.heads:
+        raise ValueError("cs_block_pair_packed: the two blocks must have the same head count")
+    backend = first.attn.backend
+    heads = first.cross_attn.heads
+    o1, o2 = packed_attention_pair(
+        first.cross_attn.project(first.cross_norm_q(x1), first.cross_norm_kv(x2)),
+        second.cross_attn.project(second.cross_norm_q(x2), second.cross_norm_kv(x1)), heads, backend)
+    y1 = x1 + first.drop_path(first.cross_attn.proj(o1))
+    y2 = x2 + second.drop_path(second.cross_attn.proj(o2))
+    o1, o2 = packed_attention_pair(first.attn.project(first.norm1(y1)),
+                                   second.attn.project(second.norm1(y2)), first.attn.heads, backend)
+    y1 = y1 + first.drop_path(first.attn.proj(o1))
+    y2 = y2 + second.drop_path(second.attn.proj(o2))
+    y1 = y1 + first.drop_path(first.mlp(first.norm2(y1)))
+    y2 = y2 + second.drop_path(second.mlp(second.norm2(y2)))
+    return y1, y2

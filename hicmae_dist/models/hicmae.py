@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from hicmae_dist.config import ModelConfig
 from hicmae_dist.masking import random_mask, split_indices, tube_mask
 from hicmae_dist.models import targets
-from hicmae_dist.models.blocks import LN_EPS, Block, CSBlock, drop_path_rates, init_weights, sinusoid_table
-from hicmae_dist.ops import gather_visible, info_nce
+from hicmae_dist.models.blocks import (LN_EPS, Block, CSBlock, cs_block_pair_packed, drop_path_rates,
+                                       init_weights, sinusoid_table)
+from hicmae_dist.ops import assemble_decoder_tokens, gather_visible, info_nce
 
 
 def video_grid(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -81,10 +82,14 @@ def make_audio_encoder(cfg: ModelConfig) -> Encoder:
 
 class FusionEncoder(nn.Module):
     """Bidirectional cross-modal fusion: in each layer video attends to audio and audio to video,
-    both from the previous layer's outputs; separate final norms per modality."""
+    both from the previous layer's outputs; separate final norms per modality. With
+    cfg.pack_fusion the two directions' cross-attentions run as one packed varlen attention
+    launch (2B segments: video queries on audio keys, audio queries on video keys), and the two
+    self-attentions likewise; the results equal the separate launches."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.pack = cfg.pack_fusion
         rates = drop_path_rates(cfg.drop_path, cfg.fusion_depth)
         self.video_blocks = nn.ModuleList(
             CSBlock(cfg.width, cfg.heads, cfg.mlp_ratio, p, cfg.attention_backend) for p in rates)
@@ -96,7 +101,10 @@ class FusionEncoder(nn.Module):
     def forward(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """video: (B, Nv, C), audio: (B, Na, C) -> the same shapes."""
         for video_block, audio_block in zip(self.video_blocks, self.audio_blocks):
-            video, audio = video_block(video, audio), audio_block(audio, video)  # simultaneous update
+            if self.pack:
+                video, audio = cs_block_pair_packed(video_block, audio_block, video, audio)
+            else:
+                video, audio = video_block(video, audio), audio_block(audio, video)  # simultaneous update
         return self.video_norm(video), self.audio_norm(audio)
 
 
@@ -128,9 +136,11 @@ class Decoder(nn.Module):
         each (B, Nv, C); visible_idx (B, Nv), masked_idx (B, Nm) flat token indices.
         Returns (B, Nm, patch_dim), rows in masked_idx order."""
         pos = self.pos_embed.to(fused.dtype)  # (N, Cd)
-        pos_visible, pos_masked = pos[visible_idx], pos[masked_idx]  # (B, Nv, Cd), (B, Nm, Cd)
-        # [visible..., masked...], never unshuffled: the position code carries each location
-        x = torch.cat([self.encoder_to_decoder(fused) + pos_visible, self.mask_token + pos_masked], dim=1)
+        pos_visible = pos[visible_idx]  # (B, Nv, Cd)
+        # [visible + pos, mask_token + pos...], never unshuffled: the position code carries each
+        # location (one native op, = torch.cat([e2d(fused) + pos[vis], mask + pos[masked]], 1))
+        x = assemble_decoder_tokens(self.encoder_to_decoder(fused), self.mask_token, pos,
+                                    visible_idx, masked_idx)  # (B, N, Cd)
         contexts = [self.encoder_to_decoder(f) + pos_visible for f in reversed(skips)]  # deepest first
         x = self.blocks[0](x)  # (B, N, Cd)
         for block, context in zip(self.blocks[1:], contexts, strict=True):

@@ -2,10 +2,14 @@
 
 Computed without gradient from the model's own inputs, in float32, one row per token in the
 encoders' flat token order, so the rows of the masked tokens are `gather_visible(target, masked_idx)`.
+The per-patch standardisation is the op `hicmae_dist.ops.patch_norm` (on the CPU the same ATen
+maths as `_standardise`, bit for bit; on CUDA a fused kernel).
 """
 from __future__ import annotations
 
 import torch
+
+from hicmae_dist.ops.tokens import patch_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -13,7 +17,8 @@ PATCH_NORM_EPS = 1e-6
 
 
 def _standardise(x: torch.Tensor, dim: tuple[int, ...]) -> torch.Tensor:
-    """(x - mean) / (unbiased std + 1e-6) over `dim`: each patch on its own scale."""
+    """(x - mean) / (unbiased std + 1e-6) over `dim`: each patch on its own scale. The plain
+    PyTorch form of what `patch_norm` computes."""
     mean = x.mean(dim=dim, keepdim=True)
     std = x.var(dim=dim, unbiased=True, keepdim=True).sqrt()
     return (x - mean) / (std + PATCH_NORM_EPS)
@@ -36,10 +41,8 @@ def video_target(video: torch.Tensor, tubelet: int, patch: int, frame_diff: bool
     t, h, w = T // tubelet, H // patch, W // patch
     x = pixels.view(B, C, t, tubelet, h, patch, w, patch)
     x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, t, h, w, tubelet, patch, patch, C)
-    x = x.reshape(B, t * h * w, tubelet, patch * patch, C)
-    x = _standardise(x, dim=(2, 3))  # per tubelet and channel
-    if frame_diff:
-        x = torch.cat([x[:, :, :1], x[:, :, 1:] - x[:, :, :1]], dim=2)
+    x = x.reshape(B * t * h * w, tubelet, patch * patch, C)
+    x = patch_norm(x, frame_diff)  # per tubelet and channel, then the frame differences
     return x.reshape(B, t * h * w, -1)
 
 
@@ -54,5 +57,5 @@ def audio_target(audio: torch.Tensor, patch: int) -> torch.Tensor:
     B, C, T, F = audio.shape
     t, f = T // patch, F // patch
     x = audio.float().view(B, C, t, patch, f, patch)
-    x = x.permute(0, 2, 4, 3, 5, 1).reshape(B, t * f, patch * patch, C)  # (B, N, P, C)
-    return _standardise(x, dim=(2,)).reshape(B, t * f, -1)
+    x = x.permute(0, 2, 4, 3, 5, 1).reshape(B * t * f, 1, patch * patch, C)  # (B * N, 1, P, C)
+    return patch_norm(x, frame_diff=False).reshape(B, t * f, -1)

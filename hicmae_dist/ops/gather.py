@@ -1,7 +1,8 @@
 """`gather_visible`: select the visible tokens of each sample, x[b, keep_idx[b]].
 
-Fast path: the native extension hicmae_dist._C (C++ CPU kernel from csrc/), registered as the
-torch op `hicmae_dist::gather_visible` with an autograd formula. Fallback, stated plainly and
+Fast path: the native extension hicmae_dist._C (C++ CPU kernel in csrc/gather.cpp, CUDA kernel in
+csrc/kernels.cu when the extension was built with CUDA), registered as the torch op
+`hicmae_dist::gather_visible` with an autograd formula. Fallback, stated plainly and
 logged once: torch.gather, when the extension is not built.
 """
 from __future__ import annotations
@@ -43,6 +44,12 @@ if _NATIVE_ERROR is None:
 
 def native_available() -> bool:
     return _NATIVE_ERROR is None
+
+
+def native_built_with_cuda() -> bool:
+    """True when hicmae_dist._C carries the CUDA kernels (csrc/*.cu), not the CPU ones only."""
+    flag = getattr(_C, "built_with_cuda", None) if native_available() else None
+    return bool(flag is not None and flag())
 
 
 def gather_visible_reference(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from hicmae_dist.ops import triton as _triton_pkg
 from hicmae_dist.ops.distributed import all_gather_with_grad, world
@@ -194,6 +195,12 @@ def _backward(ctx, grad_row, _grad_lse):
 
 
 info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.hicmae_dist.info_nce_fwd)
+def _info_nce_fwd_flops(x_shape, y_shape, *args, **kwargs) -> int:
+    """The logits tiles, rows x all columns x features, once (FlopCounterMode, MFU accounting)."""
+    return 2 * x_shape[0] * y_shape[0] * x_shape[1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -259,7 +259,8 @@ def test_contrastive_hand_built(symmetric):
     col = -((20 - math.log(math.exp(20) + math.exp(0))) + (16 - math.log(math.exp(12) + math.exp(16)))) / 2
     row = -((20 - math.log(math.exp(20) + math.exp(12))) + (16 - math.log(math.exp(0) + math.exp(16)))) / 2
     expected = (col + row) / 2 if symmetric else col
-    assert model.contrastive_loss(audio, video).item() == pytest.approx(expected, rel=1e-5)
+    # fp32 logits of size 20 carry ~2e-6 absolute rounding, relative 1e-4 of this small loss
+    assert model.contrastive_loss(audio, video).item() == pytest.approx(expected, rel=1e-4)
 
 
 # --- the release's algorithm, written out on the release's key names, on a tiny model -------------------

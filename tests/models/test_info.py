@@ -81,8 +81,9 @@ def test_mac_formula_matches_flop_counter(arch, kind):
     torch.manual_seed(0)
     model = build_model(cfg) if kind == "pretrain" else build_finetune_model(cfg, 5)
     batch = 2
-    # the only matmuls the formula leaves out: the contrastive logits, B x B x C per layer (B per sample)
-    contrastive = (len(cfg.intermediate_layers) if arch == "hicmae" else 1) * batch * cfg.width
+    # the only matmuls the formula leaves out: the contrastive logits, B x B x C per layer and
+    # direction (B per sample); ops.info_nce computes each direction's tiles (HiCMAE: symmetric)
+    contrastive = (2 * len(cfg.intermediate_layers) if arch == "hicmae" else 1) * batch * cfg.width
     extra = contrastive if kind == "pretrain" else 0
     modes = ["multimodal", "audio", "video"] if (arch, kind) == ("cavmae", "finetune") else [None]
     for mode in modes:

@@ -51,3 +51,26 @@ def test_opcheck():
     x = torch.randn(2, 7, 3, requires_grad=True)
     idx = torch.tensor([[0, 6, 2], [5, 1, 3]])
     torch.library.opcheck(torch.ops.hicmae_dist.gather_visible.default, (x, idx))
+
+
+def test_backward_opcheck():
+    grad = torch.randn(2, 3, 4)
+    idx = torch.tensor([[0, 6, 6], [5, 1, 3]])
+    torch.library.opcheck(torch.ops.hicmae_dist.gather_visible_backward.default, (grad, idx, 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_backward_equals_torch_several_dtypes(dtype):
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 9, (3, 6), generator=g)  # repeats likely
+    grad = torch.randn(3, 6, 5, generator=g).to(dtype)
+    ref = torch.zeros(3, 9, 5, dtype=dtype).scatter_add_(1, idx[..., None].expand(-1, -1, 5), grad)
+    ours = torch.ops.hicmae_dist.gather_visible_backward(grad, idx, 9)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0 if dtype in (torch.float32, torch.float64) else 1e-2)
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    require("hicmae_dist._C with CUDA kernels", gather.native_built_with_cuda(),
+            "built without nvcc; tests/ops/test_tokens.py checks the build found it when present")
+    for op in ("gather_visible", "gather_visible_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hicmae_dist::{op}", "CUDA"), op
