@@ -1,39 +1,86 @@
-"""The pretraining loader: WebDataset shards -> an infinite stream of masked batches.
+"""The pretraining loader: tar shards -> an endless, exactly resumable stream of masked batches.
 
-Per DataLoader worker (or in-process with num_workers=0), all decoding happens in the worker:
+    loader = make_pretrain_loader(shards, cfg.data, cfg.model, rank=r, world_size=w, seed=s,
+                                  start_batch=step * grad_accum)
+    for batch in loader: ...          # endless; batch["index"] is this rank's batch number
+    for batch in loader.epoch(e): ... # or exactly one epoch's batches_per_epoch batches
+    loader.stats()                    # batches, samples, bad samples: for the trainer's metrics
 
-    shards, resampled with replacement (seeded by seed, rank and worker)
-      -> tar samples (undecoded bytes) -> shuffle buffer
-      -> decode: 16 consecutive stored frames from a random start (= stride 4 in the source),
-         multi-scale crop, normalise; the audio under those frames (2.56 s), gain / roll, fbank;
-         tube mask and random mask
-      -> batches of data.batch_size (whole batches only)
+The stream is a pure function of (shards, seed, rank, world_size, data.num_workers,
+data.batch_size, data.shuffle_buffer): batch k is the same tensors whichever batch the stream
+started at, so a restarted job that passes start_batch=k neither repeats nor skips data.
 
-Batch: video float32 (B, 3, 16, 160, 160), audio float32 (B, 1, 256, 128), video_mask bool
-(B, 800) and audio_mask bool (B, 128) (True = masked), label int64 (B,) (-1 unknown), key list[str].
+How one rank's stream is built. A DataLoader worker w of W is "virtual worker" v and makes the
+rank's batches k with k % W == v (the DataLoader takes batches from its workers in turn). Per
+epoch e (batches_per_epoch batches per rank, the same on every rank):
+  - shards: all shards, permuted with a seed of (seed, e) common to every rank, dealt out round
+    robin to the world_size * W (rank, virtual worker) slots: within an epoch no two slots read
+    the same shard (when there are at least as many shards as slots); the deal changes every
+    epoch. A slot reads its shards front to back, then again in a new order if it needs more.
+    (Resampled per epoch without replacement, rather than webdataset's draws with replacement:
+    every rank still has an endless stream and the same batches per epoch, which is what
+    resampling is for, and each clip is seen about once an epoch instead of Poisson(1) times.)
+  - samples: the shards' samples, undecoded (bytes), through a shuffle buffer of
+    data.shuffle_buffer samples (reservoir: each new sample replaces a random one, which goes
+    out); the buffer starts empty every epoch.
+  - decode late: the sample at position j of the slot's epoch stream is decoded with random
+    numbers seeded by (seed, world_size, W, e, rank, v, j) alone, so what a sample becomes does
+    not depend on what was decoded before it, and skipping needs no decoding.
+  - batches: positions [p * B, (p + 1) * B) make the slot's batch p of the epoch.
+Resuming at batch k: each worker finds its first batch's epoch and position, replays the shard
+order and the shuffle buffer's random draws on (shard, sample) numbers only (no reads), reads
+the buffer's samples with seeks (shard-NNNNNN.json holds each sample's byte range) and goes on.
+Workers are rotated (DataLoader worker w plays virtual worker (k + w) % W) so that batch k comes
+first. The stream depends on data.num_workers: resuming with another number gives another
+(equally random) stream, not the continuation.
 
-A sample or shard that cannot be read is logged and skipped; a worker stops the run with
-BadDataError once more than data.max_bad_fraction of what it has read was bad.
+A sample that cannot be read (truncated shard, corrupt tar) or decoded (corrupt JPEG, wrong
+sample rate) is logged and counted; its place in the batch goes to another sample of the same
+batch, decoded again with fresh augmentation, so batches keep their size and the stream its
+positions. batch["bad_samples"] counts them; loader.stats() sums them; the run stops with
+BadDataError once more than data.max_bad_fraction of the samples read were bad (judged after
+MIN_READS_BEFORE_BAD_CHECK), or when every sample of a batch is bad.
+
+Batch, HiCMAE (model.arch "hicmae", SPEC.md 1): video float32 (B, 3, 16, S, S) (16 stored frames
+in a row = one in 4 of the source, multi-scale crop, ImageNet-normalised), audio float32
+(B, 1, 256, 128) (the fbank of the 2.56 s under those frames; gain and roll augmentation), video
+tube mask bool (B, 800), audio random mask bool (B, 128) (True = masked).
+CAV-MAE (model.arch "cavmae", SPEC.md 2): video (B, 3, 224, 224) (one of the clip's 10 frames at
+random, normalised, no augmentation: data.multiscale_crop does not apply; data.gain_augment
+does, on the waveform), audio (B, 1, 1024, 128) (fbank of the first 10.24 s,
+(x + 5.081) / 4.4849; with data.roll_augment the U*U/10 noise and a roll in [-1024, 1024)),
+video_mask (B, 196) MAE random, audio_mask (B, 512) per model.audio_mask_mode.
+Both: label int64 (B,) (-1 unknown), key list[str], index (int, this rank's batch number),
+epoch (int), bad_samples (int, in this batch), start_frame int64 (B,) (the source frame the
+window starts at / the frame taken), crop int64 (B, 4) (top, left, height, width of the crop in
+face-crop pixels). Tensors are pinned when CUDA is available; in worker processes the batch is
+built directly in shared memory (no copy when it crosses to the main process).
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import itertools
 import json
 import logging
+import math
 import random
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hicmae_dist.config import DataConfig, ModelConfig
 from hicmae_dist.data import audio, video
-from hicmae_dist.masking import random_mask, tube_mask
+from hicmae_dist.data.shards import ShardIndex, ShardReader, load_index
+from hicmae_dist.masking import audio_structured_mask, mae_random_mask, random_mask, tube_mask
 
 log = logging.getLogger(__name__)
 
 MIN_READS_BEFORE_BAD_CHECK = 200  # judge the bad fraction on a sample big enough to mean something
+MAX_BAD_LOGS = 20  # per worker: warnings for the first bad samples, then one in 100
 
 
 class BadDataError(RuntimeError):
@@ -41,128 +88,340 @@ class BadDataError(RuntimeError):
 
 
 def make_pretrain_loader(shards_dir: str | Path, data_cfg: DataConfig, model_cfg: ModelConfig, *,
-                         rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader:
-    """An infinite iterable of pretraining batches (module docstring) for one rank.
-
-    The same (seed, rank, world_size, num_workers) gives the same stream; another seed gives
-    another stream (the trainer passes a new seed on resume). Batches are pinned when CUDA is
-    available.
-    """
+                         rank: int = 0, world_size: int = 1, seed: int = 0,
+                         start_batch: int = 0) -> "PretrainLoader":
+    """This rank's endless stream of pretraining batches (module docstring), from batch
+    start_batch on: the stream with (seed, start_batch=k) yields exactly batches k, k+1, ... of
+    the stream with (seed, start_batch=0), without decoding the batches before k."""
     shards_dir = Path(shards_dir)
-    shards = sorted(str(p) for p in shards_dir.glob("shard-*.tar"))
-    if not shards:
+    paths = sorted(shards_dir.glob("shard-*.tar"))
+    if not paths:
         raise FileNotFoundError(f"no shard-*.tar files in {shards_dir}; write them with prepare_shards "
                                 f"(`hicmae-dist prepare`)")
-    _check_manifest(shards_dir / "manifest.json", model_cfg)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    stream = _PretrainStream(shards, data_cfg, model_cfg, rank, world_size, seed)
-    return DataLoader(stream, batch_size=None, num_workers=data_cfg.num_workers,
-                      pin_memory=torch.cuda.is_available())
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    indexes = [load_index(p) for p in paths]
+    for index in indexes:
+        if index.meta.get("truncated"):
+            log.warning("%s is truncated (no index beside it; a scan found %d samples, then: %s): what follows "
+                        "is lost", Path(index.path).name, len(index), index.meta["truncated"])
+    empty = [Path(i.path).name for i in indexes if len(i) == 0]
+    if empty:
+        log.warning("%d shards hold no readable sample and are left out: %s", len(empty), ", ".join(empty[:5]))
+    indexes = [i for i in indexes if len(i)]
+    if not indexes:
+        raise BadDataError(f"none of the {len(paths)} shards in {shards_dir} holds a readable sample")
+    check_stored_form(stored_form(shards_dir, indexes), model_cfg, shards_dir)
+    stream = PretrainStream(indexes, data_cfg, model_cfg, rank, world_size, seed, start_batch)
+    slots = world_size * max(1, data_cfg.num_workers)
+    if len(indexes) < slots:
+        log.warning("%d shards for %d (rank, worker) slots: some slots share shards, so an epoch can "
+                    "show a clip more than once; write smaller shards (prepare --shard-size)",
+                    len(indexes), slots)
+    return PretrainLoader(stream)
 
 
-def _check_manifest(path: Path, model_cfg: ModelConfig) -> None:
-    """Shards made for another input size are a setup error, not bad samples."""
-    if not path.exists():  # shards made elsewhere; per-sample checks still apply
+class PretrainLoader:
+    """The DataLoader over a PretrainStream, plus what the trainer wants to know about it.
+
+    Iterating starts at stream.start_batch every time. stats() counts what this iterator has
+    yielded so far: batches, samples, bad samples (replaced), the bad fraction, the next batch
+    index and its epoch.
+    """
+
+    def __init__(self, stream: "PretrainStream"):
+        self.stream = stream
+        d = stream.data_cfg
+        self.batch_size = d.batch_size
+        self.num_workers = d.num_workers
+        self.batches_per_epoch = stream.batches_per_epoch
+        self.start_batch = stream.start_batch
+        self.dataloader = DataLoader(stream, batch_size=None, num_workers=d.num_workers,
+                                     pin_memory=torch.cuda.is_available())
+        self._reset()
+
+    def _reset(self) -> None:
+        self._batches = self._bad = 0
+        self._next = self.start_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        self._reset()
+        for batch in self.dataloader:
+            if batch["index"] != self._next:  # the worker rotation guarantees this order
+                raise RuntimeError(f"batch {batch['index']} arrived where {self._next} was due")
+            self._batches += 1
+            self._bad += batch["bad_samples"]
+            self._next += 1
+            self._check_bad_fraction()
+            yield batch
+
+    def epoch_of(self, batch_index: int) -> int:
+        return batch_index // self.batches_per_epoch
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        """Exactly the batches_per_epoch batches of epoch `epoch` (webdataset's with_epoch, as a
+        finite pass): the same batches the endless stream yields there."""
+        stream = copy.copy(self.stream)
+        stream.start_batch = epoch * self.batches_per_epoch
+        return itertools.islice(iter(PretrainLoader(stream)), self.batches_per_epoch)
+
+    def stats(self) -> dict:
+        samples = self._batches * self.batch_size
+        return {"batches": self._batches, "samples": samples, "bad_samples": self._bad,
+                "bad_fraction": self._bad / samples if samples else 0.0, "next_batch": self._next,
+                "epoch": self.epoch_of(self._next), "batches_per_epoch": self.batches_per_epoch}
+
+    def _check_bad_fraction(self) -> None:
+        reads = self._batches * self.batch_size
+        limit = self.stream.data_cfg.max_bad_fraction
+        if reads >= MIN_READS_BEFORE_BAD_CHECK and self._bad > limit * reads:
+            raise BadDataError(
+                f"{self._bad} of {reads} samples read on rank {self.stream.rank} were unreadable "
+                f"({self._bad / reads:.1%}), more than data.max_bad_fraction={limit}; the warnings above "
+                f"name each one (key, shard, reason)")
+
+
+@dataclass(frozen=True)
+class StoredForm:
+    """What prepare stored per clip (manifest 'form')."""
+
+    frames: str  # "stride": every frame_stride-th frame; "ten": CAV-MAE's 10 frames
+    image_size: int  # stored frame side: a face crop (160, 192) or the full 224 frame
+    frame_stride: int | None
+
+
+def stored_form(shards_dir: Path, indexes: list[ShardIndex]) -> StoredForm | None:
+    """From manifest.json (or a shard index when the manifest is missing); None if unknown
+    (shards made elsewhere: every sample is checked as it is decoded)."""
+    manifest = shards_dir / "manifest.json"
+    meta = json.loads(manifest.read_text()) if manifest.exists() else indexes[0].meta
+    form = meta.get("form")
+    if form:
+        return StoredForm(form["frames"], form["image_size"], form.get("frame_stride"))
+    if "image_size" in meta:  # the first layer's manifests
+        return StoredForm("stride", meta["image_size"], meta.get("frame_stride", video.FRAME_STRIDE))
+    return None
+
+
+def check_stored_form(form: StoredForm | None, model_cfg: ModelConfig, where: Path) -> None:
+    """Shards stored for another input are a setup error, not bad samples."""
+    if form is None:
         return
-    manifest = json.loads(path.read_text())
-    stored = (manifest.get("image_size"), manifest.get("frame_stride"))
-    if stored != (model_cfg.image_size, video.FRAME_STRIDE):
-        raise ValueError(f"{path}: the shards hold {stored[0]}px frames at stride {stored[1]}, the model "
-                         f"expects {model_cfg.image_size}px at stride {video.FRAME_STRIDE}; re-run "
-                         f"prepare_shards with image_size={model_cfg.image_size}")
+    size = model_cfg.image_size
+    if model_cfg.arch == "cavmae":
+        if form.image_size != size:
+            raise ValueError(f"{where}: the shards hold {form.image_size}px frames; CAV-MAE takes whole "
+                             f"{size}px frames: prepare them with `hicmae-dist prepare --full-frame "
+                             f"--frames ten` (or --full-frame alone: every 4th frame, usable by both models)")
+        return
+    if form.frames != "stride" or form.frame_stride != video.FRAME_STRIDE:
+        raise ValueError(f"{where}: the shards hold {form.frames!r} frames (stride {form.frame_stride}); "
+                         f"HiCMAE takes 16 frames in a row at stride {video.FRAME_STRIDE}: prepare them "
+                         f"with `hicmae-dist prepare --frames stride`")
+    if form.image_size != size and not (form.image_size == video.SOURCE_SIZE and size <= video.SOURCE_SIZE):
+        raise ValueError(f"{where}: the shards hold {form.image_size}px frames at stride {form.frame_stride}, "
+                         f"the model expects {size}px: prepare them with --image-size {size} (or "
+                         f"--full-frame, from which the loader cuts the face crop)")
 
 
-def _slot_shards(shards: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
-    """The shards one (rank, worker) draws from.
+def _slot_shards(shards: list, rank: int, world_size: int, worker: int, num_workers: int) -> list:
+    """The shards one (rank, worker) slot reads in an epoch, from that epoch's order.
 
-    With a shard per slot or more, each (rank, worker) slot gets its own round-robin share, so
-    no clip is read by two ranks or two workers at once (no duplicate in a global batch). With
-    fewer, the ranks still split when they can, otherwise every slot reads every shard; their
-    seeds differ, so their streams still do.
+    With a shard per slot or more, each slot gets its own round-robin share, so no clip is read
+    by two slots (no duplicate in a global batch). With fewer, the ranks still split when they
+    can, otherwise every slot reads every shard (their random streams still differ).
     """
     slots = world_size * num_workers
     if len(shards) >= slots:
         return shards[rank * num_workers + worker::slots]
     if len(shards) >= world_size:
         return shards[rank::world_size]
-    return shards
+    return list(shards)
 
 
-class _BadCounter:
-    """Counts a worker's reads; raises BadDataError when the bad fraction passes the limit."""
-
-    def __init__(self, max_fraction: float, where: str):
-        self.max_fraction, self.where = max_fraction, where
-        self.reads = self.bad = 0
-
-    def ok(self) -> None:
-        self.reads += 1
-        self._check(None)
-
-    def skip(self, what: str, exn: BaseException) -> None:
-        self.reads += 1
-        self.bad += 1
-        log.warning("skipping %s (%s): %s: %s [%d bad of %d reads]", what, self.where,
-                    type(exn).__name__, exn, self.bad, self.reads)
-        self._check(f"{what}: {exn}")
-
-    def shard_error(self, exn: BaseException) -> bool:
-        """webdataset handler for unreadable or truncated shards: skip the rest of the shard."""
-        self.skip("the rest of a shard", exn)
-        return True
-
-    def _check(self, last: str | None) -> None:
-        if self.reads >= MIN_READS_BEFORE_BAD_CHECK and self.bad > self.max_fraction * self.reads:
-            raise BadDataError(
-                f"{self.bad} of {self.reads} reads were unreadable ({self.bad / self.reads:.1%}) on "
-                f"{self.where}, more than data.max_bad_fraction={self.max_fraction}"
-                + (f"; last: {last}" if last else "") + "; see the warnings above for each one")
+def _seeds(text: str) -> tuple[int, int]:
+    digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little") >> 1
 
 
-class _PretrainStream(IterableDataset):
-    def __init__(self, shards: list[str], data_cfg: DataConfig, model_cfg: ModelConfig,
-                 rank: int, world_size: int, seed: int):
+class PretrainStream(IterableDataset):
+    """One rank's batches (module docstring); iterated by the DataLoader in each worker."""
+
+    def __init__(self, shards: list[ShardIndex], data_cfg: DataConfig, model_cfg: ModelConfig,
+                 rank: int, world_size: int, seed: int, start_batch: int = 0):
         self.shards, self.data_cfg, self.model_cfg = shards, data_cfg, model_cfg
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rank, self.world_size, self.seed, self.start_batch = rank, world_size, seed, start_batch
+        self.num_samples = sum(len(s) for s in shards)
+        self.batches_per_epoch = max(1, self.num_samples // (world_size * data_cfg.batch_size))
+        self.num_workers = max(1, data_cfg.num_workers)  # virtual workers: one stream each
+        m = model_cfg
+        if m.arch == "cavmae":
+            self.video_shape = (3, m.image_size, m.image_size)
+            freq, time = m.mel_bins // m.patch, m.audio_frames // m.patch
+            self.mask_shapes = ((m.image_size // m.patch) ** 2, freq * time)
+        else:
+            self.video_shape = (3, m.num_frames, m.image_size, m.image_size)
+            spatial = (m.image_size // m.patch) ** 2
+            self.mask_shapes = ((m.num_frames // m.tubelet) * spatial,
+                                (m.audio_frames // m.patch) * (m.mel_bins // m.patch))
+        self.audio_shape = (1, m.audio_frames, m.mel_bins)
+        self._bad_logged = 0
 
-    def __iter__(self):
+    # --- the stream's arithmetic: which worker makes which batch ---------------------------------
+
+    def first_local(self, epoch: int, v: int) -> int:
+        """How many of virtual worker v's batches come before epoch `epoch`."""
+        return max(0, (epoch * self.batches_per_epoch - v + self.num_workers - 1) // self.num_workers)
+
+    def epoch_shards(self, epoch: int, v: int) -> list[int]:
+        order = list(range(len(self.shards)))
+        random.Random(f"hicmae-dist/shards/{self.seed}/{epoch}").shuffle(order)  # same on every rank
+        return _slot_shards(order, self.rank, self.world_size, v, self.num_workers)
+
+    def _tag(self, epoch: int, v: int) -> str:
+        return f"hicmae-dist/{self.seed}/{self.world_size}/{self.num_workers}/{epoch}/{self.rank}/{v}"
+
+    def _refs(self, epoch: int, v: int) -> Iterator[tuple[int, int]]:
+        """(shard, sample) numbers of the slot's epoch, endless: its shards, then again reordered."""
+        own = self.epoch_shards(epoch, v)
+        reorder = random.Random(self._tag(epoch, v) + "/order")
+        order = own
+        while True:
+            for s in order:
+                for i in range(len(self.shards[s])):
+                    yield s, i
+            order = list(own)
+            reorder.shuffle(order)
+
+    def _epoch_samples(self, epoch: int, v: int, skip: int, reader: ShardReader) -> Iterator[tuple]:
+        """The slot's epoch stream after `skip` samples: ((shard, i), sample or exception)."""
+        size = max(1, self.data_cfg.shuffle_buffer)
+        rng = random.Random(self._tag(epoch, v) + "/shuffle")
+        refs = self._refs(epoch, v)
+        buf: list = []
+        out = 0
+        while out < skip:  # the same draws as below, on numbers only
+            ref = next(refs)
+            if len(buf) < size:
+                buf.append(ref)
+            else:
+                buf[rng.randrange(size)] = ref
+                out += 1
+        buf = [(ref, _read(reader, ref)) for ref in buf]
+        while True:
+            ref = next(refs)
+            item = (ref, _read(reader, ref))
+            if len(buf) < size:
+                buf.append(item)
+            else:
+                j = rng.randrange(size)
+                yield buf[j]
+                buf[j] = item
+
+    # --- iteration --------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        # One random stream per (seed, rank, worker) drives everything: shard draws, shuffle,
-        # augmentation; the masks take a torch generator seeded from it.
-        rng = random.Random(f"hicmae-dist/{self.seed}/{self.rank}/{worker}")
-        masks = torch.Generator().manual_seed(rng.getrandbits(63))
-        bad = _BadCounter(self.data_cfg.max_bad_fraction, f"rank {self.rank} worker {worker}")
-        shards = _slot_shards(self.shards, self.rank, self.world_size, worker, num_workers)
-        urls = ({"url": rng.choice(shards)} for _ in itertools.count())  # resampled, endless
-        samples = wds.tarfile_samples(urls, handler=bad.shard_error)
-        buffer = self.data_cfg.shuffle_buffer
-        samples = wds.shuffle(buffer, initial=buffer, rng=rng)(samples)  # undecoded bytes
-        clips = self._decoded(samples, rng, masks, bad)
-        yield from wds.batched(self.data_cfg.batch_size, collation_fn=_collate, partial=False)(clips)
+        w, num = (info.id, info.num_workers) if info else (0, 1)
+        if num != self.num_workers:
+            raise RuntimeError(f"the stream was planned for {self.num_workers} workers, runs in {num}")
+        W, B = self.num_workers, self.data_cfg.batch_size
+        v = (self.start_batch + w) % W  # rotation: DataLoader worker w makes batch start_batch + w first
+        local = (self.start_batch + w) // W
+        shared = info is not None
+        reader = ShardReader(self.shards)
+        try:
+            while True:
+                epoch = (local * W + v) // self.batches_per_epoch
+                first, end = self.first_local(epoch, v), self.first_local(epoch + 1, v)
+                samples = self._epoch_samples(epoch, v, (local - first) * B, reader)
+                for p in range(local - first, end - first):
+                    items = [next(samples) for _ in range(B)]
+                    yield self._batch(items, epoch, v, p, local * W + v, shared)
+                    local += 1
+        finally:
+            reader.close()
 
-    def _decoded(self, samples, rng: random.Random, masks: torch.Generator, bad: _BadCounter):
-        for sample in samples:
+    def _batch(self, items: list[tuple], epoch: int, v: int, p: int, index: int, shared: bool) -> dict:
+        B = len(items)
+        nv, na = self.mask_shapes
+        batch = {
+            "video": _empty((B, *self.video_shape), torch.float32, shared),
+            "audio": _empty((B, *self.audio_shape), torch.float32, shared),
+            "video_mask": _empty((B, nv), torch.bool, shared),
+            "audio_mask": _empty((B, na), torch.bool, shared),
+            "label": _empty((B,), torch.int64, shared),
+            "start_frame": _empty((B,), torch.int64, shared),
+            "crop": _empty((B, 4), torch.int64, shared),
+        }
+        keys: list[str | None] = [None] * B
+        tag = self._tag(epoch, v)
+        bad = []
+        for t, (ref, sample) in enumerate(items):
+            j = p * B + t  # position in the slot's epoch stream
             try:
-                clip = self._decode(sample, rng, masks)
+                if isinstance(sample, BaseException):
+                    raise sample
+                keys[t] = self._decode_into(batch, t, sample, f"{tag}/{j}")
             except Exception as exn:  # a corrupt sample must not end the run on its own
-                bad.skip(f"sample {sample.get('__key__')} of {sample.get('__url__')}", exn)
-                continue
-            bad.ok()
-            yield clip
+                bad.append(t)
+                self._log_bad(ref, sample, exn)
+        good = [t for t in range(B) if t not in bad]
+        if bad and not good:
+            raise BadDataError(f"every sample of batch {index} (rank {self.rank}) was unreadable; "
+                               f"the warnings above name them")
+        for n, t in enumerate(bad):  # re-decode a good sample of the batch, fresh augmentation
+            for k in range(len(good)):
+                donor = good[(n + k) % len(good)]
+                try:
+                    keys[t] = self._decode_into(batch, t, items[donor][1], f"{tag}/{p * B + t}/again/{k}")
+                    break
+                except Exception:  # e.g. a window the donor's audio cannot fill: try the next
+                    continue
+            else:
+                raise BadDataError(f"no sample of batch {index} (rank {self.rank}) could stand in for "
+                                   f"its {len(bad)} unreadable ones")
+        batch.update(key=keys, index=index, epoch=epoch, bad_samples=len(bad))
+        return batch
 
-    def _decode(self, sample: dict, rng: random.Random, masks: torch.Generator) -> dict:
-        m, d = self.model_cfg, self.data_cfg
+    def _log_bad(self, ref: tuple[int, int], sample, exn: BaseException) -> None:
+        self._bad_logged += 1
+        if self._bad_logged <= MAX_BAD_LOGS or self._bad_logged % 100 == 0:
+            key = sample.get("__key__") if isinstance(sample, dict) else f"sample {ref[1]}"
+            log.warning("skipping %s of %s (rank %d): %s: %s [%d bad so far in this worker%s]", key,
+                        Path(self.shards[ref[0]].path).name, self.rank, type(exn).__name__, exn,
+                        self._bad_logged, "; logging one in 100 from now" if self._bad_logged == MAX_BAD_LOGS else "")
+
+    # --- decoding ---------------------------------------------------------------------------------
+
+    def _decode_into(self, batch: dict, t: int, sample: dict, tag: str) -> str:
+        """Decode one sample into row t of the batch; returns its key."""
+        rng_seed, mask_seed = _seeds(tag)
+        rng = random.Random(rng_seed)
+        masks = torch.Generator().manual_seed(mask_seed)
         meta = json.loads(sample["json"])
         if meta["sample_rate"] != audio.SAMPLE_RATE:
             raise ValueError(f"audio at {meta['sample_rate']} Hz, expected {audio.SAMPLE_RATE}")
+        if self.model_cfg.arch == "cavmae":
+            self._cavmae_into(batch, t, sample, meta, rng, masks)
+        else:
+            self._hicmae_into(batch, t, sample, meta, rng, masks)
+        batch["label"][t] = int(meta.get("label", -1))
+        return meta["key"]
 
+    def _hicmae_into(self, batch: dict, t: int, sample: dict, meta: dict, rng: random.Random,
+                     masks: torch.Generator) -> None:
+        m, d = self.model_cfg, self.data_cfg
+        if meta.get("frames", "stride") != "stride":
+            raise ValueError(f"stored frames are {meta['frames']!r}, HiCMAE needs 'stride'")
         start = video.sample_start(meta["num_frames"], m.num_frames, rng)
-        frames = video.decode_jpegs(sample["jpgs"], meta["frame_bytes"],
-                                    range(start, start + m.num_frames))  # (16, 3, 160, 160) uint8
-        box = video.multiscale_crop_box(frames.shape[-1], rng) if d.multiscale_crop else None
-        clip_video = video.to_model_input(frames, box, m.image_size)  # (3, 16, 160, 160)
+        frames = video.decode_frames_hwc(sample["jpgs"], meta["frame_bytes"],
+                                         range(start, start + m.num_frames))  # (16, h, w, 3) uint8
+        face = None if frames.shape[2] == m.image_size else video.face_box(frames.shape[2], m.image_size)
+        box = video.multiscale_crop_box(m.image_size, rng) if d.multiscale_crop else None
+        video.frames_into(batch["video"][t], frames, box, face)
 
         # The audio under those frames: stored frame i is source frame i * frame_stride.
         seconds_per_stored = meta["frame_stride"] / meta["fps"]
@@ -173,23 +432,50 @@ class _PretrainStream(IterableDataset):
             wave = audio.random_gain(wave, rng)
         if d.roll_augment:
             wave = audio.random_roll(wave, rng)
-        clip_audio = audio.fbank(wave, m.audio_frames, m.mel_bins).unsqueeze(0)  # (1, 256, 128)
+        audio.fbank_into(batch["audio"][t, 0], wave[0])
 
-        spatial = (m.image_size // m.patch) ** 2
-        return {
-            "video": clip_video,
-            "audio": clip_audio,
-            "video_mask": tube_mask(m.num_frames // m.tubelet, spatial, m.video_mask_ratio, masks),  # (800,)
-            "audio_mask": random_mask((m.audio_frames // m.patch) * (m.mel_bins // m.patch),
-                                      m.audio_mask_ratio, masks),  # (128,)
-            "label": meta.get("label", -1),
-            "key": meta["key"],
-        }
+        batch["video_mask"][t] = tube_mask(m.num_frames // m.tubelet, (m.image_size // m.patch) ** 2,
+                                           m.video_mask_ratio, masks)
+        batch["audio_mask"][t] = random_mask(batch["audio_mask"].shape[1], m.audio_mask_ratio, masks)
+        batch["start_frame"][t] = start * meta["frame_stride"]
+        batch["crop"][t] = torch.tensor(box or (0, 0, m.image_size, m.image_size))
+
+    def _cavmae_into(self, batch: dict, t: int, sample: dict, meta: dict, rng: random.Random,
+                     masks: torch.Generator) -> None:
+        m, d = self.model_cfg, self.data_cfg
+        stored = meta.get("frame_indices") or [i * meta["frame_stride"] for i in range(meta["num_frames"])]
+        wanted = video.cavmae_frame_indices(meta["source_frames"], meta["fps"])[rng.randrange(10)]
+        pick = min(range(len(stored)), key=lambda i: abs(stored[i] - wanted))  # exact for "ten"
+        frame = video.decode_frames_hwc(sample["jpgs"], meta["frame_bytes"], [pick])[0]  # (224, 224, 3)
+        video.image_into(batch["video"][t], frame)
+
+        wave = audio.from_pcm16(sample["pcm"])
+        if d.gain_augment:
+            wave = audio.random_gain(wave, rng)
+        feats = audio.cavmae_fbank_into(batch["audio"][t, 0], wave[0])
+        if d.roll_augment:  # CAV-MAE's `noise` switch: U*U/10 noise and a time roll of the fbank
+            audio.cavmae_augment_(feats, rng, masks)
+
+        nv, _ = self.mask_shapes
+        batch["video_mask"][t] = mae_random_mask(nv, m.video_mask_ratio, masks)
+        batch["audio_mask"][t] = audio_structured_mask(m.mel_bins // m.patch, m.audio_frames // m.patch,
+                                                       m.audio_mask_ratio, m.audio_mask_mode, masks)
+        batch["start_frame"][t] = stored[pick]
+        batch["crop"][t] = torch.tensor((0, 0, m.image_size, m.image_size))
 
 
-def _collate(clips: list[dict]) -> dict:
-    batch = {name: torch.stack([c[name] for c in clips])
-             for name in ("video", "audio", "video_mask", "audio_mask")}
-    batch["label"] = torch.tensor([c["label"] for c in clips], dtype=torch.int64)
-    batch["key"] = [c["key"] for c in clips]
-    return batch
+def _read(reader: ShardReader, ref: tuple[int, int]):
+    try:
+        return reader.read(*ref)
+    except Exception as exn:  # judged (counted, logged) when its turn to be decoded comes
+        return exn
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """torch.empty, in shared memory inside a DataLoader worker (as default_collate does), so
+    the batch crosses to the main process without a copy."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return proto.new(storage).view(shape)

@@ -12,17 +12,22 @@ time as well as in kind. Per-clip jitter (position, phase, amplitude, detune, no
 clip different, so audio-visual contrastive learning has something real to find and retrieval
 by hidden class rises above chance. Speakers set the background colour and the voice timbre.
 Everything is drawn from `seed`: the same seed gives the same classes, metadata and pixels.
+
+write_downstream renders the same kind of clips as a fine-tuning set: face-frame folders, 16 kHz
+wavs and the authors' annotation files in subject-independent k folds (see its docstring).
 """
 from __future__ import annotations
 
 import colorsys
 import csv
 import subprocess
+import wave
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from hicmae_dist.data.audio import SAMPLE_RATE
@@ -128,8 +133,8 @@ def _class_style(label: int, num_classes: int) -> _ClassStyle:
     )
 
 
-def _write_clip(out: Path, plan: _ClipPlan, num_classes: int, seed: int, duration_s: float) -> int:
-    """Render and encode one clip; returns the bytes written (mp4 + m4a)."""
+def _render_clip(plan: _ClipPlan, num_classes: int, seed: int, duration_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(frames (n, 224, 224, 3) uint8 at 25 fps, pcm (S,) int16 at 16 kHz) of one clip."""
     style = _class_style(plan.label, num_classes)
     spk = np.random.default_rng((seed, 1, int(plan.speaker[2:])))
     background = spk.uniform(30, 200, 3).astype(np.float32)  # (3,)
@@ -143,6 +148,12 @@ def _write_clip(out: Path, plan: _ClipPlan, num_classes: int, seed: int, duratio
     n_frames = _num_frames(duration_s)
     pcm = _render_audio(style, timbre, beat, n_frames / FPS, rng)
     frames = _render_frames(style, background, beat, n_frames, rng)
+    return frames, pcm
+
+
+def _write_clip(out: Path, plan: _ClipPlan, num_classes: int, seed: int, duration_s: float) -> int:
+    """Render and encode one clip; returns the bytes written (mp4 + m4a)."""
+    frames, pcm = _render_clip(plan, num_classes, seed, duration_s)
 
     mp4 = (out / "dev" / "mp4" / plan.key).with_suffix(".mp4")
     m4a = (out / "dev" / "aac" / plan.key).with_suffix(".m4a")
@@ -229,6 +240,76 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
         d = np.minimum(np.maximum(np.abs(dx) - 0.3 * r, np.abs(dy) - r),
                        np.maximum(np.abs(dy) - 0.3 * r, np.abs(dx) - r))
     return np.clip(0.5 - d, 0, 1)
+
+
+def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 4, num_subjects: int | None = None,
+                     folds: int = 5, seed: int = 0, duration_s: float = 3.2, regression: bool = False,
+                     workers: int = 1, progress: bool = True) -> dict:
+    """A synthetic fine-tuning set in the downstream format (hicmae_dist.data.downstream):
+
+        out/frames/<subject>/<clip>/00001.jpg ...   the clip's 224x224 frames (JPEG q90), 25 fps
+        out/audio/<subject>/<clip>.wav             16 kHz mono int16
+        out/labels.csv                             clip,subject,label (the hidden class)
+        out/splits/split01/{train,val,test}.csv    subject-independent folds, annotation format
+
+    Clips are rendered as write_corpus renders them (the hidden class sets shape, colour,
+    motion, pitch and rhythm; subjects set background and timbre). regression=True writes two
+    float labels per clip instead of the class: valence = 2 * class / (K - 1) - 1 and arousal
+    = the beat rate scaled to [0, 1], each with a little per-clip noise. Files are written under
+    a temporary name and renamed; the split files are written last.
+    """
+    from hicmae_dist.data.downstream import DownstreamItem, make_folds, write_folds
+
+    if num_clips < 1 or num_classes < 1:
+        raise ValueError(f"num_clips and num_classes must be >= 1, got {num_clips}, {num_classes}")
+    out = Path(out_dir)
+    num_subjects = min(num_subjects or max(folds, num_clips // 4), num_clips)
+    if num_subjects < folds:
+        raise ValueError(f"{num_subjects} subjects ({num_clips} clips) cannot make {folds} subject-independent "
+                         f"folds: ask for at least {folds} clips and subjects")
+    plans = _plan(num_clips, num_subjects, num_classes, seed)
+
+    def write(plan: _ClipPlan) -> DownstreamItem:
+        frames, pcm = _render_clip(plan, num_classes, seed, duration_s)
+        clip_dir = out / "frames" / plan.speaker / f"{plan.index:05d}"
+        wav = out / "audio" / plan.speaker / f"{plan.index:05d}.wav"
+        if not clip_dir.exists():
+            part = clip_dir.with_name(clip_dir.name + ".part")
+            part.mkdir(parents=True, exist_ok=True)
+            for i, frame in enumerate(frames):
+                Image.fromarray(frame).save(part / f"{i + 1:05d}.jpg", quality=90)
+            part.rename(clip_dir)
+        wav.parent.mkdir(parents=True, exist_ok=True)
+        part = wav.with_suffix(".part")
+        with wave.open(str(part), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(SAMPLE_RATE)
+            w.writeframes(pcm.astype("<i2").tobytes())
+        part.rename(wav)
+        if not regression:
+            return DownstreamItem(clip_dir, wav, (plan.label,))
+        noise = np.random.default_rng((seed, 3, plan.index)).normal(0, 0.05, 2)
+        style = _class_style(plan.label, num_classes)
+        valence = 2 * plan.label / max(1, num_classes - 1) - 1 + noise[0]
+        arousal = (style.beat_hz - 2.0) / 3.0 + noise[1]
+        return DownstreamItem(clip_dir, wav, (round(float(valence), 4), round(float(arousal), 4)))
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        items = list(tqdm(pool.map(write, plans), total=len(plans), desc="synth downstream",
+                          unit="clip", disable=not progress))
+    subjects = [p.speaker for p in plans]
+    with open(out / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["clip", "subject", "label"])
+        writer.writerows([f"{p.speaker}/{p.index:05d}", p.speaker, p.label] for p in plans)
+    paths = write_folds(out / "splits", make_folds(items, subjects, folds, seed))
+    return {
+        "out_dir": str(out), "clips": len(plans), "subjects": len(set(subjects)), "classes": num_classes,
+        "folds": folds, "regression": regression, "frames_per_clip": _num_frames(duration_s),
+        "splits": str(out / "splits"),
+        "fold_sizes": [{name: len(Path(p).read_text().splitlines()) for name, p in fold.items()} for fold in paths],
+    }
 
 
 def _ffmpeg(args: list[str], stdin: bytes, target: Path) -> None:

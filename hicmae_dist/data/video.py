@@ -2,6 +2,10 @@
 augmentation (SPEC.md 1, 'Inputs', video).
 
 Frames are (T, 3, H, W) uint8 tensors until to_model_input makes the (3, T, S, S) float32 input.
+The loader's fast path (decode_frames_hwc + frames_into) keeps them channels-last, (T, H, W, 3)
+as the JPEG decoder produces them: bilinear resizing of channels-last uint8 has a vectorised
+kernel in torch (4x faster than NCHW here), and the normalised result is written straight into
+the batch tensor, so a clip's pixels are converted to float once and copied nowhere else.
 """
 from __future__ import annotations
 
@@ -57,6 +61,68 @@ def decode_jpegs(blob: bytes, sizes: list[int], indices: range) -> torch.Tensor:
     data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     chosen = [data[ends[i] - sizes[i]:ends[i]] for i in indices]
     return torch.stack(decode_jpeg(chosen, mode="RGB"))
+
+
+def jpeg_slices(blob: bytes, sizes: list[int], indices) -> list[torch.Tensor]:
+    """The JPEGs at `indices` of a blob made by encode_jpegs, as uint8 tensors (no copy)."""
+    ends = np.cumsum(sizes)
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    return [data[ends[i] - sizes[i]:ends[i]] for i in indices]
+
+
+def decode_frames_hwc(blob: bytes, sizes: list[int], indices) -> torch.Tensor:
+    """The frames at `indices` -> (len(indices), H, W, 3) uint8, contiguous (channels-last)."""
+    frames = decode_jpeg(jpeg_slices(blob, sizes, indices), mode="RGB")  # (3, H, W) views of HWC data
+    return torch.stack([f.permute(1, 2, 0) for f in frames])
+
+
+def face_box(stored_size: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the spec's size x size face crop inside a stored frame of
+    stored_size: the whole frame when they match, else rows 0:size and centred columns (the
+    crop face_crop makes from a 224 frame)."""
+    if stored_size == size:
+        return 0, 0, size, size
+    if stored_size != SOURCE_SIZE or size > SOURCE_SIZE:
+        raise ValueError(f"cannot take a {size}px face crop from {stored_size}px stored frames")
+    return 0, (SOURCE_SIZE - size) // 2, size, size
+
+
+def frames_into(out: torch.Tensor, frames: torch.Tensor, box: tuple[int, int, int, int] | None,
+                face: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> out (3, T, S, S) float32, ImageNet-normalised, written in place.
+
+    `face` (top, left, h, w) is cut first (see face_box); `box` is a crop inside it (multi-scale
+    crop, in face-crop pixels) resized back to S, bilinear on uint8 as PIL does in the release.
+    The same values as to_model_input up to the resize kernel's rounding (at most 1 grey level).
+    """
+    size = out.shape[-1]
+    if face is not None:
+        top, left, h, w = face
+        frames = frames[:, top:top + h, left:left + w]
+    if box is not None:
+        top, left, h, w = box
+        frames = frames[:, top:top + h, left:left + w]
+    x = frames.permute(0, 3, 1, 2)  # (T, 3, h, w) view, channels-last memory
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    out.copy_(x.permute(1, 0, 2, 3))  # uint8 -> float32, (3, T, S, S)
+    return out.mul_(_NORM_SCALE.view(3, 1, 1, 1)).add_(_NORM_SHIFT.view(3, 1, 1, 1))
+
+
+def image_into(out: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 of the output size -> out (3, H, W) float32, ImageNet-normalised, in place."""
+    if tuple(frame.shape[:2]) != tuple(out.shape[-2:]):
+        raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, expected {out.shape[-1]}x{out.shape[-2]}")
+    out.copy_(frame.permute(2, 0, 1))
+    return out.mul_(_NORM_SCALE.view(3, 1, 1)).add_(_NORM_SHIFT.view(3, 1, 1))
+
+
+def cavmae_frame_indices(total: int, fps: float = FPS, count: int = 10) -> list[int]:
+    """CAV-MAE's frames of a clip: int(i * (n / count)) for i < count, n = the frames of the
+    first 10 s (the audio's span), as the release's extract_video_frame.py. (The release then
+    seeks to frame_idx - 1, one frame early; this takes the frame it names.)"""
+    n = min(int(fps * 10), total)
+    return [int(i * (n / count)) for i in range(count)]
 
 
 def sample_start(num_stored: int, num_frames: int, rng: random.Random) -> int:

@@ -70,6 +70,7 @@ class RunState:
     config_hash: str = ""
     world_size: int = 1
     batches: int = 0  # batches this rank has read: the data position
+    bad_samples: int = 0  # unreadable samples the loader skipped and replaced
     nonfinite_skipped: int = 0
 
 
@@ -201,6 +202,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
             for _ in range(cfg.train.grad_accum):
                 b = next(loader)
                 state.batches += 1
+                state.bad_samples += int(b["bad_samples"])
                 out = engine(b["video"].to(device, dtype), b["audio"].to(device, dtype),
                              b["video_mask"].to(device), b["audio_mask"].to(device))
                 if not torch.isfinite(out["loss"]):
@@ -235,6 +237,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
                 row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                 clips_per_s = len(window) * batch / elapsed
                 row.update(step=state.step, clips_per_s=clips_per_s, step_time_s=elapsed / len(window),
+                           bad_samples=state.bad_samples,
                            tokens_per_s=clips_per_s * tokens_per_clip,
                            tflops_per_s=clips_per_s * flops_per_sample / 1e12)
                 if peak:
@@ -274,6 +277,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
         "world_size": dist_env.world_size,
         "global_batch": batch,
         "nonfinite_skipped": state.nonfinite_skipped,
+        "bad_samples": state.bad_samples,
         "interrupted": interrupted,
         "checkpoint": str(latest_checkpoint(run_dir)),
         "run_dir": str(run_dir.resolve()),

@@ -23,7 +23,10 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cli_env() -> dict[str, str]:
     """The environment of a `hicmae-dist` subprocess: cached DeepSpeed JIT ops, no progress bars."""
-    env = dict(os.environ)
+    # Not the in-process tests' torch.distributed variables (test_faults): a child would try to
+    # join their group, or bind the port the pytest process holds.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/hicmae-dist/torch_extensions"))
     env["TQDM_DISABLE"] = "1"
     return env

@@ -1,0 +1,361 @@
+"""Downstream (fine-tuning) data: face-frame folders plus 16 kHz wav, in the authors' annotation
+format, with k-fold split files and the spec's fine-tuning sampling (SPEC.md 1, 'Fine-tuning
+model'; SPEC.md 2 for CAV-MAE).
+
+Annotation file: one clip per line, space separated, no header, as the HiCMAE release reads them
+(pandas, delimiter ' '):
+
+    /data/mafw/frames/00025 /data/mafw/audio/00025.wav 5
+    /data/werewolf/frames/a12 /data/werewolf/audio/a12.wav 0.31 -0.12 0.55     (regression)
+
+frame_dir holds the clip's face frames (*.jpg, *.jpeg or *.png, in name order); wav_path a 16 kHz
+wav (int16 PCM is read directly; anything else through torchcodec, resampled to 16 kHz, mono).
+Relative paths are taken from `root` (default: the annotation file's directory). Labels are ints
+(classification) unless regression=True or a label is not an integer (then float32 vectors).
+
+Split files: <split_root>/split01/{train,val,test}.csv ... one directory per fold. The release
+has train and test only and picks the best epoch on test; here val is a separate subject group
+(make_folds), so model selection never sees the test fold.
+
+Sampling, HiCMAE (16 frames at frame_stride 4, image_size S, VideoMAE's fine-tuning code):
+  train  a random 64-frame span, 16 indices linspace'd over it (clips of <= 64 frames: spread
+         over the clip and padded with the last frame); RandomResizedCrop to S (scale
+         (0.08, 1), ratio (3/4, 4/3)) and a horizontal flip with p 0.5. (RandAugment and random
+         erasing of the release are not applied; mixup / cutmix belong to the trainer.)
+  val    the centre span, short side resized to S, centre crop (deterministic).
+  test   test_num_segment temporal chunks x test_num_crop spatial crops: every frame_stride-th
+         frame, chunk c starts at int(c * (n - 16) / (segments - 1)); short side resized to S,
+         crop k starts at int(k * (long - S) / (crops - 1)) along the long side. Returned
+         stacked: video (V, 3, 16, S, S), audio (V, 1, 256, 128), V = segments * crops; average
+         the softmax over V.
+  audio  the 2.56 s (256 fbank frames) from the time of the first sampled frame (frame i of n
+         is at i / n of the wav), HiCMAE's fbank and normalisation, zero-padded.
+CAV-MAE (one 224 frame, 1024-frame fbank): train a random one of the 10 frames at
+int(i * n / 10) (first 10 s at `fps`), val the middle frame, test all 10 (V = 10); the frame's
+short side resized to 224 bicubic and centre-cropped; audio the fbank of the first 10.24 s,
+normalised (x + 5.081) / 4.4849, with the U*U/10 noise and time roll in training.
+Frames larger than twice what is needed are decoded at 1/2, 1/4 or 1/8 scale (JPEG draft mode).
+All randomness comes from (seed, epoch, index): call set_epoch(e) each epoch.
+"""
+from __future__ import annotations
+
+import math
+import random
+import wave as wavmod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from hicmae_dist.config import ModelConfig
+from hicmae_dist.data import audio, video
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SPLITS = ("train", "val", "test")
+MODES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DownstreamItem:
+    frame_dir: Path
+    wav_path: Path
+    label: tuple  # ints (classification) or floats (regression)
+
+
+def read_annotations(path: str | Path, *, root: str | Path | None = None,
+                     regression: bool | None = None) -> list[DownstreamItem]:
+    """Parse an annotation file (module docstring). regression None: floats if any label is not
+    an integer."""
+    path = Path(path)
+    base = Path(root) if root is not None else path.parent
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 3:
+            raise ValueError(f"{path}:{n}: expected 'frame_dir wav_path label...', got {line!r}")
+        rows.append((n, parts))
+    if regression is None:
+        regression = any(not _is_int(x) for _, parts in rows for x in parts[2:])
+    items = []
+    for n, parts in rows:
+        try:
+            label = tuple(float(x) for x in parts[2:]) if regression else tuple(int(x) for x in parts[2:])
+        except ValueError:
+            raise ValueError(f"{path}:{n}: labels must be numbers, got {parts[2:]}") from None
+        items.append(DownstreamItem(_resolve(parts[0], base), _resolve(parts[1], base), label))
+    return items
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _resolve(text: str, base: Path) -> Path:
+    p = Path(text)
+    return p if p.is_absolute() else base / p
+
+
+def write_annotations(path: str | Path, items: list[DownstreamItem]) -> Path:
+    """Write items in the annotation format (absolute paths, as the authors' files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for item in items:
+        labels = " ".join(f"{x:.6g}" if isinstance(x, float) else str(x) for x in item.label)
+        lines.append(f"{Path(item.frame_dir).resolve()} {Path(item.wav_path).resolve()} {labels}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_folds(items: list[DownstreamItem], subjects: list[str], k: int, seed: int = 0) -> list[dict]:
+    """Subject-independent k folds: subjects dealt (shuffled with seed) into k groups; fold f
+    tests on group f, validates on group f + 1 (mod k) and trains on the rest. Returns
+    [{'train': [...], 'val': [...], 'test': [...]}, ...]."""
+    if k < 3:
+        raise ValueError(f"k-fold splits with separate val and test need k >= 3, got {k}")
+    names = sorted(set(subjects))
+    if len(names) < k:
+        raise ValueError(f"{len(names)} subjects cannot make {k} subject-independent folds")
+    random.Random(f"hicmae-dist/folds/{seed}").shuffle(names)
+    group = {s: i % k for i, s in enumerate(names)}
+    folds = []
+    for f in range(k):
+        split = {"train": [], "val": [], "test": []}
+        for item, subject in zip(items, subjects):
+            g = group[subject]
+            split["test" if g == f else "val" if g == (f + 1) % k else "train"].append(item)
+        folds.append(split)
+    return folds
+
+
+def write_folds(split_root: str | Path, folds: list[dict]) -> list[dict[str, Path]]:
+    """split_root/split01/{train,val,test}.csv, ...; returns the paths per fold."""
+    return [{name: write_annotations(Path(split_root) / f"split{f + 1:02d}" / f"{name}.csv", fold[name])
+             for name in SPLITS} for f, fold in enumerate(folds)]
+
+
+def fold_files(split_root: str | Path, fold: int) -> dict[str, Path]:
+    """The annotation files of fold `fold` (1-based, as split01)."""
+    d = Path(split_root) / f"split{fold:02d}"
+    files = {name: d / f"{name}.csv" for name in SPLITS}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"fold {fold}: missing {', '.join(missing)}")
+    return files
+
+
+def list_frames(frame_dir: Path) -> list[Path]:
+    frames = sorted(p for p in Path(frame_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not frames:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} frames in {frame_dir}")
+    return frames
+
+
+def read_wav(path: Path) -> torch.Tensor:
+    """(S,) float32 mono at 16 kHz in [-1, 1): int16 PCM wavs directly, others via torchcodec."""
+    try:
+        with wavmod.open(str(path), "rb") as w:
+            if w.getsampwidth() == 2 and w.getframerate() == audio.SAMPLE_RATE:
+                pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, w.getnchannels())
+                return torch.from_numpy(pcm.astype(np.float32).mean(axis=1) / 32768.0)
+    except (wavmod.Error, EOFError):
+        pass
+    from torchcodec.decoders import AudioDecoder
+
+    return AudioDecoder(path, sample_rate=audio.SAMPLE_RATE, num_channels=1).get_all_samples().data[0]
+
+
+def videomae_indices(n: int, clip_len: int, stride: int, rng: random.Random | None) -> list[int]:
+    """VideoMAE's fine-tuning frame indices (loadvideo_decord, one segment): rng None takes the
+    centre span instead of a random one."""
+    span = clip_len * stride
+    if n <= span:
+        index = np.linspace(0, n, num=n // stride)
+        index = np.concatenate((index, np.ones(clip_len - n // stride) * n))
+        return np.clip(index, 0, n - 1).astype(np.int64).tolist()
+    end = rng.randrange(span, n) if rng is not None else (span + n) // 2
+    start = end - span
+    return np.clip(np.linspace(start, end, num=clip_len), start, end - 1).astype(np.int64).tolist()
+
+
+def test_views(n: int, clip_len: int, stride: int, segments: int) -> list[list[int]]:
+    """The temporal chunks of VideoMAE's test sampling: frames every stride, padded to clip_len
+    with the last, chunk c from int(c * (len - clip_len) / (segments - 1))."""
+    all_index = list(range(0, n, stride))
+    while len(all_index) < clip_len:
+        all_index.append(all_index[-1])
+    step = max((len(all_index) - clip_len) / (segments - 1), 0) if segments > 1 else 0
+    return [all_index[int(c * step):int(c * step) + clip_len] for c in range(segments)]
+
+
+def random_resized_box(width: int, height: int, rng: random.Random, scale=(0.08, 1.0),
+                       ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (left, top, w, h): 10 tries, then the centre crop."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def short_side_box(width: int, height: int, size: int, position: float = 0.5) -> tuple[float, float, float, float]:
+    """(left, top, w, h) in source pixels of a size x size crop after resizing the short side to
+    size; position in [0, 1] slides it along the long side (0.5: centre)."""
+    side = min(width, height)
+    scale = side / size
+    room = max(width, height) / scale - size  # free pixels along the long side, after the resize
+    offset = (int(round(room / 2)) if position == 0.5 else int(position * room)) * scale  # CenterCrop / VideoMAE
+    return (offset, 0.0, float(side), float(side)) if width >= height else (0.0, offset, float(side), float(side))
+
+
+def load_crop(path: Path, box: tuple[float, float, float, float], size: int, *, flip: bool = False,
+              resample=Image.BILINEAR) -> np.ndarray:
+    """Decode one image and return the box (left, top, w, h in source pixels) resized to
+    size x size, (size, size, 3) uint8. JPEGs are decoded at a reduced DCT scale when the box
+    is at least twice the output (PIL draft)."""
+    with Image.open(path) as img:
+        full_w, full_h = img.size
+        left, top, w, h = box
+        reduce = min(w, h) / size
+        if img.format == "JPEG" and reduce >= 2:
+            img.draft("RGB", (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
+        img = img.convert("RGB")
+        sx, sy = img.size[0] / full_w, img.size[1] / full_h
+        out = img.resize((size, size), resample, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.array(out)  # writable (torch.from_numpy wants it)
+
+
+class DownstreamDataset(Dataset):
+    """Fine-tuning samples for model_cfg.arch (module docstring). Items: video, audio, label
+    (int64 scalar or float32 vector), index, key (the frame directory)."""
+
+    def __init__(self, annotation: str | Path | list[DownstreamItem], model_cfg: ModelConfig, mode: str = "train",
+                 *, root: str | Path | None = None, regression: bool | None = None, frame_stride: int = 4,
+                 test_num_segment: int = 2, test_num_crop: int = 2, fps: float = video.FPS, seed: int = 0):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.items = annotation if isinstance(annotation, list) else \
+            read_annotations(annotation, root=root, regression=regression)
+        if not self.items:
+            raise ValueError(f"no clips in {annotation}")
+        self.cfg, self.mode = model_cfg, mode
+        self.frame_stride, self.fps, self.seed = frame_stride, fps, seed
+        self.test_num_segment, self.test_num_crop = test_num_segment, test_num_crop
+        self.regression = isinstance(self.items[0].label[0], float)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_views(self) -> int:
+        if self.mode != "test":
+            return 1
+        return 10 if self.cfg.arch == "cavmae" else self.test_num_segment * self.test_num_crop
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        rng = random.Random(f"hicmae-dist/finetune/{self.seed}/{self.epoch}/{index}")
+        frames = list_frames(item.frame_dir)
+        wave = read_wav(item.wav_path)
+        if self.cfg.arch == "cavmae":
+            vid, aud = self._cavmae(frames, wave, rng)
+        else:
+            vid, aud = self._hicmae(frames, wave, rng)
+        if self.mode != "test":
+            vid, aud = vid[0], aud[0]
+        label = torch.tensor(item.label, dtype=torch.float32) if self.regression else \
+            torch.tensor(item.label[0], dtype=torch.int64)
+        return {"video": vid, "audio": aud, "label": label, "index": index, "key": str(item.frame_dir)}
+
+    # --- HiCMAE -----------------------------------------------------------------------------------
+
+    def _hicmae(self, frames: list[Path], wave: torch.Tensor, rng: random.Random):
+        m, n, size = self.cfg, len(frames), self.cfg.image_size
+        with Image.open(frames[0]) as first:
+            width, height = first.size
+        views = []  # (frame indices, crop box in source pixels, flip)
+        if self.mode == "train":
+            box = random_resized_box(width, height, rng)
+            views.append((videomae_indices(n, m.num_frames, self.frame_stride, rng), box, rng.random() < 0.5))
+        elif self.mode == "val":
+            views.append((videomae_indices(n, m.num_frames, self.frame_stride, None),
+                          short_side_box(width, height, size), False))
+        else:
+            crops = [k / (self.test_num_crop - 1) if self.test_num_crop > 1 else 0.5 for k in range(self.test_num_crop)]
+            for chunk in test_views(n, m.num_frames, self.frame_stride, self.test_num_segment):
+                views += [(chunk, short_side_box(width, height, size, pos), False) for pos in crops]
+        out_v = torch.empty(len(views), 3, m.num_frames, size, size)
+        out_a = torch.empty(len(views), 1, m.audio_frames, m.mel_bins)
+        length = round(m.num_frames * self.frame_stride / self.fps * audio.SAMPLE_RATE)  # 2.56 s
+        for v, (indices, box, flip) in enumerate(views):
+            pixels = np.stack([load_crop(frames[i], box, size, flip=flip) for i in indices])
+            video.frames_into(out_v[v], torch.from_numpy(pixels), None)
+            first = round(indices[0] / n * wave.shape[0])
+            window = wave[first:first + length]
+            if window.shape[0] < audio.FRAME_SAMPLES:  # the last frames of a clip whose wav is short
+                window = wave[-length:]
+            audio.fbank_into(out_a[v, 0], window)
+        return out_v, out_a
+
+    # --- CAV-MAE ----------------------------------------------------------------------------------
+
+    def _cavmae(self, frames: list[Path], wave: torch.Tensor, rng: random.Random):
+        m, size = self.cfg, self.cfg.image_size
+        ten = video.cavmae_frame_indices(len(frames), self.fps)
+        if self.mode == "train":
+            picks = [ten[rng.randrange(10)]]
+        elif self.mode == "val":
+            picks = [len(frames) // 2]
+        else:
+            picks = ten
+        out_v = torch.empty(len(picks), 3, size, size)
+        for v, i in enumerate(picks):
+            with Image.open(frames[i]) as img:
+                width, height = img.size
+            pixels = load_crop(frames[i], short_side_box(width, height, size), size, resample=Image.BICUBIC)
+            video.image_into(out_v[v], torch.from_numpy(pixels))
+        feats = audio.cavmae_fbank_into(torch.empty(m.audio_frames, m.mel_bins), wave)
+        if self.mode == "train":
+            audio.cavmae_augment_(feats, rng, torch.Generator().manual_seed(rng.getrandbits(63)))
+        out_a = feats.expand(len(picks), 1, *feats.shape).clone()
+        return out_v, out_a
+
+
+def make_finetune_loader(annotation: str | Path | list[DownstreamItem], model_cfg: ModelConfig, mode: str = "train",
+                         *, batch_size: int = 8, num_workers: int = 0, seed: int = 0, drop_last: bool | None = None,
+                         **dataset_kw) -> DataLoader:
+    """A DataLoader over DownstreamDataset: shuffled (seeded) with whole batches in train, in
+    order with every clip in val and test. dataset.set_epoch(e) before each epoch reseeds the
+    augmentation; the shuffle order follows the DataLoader's generator."""
+    dataset = DownstreamDataset(annotation, model_cfg, mode, seed=seed, **dataset_kw)
+    train = mode == "train"
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers,
+                      drop_last=train if drop_last is None else drop_last,
+                      generator=torch.Generator().manual_seed(seed) if train else None,
+                      pin_memory=torch.cuda.is_available())
