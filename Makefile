@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
-	$(BIN)/python -c "import hicmae_dist.ops as o; assert o.native_available(), 'hicmae_dist._C did not build'"
+	$(BIN)/python -c "from hicmae_dist.ops import gather as g; assert g.native_available(), 'hicmae_dist._C did not build'; \
+	  print('hicmae_dist._C built', 'with CUDA kernels' if g.native_built_with_cuda() else 'CPU kernels only')"
 	touch $@
 
 $(DEMO_DIR)/corpus/labels.csv: | $(STAMP)
