@@ -60,8 +60,14 @@ class ModelConfig:
     frame_diff_target: bool = True
     attention_backend: str = "auto"  # see hicmae_dist.ops.attention
     # HiCMAE fusion: run the two cross-attentions of a fusion layer (video->audio, audio->video)
-    # as one packed varlen attention launch, and likewise the two self-attentions; same maths
+    # as one packed varlen attention launch, and likewise the two self-attentions. CAV-MAE: run
+    # the shared block's three passes (unified [audio, video], audio alone, video alone; same
+    # attention / MLP weights, own LayerNorms) as one packed varlen attention launch per shared
+    # block in pretraining. Same maths either way (drop path draws come in another order)
     pack_fusion: bool = False
+    # wrap every transformer block call in torch.utils.checkpoint (non-reentrant) in training:
+    # activations recomputed in the backward instead of stored; same maths, less memory
+    activation_checkpointing: bool = False
     negatives: str = "local"  # "local" | "global" contrastive negatives
     audio_mask_mode: str = "random"  # CAV-MAE audio masking: random | time | freq | tf (HiCMAE: random)
     symmetric_contrastive: bool | None = None  # None: the arch's own (HiCMAE symmetric, CAV-MAE one direction)
@@ -142,14 +148,21 @@ class TrainConfig:
     """Optimiser, schedule, DeepSpeed engine and checkpoints (SPEC.md 'Pretraining recipe')."""
 
     steps: int = 300
-    base_lr: float = 3e-4  # scaled by global batch / 256
-    min_lr: float = 1e-5  # also scaled by global batch / 256
+    optimizer: str = "adamw"  # "adamw" (HiCMAE) | "adam" (CAV-MAE: L2 decay inside Adam)
+    schedule: str = "cosine"  # "cosine": warm-up then cosine to min_lr | "step": x lr_gamma at each milestone
+    base_lr: float = 3e-4  # scaled by global batch / 256 when scale_lr
+    min_lr: float = 1e-5  # cosine floor, scaled like base_lr
+    scale_lr: bool = True
+    lr_milestones: list[int] = field(default_factory=list)  # steps, for schedule "step"
+    lr_gamma: float = 0.5
     warmup_steps: int = 30
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     zero_stage: int = 2
     bf16: bool = False
+    fp16: bool = False  # GPUs without bf16: dynamic loss scaling (DeepSpeed skips overflowing steps)
+    compile: bool = False  # torch.compile the model inside the engine
     grad_clip: float = 0.0  # 0 = off, as in the paper
     grad_accum: int = 1
     checkpoint_every: int = 100
@@ -163,6 +176,11 @@ class TrainConfig:
         _check(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", "in [0, train.steps]",
                self.warmup_steps)
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        _check(self.optimizer in ("adamw", "adam"), "train.optimizer", "'adamw' or 'adam'", self.optimizer)
+        _check(self.schedule in ("cosine", "step"), "train.schedule", "'cosine' or 'step'", self.schedule)
+        _check(self.lr_milestones == sorted(self.lr_milestones), "train.lr_milestones", "increasing steps",
+               self.lr_milestones)
+        _check(not (self.bf16 and self.fp16), "train.fp16", "not both train.bf16 and train.fp16", self.fp16)
         _check(len(self.betas) == 2, "train.betas", "two numbers", self.betas)
         _check(self.grad_clip >= 0, "train.grad_clip", ">= 0", self.grad_clip)
         _check(self.grad_accum >= 1, "train.grad_accum", ">= 1", self.grad_accum)
@@ -223,8 +241,9 @@ class Config:
                       if k not in ("steps", "checkpoint_every", "keep_checkpoints", "log_every",
                                    "max_nonfinite_in_a_row")}
         d["data"] = {k: v for k, v in d["data"].items() if k not in ("shards", "num_workers")}
-        if not d["model"].get("pack_fusion"):  # the default: hashes of existing runs unchanged
-            d["model"].pop("pack_fusion", None)
+        for key in ("pack_fusion", "activation_checkpointing"):
+            if not d["model"].get(key):  # the default: hashes of existing runs unchanged
+                d["model"].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

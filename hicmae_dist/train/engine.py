@@ -20,7 +20,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         "zero_optimization": {"stage": t.zero_stage},
         # bf16: skip a step whose gradients overflow rather than apply inf/nan.
         "bf16": {"enabled": t.bf16, "check_grad_overflow": True},
-        "fp16": {"enabled": False},
+        "fp16": {"enabled": t.fp16, "loss_scale": 0, "initial_scale_power": 16},  # 0 = dynamic
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW: exact, resumable, no JIT build
         "steps_per_print": 2**31 - 1,  # our own progress bar and MLflow do the reporting
         "wall_clock_breakdown": False,
@@ -32,9 +32,11 @@ def global_batch(cfg: Config, world_size: int) -> int:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over the model's parameter groups (no decay on 1-D params, biases, mask tokens)."""
+    """AdamW (HiCMAE) or Adam (CAV-MAE) over the model's parameter groups (no decay on 1-D
+    params, biases, mask tokens); torch's own, so a resume is exact."""
     t = cfg.train
-    return torch.optim.AdamW(model.param_groups(t.weight_decay), lr=0.0, betas=tuple(t.betas), eps=t.eps)
+    opt = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return opt(model.param_groups(t.weight_decay), lr=0.0, betas=tuple(t.betas), eps=t.eps)
 
 
 def build_model_for_engine(cfg: Config, world_size: int) -> torch.nn.Module:
@@ -54,4 +56,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_univ
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
                                            config=deepspeed_config(cfg, world_size, load_universal))
+    if cfg.train.compile:
+        engine.compile()
     return engine

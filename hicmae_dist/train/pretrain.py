@@ -112,7 +112,7 @@ def plot_losses(rows: list[dict[str, Any]], out: Path) -> Path:
 
 
 def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, allow_config_change: bool = False) -> dict[str, Any]:
     """Pretrain `cfg.model` on the shards in `cfg.data.shards`; returns the summary dict.
 
     resume: "auto" continues from the newest complete checkpoint under run_dir (if any);
@@ -145,11 +145,11 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
     state = RunState(config_hash=cfg.hash(), world_size=dist_env.world_size)
     if ckpt is not None:
         saved = load_checkpoint(engine, ckpt)
-        if saved["config_hash"] != state.config_hash:
+        if saved["config_hash"] != state.config_hash and not allow_config_change:
             raise ResumeError(f"checkpoint {ckpt} was written with config hash {saved['config_hash']}, "
                               f"this run has {state.config_hash}: the model, data or optimiser settings "
-                              f"changed (compare {run_dir / 'config.yaml'})")
-        state = RunState(**{**saved, "world_size": dist_env.world_size})
+                              f"changed (compare {run_dir / 'config.yaml'}); --allow-config-change resumes anyway")
+        state = RunState(**{**saved, "world_size": dist_env.world_size, "config_hash": state.config_hash})
         log.info("resumed from %s at step %d", ckpt, state.step)
     start_step = state.step
 
@@ -175,7 +175,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
                                        world_size=dist_env.world_size, seed=cfg.train.seed,
                                        start_batch=state.batches))
     device = engine.device
-    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else torch.float32
     flops_per_sample = model_flops_per_sample(cfg)
     tokens_per_clip = sum(m.shape[1] for m in engine.module.make_masks(1))  # input tokens, both modalities
     peak, peak_source = peak_flops(torch.device(device), cfg.train.bf16)
