@@ -16,22 +16,110 @@ def _cache_dir() -> Path:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from hicmae_dist.data.synth import write_corpus
+    from hicmae_dist.data.synth import write_corpus, write_downstream
 
-    summary = write_corpus(Path(args.out), args.clips, num_classes=args.classes, num_speakers=args.speakers,
-                           seed=args.seed, duration_s=args.duration, workers=args.workers)
+    try:
+        if args.downstream:
+            summary = write_downstream(Path(args.out), args.clips, num_classes=args.classes,
+                                       num_subjects=args.speakers, folds=args.folds, seed=args.seed,
+                                       duration_s=args.duration, regression=args.regression, workers=args.workers)
+        else:
+            summary = write_corpus(Path(args.out), args.clips, num_classes=args.classes, num_speakers=args.speakers,
+                                   seed=args.seed, duration_s=args.duration, workers=args.workers)
+    except ValueError as err:  # arguments that cannot make a corpus
+        print(f"hicmae-dist synth: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=1))
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from hicmae_dist.data.prepare import prepare_shards
+    from hicmae_dist.data.prepare import format_summary, parse_size, prepare_shards
 
-    manifest = prepare_shards(Path(args.src), Path(args.out), shard_size_mb=args.shard_size_mb,
-                              workers=args.workers, limit=args.limit)
-    keys = ("clips", "skipped", "shards", "bytes_per_clip")
-    print(json.dumps({k: manifest[k] for k in keys if k in manifest}, indent=1, default=len))
+    if args.shard_size is not None and args.shard_size_mb is not None:
+        raise ConfigError("--shard-size and --shard-size-mb (its older spelling) both given; use --shard-size")
+    speakers = args.speakers
+    if speakers is not None:
+        speakers = int(speakers) if speakers.isdigit() else [s for s in speakers.split(",") if s]
+    try:
+        size = parse_size(args.shard_size) if args.shard_size is not None else None
+    except ValueError as err:
+        raise ConfigError(f"--shard-size: {err}") from None
+    try:
+        manifest = prepare_shards(Path(args.src), Path(args.out), shard_size=size, shard_size_mb=args.shard_size_mb,
+                                  workers=args.workers, limit=args.limit, speakers=speakers,
+                                  image_size=args.image_size, full_frame=args.full_frame, frames=args.frames,
+                                  jpeg_quality=args.jpeg_quality, max_av_diff_s=args.max_av_diff,
+                                  resample=not args.no_resample, shuffle_seed=None if args.no_shuffle else args.seed,
+                                  progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # bad options, no clips, another prepare running
+        print(f"hicmae-dist prepare: {err}", file=sys.stderr)
+        return 1 if isinstance(err, RuntimeError) else 2
+    print(format_summary(manifest), file=sys.stderr)
+    keys = ("clips", "num_skipped", "skipped_by_kind", "shards", "bytes", "bytes_per_clip", "bytes_per_second",
+            "full_set_estimate")
+    print(json.dumps({k: manifest[k] for k in keys if k in manifest}, indent=1,
+                     default=len) if not args.json else json.dumps(manifest))
     return 0
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from hicmae_dist.data.bench import bench_data, format_table
+
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else None
+    result = bench_data(quick=args.quick, workers=workers, work_dir=args.work_dir, clips=args.clips,
+                        batches=args.batches, batch_size=args.batch_size)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"results: {args.json}")
+    else:
+        print(json.dumps(result))
+    return 0
+
+
+def _add_bench_data(sub: argparse._SubParsersAction) -> None:
+    """`bench data`, added to the `bench` parser the models layer made (created if absent)."""
+    bench = sub.choices.get("bench") or sub.add_parser("bench", help="benchmarks")
+    what = next((a for a in bench._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if what is None:
+        what = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    d = what.add_parser("data", help="clips/s of prepare and of the loader (HiCMAE and CAV-MAE inputs)",
+                        description="Write a synthetic corpus, then time `prepare` (1, 2, N threads) and the "
+                                    "pretraining loader for HiCMAE and CAV-MAE inputs (in the main process, "
+                                    "where CPU time gives clips per core, and with 1, 2, N DataLoader workers), "
+                                    "and profile one core's work per clip. Prints a table, then the JSON.")
+    d.add_argument("--quick", action="store_true", help="a small run (8 clips, 1 and 2 workers): seconds, not minutes")
+    d.add_argument("--workers", help="comma-separated worker counts (default 1,2,N; --quick 1,2)")
+    d.add_argument("--clips", type=int, help="synthetic clips (default 48; --quick 8)")
+    d.add_argument("--batches", type=int, help="timed batches per loader setting (default 12; --quick 4)")
+    d.add_argument("--batch-size", type=int, help="batch size (default 8; --quick 4)")
+    d.add_argument("--work-dir", help="keep the corpus and shards here (default: a temporary directory, removed)")
+    d.add_argument("--json", metavar="FILE", help="write the results to FILE instead of printing the JSON")
+    d.set_defaults(func=cmd_bench_data)
+
+
+def dry_run_report(cfg, preset: str, world_size: int) -> str:
+    """The resolved config, the generated DeepSpeed config, the per-rank memory estimate and the
+    step budget: everything `pretrain` would do, decided without data or devices."""
+    import torch
+
+    from hicmae_dist.models import build_model
+    from hicmae_dist.train.accounting import memory_estimate
+    from hicmae_dist.train.engine import deepspeed_config, global_batch
+
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in build_model(cfg.model).parameters())
+    mem = memory_estimate(cfg, num_params, world_size)
+    batch = global_batch(cfg, world_size)
+    lines = [f"# resolved config (preset {preset}, hash {cfg.hash()})", cfg.to_yaml().rstrip(),
+             f"# deepspeed config (world size {world_size})", json.dumps(deepspeed_config(cfg, world_size), indent=1),
+             f"# per-rank memory estimate (ZeRO stage {cfg.train.zero_stage}, {world_size} ranks, "
+             f"{num_params:,} parameters)"]
+    lines += [f"{k:<18} {v / 2**30:8.3f} GiB" for k, v in mem.items()]
+    lines += [f"{'total':<18} {sum(mem.values()) / 2**30:8.3f} GiB",
+              f"# steps {cfg.train.steps:,} x global batch {batch:,} = {cfg.train.steps * batch:,} clips"]
+    return "\n".join(lines)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -40,22 +128,325 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         overrides.append(f"data.shards={Path(args.data).resolve()}")
     cfg = load_config(args.preset, overrides)
     if args.dry_run:
-        from hicmae_dist.train.engine import deepspeed_config
-
-        print(f"# resolved config (preset {args.preset}, hash {cfg.hash()})")
-        print(cfg.to_yaml(), end="")
-        print("# deepspeed config (world size 1)")
-        print(json.dumps(deepspeed_config(cfg, 1), indent=1))
+        print(dry_run_report(cfg, args.preset, args.world_size))
         return 0
     if not args.run_dir:
         raise ConfigError("--run-dir is required unless --dry-run")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
-    from hicmae_dist.train.pretrain import format_summary, pretrain
+    from hicmae_dist.train.pretrain import format_summary, install_stop_signals, pretrain
 
+    install_stop_signals()  # SIGTERM / SIGUSR2: checkpoint at the next step, then exit
     summary = pretrain(cfg, Path(args.run_dir), resume=args.resume, tracking_uri=args.tracking_uri,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, allow_config_change=args.allow_config_change)
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from hicmae_dist.models.convert import ConversionError, convert_file
+
+    try:
+        converted = convert_file(args.src, args.dst, arch=args.arch, to=args.to)
+    except ConversionError as err:
+        print(f"hicmae-dist convert: {err}", file=sys.stderr)
+        return 1
+    cfg = converted.cfg
+    size = f"width {cfg.width}, heads {cfg.heads}, depth {cfg.encoder_depth} + {cfg.fusion_depth}"
+    if converted.kind == "pretrain":
+        size += f", decoder {cfg.decoder_width} / {cfg.decoder_heads} / {cfg.decoder_depth}"
+    else:
+        size += f", {converted.num_classes} classes"
+    numel = sum(t.numel() for t in converted.state_dict.values())
+    side = "the authors' layout" if args.to == "upstream" else "ours"
+    print(f"{converted.arch} {converted.kind} ({size}): {len(converted.state_dict)} tensors, "
+          f"{numel} parameters -> {args.dst} ({side})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from hicmae_dist.models.info import info_report
+
+    print(info_report(args.model, finetune=args.finetune, num_classes=args.num_classes))
+    return 0
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from hicmae_dist.models.info import bench_model, format_bench, model_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench_model(model_config(args.model), batch=args.batch, steps=args.steps, warmup=args.warmup,
+                         device=args.device)
+    print(json.dumps(result) if args.json else format_bench(args.model, result))
+    return 0
+
+
+def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
+    """convert, info and bench model (the models layer's verbs)."""
+    from hicmae_dist.models.info import MODELS
+
+    s = sub.add_parser("convert", help="convert the authors' HiCMAE / CAV-MAE checkpoints to ours, or back",
+                       description="Map the authors' state-dict keys to ours (default) or ours to theirs "
+                                   "(--to upstream), checking that every key is used, every tensor filled and "
+                                   "every shape right. The model size is inferred from the keys and shapes. "
+                                   "Our files hold the weights plus the model config; upstream CAV-MAE files "
+                                   "get the `module.` prefix of the released ones, HiCMAE files {'model': ...}.")
+    s.add_argument("--from", dest="arch", required=True, choices=("hicmae", "cavmae"), help="which model")
+    s.add_argument("src", metavar="IN.pth", help="checkpoint to read (torch.load weights_only=True)")
+    s.add_argument("dst", metavar="OUT", help="file to write")
+    s.add_argument("--to", choices=("ours", "upstream"), default="ours",
+                   help="ours: the authors' file -> ours (default); upstream: ours -> the authors' layout")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("info", help="parameter counts and multiply-accumulates of a model",
+                       description="Print total and trainable parameters, parameters per component, and "
+                                   "multiply-accumulates per sample for pretraining and fine-tuning.")
+    s.add_argument("model", choices=tuple(MODELS), help="model name")
+    s.add_argument("--finetune", action="store_true", help="count the fine-tuning model (default: pretraining)")
+    s.add_argument("--num-classes", type=int, default=None,
+                   help="classifier outputs for --finetune (default: 6 for HiCMAE, 527 for CAV-MAE)")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("bench", help="benchmarks", description="Benchmarks; `bench model` times a model.")
+    what = s.add_subparsers(dest="what", required=True, metavar="WHAT")
+    m = what.add_parser("model", help="time forward + backward of a pretraining model and its peak memory",
+                        description="fp32 forward + backward of the pretraining model on random inputs with "
+                                    "the spec's masks: median step time after warm-up, throughput and peak "
+                                    "memory on the current device (CUDA if available).")
+    m.add_argument("model", choices=tuple(MODELS), help="model name")
+    m.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    m.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    m.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    m.set_defaults(func=cmd_bench_model)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from hicmae_dist.launch import submit as slurm
+    from hicmae_dist.tracking import default_uri
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.shards={Path(args.data).resolve()}")
+    cfg = load_config(args.preset, overrides)
+    if not cfg.data.shards and not args.dry_run:
+        raise ConfigError("data.shards is empty: pass --data DIR (a directory of .tar shards)")
+    run_dir = Path(args.run_dir).resolve()
+    flags = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem",
+                                           "time", "partition", "account", "qos", "constraint",
+                                           "signal_delay_s", "max_timeouts")}
+    flags["sbatch"] = args.sbatch or None
+    shape = slurm.resolve_shape(slurm.load_cluster(args.cluster), flags)
+    if shape.gpus_per_node and args.tasks_per_node not in (None, shape.gpus_per_node):
+        raise ConfigError(f"--tasks-per-node {args.tasks_per_node} with --gpus-per-node {shape.gpus_per_node}: "
+                          f"a GPU job runs one task per GPU (--gpus-per-node 0 for a CPU job)")
+    job_name = args.job_name or f"hicmae-{run_dir.name}"
+    log_dir = Path(args.log_dir).resolve() if args.log_dir else run_dir / "slurm"
+    params = slurm.slurm_parameters(shape, job_name=job_name, comment=f"hicmae-dist {run_dir}")
+    uri = args.tracking_uri or cfg.tracking.uri or default_uri(run_dir)
+    resumes = _checkpoint_run(run_dir, cfg, args.resume)
+    mlflow_run = (f"continues run {resumes[1]} (checkpoint {resumes[0]})" if resumes
+                  else "a new run, created when the job starts (`hicmae-dist jobs` shows its id)")
+    if args.dry_run:
+        print(slurm.sbatch_script(params, log_dir), end="")
+        print(f"# job:      {slurm.shape_summary(shape)}")
+        print(f"# config:   preset {args.preset}, hash {cfg.hash()}, {cfg.train.steps} steps, "
+              f"data {cfg.data.shards or '(not set: --data)'}")
+        print(f"# run dir:  {run_dir}")
+        print(f"# logs:     {log_dir}/<job id>/<job id>_<rank>_log.out|.err")
+        print(f"# mlflow:   {uri} (experiment {cfg.tracking.experiment}): {mlflow_run}")
+        return 0
+
+    from hicmae_dist.launch.job import PretrainJob
+    from hicmae_dist.launch.jobs import Registry, active_job_for_run_dir
+
+    registry = Registry(args.registry)
+    busy = active_job_for_run_dir(registry, run_dir)
+    if busy:
+        raise ConfigError(f"job {busy} is queued or running on {run_dir}; two jobs must not write one run dir "
+                          f"(`hicmae-dist cancel {busy}` first, or pick another --run-dir)")
+    shards = Path(cfg.data.shards)
+    if not any(shards.glob("shard-*.tar")):
+        print(f"hicmae-dist submit: warning: no shard-*.tar in {shards} on this host; the job fails "
+              f"unless its nodes see them there", file=sys.stderr)
+    job = PretrainJob(cfg.to_dict(), str(run_dir), resume=args.resume, tracking_uri=args.tracking_uri,
+                      max_timeouts=shape.max_timeouts, signal_delay_s=shape.signal_delay_s)
+    try:
+        job_id = slurm.submit_job(job, shape, params, log_dir)
+    except slurm.SubmitError as err:
+        print(f"hicmae-dist submit: {err}", file=sys.stderr)
+        return 1
+    registry.add({"job_id": job_id, "job_name": job_name, "user": _user(),
+                  "submitted": datetime.now().isoformat(timespec="seconds"),
+                  "cluster": args.cluster, "preset": args.preset, "overrides": overrides, "steps": cfg.train.steps,
+                  "run_dir": str(run_dir), "log_dir": str(log_dir), "tracking_uri": uri,
+                  "experiment": cfg.tracking.experiment, "run_name": cfg.tracking.run_name or run_dir.name,
+                  "nodes": shape.nodes, "tasks": shape.tasks,
+                  "gpus_per_node": shape.gpus_per_node})
+    paths = slurm.log_paths(log_dir, job_id, shape.tasks)
+    print(f"submitted job {job_id} ({job_name}): {slurm.shape_summary(shape)}")
+    print(f"  run dir   {run_dir}")
+    print(f"  stdout    {paths['stdout']}")
+    print(f"  stderr    {paths['stderr']}")
+    if "other ranks" in paths:
+        print(f"  ranks 1+  {paths['other ranks']}")
+    print(f"  mlflow    {uri} (experiment {cfg.tracking.experiment}): {mlflow_run}")
+    print(f"  follow    hicmae-dist jobs {job_id}    cancel: hicmae-dist cancel {job_id}")
+    return 0
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+def _checkpoint_run(run_dir: Path, cfg, resume: str) -> tuple[str, str | None] | None:
+    """(checkpoint name, MLflow run id) when the job will resume; ConfigError when it cannot."""
+    pointer = run_dir / "checkpoints" / "latest"  # train/checkpoint.py's layout (read without DeepSpeed)
+    if not pointer.exists():
+        return None
+    ckpt = pointer.parent / pointer.read_text().strip()
+    if not (ckpt / "state.json").exists():
+        raise ConfigError(f"{pointer} names {ckpt.name}, which has no state.json")
+    if resume == "never":
+        raise ConfigError(f"{run_dir} already holds checkpoint {ckpt.name}; use --resume auto or a new --run-dir")
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("config_hash") != cfg.hash():
+        raise ConfigError(f"checkpoint {ckpt} was written with config hash {state.get('config_hash')}, this "
+                          f"config has {cfg.hash()}: the model, data or optimiser settings changed "
+                          f"(compare {run_dir / 'config.yaml'}) - use a new --run-dir")
+    return ckpt.name, state.get("mlflow_run_id")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from hicmae_dist.launch.jobs import Registry, format_table, list_jobs
+
+    statuses = list_jobs(Registry(args.registry), job_ids=args.job_ids, active_only=args.active,
+                         last=None if args.job_ids else args.last)
+    if args.json:
+        print(json.dumps([asdict(s) for s in statuses], indent=1))
+    else:
+        print(format_table(statuses, long=args.long or bool(args.job_ids)))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from hicmae_dist.launch.jobs import Registry, cancel
+
+    registry = Registry(args.registry)
+    unknown = [j for j in args.job_ids if registry.get(j) is None]
+    if unknown and not args.force:
+        print(f"hicmae-dist cancel: {', '.join(unknown)} not in {registry.path} (not submitted by "
+              f"`hicmae-dist submit`?); --force cancels anyway", file=sys.stderr)
+        return 1
+    try:
+        cancel(args.job_ids)
+    except (RuntimeError, OSError) as err:
+        print(f"hicmae-dist cancel: {err}", file=sys.stderr)
+        return 1
+    print(f"cancelled {' '.join(args.job_ids)}: a running job gets SIGTERM, saves a checkpoint at the next "
+          f"step if it can before Slurm's KillWait ends, and stops; `hicmae-dist submit` with the same "
+          f"--run-dir resumes it")
+    return 0
+
+
+def _add_slurm_verbs(sub: argparse._SubParsersAction) -> None:
+    """submit, jobs and cancel (the launch layer's verbs)."""
+    from hicmae_dist.launch.submit import list_clusters
+
+    s = sub.add_parser("submit", help="submit a pretraining run to Slurm (checkpoints and requeues itself)",
+                       description="Submit `pretrain` as a Slurm job through submitit: one task per GPU (or "
+                                   "--tasks-per-node CPU tasks over gloo), torch.distributed from Slurm's "
+                                   "environment. On USR2 (the time limit is near, or a preemption) the job "
+                                   "saves a checkpoint at the next step, requeues itself and resumes the same "
+                                   "MLflow run. Flags override the --cluster preset "
+                                   f"(known: {', '.join(list_clusters()) or 'none'}).")
+    s.add_argument("--preset", required=True, help="config preset name or path to a YAML config")
+    s.add_argument("--data", help="directory of .tar shards (sets data.shards), as the nodes see it")
+    s.add_argument("--run-dir", required=True, help="checkpoints, metrics, MLflow store; shared with the nodes")
+    s.add_argument("--resume", choices=("auto", "never"), default="auto",
+                   help="auto: continue from the run dir's newest checkpoint (default); never: refuse one")
+    s.add_argument("--allow-config-change", action="store_true",
+                   help="resume a checkpoint written with a different model/data/optimiser config")
+    s.add_argument("--world-size", type=int, default=1, help="ranks assumed by --dry-run's estimates")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file RUN_DIR/mlflow.db)")
+    g = s.add_argument_group("job shape (default: the --cluster preset, else 1 node x 1 CPU task, 60 min)")
+    g.add_argument("--cluster", help="cluster preset: a name from slurm/clusters/ (or $HICMAE_DIST_CLUSTERS, "
+                                     "~/.config/hicmae-dist/clusters) or a YAML path")
+    g.add_argument("--nodes", type=int, help="nodes")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each; 0 = a CPU job")
+    g.add_argument("--tasks-per-node", type=int, help="tasks (ranks) per node of a CPU job")
+    g.add_argument("--cpus-per-task", type=int, help="CPUs per task (data workers + 1 is a good start)")
+    g.add_argument("--mem", help="memory per node: 64G, 500M; 0 = all of it")
+    g.add_argument("--time", help="time limit: minutes or [D-]HH:MM:SS")
+    g.add_argument("--partition", help="partition")
+    g.add_argument("--account", help="account to charge")
+    g.add_argument("--qos", help="quality of service")
+    g.add_argument("--constraint", help="node features, e.g. a100|h100")
+    g.add_argument("--sbatch", action="append", metavar="KEY[=VALUE]",
+                   help="extra sbatch option, repeatable: --sbatch exclusive --sbatch mail-type=END")
+    g.add_argument("--signal-delay-s", type=int,
+                   help="USR2 this many seconds before the time limit (default 120): enough for a step "
+                        "plus a checkpoint save")
+    g.add_argument("--max-timeouts", type=int, help="time-limit requeues allowed (default 3); preemptions "
+                                                    "always requeue")
+    g.add_argument("--job-name", help="Slurm job name (default hicmae-<run dir name>)")
+    g.add_argument("--log-dir", help="submitit folder, one subdirectory per job (default RUN_DIR/slurm)")
+    s.add_argument("--registry", help="job registry file (default $HICMAE_DIST_JOBS or "
+                                      "~/.cache/hicmae-dist/jobs.jsonl)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the sbatch script submitit would submit and exit (needs no data, no Slurm)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("jobs", help="list this user's hicmae-dist Slurm jobs: state, step, loss, MLflow run",
+                       description="Jobs from `hicmae-dist submit` (the registry), with Slurm's state "
+                                   "(squeue, sacct), the run dir's step, last loss and MLflow run, requeues "
+                                   "and, for a failed job, its error.")
+    s.add_argument("job_ids", nargs="*", metavar="JOB", help="only these jobs (shown in detail)")
+    s.add_argument("--active", action="store_true", help="only queued and running jobs")
+    s.add_argument("--last", type=int, default=20, help="the last N submissions (default 20)")
+    s.add_argument("-l", "--long", action="store_true", help="log paths, MLflow store, attempts")
+    s.add_argument("--json", action="store_true", help="one JSON list")
+    s.add_argument("--registry", help="job registry file")
+    s.set_defaults(func=cmd_jobs)
+
+    s = sub.add_parser("cancel", help="cancel hicmae-dist Slurm jobs",
+                       description="scancel: the job gets SIGTERM, saves a checkpoint at the next step if "
+                                   "it can within Slurm's KillWait, and is not requeued.")
+    s.add_argument("job_ids", nargs="+", metavar="JOB", help="job ids (see `hicmae-dist jobs`)")
+    s.add_argument("--force", action="store_true", help="also cancel jobs the registry does not know")
+    s.add_argument("--registry", help="job registry file")
+    s.set_defaults(func=cmd_cancel)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hicmae_dist.train.export import export_weights
+
+    converted = export_weights(Path(args.run_dir), Path(args.out), to=args.to)
+    n = sum(t.numel() for t in converted.state_dict.values())
+    print(f"wrote {args.out}: {converted.arch} {converted.kind} weights, {n:,} parameters, "
+          f"{'the authors' if args.to == 'upstream' else 'our'} naming")
+    return 0
+
+
+def cmd_ckpt_universal(args: argparse.Namespace) -> int:
+    from hicmae_dist.train.checkpoint import latest_checkpoint, to_universal
+
+    ckpt = latest_checkpoint(Path(args.run_dir))
+    if ckpt is None:
+        raise FileNotFoundError(f"{args.run_dir}: no checkpoint (checkpoints/latest is missing)")
+    print(f"universal checkpoint: {to_universal(ckpt)}")
     return 0
 
 
@@ -75,16 +466,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same corpus")
     s.add_argument("--duration", type=float, default=3.2, help="clip length in seconds (>= 2.56)")
     s.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel encoders")
+    s.add_argument("--downstream", action="store_true",
+                   help="write a fine-tuning set instead: face-frame folders, 16 kHz wavs and annotation files "
+                        "(frame_dir wav_path label) in subject-independent folds (OUT/splits/splitNN/"
+                        "{train,val,test}.csv); --speakers sets the subjects")
+    s.add_argument("--folds", type=int, default=5, help="with --downstream: folds (default 5)")
+    s.add_argument("--regression", action="store_true",
+                   help="with --downstream: two float labels (valence, arousal) per clip instead of the class")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("prepare", help="decode a VoxCeleb2-layout corpus into WebDataset shards",
-                       description="Decode every clip under SRC (dev/mp4 + dev/aac) once and write "
-                                   "tar shards plus manifest.json to OUT; bad clips are skipped and listed.")
+    s = sub.add_parser("prepare", help="decode a VoxCeleb2-layout corpus into tar shards, once",
+                       description="Decode every clip under SRC (dev/mp4 + dev/aac, or a .wav beside each mp4) "
+                                   "once and write tar shards, an index beside each, and manifest.json to OUT. "
+                                   "Bad clips are skipped, counted and listed with their reason. Resumable: run "
+                                   "it again after a crash or a kill and it writes only the missing shards.")
     s.add_argument("--src", required=True, help="corpus root (holds dev/mp4 and dev/aac)")
     s.add_argument("--out", required=True, help="shard directory")
-    s.add_argument("--shard-size-mb", type=float, default=1024, help="target shard size in MB (default 1024)")
-    s.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel decoders")
-    s.add_argument("--limit", type=int, default=None, help="only the first N clips (sorted order)")
+    s.add_argument("--shard-size", default=None,
+                   help="target shard size: 1GB (default), 500MB, 64MiB, or bytes")
+    s.add_argument("--shard-size-mb", type=float, default=None, help=argparse.SUPPRESS)  # the older spelling (MiB)
+    s.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel decoders (threads)")
+    s.add_argument("--limit", type=int, default=None, help="only the first N clips (sorted by key)")
+    s.add_argument("--speakers", default=None,
+                   help="only these speakers: N (the first N ids) or a comma-separated list of ids")
+    s.add_argument("--image-size", type=int, default=160, choices=(160, 192, 224),
+                   help="stored frame side: 160 or 192 (the spec's face crops) or 224 (the whole frame)")
+    s.add_argument("--full-frame", action="store_true",
+                   help="store the whole 224x224 frame (CAV-MAE's input; HiCMAE's loader cuts its crop from it)")
+    s.add_argument("--frames", choices=("stride", "ten"), default="stride",
+                   help="stride: every 4th frame (HiCMAE, default); ten: CAV-MAE's 10 frames per clip")
+    s.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored frames (default 90)")
+    s.add_argument("--max-av-diff", type=float, default=0.5,
+                   help="skip clips whose audio and video durations differ by more seconds (default 0.5)")
+    s.add_argument("--no-resample", action="store_true",
+                   help="skip audio not at 16 kHz instead of resampling it")
+    s.add_argument("--seed", type=int, default=0, help="seed of the clip order across shards (default 0)")
+    s.add_argument("--no-shuffle", action="store_true", help="write clips in key order (speakers not mixed)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("pretrain", help="pretrain a model on shards with DeepSpeed, tracked in MLflow",
@@ -99,10 +518,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "never: refuse a run dir that has one")
     s.add_argument("--dry-run", action="store_true",
                    help="validate the preset and overrides, print the resolved config and exit")
+    s.add_argument("--allow-config-change", action="store_true",
+                   help="resume a checkpoint written with a different model/data/optimiser config")
+    s.add_argument("--world-size", type=int, default=1, help="ranks assumed by --dry-run's estimates")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file RUN_DIR/mlflow.db)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("export", help="write a run's consolidated fp32 weights for fine-tuning",
+                       description="Gather the fp32 weights of the latest checkpoint of RUN_DIR from all "
+                                   "ZeRO partitions into one file (loads with weights_only=True).")
+    s.add_argument("run_dir", help="a pretraining run directory")
+    s.add_argument("out", help="output .pth file")
+    s.add_argument("--to", choices=("ours", "upstream"), default="ours",
+                   help="ours: our names plus the model config (default); upstream: the authors' names")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("ckpt", help="checkpoint tools")
+    ckpt_sub = s.add_subparsers(dest="ckpt_verb", required=True, metavar="TOOL")
+    u = ckpt_sub.add_parser("universal", help="convert the latest checkpoint to DeepSpeed's universal format",
+                            description="Convert RUN_DIR's latest checkpoint to a universal checkpoint under "
+                                        "checkpoints/universal/ (loadable at any world size). `pretrain "
+                                        "--resume auto` does this by itself when the world size changed.")
+    u.add_argument("run_dir", help="a pretraining run directory")
+    u.set_defaults(func=cmd_ckpt_universal)
+    _add_model_verbs(sub)
+    _add_bench_data(sub)
+    _add_slurm_verbs(sub)
     return p
 
 
