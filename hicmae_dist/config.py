@@ -233,17 +233,21 @@ class Config:
         walk("", self.to_dict())
         return out
 
+    # Settings that change how a run executes, not what it computes: a resume may change them.
+    NOT_HASHED = {
+        "model": ("attention_backend", "pack_fusion", "activation_checkpointing"),
+        "data": ("shards", "num_workers"),
+        "train": ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite_in_a_row",
+                  "compile"),
+    }
+
     def hash(self) -> str:
-        """Hash of everything that changes the maths (tracking and step budget excluded)."""
+        """Hash of everything that changes the maths (tracking, step budget and execution
+        settings excluded: NOT_HASHED)."""
         d = self.to_dict()
         d.pop("tracking")
-        d["train"] = {k: v for k, v in d["train"].items()
-                      if k not in ("steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                                   "max_nonfinite_in_a_row")}
-        d["data"] = {k: v for k, v in d["data"].items() if k not in ("shards", "num_workers")}
-        for key in ("pack_fusion", "activation_checkpointing"):
-            if not d["model"].get(key):  # the default: hashes of existing runs unchanged
-                d["model"].pop(key, None)
+        for section, keys in self.NOT_HASHED.items():
+            d[section] = {k: v for k, v in d[section].items() if k not in keys}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from hicmae_dist.ops import attention
 
@@ -43,6 +44,16 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def maybe_checkpoint(enabled: bool, module: nn.Module, fn, *args):
+    """fn(*args), under torch.utils.checkpoint (non-reentrant) when `enabled` and `module` is
+    training with autograd on (model.activation_checkpointing): the block's activations are
+    recomputed in the backward instead of stored. Same results and gradients; the recompute
+    replays the RNG state, so drop path draws the same masks."""
+    if enabled and module.training and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class DropPath(nn.Module):

@@ -7,6 +7,8 @@
                                                   unshuffled) -> audio / visual patches
          audio alone with the audio norms  \\  mean-pooled -> contrastive loss
          video alone with the video norms  /
+       (model.pack_fusion: the three passes share one packed varlen attention launch per shared
+        block in pretraining, see block_streams_packed)
 
 CAVMAEPretrain is the pretraining model, CAVMAEFinetune the classifier (multimodal, audio-only or
 video-only). Both have exactly the parameter tensors of the authors' release under our names
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 
 from hicmae_dist.config import ModelConfig
 from hicmae_dist.masking import audio_structured_mask, mae_random_mask, split_indices
-from hicmae_dist.models.blocks import DropPath, Mlp, _merge_heads, _split_heads, drop_path_rates, init_weights
+from hicmae_dist.models.blocks import (DropPath, Mlp, _cu_seqlens, _merge_heads, _split_heads, drop_path_rates,
+                                       init_weights, maybe_checkpoint)
 from hicmae_dist.ops import attention, gather_visible, info_nce
 
 LN_EPS = 1e-5  # torch's default, as the release (nn.LayerNorm)
@@ -114,6 +117,41 @@ class Block(nn.Module):
         return [f"{_NORM_PREFIX[s]}norm{i}" for s in STREAMS if s not in self.streams for i in (1, 2)]
 
 
+def block_streams_packed(block: Block, streams: tuple[str, ...], *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(block(x, stream) for each x, stream), with one qkv projection over all of them, one packed
+    varlen attention launch and one proj, and one MLP over the concatenation.
+
+    xs: (B, N_i, C) each, the same B and C; streams: the stream of each (its LayerNorms). The
+    segments are stream-major: sample 0..B-1 of xs[0], then of xs[1], ..., each attending only to
+    itself (the shared block's three passes: B x (Na + Nv), B x Na, B x Nv). Same maths as the
+    separate calls; with drop path in training the random draws come in another order (same
+    distribution)."""
+    if len(streams) != len(xs) or not xs:
+        raise ValueError(f"block_streams_packed: {len(streams)} streams for {len(xs)} inputs")
+    B, C = xs[0].shape[0], xs[0].shape[2]
+    if any(x.shape[0] != B or x.shape[2] != C for x in xs):
+        raise ValueError(f"block_streams_packed: inputs must share batch and width, got "
+                         f"{[tuple(x.shape) for x in xs]}")
+    heads = block.attn.heads
+    lengths = [x.shape[1] for x in xs]
+    rows = [B * n for n in lengths]
+    prefixes = [_NORM_PREFIX[s] for s in streams]
+
+    normed = torch.cat([getattr(block, f"{p}norm1")(x).reshape(-1, C) for p, x in zip(prefixes, xs)])
+    q, k, v = block.attn.qkv(normed).chunk(3, dim=-1)  # 3 x (total, C), heads contiguous in C
+    cu = _cu_seqlens([(B, n) for n in lengths], normed.device)
+    out = attention(q.reshape(-1, heads, C // heads), k.reshape(-1, heads, C // heads),
+                    v.reshape(-1, heads, C // heads), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                    max_seqlen_q=max(lengths), max_seqlen_k=max(lengths),
+                    backend=block.attn.backend)  # (total, H, D)
+    attn_out = block.attn.proj(out.reshape(-1, C)).split(rows)
+    ys = [x + block.drop_path(o.reshape(x.shape)) for x, o in zip(xs, attn_out)]
+
+    normed = torch.cat([getattr(block, f"{p}norm2")(y).reshape(-1, C) for p, y in zip(prefixes, ys)])
+    mlp_out = block.mlp(normed).split(rows)
+    return tuple(y + block.drop_path(o.reshape(y.shape)) for y, o in zip(ys, mlp_out))
+
+
 def _blocks(cfg: ModelConfig, depth: int, dim: int, heads: int, streams: tuple[str, ...],
             drop_path: float | None = None) -> nn.ModuleList:
     rates = drop_path_rates(cfg.drop_path if drop_path is None else drop_path, depth)
@@ -132,6 +170,7 @@ class ModalityEncoder(nn.Module):
         self.pos_embed = nn.Parameter(sincos_2d(cfg.width, *grid)[None], requires_grad=trainable_pos)  # (1, N, C)
         self.modality = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.blocks = _blocks(cfg, cfg.encoder_depth, cfg.width, cfg.heads, ("unified",))
+        self.checkpointing = cfg.activation_checkpointing
 
     def forward(self, x: torch.Tensor, visible_idx: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, c, rows * p, cols * p); visible_idx (B, Nv) tokens kept, None for all -> (B, Nv, C)."""
@@ -143,7 +182,7 @@ class ModalityEncoder(nn.Module):
         if visible_idx is not None:
             tokens = gather_visible(tokens, visible_idx)  # (B, Nv, C), original order kept
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = maybe_checkpoint(self.checkpointing, block, block, tokens)
         return tokens
 
 
@@ -156,14 +195,22 @@ class SharedEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=LN_EPS)  # unified
         self.audio_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.video_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.checkpointing = cfg.activation_checkpointing
 
     def forward(self, x: torch.Tensor, stream: str) -> torch.Tensor:
         """(B, N, C) -> (B, N, C). (With more than one shared block, the release feeds every block
         the modality-specific output for the audio and video streams, so only its last one counts;
         here the blocks chain on every stream. With the release's one block the two agree.)"""
         for block in self.blocks:
-            x = block(x, stream)
+            x = maybe_checkpoint(self.checkpointing, block, block, x, stream)
         return getattr(self, _NORM_PREFIX[stream] + "norm")(x)
+
+    def forward_packed(self, xs: tuple[torch.Tensor, ...], streams: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        """(self(x, stream) for each x, stream), each shared block running all the streams in one
+        packed varlen attention launch (block_streams_packed); the same results."""
+        for block in self.blocks:
+            xs = maybe_checkpoint(self.checkpointing, block, block_streams_packed, block, streams, *xs)
+        return tuple(getattr(self, _NORM_PREFIX[s] + "norm")(x) for s, x in zip(streams, xs))
 
 
 class JointDecoder(nn.Module):
@@ -183,6 +230,7 @@ class JointDecoder(nn.Module):
         self.video_pos_embed = nn.Parameter(sincos_2d(width, *video_grid(cfg))[None], requires_grad=False)
         self.blocks = _blocks(cfg, cfg.decoder_depth, width, cfg.decoder_heads, ("unified",), drop_path=0.0)
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
+        self.checkpointing = cfg.activation_checkpointing
         self.audio_head = nn.Linear(width, cfg.patch ** 2)
         self.video_head = nn.Linear(width, 3 * cfg.patch ** 2)
 
@@ -206,7 +254,7 @@ class JointDecoder(nn.Module):
         video = video + self.video_pos_embed.to(x.dtype) + self.video_modality.to(x.dtype)
         x = torch.cat([audio, video], dim=1)  # (B, Na + Nv, Cd)
         for block in self.blocks:
-            x = block(x)
+            x = maybe_checkpoint(self.checkpointing, block, block, x)
         x = self.norm(x)
         return self.audio_head(x[:, :self.num_audio]), self.video_head(x[:, self.num_audio:])
 
@@ -359,13 +407,19 @@ class CAVMAEPretrain(nn.Module):
 
         audio_tokens = self.audio_encoder(audio, audio_visible)  # (B, Nav, C)
         video_tokens = self.video_encoder(video, video_visible)  # (B, Nvv, C)
-        latent = self.shared(torch.cat([audio_tokens, video_tokens], dim=1), "unified")
+        joint = torch.cat([audio_tokens, video_tokens], dim=1)  # (B, Nav + Nvv, C)
+        if cfg.pack_fusion:  # the shared blocks' three passes in one varlen launch per block
+            latent, audio_stream, video_stream = self.shared.forward_packed(
+                (joint, audio_tokens, video_tokens), ("unified", "audio", "video"))
+        else:
+            latent = self.shared(joint, "unified")
         audio_pred, video_pred = self.decoder(latent, audio_visible, audio_masked, video_visible, video_masked)
 
         out = {"loss_audio": masked_mse(audio_pred, patch_target(audio, cfg.patch), audio_mask),
                "loss_video": masked_mse(video_pred, patch_target(video, cfg.patch), video_mask)}
-        out["loss_contrastive"] = self.contrastive_loss(self.shared(audio_tokens, "audio"),
-                                                        self.shared(video_tokens, "video"))
+        if not cfg.pack_fusion:  # after the decoder, as before: the same drop path draws
+            audio_stream, video_stream = self.shared(audio_tokens, "audio"), self.shared(video_tokens, "video")
+        out["loss_contrastive"] = self.contrastive_loss(audio_stream, video_stream)
         out["loss"] = out["loss_audio"] + out["loss_video"] + cfg.contrastive_weight * out["loss_contrastive"]
         return out
 

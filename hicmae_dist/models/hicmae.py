@@ -22,7 +22,7 @@ from hicmae_dist.config import ModelConfig
 from hicmae_dist.masking import random_mask, split_indices, tube_mask
 from hicmae_dist.models import targets
 from hicmae_dist.models.blocks import (LN_EPS, Block, CSBlock, cs_block_pair_packed, drop_path_rates,
-                                       init_weights, sinusoid_table)
+                                       init_weights, maybe_checkpoint, sinusoid_table)
 from hicmae_dist.ops import assemble_decoder_tokens, gather_visible, info_nce
 
 
@@ -48,6 +48,7 @@ class Encoder(nn.Module):
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, p, cfg.attention_backend)
             for p in drop_path_rates(cfg.drop_path, cfg.encoder_depth))
         self.norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.checkpointing = cfg.activation_checkpointing
 
     def forward(self, x: torch.Tensor, visible_idx: torch.Tensor | None = None) -> list[torch.Tensor]:
         """x: the modality's input; visible_idx: (B, Nv) tokens to keep, None for all of them.
@@ -64,7 +65,7 @@ class Encoder(nn.Module):
             tokens = gather_visible(tokens, visible_idx)  # (B, Nv, C), original order kept
         layers = []
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = maybe_checkpoint(self.checkpointing, block, block, tokens)
             layers.append(self.norm(tokens))
         return layers
 
@@ -85,11 +86,14 @@ class FusionEncoder(nn.Module):
     both from the previous layer's outputs; separate final norms per modality. With
     cfg.pack_fusion the two directions' cross-attentions run as one packed varlen attention
     launch (2B segments: video queries on audio keys, audio queries on video keys), and the two
-    self-attentions likewise; the results equal the separate launches."""
+    self-attentions likewise; the results equal the separate launches. With
+    cfg.activation_checkpointing each layer (both directions, packed or not) runs under
+    torch.utils.checkpoint in training."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.pack = cfg.pack_fusion
+        self.checkpointing = cfg.activation_checkpointing
         rates = drop_path_rates(cfg.drop_path, cfg.fusion_depth)
         self.video_blocks = nn.ModuleList(
             CSBlock(cfg.width, cfg.heads, cfg.mlp_ratio, p, cfg.attention_backend) for p in rates)
@@ -102,9 +106,11 @@ class FusionEncoder(nn.Module):
         """video: (B, Nv, C), audio: (B, Na, C) -> the same shapes."""
         for video_block, audio_block in zip(self.video_blocks, self.audio_blocks):
             if self.pack:
-                video, audio = cs_block_pair_packed(video_block, audio_block, video, audio)
-            else:
-                video, audio = video_block(video, audio), audio_block(audio, video)  # simultaneous update
+                video, audio = maybe_checkpoint(self.checkpointing, self, cs_block_pair_packed,
+                                                video_block, audio_block, video, audio)
+            else:  # simultaneous update
+                video, audio = (maybe_checkpoint(self.checkpointing, video_block, video_block, video, audio),
+                                maybe_checkpoint(self.checkpointing, audio_block, audio_block, audio, video))
         return self.video_norm(video), self.audio_norm(audio)
 
 
@@ -127,6 +133,7 @@ class Decoder(nn.Module):
             + [CSBlock(width, cfg.decoder_heads, cfg.mlp_ratio, p, cfg.attention_backend) for p in rates[1:]])
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
         self.head = nn.Linear(width, patch_dim)
+        self.checkpointing = cfg.activation_checkpointing
         # the release truncates at one standard deviation
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
@@ -142,9 +149,9 @@ class Decoder(nn.Module):
         x = assemble_decoder_tokens(self.encoder_to_decoder(fused), self.mask_token, pos,
                                     visible_idx, masked_idx)  # (B, N, Cd)
         contexts = [self.encoder_to_decoder(f) + pos_visible for f in reversed(skips)]  # deepest first
-        x = self.blocks[0](x)  # (B, N, Cd)
+        x = maybe_checkpoint(self.checkpointing, self.blocks[0], self.blocks[0], x)  # (B, N, Cd)
         for block, context in zip(self.blocks[1:], contexts, strict=True):
-            x = block(x, context)
+            x = maybe_checkpoint(self.checkpointing, block, block, x, context)
         return self.head(self.norm(x[:, fused.shape[1]:]))  # the masked tokens follow the visible ones
 
 

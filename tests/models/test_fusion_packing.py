@@ -97,4 +97,4 @@ def test_config_key_default_and_hash():
     cfg = Config()
     packed = Config()
     packed.model.pack_fusion = True
-    assert cfg.hash() != packed.hash()
+    assert cfg.hash() == packed.hash()  # one launch or two, the same maths: a resume may switch it
