@@ -216,8 +216,10 @@ class PretrainJob(submitit.helpers.Checkpointable):
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
         os.environ.setdefault("TQDM_DISABLE", "1")
         # A port per (job, attempt): the previous attempt's rendezvous socket may still be in
-        # TIME_WAIT on the master node. Every task computes the same one.
-        os.environ["MASTER_PORT"] = str(20000 + zlib.crc32(f"{env.job_id}:{restarts}".encode()) % 40000)
+        # TIME_WAIT on the master node. Every task computes the same one. Kept in 20000-31999,
+        # below Linux's ephemeral range (32768-60999), where any outgoing connection on the node
+        # may hold a port at the moment the store binds (an EADDRINUSE seen in CI).
+        os.environ["MASTER_PORT"] = str(20000 + zlib.crc32(f"{env.job_id}:{restarts}".encode()) % 12000)
         # MASTER_ADDR = first node of the allocation, RANK/WORLD_SIZE/LOCAL_RANK from srun;
         # CUDA_VISIBLE_DEVICES is left as Slurm set it (all GPUs of the node): DeepSpeed
         # picks cuda:LOCAL_RANK, and init_distributed picks nccl on GPUs, gloo on CPUs.

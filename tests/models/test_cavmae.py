@@ -22,6 +22,7 @@ from hicmae_dist.masking import audio_structured_mask, mae_random_mask, num_visi
 from hicmae_dist.models import CAVMAEFinetune, CAVMAEPretrain, build_finetune_model, build_model
 from hicmae_dist.models.cavmae import masked_mse, patch_target, sincos_2d
 from hicmae_dist.models.convert import to_upstream
+from tests.support import require
 
 # The release's top-level modules -> ours.
 UPSTREAM_COMPONENT = {
@@ -56,7 +57,7 @@ def read_key_file(name: str) -> tuple[dict[str, tuple[int, ...]], dict[str, int]
     """{key: shape}, the header's per-top-module counts and its frozen parameters."""
     path = upstream_keys_dir() / f"{name}.txt"
     if not path.exists():
-        pytest.skip(f"{path} not found (set HICMAE_UPSTREAM_KEYS)")
+        require(f"the authors' key list {path}", False, "set HICMAE_UPSTREAM_KEYS to shared/upstream-keys")
     shapes, per_module, frozen = {}, {}, []
     for line in path.read_text().splitlines():
         if line.startswith("# per-top-module params="):

@@ -17,6 +17,7 @@ from hicmae_dist.models import CAVMAEFinetune
 from hicmae_dist.models.convert import (HICMAE_RENAMES, ConversionError, load_ours, rename_key, to_ours,
                                         to_upstream, torch_load_weights, unwrap)
 from hicmae_dist.models.info import example_inputs
+from tests.support import require
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,7 +36,7 @@ def upstream_keys_dir() -> Path:
 def read_shapes(name: str) -> dict[str, tuple[int, ...]]:
     path = upstream_keys_dir() / f"{name}.txt"
     if not path.exists():
-        pytest.skip(f"{path} not found (set HICMAE_UPSTREAM_KEYS)")
+        require(f"the authors' key list {path}", False, "set HICMAE_UPSTREAM_KEYS to shared/upstream-keys")
     shapes = {}
     for line in path.read_text().splitlines():
         if line and not line.startswith("#"):

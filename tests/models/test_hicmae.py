@@ -14,6 +14,7 @@ from hicmae_dist.config import ModelConfig
 from hicmae_dist.models import HiCMAEFinetune, HiCMAEPretrain, build_model
 from hicmae_dist.models.blocks import Attention, CrossAttention, DropPath, sinusoid_table
 from hicmae_dist.models.targets import IMAGENET_MEAN, IMAGENET_STD, audio_target, video_target
+from tests.support import require
 
 SIZES = {  # width, heads (and decoder width / heads for pretraining), SPEC.md 1 'Sizes'
     "tiny": dict(width=256, heads=4),
@@ -66,7 +67,7 @@ def read_key_file(name: str) -> tuple[dict[str, tuple[int, ...]], dict[str, int]
     """{key: shape} and the header's per-top-module parameter counts."""
     path = upstream_keys_dir() / f"{name}.txt"
     if not path.exists():
-        pytest.skip(f"{path} not found (set HICMAE_UPSTREAM_KEYS)")
+        require(f"the authors' key list {path}", False, "set HICMAE_UPSTREAM_KEYS to shared/upstream-keys")
     shapes, per_module = {}, {}
     for line in path.read_text().splitlines():
         if line.startswith("# per-top-module params="):
