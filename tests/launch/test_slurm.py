@@ -89,6 +89,7 @@ def test_preemption_checkpoints_requeues_and_resumes_the_same_mlflow_run(slurm: 
 
 # The three one-CPU jobs are submitted together, so that they share the node's two CPUs.
 TIME_LIMIT = ["--tasks-per-node", "1", "--time", "2", "--signal-delay-s", "110"]
+TIME_LIMIT_STEPS = 150
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +103,11 @@ def one_cpu_jobs(slurm_session, slurm_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one-cpu")
     s = Slurm(slurm_session, slurm_shards, tmp)
     jobs = {
-        "time_limit": s.submit(tmp / "time-limit", *TIME_LIMIT, "--max-timeouts", "2", steps=8),
+        # Step budgets well past what fits before Slurm's signal (10-40 s after start), so the
+        # signal, not the end of training, stops the first attempt however fast the machine is.
+        "time_limit": s.submit(tmp / "time-limit", *TIME_LIMIT, "--max-timeouts", "2", steps=TIME_LIMIT_STEPS),
         "bad_config": s.submit(tmp / "bad-config", "--tasks-per-node", "1", "model.image_size=96", steps=5),
-        "no_budget": s.submit(tmp / "no-budget", *TIME_LIMIT, "--max-timeouts", "0", steps=8),
+        "no_budget": s.submit(tmp / "no-budget", *TIME_LIMIT, "--max-timeouts", "0", steps=1000),
     }
     yield s, tmp, jobs
     s.cancel_all()
@@ -115,7 +118,7 @@ def test_time_limit_signals_checkpoints_requeues_and_finishes(one_cpu_jobs):
     limit the resumed attempt would again be signalled after one step, so once the requeue is
     seen the test lifts the limit and the run finishes."""
     s, tmp, jobs = one_cpu_jobs
-    job, run_dir, steps = jobs["time_limit"], tmp / "time-limit", 8
+    job, run_dir, steps = jobs["time_limit"], tmp / "time-limit", TIME_LIMIT_STEPS
     requeue = s.wait("a time-limit requeue",
                      lambda: [e for e in _events(run_dir, job) if e["event"] == "requeue"], 400, job_id=job)
     assert requeue[0]["kind"] == "timeout", requeue
