@@ -10,18 +10,7 @@ from hicmae_dist.config import ModelConfig
 from hicmae_dist.models import CAVMAEFinetune, CAVMAEPretrain, cavmae
 from hicmae_dist.models.cavmae import Block, block_streams_packed
 
-TINY = dict(arch="cavmae", width=64, heads=2, encoder_depth=2, fusion_depth=1, decoder_width=32,
-            decoder_heads=2, decoder_depth=2, num_frames=1, tubelet=1, image_size=48, audio_frames=64,
-            mel_bins=32, video_mask_ratio=0.75, audio_mask_ratio=0.75, temperature=0.05,
-            contrastive_weight=0.01)  # 2 x 4 audio tokens, 3 x 3 image tokens
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.models.test_cavmae import TINY, one_thread  # noqa: F401  (the tiny config; 1-thread fixture)
 
 
 def _inputs(batch, seed=0):
