@@ -99,6 +99,31 @@ def _add_bench_data(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_bench_data)
 
 
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from kernels.harness import run, shell_command
+
+    return run(args, tuple(args.ops), shell_command("hicmae-dist", sys.argv[1:]))
+
+
+def _add_bench_kernels(sub: argparse._SubParsersAction) -> None:
+    """`bench kernels`: the kernel microbenchmarks of kernels/ (added to the `bench` parser)."""
+    from kernels.harness import add_arguments
+
+    bench = sub.choices.get("bench") or sub.add_parser("bench", help="benchmarks")
+    what = next((a for a in bench._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if what is None:
+        what = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    k = what.add_parser("kernels", help="kernel microbenchmarks: attention backends, info_nce memory, token ops, "
+                                        "patch_norm, the sm_90 compile report with an H100 roofline",
+                        description="Time every backend of the hot ops over the models' shapes and the standard "
+                                    "grids (forward, backward, both), measure peak memory, record out-of-memory "
+                                    "and unavailable backends as such, and add the static sm_90 report with an "
+                                    "on-paper H100 roofline. Writes results.json, results.md and PNG plots to --out "
+                                    "and prints the markdown. See kernels/README.md.")
+    add_arguments(k)
+    k.set_defaults(func=cmd_bench_kernels)
+
+
 def dry_run_report(cfg, preset: str, world_size: int) -> str:
     """The resolved config, the generated DeepSpeed config, the per-rank memory estimate and the
     step budget: everything `pretrain` would do, decided without data or devices."""
@@ -226,6 +251,161 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=cmd_bench_model)
 
 
+def _finetune_config(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    if args.dataset:
+        overrides.append(f"finetune.dataset={args.dataset}")
+    return load_config(args.preset, overrides)
+
+
+def _pretrained(args: argparse.Namespace):
+    """--pretrained (a run dir, our weights file or the authors' checkpoint), or None with
+    --from-scratch; exactly one of the two."""
+    if bool(args.pretrained) == bool(getattr(args, "from_scratch", False)):
+        raise ConfigError("give --pretrained RUN_DIR|FILE (our weights or the authors' checkpoint) "
+                          "or --from-scratch, not both and not neither")
+    if not args.pretrained:
+        return None
+    from hicmae_dist.train.export import load_pretrained
+
+    return load_pretrained(args.pretrained)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from hicmae_dist.data.downstream import count_folds, parse_folds
+
+    cfg = _finetune_config(args)
+    splits = Path(args.splits)
+    if not splits.is_dir():
+        raise ConfigError(f"--splits {splits}: not a directory (expected split01/{{train,val,test}}.csv ...)")
+    folds = parse_folds(args.folds, count_folds(splits))
+    if args.dry_run:
+        from hicmae_dist.train.finetune import resolve_task
+
+        task = resolve_task(cfg)
+        print(cfg.to_yaml().rstrip())
+        print(f"# task {task.kind}, {task.num_outputs} outputs ({', '.join(task.names)}); folds {folds}; "
+              f"epoch chosen on validation {task.select_metric}; config hash {cfg.hash(finetune=True)}")
+        return 0
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
+    from hicmae_dist.train.finetune import format_table, resolve_task, run_protocol
+    from hicmae_dist.train.pretrain import install_stop_signals
+
+    pretrained = _pretrained(args)
+    install_stop_signals()
+    summary = run_protocol(cfg, splits, folds, Path(args.run_dir), pretrained=pretrained, resume=args.resume,
+                           tracking_uri=args.tracking_uri, progress=not args.no_progress,
+                           allow_config_change=args.allow_config_change)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if summary.get("interrupted"):
+            print(f"interrupted in fold {summary['fold']} ({summary['interrupted']}); run the same command to "
+                  f"resume")
+            return 0
+        print(format_table(summary, resolve_task(cfg)))
+        print(f"\nresults   {args.run_dir}/results.md, summary.json, foldNN/results.json + confusion PNGs")
+        print(f"mlflow    {summary['tracking_uri']} (protocol run {summary['mlflow_run_id']}, folds nested)")
+    return 0
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from hicmae_dist.data.downstream import read_annotations
+    from hicmae_dist.train.export import load_pretrained
+    from hicmae_dist.train.probe import retrieval_eval
+
+    items = read_annotations(args.annotations)[:args.limit]
+    result = retrieval_eval(load_pretrained(args.weights), items, batch_size=args.batch_size,
+                            progress=not args.no_progress)
+    _print_result(result, args.json)
+    return 0
+
+
+def cmd_eval_linear_probe(args: argparse.Namespace) -> int:
+    from hicmae_dist.data.downstream import load_fold
+    from hicmae_dist.train.finetune import resolve_task
+    from hicmae_dist.train.probe import linear_probe
+
+    cfg = _finetune_config(args)
+    task = resolve_task(cfg)
+    splits, how = load_fold(args.splits, args.fold, regression=task.regression,
+                            val_fraction=cfg.finetune.val_fraction, subject=task.subject, seed=cfg.train.seed)
+    result = linear_probe(_pretrained(args), splits, cfg, task, batch_size=args.batch_size,
+                          progress=not args.no_progress)
+    result["val_split"] = how
+    _print_result(result, args.json)
+    return 0
+
+
+def cmd_eval_datasets(args: argparse.Namespace) -> int:
+    from hicmae_dist.eval.datasets import format_datasets
+
+    print(format_datasets())
+    return 0
+
+
+def _print_result(result: dict, json_path: str | None) -> None:
+    text = json.dumps(result, indent=1)
+    if json_path:
+        Path(json_path).write_text(text)
+    print(text)
+
+
+def _add_finetune_verbs(sub: argparse._SubParsersAction) -> None:
+    """finetune and eval (retrieval, linear-probe, datasets)."""
+    s = sub.add_parser("finetune", help="fine-tune and evaluate on a downstream set: k-fold, validation-selected "
+                                        "and last epoch, tracked in MLflow",
+                       description="Fine-tune pretrained weights on each fold of SPLITS (split01/{train,val,test}"
+                                   ".csv ...; without val.csv a validation split is carved from training by "
+                                   "subject), choose the epoch on validation, evaluate the last and the chosen "
+                                   "epoch on test once each, and print the per-fold table with mean and std. "
+                                   "E.g. `hicmae-dist finetune --preset finetune-hicmae --dataset crema-d "
+                                   "--splits crema-d/splits --folds 1-5 --pretrained runs/pretrain --run-dir "
+                                   "runs/ft-cremad`.")
+    s.add_argument("--preset", default="finetune-hicmae", help="recipe preset or YAML (default finetune-hicmae)")
+    s.add_argument("--splits", required=True, help="directory of split01/, split02/ ... annotation files")
+    s.add_argument("--dataset", help="dataset preset (`hicmae-dist eval datasets`): classes, metrics, subjects")
+    s.add_argument("--folds", default="1", help="1-5, 1,3 or all (default 1)")
+    s.add_argument("--pretrained", help="pretraining run dir, our weights file, or the authors' checkpoint")
+    s.add_argument("--from-scratch", action="store_true", help="random initialisation (a baseline)")
+    s.add_argument("--run-dir", required=True, help="where the folds' checkpoints, results and MLflow store go")
+    s.add_argument("--resume", choices=("auto", "never"), default="auto",
+                   help="auto: finished folds are skipped, an interrupted one continues (default)")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file RUN_DIR/mlflow.db)")
+    s.add_argument("--allow-config-change", action="store_true", help="resume a fold written with another config")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved config and task, then exit")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    s.set_defaults(func=cmd_finetune)
+
+    e = sub.add_parser("eval", help="evaluate pretrained weights: retrieval, linear probe; list dataset presets")
+    what = e.add_subparsers(dest="what", required=True, metavar="WHAT")
+    r = what.add_parser("retrieval", help="audio-visual retrieval R@1/5/10 and median rank, both directions",
+                        description="Mean-pooled single-modality features of every clip of ANNOTATIONS (centre "
+                                    "view), cosine similarity, clip i's video against clip i's audio.")
+    r.add_argument("--weights", required=True, help="pretraining run dir, our weights file, or the authors'")
+    r.add_argument("--annotations", required=True, help="annotation file (frame_dir wav_path label ...)")
+    r.add_argument("--limit", type=int, default=None, help="only the first N clips")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--json", metavar="FILE", help="also write the result to FILE")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_eval_retrieval)
+    lp = what.add_parser("linear-probe", help="linear classifier / regressor on frozen features of one fold",
+                         description="Frozen features of the fine-tuning model, a linear model per L2 "
+                                     "strength, the strength chosen on validation, test evaluated once.")
+    lp.add_argument("--pretrained", help="pretraining run dir, our weights file, or the authors' checkpoint")
+    lp.add_argument("--from-scratch", action="store_true", help="probe a randomly initialised encoder")
+    lp.add_argument("--splits", required=True, help="directory of split01/ ...")
+    lp.add_argument("--fold", type=int, default=1)
+    lp.add_argument("--dataset", help="dataset preset")
+    lp.add_argument("--preset", default="finetune-hicmae", help="config preset (model section for --from-scratch)")
+    lp.add_argument("--batch-size", type=int, default=8)
+    lp.add_argument("--json", metavar="FILE", help="also write the result to FILE")
+    lp.add_argument("--no-progress", action="store_true")
+    lp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    lp.set_defaults(func=cmd_eval_linear_probe)
+    d = what.add_parser("datasets", help="the dataset presets: classes, folds, metrics, protocol")
+    d.set_defaults(func=cmd_eval_datasets)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from datetime import datetime
 
@@ -235,8 +415,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.shards={Path(args.data).resolve()}")
+    if args.dataset:
+        overrides.append(f"finetune.dataset={args.dataset}")
     cfg = load_config(args.preset, overrides)
-    if not cfg.data.shards and not args.dry_run:
+    finetune = _submit_finetune(args) if args.splits else None
+    if not cfg.data.shards and not args.dry_run and finetune is None:
         raise ConfigError("data.shards is empty: pass --data DIR (a directory of .tar shards)")
     run_dir = Path(args.run_dir).resolve()
     flags = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem",
@@ -257,14 +440,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(slurm.sbatch_script(params, log_dir), end="")
         print(f"# job:      {slurm.shape_summary(shape)}")
-        print(f"# config:   preset {args.preset}, hash {cfg.hash()}, {cfg.train.steps} steps, "
-              f"data {cfg.data.shards or '(not set: --data)'}")
+        if finetune:
+            print(f"# finetune: preset {args.preset}, hash {cfg.hash(finetune=True)}, folds {finetune['folds']} of "
+                  f"{finetune['splits']}, from {finetune['pretrained'] or 'scratch'}")
+        else:
+            print(f"# config:   preset {args.preset}, hash {cfg.hash()}, {cfg.train.steps} steps, "
+                  f"data {cfg.data.shards or '(not set: --data)'}")
         print(f"# run dir:  {run_dir}")
         print(f"# logs:     {log_dir}/<job id>/<job id>_<rank>_log.out|.err")
         print(f"# mlflow:   {uri} (experiment {cfg.tracking.experiment}): {mlflow_run}")
         return 0
 
-    from hicmae_dist.launch.job import PretrainJob
+    from hicmae_dist.launch.job import TrainJob
     from hicmae_dist.launch.jobs import Registry, active_job_for_run_dir
 
     registry = Registry(args.registry)
@@ -273,11 +460,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise ConfigError(f"job {busy} is queued or running on {run_dir}; two jobs must not write one run dir "
                           f"(`hicmae-dist cancel {busy}` first, or pick another --run-dir)")
     shards = Path(cfg.data.shards)
-    if not any(shards.glob("shard-*.tar")):
+    if finetune is None and not any(shards.glob("shard-*.tar")):
         print(f"hicmae-dist submit: warning: no shard-*.tar in {shards} on this host; the job fails "
               f"unless its nodes see them there", file=sys.stderr)
-    job = PretrainJob(cfg.to_dict(), str(run_dir), resume=args.resume, tracking_uri=args.tracking_uri,
-                      max_timeouts=shape.max_timeouts, signal_delay_s=shape.signal_delay_s)
+    job = TrainJob(cfg.to_dict(), str(run_dir), resume=args.resume, tracking_uri=args.tracking_uri,
+                      max_timeouts=shape.max_timeouts, signal_delay_s=shape.signal_delay_s, finetune=finetune)
     try:
         job_id = slurm.submit_job(job, shape, params, log_dir)
     except slurm.SubmitError as err:
@@ -300,6 +487,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"  mlflow    {uri} (experiment {cfg.tracking.experiment}): {mlflow_run}")
     print(f"  follow    hicmae-dist jobs {job_id}    cancel: hicmae-dist cancel {job_id}")
     return 0
+
+
+def _submit_finetune(args: argparse.Namespace) -> dict:
+    """The job's finetune spec: paths resolved here (the nodes see the same file system)."""
+    from hicmae_dist.data.downstream import count_folds, parse_folds
+
+    if bool(args.pretrained) == args.from_scratch:
+        raise ConfigError("with --splits give --pretrained RUN_DIR|FILE or --from-scratch (one of the two)")
+    splits = Path(args.splits).resolve()
+    return {"splits": str(splits), "folds": parse_folds(args.folds, count_folds(splits)),
+            "pretrained": str(Path(args.pretrained).resolve()) if args.pretrained else None}
 
 
 def _user() -> str:
@@ -406,6 +604,12 @@ def _add_slurm_verbs(sub: argparse._SubParsersAction) -> None:
                                       "~/.cache/hicmae-dist/jobs.jsonl)")
     s.add_argument("--dry-run", action="store_true",
                    help="print the sbatch script submitit would submit and exit (needs no data, no Slurm)")
+    f = s.add_argument_group("fine-tuning (with --splits the job runs `finetune` instead of `pretrain`)")
+    f.add_argument("--splits", help="directory of split01/ ... annotation files, as the nodes see it")
+    f.add_argument("--folds", default="1", help="1-5, 1,3 or all (default 1)")
+    f.add_argument("--dataset", help="dataset preset")
+    f.add_argument("--pretrained", help="pretraining run dir, our weights file, or the authors' checkpoint")
+    f.add_argument("--from-scratch", action="store_true", help="random initialisation")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     s.set_defaults(func=cmd_submit)
 
@@ -544,7 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("run_dir", help="a pretraining run directory")
     u.set_defaults(func=cmd_ckpt_universal)
     _add_model_verbs(sub)
+    _add_finetune_verbs(sub)
     _add_bench_data(sub)
+    _add_bench_kernels(sub)
     _add_slurm_verbs(sub)
     return p
 

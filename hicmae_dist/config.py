@@ -203,15 +203,68 @@ class TrackingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning recipe and protocol (SPEC.md 1 'Fine-tuning model', SPEC.md 2 'Fine-tune'),
+    read by `hicmae-dist finetune` only. The optimiser, LR and batch come from `train` and `data`;
+    train.steps and train.warmup_steps are set from the epochs and the training split's size."""
+
+    dataset: str = ""  # a preset of hicmae_dist.eval.datasets; "" = task / num_outputs below
+    task: str = "classification"  # "classification" | "regression" (overridden by the dataset)
+    num_outputs: int = 0  # classes or regression dimensions; 0 = from the dataset preset
+    epochs: int = 50
+    warmup_epochs: int = 5
+    layer_decay: float = 0.75  # HiCMAE: LR x layer_decay^(top - layer id); 1.0 = off
+    head_lr_scale: float = 1.0  # CAV-MAE: the head's LR multiple (10-100 in the release)
+    mode: str = "multimodal"  # CAV-MAE: multimodal | audio | video
+    mixup: float = 0.8  # Beta(alpha, alpha) of mixup; 0 = off
+    cutmix: float = 1.0  # Beta(alpha, alpha) of cutmix; 0 = off
+    mix_prob: float = 1.0  # chance a batch is mixed at all
+    switch_prob: float = 0.5  # chance a mixed batch takes cutmix instead of mixup (both on)
+    mix_video_only: bool = False  # the release's mixing: video mixed, audio left alone
+    label_smoothing: float = 0.1
+    regression_loss: str = "mse"  # "mse" | "ccc" (1 - CCC, averaged over the dimensions)
+    head_activation: str | None = None  # regression: sigmoid | tanh | relu on the head
+    crop_scale_min: float = 0.08  # HiCMAE training crops: RandomResizedCrop area fraction in [min, 1]
+    test_num_segment: int = 2  # test views: temporal chunks x spatial crops, probabilities averaged
+    test_num_crop: int = 2
+    val_fraction: float = 0.15  # subjects (or clips) carved from training when a fold has no val.csv
+    select_metric: str = ""  # validation metric that picks the epoch; "" = the dataset's first
+    eval_every: int = 1  # epochs between validation passes (the last epoch is always validated)
+
+    def validate(self) -> None:
+        _check(self.task in ("classification", "regression"), "finetune.task", "'classification' or 'regression'",
+               self.task)
+        _check(self.epochs >= 1, "finetune.epochs", ">= 1", self.epochs)
+        _check(0 <= self.warmup_epochs <= self.epochs, "finetune.warmup_epochs", "in [0, finetune.epochs]",
+               self.warmup_epochs)
+        _check(0.0 < self.layer_decay <= 1.0, "finetune.layer_decay", "in (0, 1]", self.layer_decay)
+        _check(self.mode in ("multimodal", "audio", "video"), "finetune.mode", "multimodal, audio or video", self.mode)
+        _check(self.regression_loss in ("mse", "ccc"), "finetune.regression_loss", "'mse' or 'ccc'",
+               self.regression_loss)
+        _check(self.head_activation in (None, "sigmoid", "tanh", "relu"), "finetune.head_activation",
+               "null, sigmoid, tanh or relu", self.head_activation)
+        for key in ("mixup", "cutmix"):
+            _check(getattr(self, key) >= 0, f"finetune.{key}", ">= 0 (0 = off)", getattr(self, key))
+        for key in ("mix_prob", "switch_prob", "label_smoothing"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"finetune.{key}", "in [0, 1]", getattr(self, key))
+        _check(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", "in (0, 1)", self.val_fraction)
+        _check(0.0 < self.crop_scale_min <= 1.0, "finetune.crop_scale_min", "in (0, 1]", self.crop_scale_min)
+        _check(self.test_num_segment >= 1 and self.test_num_crop >= 1, "finetune.test_num_segment",
+               "test_num_segment and test_num_crop >= 1", (self.test_num_segment, self.test_num_crop))
+        _check(self.eval_every >= 1, "finetune.eval_every", ">= 1", self.eval_every)
+
+
+@dataclass
 class Config:
     preset: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> "Config":
-        for section in (self.model, self.data, self.train, self.tracking):
+        for section in (self.model, self.data, self.train, self.tracking, self.finetune):
             if hasattr(section, "validate"):
                 section.validate()
         return self
@@ -239,15 +292,20 @@ class Config:
         "data": ("shards", "num_workers"),
         "train": ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite_in_a_row",
                   "compile"),
+        "finetune": ("eval_every",),
     }
 
-    def hash(self) -> str:
+    def hash(self, finetune: bool = False) -> str:
         """Hash of everything that changes the maths (tracking, step budget and execution
-        settings excluded: NOT_HASHED)."""
+        settings excluded: NOT_HASHED). The finetune section counts for fine-tuning runs only,
+        so a pretraining checkpoint's hash does not depend on it."""
         d = self.to_dict()
         d.pop("tracking")
+        if not finetune:
+            d.pop("finetune")
         for section, keys in self.NOT_HASHED.items():
-            d[section] = {k: v for k, v in d[section].items() if k not in keys}
+            if section in d:
+                d[section] = {k: v for k, v in d[section].items() if k not in keys}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

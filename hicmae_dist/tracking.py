@@ -65,6 +65,12 @@ class Tracker:
         for i in range(0, len(items), MAX_PARAMS_PER_CALL):
             self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_CALL])
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Run tags; mlflow.parentRunId nests this run under another in the UI."""
+        if self.enabled:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Queued; sent by flush()."""
         if not self.enabled:

@@ -20,7 +20,7 @@ has train and test only and picks the best epoch on test; here val is a separate
 Sampling, HiCMAE (16 frames at frame_stride 4, image_size S, VideoMAE's fine-tuning code):
   train  a random 64-frame span, 16 indices linspace'd over it (clips of <= 64 frames: spread
          over the clip and padded with the last frame); RandomResizedCrop to S (scale
-         (0.08, 1), ratio (3/4, 4/3)) and a horizontal flip with p 0.5. (RandAugment and random
+         crop_scale, default (0.08, 1), ratio (3/4, 4/3)) and a horizontal flip with p 0.5. (RandAugment and random
          erasing of the release are not applied; mixup / cutmix belong to the trainer.)
   val    the centre span, short side resized to S, centre crop (deterministic).
   test   test_num_segment temporal chunks x test_num_crop spatial crops: every frame_stride-th
@@ -144,13 +144,105 @@ def write_folds(split_root: str | Path, folds: list[dict]) -> list[dict[str, Pat
 
 
 def fold_files(split_root: str | Path, fold: int) -> dict[str, Path]:
-    """The annotation files of fold `fold` (1-based, as split01)."""
+    """The annotation files of fold `fold` (1-based, as split01): train and test, and val when
+    the fold has one."""
     d = Path(split_root) / f"split{fold:02d}"
     files = {name: d / f"{name}.csv" for name in SPLITS}
-    missing = [str(p) for p in files.values() if not p.exists()]
+    missing = [str(files[name]) for name in ("train", "test") if not files[name].exists()]
     if missing:
-        raise FileNotFoundError(f"fold {fold}: missing {', '.join(missing)}")
-    return files
+        raise FileNotFoundError(f"fold {fold}: missing {', '.join(missing)} (expected {d}/{{train,val,test}}.csv, "
+                                f"val optional)")
+    return {name: path for name, path in files.items() if path.exists()}
+
+
+DEFAULT_SUBJECT = r"([^/]+)/[^/]+/?$"  # the directory above the clip's frame_dir
+
+
+def subject_of(item: DownstreamItem, pattern: str | None = DEFAULT_SUBJECT) -> str | None:
+    """The subject id of a clip: the first group of `pattern` searched in its frame_dir path;
+    None when pattern is None or does not match."""
+    import re
+
+    if pattern is None:
+        return None
+    m = re.search(pattern, Path(item.frame_dir).as_posix())
+    return m.group(1) if m else None
+
+
+def carve_validation(train: list[DownstreamItem], fraction: float, *, subject: str | None = DEFAULT_SUBJECT,
+                     seed: int = 0) -> tuple[list[DownstreamItem], list[DownstreamItem], str]:
+    """Split training clips into (train, val, how): whole subjects go to val (about `fraction`
+    of them, at least one, never all) when every clip has a subject id, else clips. Seeded and
+    independent of the file order."""
+    subjects = [subject_of(item, subject) for item in train]
+    by_subject = all(s is not None for s in subjects) and len(set(subjects)) >= 2
+    keys = subjects if by_subject else [str(item.frame_dir) for item in train]
+    names = sorted(set(keys))
+    if len(names) < 2:
+        raise ValueError(f"cannot carve a validation split from {len(train)} training clip(s)")
+    random.Random(f"hicmae-dist/val/{seed}").shuffle(names)
+    chosen = set(names[:min(len(names) - 1, max(1, round(fraction * len(names))))])
+    val = [item for item, k in zip(train, keys) if k in chosen]
+    rest = [item for item, k in zip(train, keys) if k not in chosen]
+    how = f"{len(chosen)} of {len(names)} training {'subjects' if by_subject else 'clips'}"
+    return rest, val, how
+
+
+def check_disjoint(splits: dict[str, list[DownstreamItem]], files: dict[str, Path] | None = None) -> None:
+    """No clip (frame_dir) in two splits: model selection must never see the test clips."""
+    owner: dict[str, str] = {}
+    for name, items in splits.items():
+        for item in items:
+            key = str(Path(item.frame_dir).resolve())
+            if key in owner and owner[key] != name:
+                where = f" ({files[owner[key]]} and {files[name]})" if files and name in files and owner[key] in files \
+                    else ""
+                hint = (" - selecting the epoch on the test fold is what this toolkit refuses; remove val.csv to "
+                        "carve a validation split from training") if {owner[key], name} == {"val", "test"} else ""
+                raise ValueError(f"clip {key} is in both the {owner[key]} and the {name} split{where}{hint}")
+            owner[key] = name
+
+
+def load_fold(split_root: str | Path, fold: int, *, regression: bool | None = None, val_fraction: float = 0.15,
+              subject: str | None = DEFAULT_SUBJECT, seed: int = 0) -> tuple[dict[str, list[DownstreamItem]], str]:
+    """The train / val / test clips of fold `fold` (1-based): val.csv when the fold has one,
+    else carved from train (carve_validation); checked disjoint. Returns (splits, how val was made)."""
+    files = fold_files(split_root, fold)
+    splits = {name: read_annotations(files[name], regression=regression) for name in ("train", "test")}
+    if "val" in files:
+        splits["val"] = read_annotations(files["val"], regression=regression)
+        how = f"{files['val']}"
+    else:
+        splits["train"], splits["val"], how = carve_validation(splits["train"], val_fraction, subject=subject,
+                                                               seed=seed)
+        how = f"carved from training: {how}"
+    for name, items in splits.items():
+        if not items:
+            raise ValueError(f"fold {fold}: the {name} split is empty ({files[name]})")
+    check_disjoint(splits, files)
+    return splits, how
+
+
+def parse_folds(text: str, available: int | None = None) -> list[int]:
+    """'1-5', '1,3', '2' or 'all' (needs `available`) -> [1, 2, ...]."""
+    if text == "all":
+        if not available:
+            raise ValueError("--folds all: the number of folds is unknown (no split directories found)")
+        return list(range(1, available + 1))
+    folds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        try:
+            folds += list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ValueError(f"--folds {text!r}: expected e.g. 1-5, 1,3 or all") from None
+    if not folds or min(folds) < 1:
+        raise ValueError(f"--folds {text!r}: folds are numbered from 1")
+    return sorted(set(folds))
+
+
+def count_folds(split_root: str | Path) -> int:
+    return len(list(Path(split_root).glob("split[0-9][0-9]")))
 
 
 def list_frames(frame_dir: Path) -> list[Path]:
@@ -253,7 +345,8 @@ class DownstreamDataset(Dataset):
 
     def __init__(self, annotation: str | Path | list[DownstreamItem], model_cfg: ModelConfig, mode: str = "train",
                  *, root: str | Path | None = None, regression: bool | None = None, frame_stride: int = 4,
-                 test_num_segment: int = 2, test_num_crop: int = 2, fps: float = video.FPS, seed: int = 0):
+                 test_num_segment: int = 2, test_num_crop: int = 2, fps: float = video.FPS, seed: int = 0,
+                 crop_scale: tuple[float, float] = (0.08, 1.0)):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.items = annotation if isinstance(annotation, list) else \
@@ -263,6 +356,7 @@ class DownstreamDataset(Dataset):
         self.cfg, self.mode = model_cfg, mode
         self.frame_stride, self.fps, self.seed = frame_stride, fps, seed
         self.test_num_segment, self.test_num_crop = test_num_segment, test_num_crop
+        self.crop_scale = crop_scale
         self.regression = isinstance(self.items[0].label[0], float)
         self.epoch = 0
 
@@ -301,7 +395,7 @@ class DownstreamDataset(Dataset):
             width, height = first.size
         views = []  # (frame indices, crop box in source pixels, flip)
         if self.mode == "train":
-            box = random_resized_box(width, height, rng)
+            box = random_resized_box(width, height, rng, scale=self.crop_scale)
             views.append((videomae_indices(n, m.num_frames, self.frame_stride, rng), box, rng.random() < 0.5))
         elif self.mode == "val":
             views.append((videomae_indices(n, m.num_frames, self.frame_stride, None),

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from hicmae_dist.data.audio import SAMPLE_RATE
-from hicmae_dist.data.video import FPS, FRAME_STRIDE, MIN_SOURCE_FRAMES, SOURCE_SIZE
+from hicmae_dist.data.video import FPS, FRAME_STRIDE, MIN_SOURCE_FRAMES, SOURCE_SIZE, face_crop
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross")
 _ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
@@ -247,13 +248,15 @@ def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 
                      workers: int = 1, progress: bool = True) -> dict:
     """A synthetic fine-tuning set in the downstream format (hicmae_dist.data.downstream):
 
-        out/frames/<subject>/<clip>/00001.jpg ...   the clip's 224x224 frames (JPEG q90), 25 fps
+        out/frames/<subject>/<clip>/00001.jpg ...   the clip's face crop (JPEG q90), 25 fps
         out/audio/<subject>/<clip>.wav             16 kHz mono int16
         out/labels.csv                             clip,subject,label (the hidden class)
         out/splits/split01/{train,val,test}.csv    subject-independent folds, annotation format
 
     Clips are rendered as write_corpus renders them (the hidden class sets shape, colour,
-    motion, pitch and rhythm; subjects set background and timbre). regression=True writes two
+    motion, pitch and rhythm; subjects set background and timbre); the frames are the 160 px
+    crop prepare stores for pretraining (rows 0:160, columns 32:192 of the 224 frame), as the
+    emotion sets ship face crops aligned like VoxCeleb2's. regression=True writes two
     float labels per clip instead of the class: valence = 2 * class / (K - 1) - 1 and arousal
     = the beat rate scaled to [0, 1], each with a little per-clip noise. Files are written under
     a temporary name and renamed; the split files are written last.
@@ -276,7 +279,8 @@ def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 
         if not clip_dir.exists():
             part = clip_dir.with_name(clip_dir.name + ".part")
             part.mkdir(parents=True, exist_ok=True)
-            for i, frame in enumerate(frames):
+            crops = face_crop(torch.from_numpy(frames).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+            for i, frame in enumerate(crops):
                 Image.fromarray(frame).save(part / f"{i + 1:05d}.jpg", quality=90)
             part.rename(clip_dir)
         wav.parent.mkdir(parents=True, exist_ok=True)

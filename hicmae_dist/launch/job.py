@@ -1,6 +1,6 @@
-"""The Slurm job callable: pretrain in every task, checkpoint and requeue on USR2.
+"""The Slurm job callable: pretrain (or fine-tune) in every task, checkpoint and requeue on USR2.
 
-`hicmae-dist submit` pickles a PretrainJob (the resolved config, the run dir, the requeue
+`hicmae-dist submit` pickles a TrainJob (the resolved config, the run dir, the requeue
 budget) with submitit; `srun` starts one task per rank, each unpickles it and calls it.
 
 Signals, checkpoints and requeues
@@ -152,12 +152,16 @@ def decide(kind: str, detail: str, step: int, timeouts_used: int, max_timeouts: 
     return ""  # preemption, USR2 by hand, or a time limit within the budget
 
 
-class PretrainJob(submitit.helpers.Checkpointable):
-    """What one Slurm job runs, in every task. Picklable: plain data only."""
+class TrainJob(submitit.helpers.Checkpointable):
+    """What one Slurm job runs, in every task. Picklable: plain data only. `finetune` = {"splits":
+    dir, "folds": [1, ...], "pretrained": path or None} runs the fine-tuning protocol instead of
+    pretraining (same signals, checkpoints and requeues; a requeued protocol skips done folds)."""
 
     def __init__(self, config: dict[str, Any], run_dir: str, *, resume: str = "auto",
-                 tracking_uri: str | None = None, max_timeouts: int = 3, signal_delay_s: int = 120):
+                 tracking_uri: str | None = None, max_timeouts: int = 3, signal_delay_s: int = 120,
+                 finetune: dict[str, Any] | None = None):
         self.config = config  # Config.to_dict(), resolved and validated at submit time
+        self.finetune = finetune
         self.run_dir = str(run_dir)
         self.resume = resume
         self.tracking_uri = tracking_uri
@@ -189,9 +193,13 @@ class PretrainJob(submitit.helpers.Checkpointable):
             for name in list(_signals):  # arrived during the imports: stop after the first step
                 request_stop(name)
             cfg = config_from_dict(self.config)
-            summary = pretrain(cfg, Path(self.run_dir), resume="auto" if restarts else self.resume,
-                               tracking_uri=self.tracking_uri, progress=False)
-            if summary["interrupted"] and summary["steps"] >= cfg.train.steps:
+            resume = "auto" if restarts else self.resume
+            if self.finetune:
+                summary = self._finetune(cfg, resume)
+            else:
+                summary = pretrain(cfg, Path(self.run_dir), resume=resume, tracking_uri=self.tracking_uri,
+                                   progress=False)
+            if summary["interrupted"] and not self.finetune and summary["steps"] >= cfg.train.steps:
                 # stopped after the last step: that is a finished run
                 self._finish_mlflow(summary)
                 summary["interrupted"] = None
@@ -210,6 +218,22 @@ class PretrainJob(submitit.helpers.Checkpointable):
         return summary
 
     # ------------------------------------------------------------------ pieces
+    def _finetune(self, cfg, resume: str) -> dict[str, Any]:
+        """run_protocol, its result in pretrain's summary keys (steps: where it stopped)."""
+        import torch.distributed as dist
+
+        from hicmae_dist.train.export import load_pretrained
+        from hicmae_dist.train.finetune import run_protocol
+
+        ft = self.finetune
+        pretrained = load_pretrained(ft["pretrained"]) if ft.get("pretrained") else None
+        out = run_protocol(cfg, Path(ft["splits"]), list(ft["folds"]), Path(self.run_dir), pretrained=pretrained,
+                           resume=resume, tracking_uri=self.tracking_uri, progress=False)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return {**out, "interrupted": out.get("interrupted"), "world_size": world,
+                "steps": f"fold {out['fold']}" if out.get("interrupted") else f"{len(ft['folds'])} folds",
+                "mlflow_run_id": out.get("mlflow_run_id"), "tracking_uri": out.get("tracking_uri")}
+
     def _setup_environment(self, env, restarts: int) -> None:
         """Caches, threads and torch.distributed's env:// variables from Slurm's environment."""
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hicmae-dist"

@@ -8,7 +8,7 @@ while the job waits or is requeued cannot change a running experiment.
     shape = resolve_shape(load_cluster("local"), {"nodes": 2})
     params = slurm_parameters(shape, job_name="hicmae-a", comment="hicmae-dist /runs/a")
     print(sbatch_script(params, log_dir))       # what `--dry-run` prints
-    job = submit_job(PretrainJob(...), shape, params, log_dir)
+    job = submit_job(TrainJob(...), shape, params, log_dir)
 
 One Slurm task per GPU (--ntasks-per-node = --gpus-per-node); a CPU job (gpus 0) runs
 --tasks-per-node tasks over gloo. Every job gets `--signal=USR2@<delay>` and `--requeue`: the

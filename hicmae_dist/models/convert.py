@@ -381,7 +381,21 @@ def upstream_file_payload(converted: Converted) -> dict[str, Any]:
 
 def load_ours(path: str | Path) -> Converted:
     """A file written by `hicmae-dist convert` (our side) -> Converted (use .load_model())."""
+    return _ours_from_payload(torch_load_weights(path), path)
+
+
+def load_weights(path: str | Path) -> Converted:
+    """Our weights file, or the authors' checkpoint (converted to our names on the way)."""
     obj = torch_load_weights(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return _ours_from_payload(obj, path)
+    try:
+        return to_ours(obj)
+    except ConversionError as err:
+        raise ConversionError(f"{path}: {err}") from None
+
+
+def _ours_from_payload(obj: Any, path: str | Path) -> Converted:
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         raise ConversionError(f"{path}: not a {FORMAT} file")
     converted = Converted(obj["arch"], obj["kind"], _config_from_dict(obj["model_config"]),

@@ -170,6 +170,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def retrieval_features(model: nn.Module, video: torch.Tensor, audio: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(video (B, C), audio (B, C)): mean over all tokens of each encoder's normalised output."""
+    return model.video_encoder(video)[-1].mean(dim=1), model.audio_encoder(audio)[-1].mean(dim=1)
+
+
 class HiCMAEPretrain(nn.Module):
     """Masked audio-visual pretraining: reconstruction of the masked video tubelets and audio
     patches plus the hierarchical cross-modal contrastive loss."""
@@ -199,6 +205,10 @@ class HiCMAEPretrain(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         return param_groups(self, weight_decay)
+
+    def retrieval_features(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(video (B, C), audio (B, C)) of whole, unmasked inputs (see retrieval_features)."""
+        return retrieval_features(self, video, audio)
 
     def contrastive_loss(self, video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """video (B, Nv, C), audio (B, Na, C): InfoNCE between the mean-pooled, L2-normalised
@@ -271,8 +281,21 @@ class HiCMAEFinetune(nn.Module):
         self.head_activation = self.ACTIVATIONS[head_activation]()
         self.apply(init_weights)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        return param_groups(self, weight_decay)
+    def param_groups(self, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+        """AdamW groups (decay on matrices and kernels only), split by layer-decay depth when
+        layer_decay < 1: each group's "lr_scale" = layer_decay ** (top - layer_id)."""
+        if layer_decay == 1.0:
+            return param_groups(self, weight_decay)
+        top = self.cfg.encoder_depth + self.cfg.fusion_depth + 1
+        groups: dict[tuple[int, bool], dict] = {}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                layer, no_decay = self.layer_id(name), _no_weight_decay(name, param)
+                group = groups.setdefault((layer, no_decay), {
+                    "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                    "lr_scale": layer_decay ** (top - layer)})
+                group["params"].append(param)
+        return [groups[k] for k in sorted(groups)]
 
     def layer_id(self, name: str) -> int:
         """Layer-decay depth of a parameter (SPEC.md 1, fine-tuning recipe): 0 for the patch
@@ -294,12 +317,21 @@ class HiCMAEFinetune(nn.Module):
         pooled = torch.stack([layer.mean(dim=1) for layer in layers], dim=1)  # (B, depth, C)
         return (pooled * weights.softmax(dim=0).to(pooled.dtype)[None, :, None]).sum(dim=1)
 
-    def forward(self, video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        """video (B, 3, T, H, W), audio (B, 1, T_a, F) -> (B, num_classes)."""
+    def features(self, video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """video (B, 3, T, H, W), audio (B, 1, T_a, F) -> the head's input (B, 4C), before its
+        LayerNorm."""
         video_layers = self.video_encoder(video)  # depth x (B, Nv, C)
         audio_layers = self.audio_encoder(audio)  # depth x (B, Na, C)
         video_fused, audio_fused = self.fusion(video_layers[-1], audio_layers[-1])
-        feature = torch.cat([self._weighted_layers(video_layers, self.video_layer_weights),
-                             self._weighted_layers(audio_layers, self.audio_layer_weights),
-                             video_fused.mean(dim=1), audio_fused.mean(dim=1)], dim=-1)  # (B, 4C)
-        return self.head_activation(self.head(self.head_norm(feature)))
+        return torch.cat([self._weighted_layers(video_layers, self.video_layer_weights),
+                          self._weighted_layers(audio_layers, self.audio_layer_weights),
+                          video_fused.mean(dim=1), audio_fused.mean(dim=1)], dim=-1)  # (B, 4C)
+
+    def forward(self, video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """video (B, 3, T, H, W), audio (B, 1, T_a, F) -> (B, num_classes)."""
+        return self.head_activation(self.head(self.head_norm(self.features(video, audio))))
+
+    def retrieval_features(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(video (B, C), audio (B, C)): each encoder's normalised last-layer tokens, mean-pooled
+        (single-modality features, no fusion)."""
+        return retrieval_features(self, video, audio)

@@ -31,12 +31,18 @@ def global_batch(cfg: Config, world_size: int) -> int:
     return cfg.data.batch_size * cfg.train.grad_accum * world_size
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW (HiCMAE) or Adam (CAV-MAE) over the model's parameter groups (no decay on 1-D
-    params, biases, mask tokens); torch's own, so a resume is exact."""
+def build_optimizer(model: torch.nn.Module, cfg: Config, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """AdamW (HiCMAE) or Adam (CAV-MAE) over `groups` (default: the model's parameter groups,
+    no decay on 1-D params, biases, mask tokens); torch's own, so a resume is exact. A group's
+    "lr_scale" multiplies the scheduled LR (set_lr)."""
     t = cfg.train
     opt = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    return opt(model.param_groups(t.weight_decay), lr=0.0, betas=tuple(t.betas), eps=t.eps)
+    return opt(groups or model.param_groups(t.weight_decay), lr=0.0, betas=tuple(t.betas), eps=t.eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def build_model_for_engine(cfg: Config, world_size: int) -> torch.nn.Module:
@@ -51,10 +57,11 @@ def build_model_for_engine(cfg: Config, world_size: int) -> torch.nn.Module:
         return build_model(cfg.model)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False):
+def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False,
+                 groups: list[dict] | None = None):
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg, groups),
                                            config=deepspeed_config(cfg, world_size, load_universal))
     if cfg.train.compile:
         engine.compile()

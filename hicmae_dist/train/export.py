@@ -11,9 +11,9 @@ from hicmae_dist.models.convert import Converted, ours_file_payload, to_upstream
 from hicmae_dist.train.checkpoint import latest_checkpoint, weights_only_loads
 
 
-def export_weights(run_dir: Path, out: Path, *, to: str = "ours", checkpoint: Path | None = None) -> Converted:
-    """Gather the fp32 master weights from every ZeRO partition of `checkpoint` (default: the
-    run's latest) and write them to `out` (weights_only-loadable; written then renamed)."""
+def run_weights(run_dir: Path, checkpoint: Path | None = None) -> Converted:
+    """The fp32 master weights of a pretraining run's `checkpoint` (default: its latest),
+    gathered from every ZeRO partition, with the run's model config."""
     import yaml
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -23,7 +23,25 @@ def export_weights(run_dir: Path, out: Path, *, to: str = "ours", checkpoint: Pa
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     with weights_only_loads():
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    ours = Converted(cfg.model.arch, "pretrain", cfg.model, None, {k: v.float() for k, v in state.items()})
+    return Converted(cfg.model.arch, "pretrain", cfg.model, None, {k: v.float() for k, v in state.items()})
+
+
+def load_pretrained(source: str | Path) -> Converted:
+    """Weights to start from: a pretraining run directory (its latest checkpoint), our weights
+    file, or the authors' checkpoint (converted)."""
+    from hicmae_dist.models.convert import load_weights
+
+    source = Path(source)
+    if source.is_dir():
+        return run_weights(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such checkpoint file or run directory")
+    return load_weights(source)
+
+
+def export_weights(run_dir: Path, out: Path, *, to: str = "ours", checkpoint: Path | None = None) -> Converted:
+    """run_weights written to `out` (weights_only-loadable; written then renamed)."""
+    ours = run_weights(run_dir, checkpoint)
     if to == "ours":
         converted, payload = ours, ours_file_payload(ours)
     elif to == "upstream":

@@ -23,7 +23,7 @@ from hicmae_dist.tracking import Tracker, default_uri
 from hicmae_dist.train.accounting import model_flops_per_sample, peak_flops
 from hicmae_dist.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, saved_world_size,
                                           to_universal)
-from hicmae_dist.train.engine import build_engine, build_model_for_engine, deepspeed_config, global_batch
+from hicmae_dist.train.engine import build_engine, build_model_for_engine, deepspeed_config, global_batch, set_lr
 from hicmae_dist.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -196,8 +196,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
         while state.step < cfg.train.steps:  # a skipped step is tried again on the next batch
             step = state.step
             lr = lr_at(step, cfg.train, batch)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(engine.optimizer, lr)
             parts: dict[str, float] = {}
             for _ in range(cfg.train.grad_accum):
                 b = next(loader)

@@ -50,12 +50,9 @@ def test_bad_override_fails_naming_the_key():
 
 
 @pytest.mark.slow
-def test_two_minute_run_lowers_losses_and_is_tracked(shards, cli_env, tmp_path):
-    run_dir = tmp_path / "run"
+def test_two_minute_run_lowers_losses_and_is_tracked(two_minute_run):
+    run_dir, r = two_minute_run
     steps = 120
-    r = subprocess.run(_pretrain_cmd(shards, run_dir, f"train.steps={steps}", "train.warmup_steps=10",
-                                     "train.log_every=10", "train.checkpoint_every=60"),
-                       capture_output=True, text=True, env=cli_env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "loss first/last" in r.stdout and "mlflow ui --backend-store-uri sqlite:///" in r.stdout
 

@@ -306,7 +306,7 @@ def info_nce_backward(grad_row: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
-# Ahead-of-time compilation (no GPU): tests/ops/triton_aot/test_info_nce_aot.py
+# Ahead-of-time compilation (no GPU): hicmae_dist.ops.triton.aot (tests/ops/triton_aot, kernels/)
 # ----------------------------------------------------------------------------------------------
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _FP32_PTRS = {"SCALE", "LOSS", "LSE", "GROW", "DSROW"}
