@@ -43,10 +43,10 @@ from hicmae_dist.launch.dist import init_distributed
 from hicmae_dist.models import build_finetune_model
 from hicmae_dist.models.convert import Converted
 from hicmae_dist.tracking import Tracker, default_uri
-from hicmae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hicmae_dist.train.checkpoint import latest_checkpoint, save_checkpoint
 from hicmae_dist.train.engine import build_engine, global_batch, set_lr
-from hicmae_dist.train.pretrain import (ResumeError, _stop, _stop_reason, _stop_requested_anywhere,
-                                        seed_everything)
+from hicmae_dist.train.pretrain import (ResumeError, _stop, _stop_reason, _stop_requested_anywhere, open_tracker,
+                                        restore, seed_everything)
 from hicmae_dist.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -332,18 +332,10 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
     if ckpt is not None and resume == "never":
         raise ResumeError(f"{run_dir} already holds checkpoint {ckpt.name}; use --resume auto or a new --run-dir")
     if ckpt is not None:
-        saved = load_checkpoint(engine, ckpt)
-        if saved["config_hash"] != state.config_hash and not allow_config_change:
-            raise ResumeError(f"checkpoint {ckpt} was written with config hash {saved['config_hash']}, this run "
-                              f"has {state.config_hash} (compare {run_dir / 'config.yaml'}); "
-                              f"--allow-config-change resumes anyway")
-        state = FoldState(**{**saved, "world_size": dist_env.world_size, "config_hash": state.config_hash})
+        state = restore(engine, ckpt, state, run_dir, allow_config_change)
         log.info("resumed from %s at epoch %d, batch %d", ckpt, state.epoch, state.batch_in_epoch)
 
-    uri = tracking_uri or cfg.tracking.uri or default_uri(run_dir)
-    tracker = Tracker(rank0 and cfg.tracking.enabled, uri, cfg.tracking.experiment, run_dir,
-                      run_name=cfg.tracking.run_name or run_dir.name, run_id=state.mlflow_run_id,
-                      system_metrics_s=cfg.tracking.system_metrics_s)
+    tracker, _ = open_tracker(cfg, run_dir, tracking_uri, rank0, state.mlflow_run_id)
     state.mlflow_run_id = tracker.run_id
     if rank0:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -74,6 +74,28 @@ class RunState:
     nonfinite_skipped: int = 0
 
 
+def restore(engine, ckpt: Path, state, run_dir: Path, allow_config_change: bool):
+    """Load `ckpt` into the engine (collective) and return its saved state as type(state), with
+    this run's world size and config hash; a checkpoint of another config is refused unless
+    allow_config_change."""
+    saved = load_checkpoint(engine, ckpt)
+    if saved["config_hash"] != state.config_hash and not allow_config_change:
+        raise ResumeError(f"checkpoint {ckpt} was written with config hash {saved['config_hash']}, "
+                          f"this run has {state.config_hash}: the model, data or optimiser settings "
+                          f"changed (compare {run_dir / 'config.yaml'}); --allow-config-change resumes anyway")
+    return type(state)(**{**saved, "world_size": state.world_size, "config_hash": state.config_hash})
+
+
+def open_tracker(cfg: Config, run_dir: Path, tracking_uri: str | None, rank0: bool,
+                 run_id: str | None) -> tuple[Tracker, str]:
+    """The run's MLflow tracker (rank 0; continues run_id when resuming) and its store URI."""
+    uri = tracking_uri or cfg.tracking.uri or default_uri(run_dir)
+    tracker = Tracker(rank0 and cfg.tracking.enabled, uri, cfg.tracking.experiment, run_dir,
+                      run_name=cfg.tracking.run_name or run_dir.name, run_id=run_id,
+                      system_metrics_s=cfg.tracking.system_metrics_s)
+    return tracker, uri
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -144,19 +166,11 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
 
     state = RunState(config_hash=cfg.hash(), world_size=dist_env.world_size)
     if ckpt is not None:
-        saved = load_checkpoint(engine, ckpt)
-        if saved["config_hash"] != state.config_hash and not allow_config_change:
-            raise ResumeError(f"checkpoint {ckpt} was written with config hash {saved['config_hash']}, "
-                              f"this run has {state.config_hash}: the model, data or optimiser settings "
-                              f"changed (compare {run_dir / 'config.yaml'}); --allow-config-change resumes anyway")
-        state = RunState(**{**saved, "world_size": dist_env.world_size, "config_hash": state.config_hash})
+        state = restore(engine, ckpt, state, run_dir, allow_config_change)
         log.info("resumed from %s at step %d", ckpt, state.step)
     start_step = state.step
 
-    uri = tracking_uri or cfg.tracking.uri or default_uri(run_dir)
-    tracker = Tracker(rank0 and cfg.tracking.enabled, uri, cfg.tracking.experiment, run_dir,
-                      run_name=cfg.tracking.run_name or run_dir.name, run_id=state.mlflow_run_id,
-                      system_metrics_s=cfg.tracking.system_metrics_s)
+    tracker, uri = open_tracker(cfg, run_dir, tracking_uri, rank0, state.mlflow_run_id)
     state.mlflow_run_id = tracker.run_id
     if rank0:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())

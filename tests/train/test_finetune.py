@@ -33,8 +33,9 @@ def _run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedP
 
 
 def _finetune(splits: Path, run_dir: Path, env: dict, *args: str) -> dict:
-    _run(["finetune", "--preset", "finetune-tiny-cpu", "--splits", str(splits), "--run-dir", str(run_dir),
-          "--no-progress", *args], env)
+    """`hicmae-dist finetune` (preset finetune-tiny-cpu unless args give --preset)."""
+    preset = [] if "--preset" in args else ["--preset", "finetune-tiny-cpu"]
+    _run(["finetune", *preset, "--splits", str(splits), "--run-dir", str(run_dir), "--no-progress", *args], env)
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -147,3 +148,22 @@ def test_pretrained_features_beat_random_ones_and_retrieval_runs(two_minute_run,
     for direction in ("video_to_audio", "audio_to_video"):
         assert 0.0 <= result[f"{direction}_r@1"] <= result[f"{direction}_r@5"] <= result[f"{direction}_r@10"] <= 1.0
         assert 1.0 <= result[f"{direction}_median_rank"] <= 48.0
+
+
+def test_cavmae_multimodal_finetune_with_its_head_lr(downstream, cli_env, tmp_path):
+    """A narrow CAV-MAE from scratch, multimodal mode, Adam with the head at 10x: the other modes'
+    LayerNorms are frozen (no gradient reaches them) and one short fold runs."""
+    fold = ds.fold_files(downstream / "splits", 1)
+    small = tmp_path / "splits" / "split01"
+    for name, n in (("train", 4), ("val", 2), ("test", 2)):
+        ds.write_annotations(small / f"{name}.csv", ds.read_annotations(fold[name])[:n])
+    run_dir = tmp_path / "cav"
+    summary = _finetune(tmp_path / "splits", run_dir, cli_env, "--preset", "finetune-cavmae", "--from-scratch",
+                        "finetune.num_outputs=4", "finetune.epochs=1", "finetune.warmup_epochs=0",
+                        "data.batch_size=2", "data.num_workers=0", "train.bf16=false", "model.arch=cavmae",
+                        "model.width=64", "model.heads=2", "model.encoder_depth=1", "model.fusion_depth=1",
+                        "model.decoder_width=32", "model.decoder_heads=2", "model.decoder_depth=1",
+                        "model.num_frames=1", "model.image_size=224", "model.audio_frames=1024")
+    result = json.loads((run_dir / "fold01" / "results.json").read_text())
+    assert result["test_views"] == 10  # CAV-MAE's 10-frame test ensemble
+    assert summary["folds"] == [1] and len(result["last"]["confusion"]) == 4
