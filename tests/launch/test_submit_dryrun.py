@@ -149,3 +149,16 @@ def test_why_slurm_signalled(monkeypatch):
     assert job_mod.classify_stop("1", 120, now)[0] == "timeout"  # may come up to a minute early
     info["PreemptTime"] = iso(-900)  # an earlier attempt's preemption
     assert job_mod.classify_stop("1", 120, now)[0] == "timeout"
+
+
+def test_dry_run_of_a_finetune_job(tmp_path, dry_run):
+    """`submit --splits` runs the fine-tuning protocol in the job: its spec is resolved here."""
+    for fold in (1, 2, 3):
+        (tmp_path / "splits" / f"split{fold:02d}").mkdir(parents=True)
+    r = dry_run("--preset", "finetune-tiny-cpu", "--splits", str(tmp_path / "splits"), "--folds", "all",
+                "--from-scratch", "finetune.num_outputs=4")
+    assert r.returncode == 0, r.stderr
+    assert "# finetune: preset finetune-tiny-cpu" in r.stdout and "from scratch" in r.stdout
+    assert f"folds [1, 2, 3] of {tmp_path / 'splits'}" in r.stdout
+    r = dry_run("--preset", "finetune-tiny-cpu", "--splits", str(tmp_path / "splits"))
+    assert r.returncode == 2 and "--pretrained RUN_DIR|FILE or --from-scratch" in r.stderr

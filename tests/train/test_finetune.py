@@ -167,3 +167,36 @@ def test_cavmae_multimodal_finetune_with_its_head_lr(downstream, cli_env, tmp_pa
     result = json.loads((run_dir / "fold01" / "results.json").read_text())
     assert result["test_views"] == 10  # CAV-MAE's 10-frame test ensemble
     assert summary["folds"] == [1] and len(result["last"]["confusion"]) == 4
+
+
+def test_sigterm_mid_epoch_then_rerun_continues_the_fold(downstream, cli_env, tmp_path):
+    """SIGTERM saves at the next step (inside an epoch); the same command resumes at that batch:
+    every step once, one MLflow run for the fold, the results written at the end."""
+    import signal
+    import time
+
+    fold = ds.fold_files(downstream / "splits", 1)
+    small = tmp_path / "splits" / "split01"
+    for name, n in (("train", 8), ("val", 2), ("test", 2)):
+        ds.write_annotations(small / f"{name}.csv", ds.read_annotations(fold[name])[:n])
+    run_dir = tmp_path / "ft"
+    cmd = CLI + ["finetune", "--preset", "finetune-tiny-cpu", "--splits", str(tmp_path / "splits"), "--run-dir",
+                 str(run_dir), "--no-progress", "--from-scratch", "finetune.num_outputs=4", "finetune.epochs=3",
+                 "data.batch_size=2", "data.num_workers=0", "finetune.test_num_segment=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
+    latest = run_dir / "fold01" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:  # epoch 0 saved
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "interrupted in fold 1" in out
+    state = json.loads((run_dir / "fold01" / "checkpoints" / latest.read_text() / "state.json").read_text())
+    assert state["epoch"] == 1 and 0 < state["batch_in_epoch"] < 4 and not (run_dir / "fold01" / "results.json").exists()
+    r = _run(cmd[3:], cli_env)
+    assert "| last epoch | 1 |" in r.stdout
+    history = json.loads((run_dir / "fold01" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2] and history[-1]["step"] == 12  # 3 epochs x 4 steps, once
+    runs = _mlflow_runs(run_dir)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # the protocol run and the fold's
