@@ -40,30 +40,35 @@ def _finetune(splits: Path, run_dir: Path, env: dict, *args: str) -> dict:
 
 
 def test_finetune_from_an_authors_format_checkpoint(downstream, cli_env, tmp_path):
-    """HiCMAE-S as the authors release it ({'model': state dict} with their key names, built from
-    their key list): converted on the fly, every backbone tensor loaded, one short fold runs."""
+    """HiCMAE-T fine-tuned on 6 classes, as the authors release it ({'model': state dict} with
+    their key names, built from their key list): converted on the fly, every tensor but the
+    6-class head loaded, the 4-class head initialised, one short fold runs."""
     from hicmae_dist.models import build_finetune_model
     from hicmae_dist.models.convert import load_weights
     from tests.models.test_convert import random_state
 
-    ckpt = tmp_path / "hicmae_small_pretrained.pth"
-    torch.save({"model": random_state("hicmae_pretrain_small")}, ckpt)
-    fold = ds.fold_files(downstream / "splits", 1)
-    items = {name: ds.read_annotations(path) for name, path in fold.items()}
-    small = tmp_path / "splits" / "split01"
-    for name, n in (("train", 4), ("val", 2), ("test", 2)):
-        ds.write_annotations(small / f"{name}.csv", items[name][:n])
+    ckpt = tmp_path / "hicmae_tiny_finetuned.pth"
+    torch.save({"model": random_state("hicmae_finetune_tiny")}, ckpt)
     run_dir = tmp_path / "ft"
-    summary = _finetune(tmp_path / "splits", run_dir, cli_env, "--pretrained", str(ckpt), "finetune.num_outputs=4",
-                        "finetune.epochs=1", "finetune.warmup_epochs=0", "data.batch_size=2",
-                        "finetune.test_num_segment=1", "finetune.test_num_crop=1")
+    summary = _finetune(_small_splits(downstream, tmp_path / "splits"), run_dir, cli_env, "--pretrained", str(ckpt),
+                        "finetune.num_outputs=4", "finetune.epochs=1", "finetune.warmup_epochs=0",
+                        "data.batch_size=2", "finetune.test_num_segment=1", "finetune.test_num_crop=1")
     result = json.loads((run_dir / "fold01" / "results.json").read_text())
     weights = load_weights(ckpt)
-    assert weights.cfg.width == 384 and weights.kind == "pretrain"
+    assert weights.cfg.width == 256 and weights.kind == "finetune" and weights.num_classes == 6
     with torch.device("meta"):
-        expected = len(build_finetune_model(weights.cfg, 4).state_dict()) - 6  # all but head and layer weights
-    assert result["load_report"]["loaded"] == expected and result["load_report"]["initialised"] == 6
+        tensors = len(build_finetune_model(weights.cfg, 4).state_dict())
+    assert result["load_report"] == {"loaded": tensors - 2, "initialised": 2, "dropped": 2}  # head weight, bias
     assert 0.0 <= summary["best"]["war"]["mean"] <= 1.0 and len(result["best"]["confusion"]) == 4
+
+
+def _small_splits(downstream: Path, out: Path, folds=(1,), train: int = 4, val: int = 2, test: int = 2) -> Path:
+    """The first clips of each split of the given folds (fast runs), as out/splitNN/*.csv."""
+    for fold in folds:
+        files = ds.fold_files(downstream / "splits", fold)
+        for name, n in (("train", train), ("val", val), ("test", test)):
+            ds.write_annotations(out / f"split{fold:02d}" / f"{name}.csv", ds.read_annotations(files[name])[:n])
+    return out
 
 
 def _mlflow_runs(run_dir: Path):
@@ -76,9 +81,10 @@ def _mlflow_runs(run_dir: Path):
 
 def test_three_fold_protocol_table_mlflow_and_rerun(downstream, cli_env, tmp_path):
     run_dir = tmp_path / "kfold"
+    splits = _small_splits(downstream, tmp_path / "splits", folds=(1, 2, 3), train=4, val=2, test=3)
     args = ["--folds", "1-3", "--from-scratch", "finetune.num_outputs=4", "finetune.epochs=1",
-            "finetune.warmup_epochs=0", "finetune.test_num_crop=1"]
-    summary = _finetune(downstream / "splits", run_dir, cli_env, *args)
+            "finetune.warmup_epochs=0", "data.batch_size=4", "data.num_workers=0"]
+    summary = _finetune(splits, run_dir, cli_env, *args)
     assert summary["folds"] == [1, 2, 3]
     for which in ("last", "best"):
         for metric in ("uar", "war", "weighted_f1"):
@@ -91,7 +97,7 @@ def test_three_fold_protocol_table_mlflow_and_rerun(downstream, cli_env, tmp_pat
         assert result["val_split"].endswith(f"split{fold:02d}/val.csv") and result["test_views"] == 2
         assert (run_dir / f"fold{fold:02d}" / "confusion_best.png").stat().st_size > 1000
         rows = (run_dir / f"fold{fold:02d}" / "predictions_last.csv").read_text().splitlines()
-        assert len(rows) == 1 + 16  # every test clip, once
+        assert len(rows) == 1 + 3  # every test clip, once
     assert table.count("mean ± std") == 2
     runs = _mlflow_runs(run_dir)
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -102,8 +108,8 @@ def test_three_fold_protocol_table_mlflow_and_rerun(downstream, cli_env, tmp_pat
     assert {"best_uar_mean", "best_uar_std", "last_war_mean"} <= set(parent.data.metrics)
     # a rerun finds every fold done: nothing trained again, the same table
     before = (run_dir / "fold02" / "results.json").stat().st_mtime_ns
-    again = _run(["finetune", "--preset", "finetune-tiny-cpu", "--splits", str(downstream / "splits"), "--run-dir",
-                  str(run_dir), "--no-progress", *args], cli_env)
+    again = _run(["finetune", "--preset", "finetune-tiny-cpu", "--splits", str(splits), "--run-dir", str(run_dir),
+                  "--no-progress", *args], cli_env)
     assert (run_dir / "fold02" / "results.json").stat().st_mtime_ns == before
     assert "| best val uar | mean ± std |" in again.stdout
 
@@ -153,12 +159,9 @@ def test_pretrained_features_beat_random_ones_and_retrieval_runs(two_minute_run,
 def test_cavmae_multimodal_finetune_with_its_head_lr(downstream, cli_env, tmp_path):
     """A narrow CAV-MAE from scratch, multimodal mode, Adam with the head at 10x: the other modes'
     LayerNorms are frozen (no gradient reaches them) and one short fold runs."""
-    fold = ds.fold_files(downstream / "splits", 1)
-    small = tmp_path / "splits" / "split01"
-    for name, n in (("train", 4), ("val", 2), ("test", 2)):
-        ds.write_annotations(small / f"{name}.csv", ds.read_annotations(fold[name])[:n])
     run_dir = tmp_path / "cav"
-    summary = _finetune(tmp_path / "splits", run_dir, cli_env, "--preset", "finetune-cavmae", "--from-scratch",
+    summary = _finetune(_small_splits(downstream, tmp_path / "splits"), run_dir, cli_env, "--preset",
+                        "finetune-cavmae", "--from-scratch",
                         "finetune.num_outputs=4", "finetune.epochs=1", "finetune.warmup_epochs=0",
                         "data.batch_size=2", "data.num_workers=0", "train.bf16=false", "model.arch=cavmae",
                         "model.width=64", "model.heads=2", "model.encoder_depth=1", "model.fusion_depth=1",
@@ -175,13 +178,10 @@ def test_sigterm_mid_epoch_then_rerun_continues_the_fold(downstream, cli_env, tm
     import signal
     import time
 
-    fold = ds.fold_files(downstream / "splits", 1)
-    small = tmp_path / "splits" / "split01"
-    for name, n in (("train", 8), ("val", 2), ("test", 2)):
-        ds.write_annotations(small / f"{name}.csv", ds.read_annotations(fold[name])[:n])
+    splits = _small_splits(downstream, tmp_path / "splits", train=6, val=2, test=2)
     run_dir = tmp_path / "ft"
-    cmd = CLI + ["finetune", "--preset", "finetune-tiny-cpu", "--splits", str(tmp_path / "splits"), "--run-dir",
-                 str(run_dir), "--no-progress", "--from-scratch", "finetune.num_outputs=4", "finetune.epochs=3",
+    cmd = CLI + ["finetune", "--preset", "finetune-tiny-cpu", "--splits", str(splits), "--run-dir", str(run_dir),
+                 "--no-progress", "--from-scratch", "finetune.num_outputs=4", "finetune.epochs=2",
                  "data.batch_size=2", "data.num_workers=0", "finetune.test_num_segment=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
     latest = run_dir / "fold01" / "checkpoints" / "latest"
@@ -193,10 +193,10 @@ def test_sigterm_mid_epoch_then_rerun_continues_the_fold(downstream, cli_env, tm
     assert proc.returncode == 0, err[-3000:]
     assert "interrupted in fold 1" in out
     state = json.loads((run_dir / "fold01" / "checkpoints" / latest.read_text() / "state.json").read_text())
-    assert state["epoch"] == 1 and 0 < state["batch_in_epoch"] < 4 and not (run_dir / "fold01" / "results.json").exists()
+    assert state["epoch"] == 1 and 0 < state["batch_in_epoch"] < 3 and not (run_dir / "fold01" / "results.json").exists()
     r = _run(cmd[3:], cli_env)
     assert "| last epoch | 1 |" in r.stdout
     history = json.loads((run_dir / "fold01" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0, 1, 2] and history[-1]["step"] == 12  # 3 epochs x 4 steps, once
+    assert [h["epoch"] for h in history] == [0, 1] and history[-1]["step"] == 6  # 2 epochs x 3 steps, once
     runs = _mlflow_runs(run_dir)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # the protocol run and the fold's
