@@ -78,12 +78,16 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench_data(sub: argparse._SubParsersAction) -> None:
-    """`bench data`, added to the `bench` parser the models layer made (created if absent)."""
+def _bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The subcommands of `bench` (the parser is made by whichever layer adds to it first)."""
     bench = sub.choices.get("bench") or sub.add_parser("bench", help="benchmarks")
     what = next((a for a in bench._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if what is None:
-        what = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    return what or bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+
+
+def _add_bench_data(sub: argparse._SubParsersAction) -> None:
+    """`bench data`, added to the `bench` parser the models layer made (created if absent)."""
+    what = _bench_subparsers(sub)
     d = what.add_parser("data", help="clips/s of prepare and of the loader (HiCMAE and CAV-MAE inputs)",
                         description="Write a synthetic corpus, then time `prepare` (1, 2, N threads) and the "
                                     "pretraining loader for HiCMAE and CAV-MAE inputs (in the main process, "
@@ -109,10 +113,7 @@ def _add_bench_kernels(sub: argparse._SubParsersAction) -> None:
     """`bench kernels`: the kernel microbenchmarks of kernels/ (added to the `bench` parser)."""
     from kernels.harness import add_arguments
 
-    bench = sub.choices.get("bench") or sub.add_parser("bench", help="benchmarks")
-    what = next((a for a in bench._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if what is None:
-        what = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    what = _bench_subparsers(sub)
     k = what.add_parser("kernels", help="kernel microbenchmarks: attention backends, info_nce memory, token ops, "
                                         "patch_norm, the sm_90 compile report with an H100 roofline",
                         description="Time every backend of the hot ops over the models' shapes and the standard "

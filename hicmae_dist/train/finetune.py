@@ -45,8 +45,8 @@ from hicmae_dist.models.convert import Converted
 from hicmae_dist.tracking import Tracker, default_uri
 from hicmae_dist.train.checkpoint import latest_checkpoint, save_checkpoint
 from hicmae_dist.train.engine import build_engine, global_batch, set_lr
-from hicmae_dist.train.pretrain import (ResumeError, _stop, _stop_reason, _stop_requested_anywhere, open_tracker,
-                                        restore, seed_everything)
+from hicmae_dist.train.pretrain import (ResumeError, clear_stop, open_tracker, restore, seed_everything,
+                                        stop_reason, stop_requested_anywhere)
 from hicmae_dist.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -389,8 +389,8 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
                 bar.update(1)
                 if state.step % cfg.train.log_every == 0 and losses and rank0:
                     tracker.log_metrics(state.step, {"train_loss": losses[-1], "lr": lr})
-                if _stop_requested_anywhere():
-                    interrupted = ",".join(_stop_reason) or "stop requested"
+                if stop_requested_anywhere():
+                    interrupted = stop_reason()
                     save_checkpoint(engine, run_dir, state.step, vars(state), cfg.train.keep_checkpoints)
                     log.warning("stopping in epoch %d at step %d (%s); checkpoint saved", epoch, state.step,
                                 interrupted)
@@ -421,8 +421,7 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
         tracker.finish("FAILED")
         raise
     finally:
-        _stop.clear()
-        _stop_reason.clear()
+        clear_stop()
         bar.close()
     if interrupted:
         tracker.finish(None)  # a requeued job continues this run

@@ -47,7 +47,17 @@ def install_stop_signals(signals=(signal.SIGTERM, signal.SIGUSR2)) -> None:
         signal.signal(sig, lambda num, frame: request_stop(signal.Signals(num).name))
 
 
-def _stop_requested_anywhere() -> bool:
+def stop_reason() -> str:
+    return ",".join(_stop_reason) or "stop requested"
+
+
+def clear_stop() -> None:
+    """Forget a stop request: each training call honours the ones made during it."""
+    _stop.clear()
+    _stop_reason.clear()
+
+
+def stop_requested_anywhere() -> bool:
     """True on every rank when any rank was asked to stop (one tiny all-reduce per step)."""
     import torch.distributed as dist
 
@@ -263,17 +273,16 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
                     tracker.log_metrics(state.step, {k: v for k, v in row.items() if k != "step"})
                     tracker.flush()
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-            stop = _stop_requested_anywhere()
+            stop = stop_requested_anywhere()
             if stop or state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
                 save_checkpoint(engine, run_dir, state.step, vars(state), cfg.train.keep_checkpoints)
             if stop:
-                interrupted = ",".join(_stop_reason) or "stop requested"
+                interrupted = stop_reason()
                 log.warning("stopping at step %d (%s); checkpoint saved", state.step, interrupted)
                 break
         status = "KILLED" if interrupted else "FINISHED"
     finally:
-        _stop.clear()
-        _stop_reason.clear()
+        clear_stop()
         bar.close()
         if metrics_file:
             metrics_file.close()

@@ -40,12 +40,7 @@ TINY = dict(arch="cavmae", width=64, heads=2, encoder_depth=2, fusion_depth=1, d
             contrastive_weight=0.01)  # 2 x 4 audio tokens, 3 x 3 image tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def upstream_keys_dir() -> Path:

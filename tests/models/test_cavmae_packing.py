@@ -10,7 +10,9 @@ from hicmae_dist.config import ModelConfig
 from hicmae_dist.models import CAVMAEFinetune, CAVMAEPretrain, cavmae
 from hicmae_dist.models.cavmae import Block, block_streams_packed
 
-from tests.models.test_cavmae import TINY, one_thread  # noqa: F401  (the tiny config; 1-thread fixture)
+from tests.models.test_cavmae import TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(batch, seed=0):

@@ -20,12 +20,7 @@ from hicmae_dist.models.info import example_inputs
 from tests.support import require
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def upstream_keys_dir() -> Path:

@@ -11,12 +11,7 @@ from hicmae_dist.models import build_finetune_model, build_model
 from hicmae_dist.models.info import MODELS, bench_model, example_inputs, info_report, macs, model_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 COUNTS = {  # (pretraining total, trainable), (fine-tune total with the default classes: 6 / 527)
