@@ -40,6 +40,14 @@ def split_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order[:, :num_visible], order[:, num_visible:]
 
 
+def split_indices_to(mask: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """split_indices of the host copy of `mask`, moved to `device`: the counts it checks are read
+    on the host, so a step on a GPU does not wait for the device (the loader's masks are CPU
+    tensors; a device mask costs one copy back)."""
+    visible, masked = split_indices(mask.cpu())
+    return visible.to(device, non_blocking=True), masked.to(device, non_blocking=True)
+
+
 # --- CAV-MAE (SPEC.md 2, 'Masking'): MAE-style masks, per sample --------------------------------
 
 AUDIO_MASK_MODES = ("random", "time", "freq", "tf")

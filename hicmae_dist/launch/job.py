@@ -47,7 +47,6 @@ import socket
 import subprocess
 import sys
 import time
-import zlib
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -212,7 +211,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if rank0:
             import torch.distributed as dist
 
-            backend = dist.get_backend() if dist.is_initialized() else None
+            backend = str(dist.get_backend()) if dist.is_initialized() else None
             event(folder, "finished", step=summary["steps"], world_size=summary["world_size"], backend=backend,
                   mlflow_run_id=summary["mlflow_run_id"], tracking_uri=summary["tracking_uri"])
         return summary
@@ -239,24 +238,19 @@ class TrainJob(submitit.helpers.Checkpointable):
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hicmae-dist"
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
         os.environ.setdefault("TQDM_DISABLE", "1")
-        # A port per (job, attempt): the previous attempt's rendezvous socket may still be in
-        # TIME_WAIT on the master node. Every task computes the same one. Kept in 20000-31999,
-        # below Linux's ephemeral range (32768-60999), where any outgoing connection on the node
-        # may hold a port at the moment the store binds (an EADDRINUSE seen in CI).
-        os.environ["MASTER_PORT"] = str(20000 + zlib.crc32(f"{env.job_id}:{restarts}".encode()) % 12000)
-        # MASTER_ADDR = first node of the allocation, RANK/WORLD_SIZE/LOCAL_RANK from srun;
-        # CUDA_VISIBLE_DEVICES is left as Slurm set it (all GPUs of the node): DeepSpeed
-        # picks cuda:LOCAL_RANK, and init_distributed picks nccl on GPUs, gloo on CPUs.
-        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
-                                                                         overwrite=True)
+        # Rank, device and rendezvous (first node, a port per job and attempt) come from Slurm's
+        # variables through comm.resolve_env, which the trainer's init_distributed calls again.
+        import torch
+
+        from hicmae_dist import comm
+
+        dist_env = comm.resolve_env(os.environ, torch.cuda.device_count() if torch.cuda.is_available() else 0)
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus and "OMP_NUM_THREADS" not in os.environ:
-            import torch
-
             torch.set_num_threads(int(cpus))  # not the whole node's cores in every rank
-        log.info("rank %d/%d (local %d) on %s, master %s:%s, attempt %d", dist_env.rank, dist_env.world_size,
-                 dist_env.local_rank, socket.gethostname(), dist_env.master_addr, dist_env.master_port,
-                 restarts + 1)
+        log.info("rank %d/%d (local %d) on %s, %s, master %s:%s, attempt %d", dist_env.rank, dist_env.world_size,
+                 dist_env.local_rank, socket.gethostname(), dist_env.device, dist_env.master_addr,
+                 dist_env.master_port, restarts + 1)
 
     def _finish_mlflow(self, summary: dict[str, Any], status: str = "FINISHED") -> None:
         """Rank 0: end the MLflow run the trainer left RUNNING for a requeue that will not come
@@ -269,20 +263,16 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def _stop_or_requeue(self, env, summary: dict[str, Any]) -> dict[str, Any]:
         """After the trainer saved and returned on a stop request (module docstring, 3-5)."""
-        import torch
-        import torch.distributed as dist
+        from hicmae_dist import comm
 
         usr = submitit.JobEnvironment._usr_sig().name
-        got_usr = torch.tensor([float(usr in _signals)])  # on any rank (else SIGTERM alone)
-        multi = dist.is_initialized() and dist.get_world_size() > 1
-        if multi:
-            dist.all_reduce(got_usr, op=dist.ReduceOp.MAX)
+        (got_usr,) = comm.agree([usr in _signals], comm.current_device())  # on any rank (else SIGTERM alone)
         rank0 = env.global_rank == 0
         step, folder = summary["steps"], env.paths.folder
-        requeued = torch.tensor([0.0])
+        requeued = 0.0
         reason = ""
         if rank0:
-            if got_usr.item():
+            if got_usr:
                 kind, detail = classify_stop(env.job_id, self.signal_delay_s, _signals.get(usr, time.time()))
             else:
                 kind, detail = "terminated", "SIGTERM (scancel, scontrol requeue or the hard time limit)"
@@ -294,7 +284,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                     self.preemptions += 1
                 try:
                     self._requeue(env)
-                    requeued[0] = 1.0
+                    requeued = 1.0
                     event(folder, "requeue", kind=kind, detail=detail, step=step, timeouts=self.timeouts,
                           preemptions=self.preemptions)
                     log.warning("%s (%s): checkpoint at step %d, job %s requeued", kind, detail, step, env.job_id)
@@ -306,9 +296,8 @@ class TrainJob(submitit.helpers.Checkpointable):
                     self._finish_mlflow(summary, "KILLED")
                 except Exception as err:  # the reason to stop matters more than the run's status
                     log.warning("could not mark MLflow run %s KILLED: %s", summary.get("mlflow_run_id"), err)
-        if multi:
-            dist.broadcast(requeued, src=0)
-        if requeued.item():
+        (requeued,) = comm.broadcast_values([requeued], src=0, device=comm.current_device())  # rank 0 decided
+        if requeued:
             # Slurm already holds the job for a restart and will SIGTERM us; leave first. Not
             # through submitit's result pickle: this attempt has no result.
             # (os._exit: no interpreter teardown that could wait on DataLoader workers or gloo.)

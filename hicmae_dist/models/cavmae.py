@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hicmae_dist.config import ModelConfig
-from hicmae_dist.masking import audio_structured_mask, mae_random_mask, split_indices
+from hicmae_dist.masking import audio_structured_mask, mae_random_mask, split_indices_to
 from hicmae_dist.models.blocks import (DropPath, Mlp, _cu_seqlens, _merge_heads, _split_heads, drop_path_rates,
                                        init_weights, maybe_checkpoint)
 from hicmae_dist.ops import attention, gather_visible, info_nce
@@ -401,9 +401,9 @@ class CAVMAEPretrain(nn.Module):
                                        ("audio_mask", audio_mask, self.num_audio_tokens)):
             if mask.shape != (video.shape[0], num_tokens):
                 raise ValueError(f"{name}: expected ({video.shape[0]}, {num_tokens}), got {tuple(mask.shape)}")
+        video_visible, video_masked = split_indices_to(video_mask, video.device)  # (B, Nvv), (B, Nvm)
+        audio_visible, audio_masked = split_indices_to(audio_mask, audio.device)  # (B, Nav), (B, Nam)
         video_mask, audio_mask = video_mask.to(video.device), audio_mask.to(audio.device)
-        video_visible, video_masked = split_indices(video_mask)  # (B, Nvv), (B, Nvm)
-        audio_visible, audio_masked = split_indices(audio_mask)  # (B, Nav), (B, Nam)
 
         audio_tokens = self.audio_encoder(audio, audio_visible)  # (B, Nav, C)
         video_tokens = self.video_encoder(video, video_visible)  # (B, Nvv, C)

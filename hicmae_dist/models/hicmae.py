@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hicmae_dist.config import ModelConfig
-from hicmae_dist.masking import random_mask, split_indices, tube_mask
+from hicmae_dist.masking import random_mask, split_indices_to, tube_mask
 from hicmae_dist.models import targets
 from hicmae_dist.models.blocks import (LN_EPS, Block, CSBlock, cs_block_pair_packed, drop_path_rates,
                                        init_weights, maybe_checkpoint, sinusoid_table)
@@ -227,8 +227,8 @@ class HiCMAEPretrain(nn.Module):
                                        ("audio_mask", audio_mask, self.num_audio_tokens)):
             if mask.shape != (video.shape[0], num_tokens):
                 raise ValueError(f"{name}: expected ({video.shape[0]}, {num_tokens}), got {tuple(mask.shape)}")
-        video_visible, video_masked = split_indices(video_mask.to(video.device))  # (B, Nv), (B, Nvm)
-        audio_visible, audio_masked = split_indices(audio_mask.to(audio.device))  # (B, Na), (B, Nam)
+        video_visible, video_masked = split_indices_to(video_mask, video.device)  # (B, Nv), (B, Nvm)
+        audio_visible, audio_masked = split_indices_to(audio_mask, audio.device)  # (B, Na), (B, Nam)
 
         # modality encoders on the visible tokens only
         video_layers = self.video_encoder(video, video_visible)  # depth x (B, Nv, C)

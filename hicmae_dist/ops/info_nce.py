@@ -12,7 +12,7 @@ Negatives
 ---------
 "local": the other samples of this batch (B x B logits, conceptually).
 "global": the features of every rank of `group` (default: the default process group) are
-gathered *with gradients* (hicmae_dist.ops.distributed.all_gather_with_grad), and this rank's
+gathered *with gradients* (hicmae_dist.comm.all_gather_with_grad), and this rank's
 rows are scored against all N = sum_r B_r columns (open_clip's "local loss" layout); for the
 symmetric loss the column direction is the same computation with the roles swapped: this
 rank's b rows against all N gathered a rows. Without an initialised process group (or with one
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from hicmae_dist.ops import triton as _triton_pkg
-from hicmae_dist.ops.distributed import all_gather_with_grad, world
+from hicmae_dist.comm import all_gather_with_grad, world
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "triton", "torch")
@@ -150,7 +150,8 @@ def info_nce_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: 
     if backend == "triton":
         from hicmae_dist.ops.triton.info_nce import info_nce_forward
         return info_nce_forward(x, y, scale, offset)
-    return _torch_forward(x, y, scale, offset, chunk)
+    with torch.autocast(x.device.type, enabled=False):  # its matmuls accumulate in fp32, also under autocast
+        return _torch_forward(x, y, scale, offset, chunk)
 
 
 @info_nce_fwd.register_fake
@@ -168,7 +169,8 @@ def info_nce_bwd(grad_row: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale
         from hicmae_dist.ops.triton.info_nce import info_nce_backward
         dx, dy, ds = info_nce_backward(grad_row, x, y, scale, lse, offset)
     else:
-        dx, dy, ds = _torch_backward(grad_row, x, y, scale, lse, offset, chunk)
+        with torch.autocast(x.device.type, enabled=False):
+            dx, dy, ds = _torch_backward(grad_row, x, y, scale, lse, offset, chunk)
     return dx, dy, ds.to(scale.dtype).reshape(scale.shape)
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from hicmae_dist import comm
 
 STATE_FILE = "state.json"
 LATEST = "latest"
@@ -82,28 +83,19 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     root = checkpoint_root(run_dir)
     tag = f"step{step:08d}"
     tmp_tag, final = f".tmp-{tag}", root / tag
-    if _is_rank0() and (root / tmp_tag).exists():  # left by a crash during an earlier save
+    if comm.is_rank0() and (root / tmp_tag).exists():  # left by a crash during an earlier save
         shutil.rmtree(root / tmp_tag)
-    _barrier()
+    comm.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world_size = comm.world()
     torch.save(_rng_state(), root / tmp_tag / _rng_file(rank))  # dropout/drop-path streams, per rank
-    _barrier()
-    if _is_rank0():
+    comm.barrier()
+    if comm.is_rank0():
         _atomic_write(root / tmp_tag / STATE_FILE, json.dumps({**state, "step": step}, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -112,7 +104,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], kee
         complete = sorted(p for p in root.glob("step*") if (p / STATE_FILE).exists())
         for old in complete[:-keep]:
             shutil.rmtree(old)
-    _barrier()
+    comm.barrier()
     return final
 
 
@@ -161,8 +153,8 @@ def load_checkpoint(engine, path: Path) -> dict[str, Any]:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     state = json.loads((path / STATE_FILE).read_text())
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world_size = comm.world()
     rng = path / _rng_file(rank)
-    if rng.exists() and state.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
+    if rng.exists() and state.get("world_size") == world_size:
         _set_rng_state(torch.load(rng, weights_only=True))  # the same ranks: continue their streams
     return state

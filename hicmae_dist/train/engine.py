@@ -59,9 +59,14 @@ def build_model_for_engine(cfg: Config, world_size: int) -> torch.nn.Module:
 
 def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False,
                  groups: list[dict] | None = None):
+    import argparse
+
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg, groups),
+    # DeepSpeed would select cuda:LOCAL_RANK, wrong when a task sees only its own GPU (Slurm
+    # --gpus-per-task=1): use the device comm.init_distributed selected.
+    args = argparse.Namespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=build_optimizer(model, cfg, groups),
                                            config=deepspeed_config(cfg, world_size, load_universal))
     if cfg.train.compile:
         engine.compile()

@@ -34,20 +34,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hicmae_dist import comm
 from hicmae_dist.config import Config, ConfigError, ModelConfig
 from hicmae_dist.data.downstream import (DEFAULT_SUBJECT, DownstreamDataset, DownstreamItem, count_folds, load_fold,
                                          subject_of)
 from hicmae_dist.eval import metrics as M
 from hicmae_dist.eval.datasets import DatasetPreset, get_dataset
-from hicmae_dist.launch.dist import init_distributed
 from hicmae_dist.models import build_finetune_model
 from hicmae_dist.models.convert import Converted
 from hicmae_dist.tracking import Tracker, default_uri
 from hicmae_dist.train.checkpoint import latest_checkpoint, save_checkpoint
 from hicmae_dist.train.engine import build_engine, global_batch, set_lr
 from hicmae_dist.train.pretrain import (ResumeError, clear_stop, open_tracker, restore, seed_everything,
-                                        stop_reason, stop_requested_anywhere)
+                                        stop_reason, stop_requested)
+from hicmae_dist.train.progress import Progress
 from hicmae_dist.train.schedule import lr_at
+from hicmae_dist.train.step import train_step
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -298,7 +300,7 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
                   val_split: str = "", progress: bool = True, allow_config_change: bool = False) -> dict[str, Any]:
     """Fine-tune on splits['train'], select on splits['val'], test on splits['test'] (module
     docstring). Returns the fold's results (also written to run_dir/results.json)."""
-    dist_env = init_distributed()
+    dist_env = comm.init_distributed()
     rank0 = dist_env.rank == 0
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -355,49 +357,67 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
     history = json.loads((run_dir / "history.json").read_text()) if rank0 and (run_dir / "history.json").exists() \
         else []
     history = [h for h in history if h["epoch"] < state.epoch]  # epochs finished before the checkpoint
-    bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"finetune {run_dir.name}",
-               disable=not (rank0 and progress), dynamic_ncols=True)
+    reporter = Progress(cfg.train.steps, state.step, f"finetune {run_dir.name}", enabled=rank0, bar=progress)
+    progress = reporter.tty  # evaluation bars only where the training bar is drawn
+    k = cfg.train.grad_accum
     interrupted = None
     try:
         while state.epoch < ft.epochs and interrupted is None:
             epoch = state.epoch
             datasets["train"].set_epoch(epoch)
+            # batch_in_epoch counts micro-batches: a resume skips them unread
             sampler = EpochBatches(len(datasets["train"]), cfg.data.batch_size, dist_env.rank,
                                    dist_env.world_size, cfg.train.seed, epoch, state.batch_in_epoch)
-            losses, start = [], time.perf_counter()
-            for b in _loader(datasets["train"], cfg, batch_sampler=sampler):
-                lr = lr_at(state.step, cfg.train, batch)
-                set_lr(engine.optimizer, lr)
-                rng = np.random.default_rng([cfg.train.seed, state.step, dist_env.rank])
+            batches = iter(_loader(datasets["train"], cfg, batch_sampler=sampler))
+            # the epoch's and the log window's loss sums, on the device: read once per window
+            epoch_loss, window_loss, epoch_n, window_n, start = 0.0, 0.0, 0, 0, time.perf_counter()
+            micro = 0
+
+            def next_batch():
+                nonlocal micro
+                micro += 1
+                state.batch_in_epoch += 1
+                return micro - 1, next(batches)
+
+            def forward(item):
+                i, b = item
+                rng = np.random.default_rng([cfg.train.seed, state.step, dist_env.rank] + ([i % k] if i % k else []))
                 video, audio, label = b["video"], b["audio"], b["label"]
                 if task.regression:
                     target = label
                 else:
                     video, audio, target = mix_batch(video, audio, label, task.num_outputs, ft, rng)
-                out = engine(video.to(device, dtype), audio.to(device, dtype))
-                loss = task_loss(out, target.to(device), task, ft)
-                if torch.isfinite(loss):
-                    engine.backward(loss)
-                    engine.step()
-                    losses.append(loss.item())
-                else:  # dropped: nothing reaches the weights
-                    engine.optimizer.zero_grad()
+                out = engine(video.to(device, non_blocking=True).to(dtype), audio.to(device, non_blocking=True).to(dtype))
+                return {"loss": task_loss(out, target.to(device, non_blocking=True), task, ft)}
+
+            for _ in range(len(sampler) // k):
+                lr = lr_at(state.step, cfg.train, batch)
+                set_lr(engine.optimizer, lr)
+                result = train_step(engine, k, next_batch, forward, stop_requested(),
+                                    check_gradients=not cfg.train.fp16)
+                if result.nonfinite:  # refused on every rank; the epoch goes on with the next batches
                     state.nonfinite_skipped += 1
-                    log.warning("step %d: non-finite loss, batch skipped", state.step)
+                    log.warning("step %d: non-finite loss or gradient on some rank, batch skipped on all", state.step)
+                else:
+                    epoch_loss, window_loss = epoch_loss + result.parts[0], window_loss + result.parts[0]
+                    epoch_n, window_n = epoch_n + 1, window_n + 1
                 state.step += 1
-                state.batch_in_epoch += 1
-                bar.update(1)
-                if state.step % cfg.train.log_every == 0 and losses and rank0:
-                    tracker.log_metrics(state.step, {"train_loss": losses[-1], "lr": lr})
-                if stop_requested_anywhere():
-                    interrupted = stop_reason()
+                reporter.update(1)
+                if state.step % cfg.train.log_every == 0 and window_n:
+                    mean = float(window_loss / window_n)  # the window's one host read
+                    if rank0:
+                        tracker.log_metrics(state.step, {"train_loss": mean, "lr": lr})
+                    reporter.window(state.step, {"train_loss": mean, "lr": lr})
+                    window_loss, window_n = 0.0, 0
+                if result.stop:
+                    interrupted = stop_reason() if stop_requested() else "stop requested on another rank"
                     save_checkpoint(engine, run_dir, state.step, vars(state), cfg.train.keep_checkpoints)
                     log.warning("stopping in epoch %d at step %d (%s); checkpoint saved", epoch, state.step,
                                 interrupted)
                     break
             if interrupted:
                 break
-            row = {"epoch": epoch, "step": state.step, "train_loss": float(np.mean(losses)) if losses else None,
+            row = {"epoch": epoch, "step": state.step, "train_loss": float(epoch_loss / epoch_n) if epoch_n else None,
                    "epoch_s": time.perf_counter() - start}
             last = epoch == ft.epochs - 1
             if rank0 and ((epoch + 1) % ft.eval_every == 0 or last):
@@ -410,8 +430,8 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
                     _save_weights(engine.module, run_dir / BEST_WEIGHTS)
                 tracker.log_metrics(epoch + 1, {k: v for k, v in row.items() if v is not None and k != "epoch"})
                 tracker.flush()
-                bar.set_postfix({task.select_metric: f"{val[task.select_metric]:.3f}"})
-            state.best_epoch, state.best_score = _broadcast_best(state.best_epoch, state.best_score)
+                reporter.window(state.step, {f"val_{task.select_metric}": val[task.select_metric]})
+            state.best_epoch, state.best_score = _broadcast_best(state.best_epoch, state.best_score, device)
             if rank0:
                 history.append(row)
                 (run_dir / "history.json").write_text(json.dumps(history, indent=1))
@@ -422,7 +442,7 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
         raise
     finally:
         clear_stop()
-        bar.close()
+        reporter.close()
     if interrupted:
         tracker.finish(None)  # a requeued job continues this run
         return {"interrupted": interrupted, "run_dir": str(run_dir), "epoch": state.epoch}
@@ -439,20 +459,14 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
         _atomic_json(run_dir / RESULTS_FILE, results)
         tracker.log_artifact(run_dir / RESULTS_FILE)
         tracker.finish("FINISHED")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    comm.barrier()
     return results
 
 
-def _broadcast_best(epoch: int, best: float) -> tuple[int, float]:
+def _broadcast_best(epoch: int, best: float, device) -> tuple[int, float]:
     """Rank 0 validates; every rank keeps the same selection state in its checkpoint."""
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return epoch, best
-    t = torch.tensor([float(epoch), best], dtype=torch.float64)
-    dist.broadcast(t, 0)
-    return int(t[0]), float(t[1])
+    epoch_f, best = comm.broadcast_values([epoch, best], src=0, device=device)
+    return int(epoch_f), best
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -496,7 +510,7 @@ def run_protocol(cfg: Config, split_root: Path, folds: list[int], run_dir: Path,
                  resume: str = "auto", tracking_uri: str | None = None, progress: bool = True,
                  allow_config_change: bool = False) -> dict[str, Any]:
     """Every fold in run_dir/foldNN (done folds skipped), then the table (summary())."""
-    dist_env = init_distributed()
+    dist_env = comm.init_distributed()
     rank0 = dist_env.rank == 0
     task = resolve_task(cfg)
     run_dir = Path(run_dir)

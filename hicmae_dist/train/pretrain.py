@@ -14,17 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from hicmae_dist import comm
 from hicmae_dist.config import Config
 from hicmae_dist.data.loader import make_pretrain_loader
-from hicmae_dist.launch.dist import init_distributed
 from hicmae_dist.tracking import Tracker, default_uri
 from hicmae_dist.train.accounting import model_flops_per_sample, peak_flops
 from hicmae_dist.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, saved_world_size,
                                           to_universal)
 from hicmae_dist.train.engine import build_engine, build_model_for_engine, deepspeed_config, global_batch, set_lr
+from hicmae_dist.train.progress import Progress
 from hicmae_dist.train.schedule import lr_at
+from hicmae_dist.train.step import train_step
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -47,6 +48,11 @@ def install_stop_signals(signals=(signal.SIGTERM, signal.SIGUSR2)) -> None:
         signal.signal(sig, lambda num, frame: request_stop(signal.Signals(num).name))
 
 
+def stop_requested() -> bool:
+    """This process was asked to stop (train_step agrees it with the other ranks)."""
+    return _stop.is_set()
+
+
 def stop_reason() -> str:
     return ",".join(_stop_reason) or "stop requested"
 
@@ -55,16 +61,6 @@ def clear_stop() -> None:
     """Forget a stop request: each training call honours the ones made during it."""
     _stop.clear()
     _stop_reason.clear()
-
-
-def stop_requested_anywhere() -> bool:
-    """True on every rank when any rank was asked to stop (one tiny all-reduce per step)."""
-    import torch.distributed as dist
-
-    flag = torch.tensor([1.0 if _stop.is_set() else 0.0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 class ResumeError(RuntimeError):
@@ -150,7 +146,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
     resume: "auto" continues from the newest complete checkpoint under run_dir (if any);
     "never" refuses to start in a run dir that already has one.
     """
-    dist_env = init_distributed()
+    dist_env = comm.init_distributed()
     rank0 = dist_env.rank == 0
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +162,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
             log.info("checkpoint %s was written by %d ranks, this job has %d: converting to universal",
                      ckpt, saved_world_size(ckpt), dist_env.world_size)
             to_universal(ckpt)
-        torch.distributed.barrier()
+        comm.barrier()
         ckpt = to_universal(ckpt)
 
     seed_everything(cfg.train.seed)
@@ -204,13 +200,26 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
     tokens_per_clip = sum(m.shape[1] for m in engine.module.make_masks(1))  # input tokens, both modalities
     peak, peak_source = peak_flops(torch.device(device), cfg.train.bf16)
     log.info("MFU against %s", peak_source)
+
+    def next_batch():
+        b = next(loader)
+        state.batches += 1
+        state.bad_samples += int(b["bad_samples"])
+        return b
+
+    def forward(b):  # pinned host batches, copied while the device works; cast on the device
+        # the masks stay on the host: the model reads their counts there (masking.split_indices_to)
+        return engine(*(b[k].to(device, non_blocking=True).to(dtype) for k in ("video", "audio")),
+                      b["video_mask"], b["audio_mask"])
+
     nonfinite_in_a_row = 0
-    window: list[dict[str, float]] = []
+    # The log window accumulates on the device; the host reads it once per window (float64:
+    # the same sums, to the bit, as the host-side floats they replace).
+    window_sum, window_lr, window_steps, names = None, 0.0, 0, None
     window_start = time.perf_counter()
     session_start = None  # timed from the end of the first step (excludes start-up)
     steps_timed = 0
-    bar = tqdm(total=cfg.train.steps, initial=start_step, desc="pretrain", disable=not (rank0 and progress),
-               dynamic_ncols=True)
+    reporter = Progress(cfg.train.steps, start_step, "pretrain", enabled=rank0, bar=progress)
     metrics_file = open(run_dir / METRICS_FILE, "a") if rank0 else None
     status = "FAILED"
     interrupted = None
@@ -221,69 +230,63 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
             step = state.step
             lr = lr_at(step, cfg.train, batch)
             set_lr(engine.optimizer, lr)
-            parts: dict[str, float] = {}
-            for _ in range(cfg.train.grad_accum):
-                b = next(loader)
-                state.batches += 1
-                state.bad_samples += int(b["bad_samples"])
-                out = engine(b["video"].to(device, dtype), b["audio"].to(device, dtype),
-                             b["video_mask"].to(device), b["audio_mask"].to(device))
-                if not torch.isfinite(out["loss"]):
-                    break
-                engine.backward(out["loss"])
-                engine.step()
-                for k, v in out.items():
-                    parts[k] = parts.get(k, 0.0) + v.item() / cfg.train.grad_accum
-            if not parts or not math.isfinite(parts["loss"]):
-                # The micro-batches already run are dropped with it: nothing reaches the weights.
-                engine.optimizer.zero_grad()
+            result = train_step(engine, cfg.train.grad_accum, next_batch, forward, stop_requested(),
+                                check_gradients=not cfg.train.fp16)
+            if result.nonfinite:
+                # Refused on every rank: nothing of this step's micro-batches reaches the weights.
                 state.nonfinite_skipped += 1
                 nonfinite_in_a_row += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_in_a_row)
+                log.warning("step %d: non-finite loss or gradient on some rank, step skipped on all (%d in a row)",
+                            step, nonfinite_in_a_row)
                 if nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
                     raise FloatingPointError(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}; "
                                              f"stopping (last good checkpoint: {latest_checkpoint(run_dir)})")
-                continue
-            nonfinite_in_a_row = 0
-            grad_norm = engine.get_global_grad_norm()
-            parts.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
-            window.append(parts)
-            state.step = step + 1
-            bar.update(1)
-            if session_start is None:
-                session_start = time.perf_counter()
             else:
-                steps_timed += 1
+                nonfinite_in_a_row = 0
+                names = result.names
+                values = torch.cat([result.parts, result.grad_norm.reshape(1)])
+                window_sum = values if window_sum is None else window_sum + values
+                window_lr += lr
+                window_steps += 1
+                state.step = step + 1
+                reporter.update(1)
+                if session_start is None:
+                    session_start = time.perf_counter()
+                else:
+                    steps_timed += 1
 
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            if window_steps and (state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps):
+                means = (window_sum / window_steps).tolist()  # the window's one host read (a sync)
                 elapsed = time.perf_counter() - window_start
-                row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                clips_per_s = len(window) * batch / elapsed
-                row.update(step=state.step, clips_per_s=clips_per_s, step_time_s=elapsed / len(window),
+                row = dict(zip(names, means[:-1]))
+                row.update(lr=window_lr / window_steps, grad_norm=means[-1])
+                clips_per_s = window_steps * batch / elapsed
+                row.update(step=state.step, clips_per_s=clips_per_s, step_time_s=elapsed / window_steps,
                            bad_samples=state.bad_samples,
                            tokens_per_s=clips_per_s * tokens_per_clip,
                            tflops_per_s=clips_per_s * flops_per_sample / 1e12)
                 if peak:
                     row["mfu"] = clips_per_s * flops_per_sample / (peak * dist_env.world_size)
-                window, window_start = [], time.perf_counter()
+                window_sum, window_lr, window_steps, window_start = None, 0.0, 0, time.perf_counter()
                 if rank0:
                     rows.append(row)
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
                     tracker.log_metrics(state.step, {k: v for k, v in row.items() if k != "step"})
                     tracker.flush()
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-            stop = stop_requested_anywhere()
-            if stop or state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
+                    reporter.window(state.step, {"loss": row["loss"], "clips/s": clips_per_s},
+                                    row["step_time_s"])
+            if result.stop or (not result.nonfinite and (state.step % cfg.train.checkpoint_every == 0
+                                                         or state.step == cfg.train.steps)):
                 save_checkpoint(engine, run_dir, state.step, vars(state), cfg.train.keep_checkpoints)
-            if stop:
-                interrupted = stop_reason()
+            if result.stop:
+                interrupted = stop_reason() if stop_requested() else "stop requested on another rank"
                 log.warning("stopping at step %d (%s); checkpoint saved", state.step, interrupted)
                 break
         status = "KILLED" if interrupted else "FINISHED"
     finally:
         clear_stop()
-        bar.close()
+        reporter.close()
         if metrics_file:
             metrics_file.close()
         if status == "FAILED":

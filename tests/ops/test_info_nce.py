@@ -64,6 +64,17 @@ def test_fp32_matches_and_returns_fp32():
         torch.testing.assert_close(g.double(), r.double(), rtol=1e-5, atol=1e-6)
 
 
+def test_fp32_under_bf16_autocast():
+    """The chunked path accumulates in fp32 also inside a bf16 autocast region (the models' mixed
+    precision): autocast must not turn its matmuls into bf16 ones."""
+    a, b = _feats(37, 16, dtype=torch.float32, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _loss_and_grads(lambda a, b, t: info_nce(a, b, t, chunk=8, backend="torch"), a, b, 0.05)
+    ref = _loss_and_grads(lambda a, b, t: info_nce_reference(a.double(), b.double(), t), a, b, 0.05)
+    for g, r in zip(got[:3], ref[:3]):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gradcheck_fp64(symmetric):
     a, b = _feats(6, 5, seed=11)

@@ -35,13 +35,13 @@ def cli_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def two_minute_run(shards, cli_env, tmp_path_factory):
     """The tiny preset pretrained for 120 steps through the CLI, once a session: the loss and
-    tracking test checks the run, the fine-tuning tests start from its weights.
-    Returns (run_dir, the finished process)."""
+    tracking test checks the run, the fine-tuning tests start from its weights. Progress is on,
+    with output to pipes, as in a Slurm log. Returns (run_dir, the finished process)."""
     import subprocess
     import sys
 
     run_dir = tmp_path_factory.mktemp("two_minute") / "run"
     cmd = [sys.executable, "-m", "hicmae_dist.cli", "pretrain", "--preset", "tiny-cpu", "--data", str(shards),
-           "--run-dir", str(run_dir), "--no-progress", "train.steps=120", "train.warmup_steps=10",
+           "--run-dir", str(run_dir), "train.steps=120", "train.warmup_steps=10",
            "train.log_every=10", "train.checkpoint_every=60"]
     return run_dir, subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=900)

@@ -14,7 +14,7 @@ TINY = ["model.width=32", "model.decoder_width=32", "data.batch_size=2", "data.n
 @pytest.fixture(scope="module")
 def engine():
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/hicmae-dist/torch_extensions"))
-    from hicmae_dist.launch.dist import init_distributed
+    from hicmae_dist.comm import init_distributed
     from hicmae_dist.train.engine import build_engine, build_model_for_engine
 
     init_distributed()
@@ -101,3 +101,88 @@ def test_nonfinite_losses_in_a_row_stop_the_run_with_a_checkpoint(engine, shards
     with pytest.raises(FloatingPointError, match="3 non-finite losses in a row at step 2"):
         _pretrain_with_nans(monkeypatch, shards, tmp_path, bad_calls=[3, 4, 5], steps=6)
     assert checkpoint.latest_checkpoint(tmp_path).name == "step00000002"
+
+
+def _pretrain_rank(rank: int, port: int, shards: str, run_dir: str, grad_accum: int, bad_calls: list, queue) -> None:
+    """One of 2 gloo ranks pretraining; rank 1's model returns NaN losses on `bad_calls`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from hicmae_dist.train import engine as engine_mod
+
+    real, wrapped = engine_mod.build_model_for_engine, []
+
+    def build(cfg, ws):
+        wrapped.append(_NanAt(real(cfg, ws), bad_calls if rank == 1 else []))
+        return wrapped[-1]
+
+    pretrain_mod.build_model_for_engine = build
+    cfg = load_config("tiny-cpu", TINY + ["train.steps=4", "train.warmup_steps=1", "train.log_every=1",
+                                          "train.checkpoint_every=2", f"train.grad_accum={grad_accum}",
+                                          f"data.shards={shards}", "tracking.enabled=false"])
+    summary = pretrain_mod.pretrain(cfg, run_dir, progress=False)
+    weights = {k: v.numpy().copy() for k, v in wrapped[0].model.state_dict().items()}  # plain pickles
+    queue.put((rank, summary["steps"], summary["nonfinite_skipped"], wrapped[0].calls, weights))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_accum,bad_calls", [(1, [3]), (2, [4])], ids=["grad_accum1", "grad_accum2-second-micro"])
+def test_nan_on_one_rank_skips_the_step_on_both(shards, tmp_path, grad_accum, bad_calls):
+    """ZeRO-2 over gloo, a NaN loss on rank 1 only (step 3; with grad_accum 2 in its second
+    micro-batch): both ranks skip that step, nothing hangs, the weights stay identical and both
+    finish 4 steps with one skip."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_pretrain_rank, args=(r, port, str(shards), str(tmp_path), grad_accum, bad_calls,
+                                                      queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = sorted(queue.get(timeout=300) for _ in procs)  # a hang fails here
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.exitcode is None:
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    (_, steps0, skipped0, calls0, w0), (_, steps1, skipped1, calls1, w1) = results
+    assert (steps0, skipped0) == (steps1, skipped1) == (4, 1)
+    assert calls0 == calls1 == 5 * grad_accum  # 4 steps + the refused one, every micro-batch run on both
+    assert w0.keys() == w1.keys() and all((w0[k] == w1[k]).all() for k in w0)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_losses_reach_the_host_once_per_log_window(engine, shards, tmp_path, monkeypatch):
+    """20 steps, log_every 10: the trainer's only host reads are the step decision (one
+    `comm.agree` per step) and the window (one per log line); no per-step `.item()`."""
+    import sys
+
+    reads = {"item": 0, "__float__": 0, "__bool__": 0, "tolist": 0}
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            if "hicmae_dist" in sys._getframe(1).f_code.co_filename:
+                reads[name] += 1
+            return real(self, *args, **kwargs)
+        return wrapper
+
+    for name in reads:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    cfg = load_config("tiny-cpu", TINY + ["train.steps=20", "train.warmup_steps=2", "train.log_every=10",
+                                          "train.checkpoint_every=100", f"data.shards={shards}",
+                                          "tracking.enabled=false"])
+    summary = pretrain_mod.pretrain(cfg, tmp_path, progress=False)
+    monkeypatch.undo()
+    assert summary["steps"] == 20
+    assert reads["item"] + reads["__float__"] + reads["__bool__"] <= 3, reads
+    assert reads["tolist"] == 20 + 2, reads

@@ -3,6 +3,7 @@ logs to MLflow, checkpoints, and resumes after a SIGKILL."""
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -55,6 +56,10 @@ def test_two_minute_run_lowers_losses_and_is_tracked(two_minute_run):
     steps = 120
     assert r.returncode == 0, r.stderr[-3000:]
     assert "loss first/last" in r.stdout and "mlflow ui --backend-store-uri sqlite:///" in r.stdout
+    # a log, not a terminal: no carriage returns, one line per log window
+    assert "\r" not in r.stdout + r.stderr
+    lines = re.findall(r"pretrain step (\d+)/120 loss \S+ clips/s \S+ step_time \S+s eta \d+:\d\d:\d\d", r.stderr)
+    assert [int(s) for s in lines] == list(range(10, steps + 1, 10)), r.stderr[-3000:]
 
     rows = _metrics(run_dir)
     assert [row["step"] for row in rows] == list(range(10, steps + 1, 10))
@@ -85,11 +90,12 @@ def _final_weights(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(shards, cli_env, tmp_path):
-    """fp32, torch AdamW, fixed seed: killed and resumed ends with the same weights, to the bit,
-    as an uninterrupted run; one MLflow run whose step metrics have no gap and no repeat."""
+    """fp32, torch AdamW, fixed seed, 2 micro-batches per step: killed and resumed ends with the
+    same weights, to the bit, as an uninterrupted run; one MLflow run whose step metrics have no
+    gap and no repeat."""
     steps, every = 16, 4
     args = (f"train.steps={steps}", "train.warmup_steps=4", "train.log_every=2", f"train.checkpoint_every={every}",
-            "model.width=32", "model.decoder_width=32", "data.batch_size=4")
+            "model.width=32", "model.decoder_width=32", "data.batch_size=2", "train.grad_accum=2")
     reference = tmp_path / "uninterrupted"
     r = subprocess.run(_pretrain_cmd(shards, reference, *args, "tracking.enabled=false"), capture_output=True,
                        text=True, env=cli_env, timeout=900)
