@@ -19,3 +19,30 @@ def require(component: str, available: bool, hint: str = "") -> None:
     if strict():
         pytest.fail(f"{message}; CI requires it", pytrace=False)
     pytest.skip(message)
+
+
+def run_ranks(target, world_size: int, args: tuple, expect: int, timeout_s: float = 600) -> list:
+    """target(rank, world_size, port, *args, queue) in `world_size` spawned processes, one
+    process group on a free loopback port; returns the `expect` items they put on the queue.
+    A hang fails here (the queue read times out) and the ranks are killed."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, world_size, port, *args, queue)) for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        items = [queue.get(timeout=timeout_s) for _ in range(expect)]
+    finally:
+        for p in procs:
+            p.join(timeout=120)
+            if p.exitcode is None:
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return items

@@ -52,7 +52,8 @@ def test_comm_is_the_only_caller_of_collectives():
 
 def test_the_detector_catches_aliased_calls(tmp_path):
     (tmp_path / "x.py").write_text("import torch.distributed as d\nfrom torch import distributed\n"
-                                   "from torch.distributed import barrier\nd.all_reduce(t)\ndistributed.broadcast(t, 0)\n")
+                                   "from torch.distributed import barrier\n"
+                                   "d.all_reduce(t)\ndistributed.broadcast(t, 0)\n")
     assert len(_collective_calls(tmp_path / "x.py")) == 3
 
 

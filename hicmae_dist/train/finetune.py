@@ -387,7 +387,7 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
                     target = label
                 else:
                     video, audio, target = mix_batch(video, audio, label, task.num_outputs, ft, rng)
-                out = engine(video.to(device, non_blocking=True).to(dtype), audio.to(device, non_blocking=True).to(dtype))
+                out = engine(*(x.to(device, non_blocking=True).to(dtype) for x in (video, audio)))
                 return {"loss": task_loss(out, target.to(device, non_blocking=True), task, ft)}
 
             for _ in range(len(sampler) // k):

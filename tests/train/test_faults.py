@@ -7,6 +7,7 @@ import torch
 
 from hicmae_dist.config import load_config
 from hicmae_dist.train import checkpoint, pretrain as pretrain_mod
+from tests.support import run_ranks
 
 TINY = ["model.width=32", "model.decoder_width=32", "data.batch_size=2", "data.num_workers=0"]
 
@@ -103,10 +104,11 @@ def test_nonfinite_losses_in_a_row_stop_the_run_with_a_checkpoint(engine, shards
     assert checkpoint.latest_checkpoint(tmp_path).name == "step00000002"
 
 
-def _pretrain_rank(rank: int, port: int, shards: str, run_dir: str, grad_accum: int, bad_calls: list, queue) -> None:
+def _pretrain_rank(rank: int, world_size: int, port: int, shards: str, run_dir: str, grad_accum: int, bad_calls: list,
+                   queue) -> None:
     """One of 2 gloo ranks pretraining; rank 1's model returns NaN losses on `bad_calls`."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from hicmae_dist.train import engine as engine_mod
 
@@ -131,27 +133,8 @@ def test_nan_on_one_rank_skips_the_step_on_both(shards, tmp_path, grad_accum, ba
     """ZeRO-2 over gloo, a NaN loss on rank 1 only (step 3; with grad_accum 2 in its second
     micro-batch): both ranks skip that step, nothing hangs, the weights stay identical and both
     finish 4 steps with one skip."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_pretrain_rank, args=(r, port, str(shards), str(tmp_path), grad_accum, bad_calls,
-                                                      queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted(queue.get(timeout=300) for _ in procs)  # a hang fails here
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.exitcode is None:
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
+    results = sorted(run_ranks(_pretrain_rank, 2, (str(shards), str(tmp_path), grad_accum, bad_calls), expect=2,
+                               timeout_s=300))
     (_, steps0, skipped0, calls0, w0), (_, steps1, skipped1, calls1, w1) = results
     assert (steps0, skipped0) == (steps1, skipped1) == (4, 1)
     assert calls0 == calls1 == 5 * grad_accum  # 4 steps + the refused one, every micro-batch run on both
@@ -161,8 +144,10 @@ def test_nan_on_one_rank_skips_the_step_on_both(shards, tmp_path, grad_accum, ba
 
 
 def test_losses_reach_the_host_once_per_log_window(engine, shards, tmp_path, monkeypatch):
-    """20 steps, log_every 10: the trainer's only host reads are the step decision (one
-    `comm.agree` per step) and the window (one per log line); no per-step `.item()`."""
+    """20 steps, log_every 10: the trainer's only host reads of floating-point values (losses,
+    norms, flags) are the step decision (one `comm.agree` per step) and the window (one per log
+    line); no per-step `.item()`. (Integer reads, such as the masks' token counts, happen on host
+    tensors: masking.split_indices_to.)"""
     import sys
 
     reads = {"item": 0, "__float__": 0, "__bool__": 0, "tolist": 0}
@@ -171,7 +156,7 @@ def test_losses_reach_the_host_once_per_log_window(engine, shards, tmp_path, mon
         real = getattr(torch.Tensor, name)
 
         def wrapper(self, *args, **kwargs):
-            if "hicmae_dist" in sys._getframe(1).f_code.co_filename:
+            if self.is_floating_point() and "hicmae_dist" in sys._getframe(1).f_code.co_filename:
                 reads[name] += 1
             return real(self, *args, **kwargs)
         return wrapper

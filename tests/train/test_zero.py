@@ -2,13 +2,12 @@
 losses for the same global batch, a NaN in one micro-batch of one rank refused on every rank
 without a trace, and each rank holding the share of optimizer state its stage promises."""
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from hicmae_dist.config import load_config
+from tests.support import run_ranks
 
 GLOBAL_BATCH, STEPS = 4, 3
 STAGES = (1, 2, 3)
@@ -103,25 +102,10 @@ def _train(rank: int, world_size: int, stage: int, grad_accum: int, poisoned: bo
 
 def _launch(world_size: int) -> dict:
     """{(stage, grad_accum, poisoned): [(rank, losses, skipped, optimizer-state bytes), ...]}."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_run, args=(r, world_size, port, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
     results: dict = {}
-    try:
-        for _ in range(len(STAGES) * len(RUNS) * world_size):
-            stage, k, poisoned, rank, losses, skipped, state_bytes = queue.get(timeout=900)  # a hang fails here
-            results.setdefault((stage, k, poisoned), []).append((rank, losses, skipped, state_bytes))
-    finally:
-        for p in procs:
-            p.join(timeout=120)
-            if p.exitcode is None:
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
+    for stage, k, poisoned, rank, *rest in run_ranks(_run, world_size, (), len(STAGES) * len(RUNS) * world_size,
+                                                     timeout_s=900):
+        results.setdefault((stage, k, poisoned), []).append((rank, *rest))
     return results
 
 
