@@ -13,8 +13,9 @@ from pathlib import Path
 
 from hicmae_dist.config import ConfigError, list_presets, load_config
 
-# Exit status (README "Exit status"): scripts and the Slurm wrapper read it. EXIT_INTERRUPTED is
-# EX_TEMPFAIL of sysexits.h ("try again"); launch/job.py's REQUEUE_EXIT_CODE (3) is another one.
+# Exit status (README, "Exit status and errors"), for the scripts around a run. EXIT_INTERRUPTED is
+# EX_TEMPFAIL of sysexits.h ("try again"). Slurm jobs of `submit` call the trainer in-process, not
+# main(): launch/job.py's REQUEUE_EXIT_CODE (3) is theirs, and differs from every code here.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_CTRL_C = 0, 1, 2, 75, 130
 EXIT_STATUS_HELP = (f"Exit status: {EXIT_OK} done; {EXIT_FAILURE} failed (bad data, a checkpoint that cannot "
                     f"resume, a missing file, a full disk: one line says which, --debug adds the traceback; "
@@ -332,14 +333,22 @@ def _pretrained(args: argparse.Namespace):
     return load_pretrained(args.pretrained)
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
+def _folds(text: str, splits: Path) -> list[int]:
+    """--folds against the split directories; a bad spelling is a usage error."""
     from hicmae_dist.data.downstream import count_folds, parse_folds
 
+    try:
+        return parse_folds(text, count_folds(splits))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _finetune_config(args)
     splits = Path(args.splits)
     if not splits.is_dir():
         raise ConfigError(f"--splits {splits}: not a directory (expected split01/{{train,val,test}}.csv ...)")
-    folds = parse_folds(args.folds, count_folds(splits))
+    folds = _folds(args.folds, splits)
     if args.dry_run:
         from hicmae_dist.train.finetune import resolve_task
 
@@ -555,12 +564,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _submit_finetune(args: argparse.Namespace) -> dict:
     """The job's finetune spec: paths resolved here (the nodes see the same file system)."""
-    from hicmae_dist.data.downstream import count_folds, parse_folds
-
     if bool(args.pretrained) == args.from_scratch:
         raise ConfigError("with --splits give --pretrained RUN_DIR|FILE or --from-scratch (one of the two)")
     splits = Path(args.splits).resolve()
-    return {"splits": str(splits), "folds": parse_folds(args.folds, count_folds(splits)),
+    return {"splits": str(splits), "folds": _folds(args.folds, splits),
             "pretrained": str(Path(args.pretrained).resolve()) if args.pretrained else None}
 
 
@@ -862,19 +869,26 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
-def _disk_full(err: BaseException) -> OSError | None:
-    """The ENOSPC error behind err (itself or what it was raised from), if any."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return err
-        err = err.__cause__
-    return None
-
-
 # Failures whose message says it all, by the module that defines them: a raised one's module is
 # loaded, so looking it up in sys.modules imports nothing (and keeps `--help` fast).
-_FAILURES = {"hicmae_dist.train.pretrain": "ResumeError", "hicmae_dist.data.loader": "BadDataError",
-             "hicmae_dist.models.convert": "ConversionError"}
+_FAILURES = [("hicmae_dist.train.pretrain", "ResumeError"), ("hicmae_dist.data.loader", "BadDataError"),
+             ("hicmae_dist.models.convert", "ConversionError"), ("hicmae_dist.train.checkpoint", "DiskFullError")]
+
+
+def _failure_types() -> tuple[type, ...]:
+    found = (getattr(sys.modules.get(module), name, None) for module, name in _FAILURES)
+    return tuple(t for t in found if isinstance(t, type))
+
+
+def _disk_full(err: BaseException | None) -> OSError | None:
+    """The ENOSPC error behind err (itself, or what it was raised from or while handling), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return err
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
 
 
 def user_error(err: BaseException) -> tuple[int, str] | None:
@@ -884,17 +898,16 @@ def user_error(err: BaseException) -> tuple[int, str] | None:
     bug, whose traceback must stay visible."""
     if isinstance(err, ConfigError):
         return EXIT_USAGE, str(err)
+    if isinstance(err, (FloatingPointError, *_failure_types())):  # DiskFullError included: its own words
+        return EXIT_FAILURE, str(err)
     full = _disk_full(err)
-    if full is not None:
-        if full.strerror and full.filename:  # a plain OSError; a DiskFullError has its own message
-            return EXIT_FAILURE, f"{full.strerror} while writing {full.filename}"
-        return EXIT_FAILURE, str(full)
+    if full is not None:  # "[Errno 28] No space left on device: 'x'" -> "No space left on device while writing x"
+        if not full.strerror:
+            return EXIT_FAILURE, str(full)
+        return EXIT_FAILURE, full.strerror + (f" while writing {full.filename}" if full.filename else "")
     if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         if err.strerror and err.filename:
             return EXIT_FAILURE, f"{err.filename}: {err.strerror}"
-        return EXIT_FAILURE, str(err)
-    failures = [getattr(sys.modules[m], name) for m, name in _FAILURES.items() if m in sys.modules]
-    if isinstance(err, (FloatingPointError, *failures)):
         return EXIT_FAILURE, str(err)
     return None
 

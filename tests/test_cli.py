@@ -209,12 +209,18 @@ def test_disk_full_is_one_line_naming_the_file(raising, capsys):
     assert code == 1
     _one_line(err, "info", "No space left on device while writing /runs/a/metrics.jsonl")
 
-    class DiskFullError(OSError):  # like train.checkpoint's: an OSError with its own message
+    # an OSError subclass with its own message (as train.checkpoint's DiskFullError), errno or not
+    class DiskFull(OSError):
         pass
-    raising(DiskFullError(errno.ENOSPC, "No space left on device while writing x; the last good checkpoint is 5"))
-    code, err = _main(capsys, "info", "hicmae-t")
-    assert code == 1
-    _one_line(err, "info", "the last good checkpoint is 5")
+    for exc in (DiskFull(errno.ENOSPC, "No space left on device while writing x; the last good checkpoint is 5"),
+                RuntimeError("writing x failed")):
+        if isinstance(exc, RuntimeError):
+            exc.__context__ = OSError(errno.ENOSPC, "No space left on device")  # raised while handling it
+        raising(exc)
+        code, err = _main(capsys, "info", "hicmae-t")
+        assert code == 1
+        _one_line(err, "info", "No space left on device")
+        assert "[Errno" not in err
 
 
 def test_debug_adds_the_traceback_and_keeps_the_status(raising, capsys):
@@ -245,3 +251,14 @@ def test_exit_status_is_documented():
     from hicmae_dist.launch.job import REQUEUE_EXIT_CODE
 
     assert len({cli.EXIT_OK, cli.EXIT_FAILURE, cli.EXIT_USAGE, cli.EXIT_INTERRUPTED, REQUEUE_EXIT_CODE}) == 5
+
+
+def test_finetune_bad_folds_is_a_usage_error(tmp_path, capsys):
+    for f in (1, 2, 3):
+        (tmp_path / "splits" / f"split{f:02d}").mkdir(parents=True)
+    args = ["finetune", "--splits", str(tmp_path / "splits"), "--run-dir", str(tmp_path / "ft"), "--from-scratch",
+            "--dry-run"]
+    for folds in ("0", "x-y"):
+        code, err = _main(capsys, *args, "--folds", folds)
+        assert code == 2
+        _one_line(err, "finetune", f"--folds {folds!r}")

@@ -127,7 +127,8 @@ def scan_tar(shard: str | Path) -> ShardIndex:
                 if not info.isfile():
                     continue
                 if info.offset_data + info.size > size:
-                    problem = f"member {info.name} ends at byte {info.offset_data + info.size}; the file ends at byte {size}"
+                    problem = (f"member {info.name} ends at byte {info.offset_data + info.size}; the file ends "
+                               f"at byte {size}")
                     break
                 key, _ = split_key(info.name)
                 if not keys or keys[-1] != key:
