@@ -2,13 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
 from hicmae_dist.config import ConfigError, list_presets, load_config
+
+# Exit status (README, "Exit status and errors"), for the scripts around a run. EXIT_INTERRUPTED is
+# EX_TEMPFAIL of sysexits.h ("try again"). Slurm jobs of `submit` call the trainer in-process, not
+# main(): launch/job.py's REQUEUE_EXIT_CODE (3) is theirs, and differs from every code here.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_CTRL_C = 0, 1, 2, 75, 130
+EXIT_STATUS_HELP = (f"Exit status: {EXIT_OK} done; {EXIT_FAILURE} failed (bad data, a checkpoint that cannot "
+                    f"resume, a missing file, a full disk: one line says which, --debug adds the traceback; "
+                    f"an unexpected error prints its traceback); {EXIT_USAGE} usage or config error; "
+                    f"{EXIT_INTERRUPTED} stopped by SIGTERM/SIGUSR2 after saving a checkpoint (run the same "
+                    f"command to resume); {EXIT_CTRL_C} Ctrl-C.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, as every other user error: `hicmae-dist <verb>: ...`."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def _cache_dir() -> Path:
@@ -176,6 +196,17 @@ def dry_run_report(cfg, preset: str, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def _world_size(text: str) -> int:
+    """--world-size: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
@@ -183,9 +214,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, overrides)
     if args.dry_run:
         print(dry_run_report(cfg, args.preset, args.world_size))
-        return 0
+        return EXIT_OK
     if not args.run_dir:
         raise ConfigError("--run-dir is required unless --dry-run")
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is empty: pass --data DIR (a directory of shards from `hicmae-dist prepare`)")
+    from hicmae_dist.data.loader import find_shards
+
+    find_shards(cfg.data.shards)  # a missing, empty or raw-corpus --data fails now, before any set-up
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
     from hicmae_dist.train.pretrain import format_summary, install_stop_signals, pretrain
 
@@ -194,17 +230,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                        progress=not args.no_progress, allow_config_change=args.allow_config_change)
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
-    return 0
+    # A stop that came with the last step finished the run (as launch/job.py judges it too).
+    return EXIT_INTERRUPTED if summary["interrupted"] and summary["steps"] < cfg.train.steps else EXIT_OK
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from hicmae_dist.models.convert import ConversionError, convert_file
+    from hicmae_dist.models.convert import convert_file
 
-    try:
-        converted = convert_file(args.src, args.dst, arch=args.arch, to=args.to)
-    except ConversionError as err:
-        print(f"hicmae-dist convert: {err}", file=sys.stderr)
-        return 1
+    converted = convert_file(args.src, args.dst, arch=args.arch, to=args.to)  # ConversionError: main()
     cfg = converted.cfg
     size = f"width {cfg.width}, heads {cfg.heads}, depth {cfg.encoder_depth} + {cfg.fusion_depth}"
     if converted.kind == "pretrain":
@@ -300,14 +333,22 @@ def _pretrained(args: argparse.Namespace):
     return load_pretrained(args.pretrained)
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
+def _folds(text: str, splits: Path) -> list[int]:
+    """--folds against the split directories; a bad spelling is a usage error."""
     from hicmae_dist.data.downstream import count_folds, parse_folds
 
+    try:
+        return parse_folds(text, count_folds(splits))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _finetune_config(args)
     splits = Path(args.splits)
     if not splits.is_dir():
         raise ConfigError(f"--splits {splits}: not a directory (expected split01/{{train,val,test}}.csv ...)")
-    folds = parse_folds(args.folds, count_folds(splits))
+    folds = _folds(args.folds, splits)
     if args.dry_run:
         from hicmae_dist.train.finetune import resolve_task
 
@@ -325,15 +366,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     summary = run_protocol(cfg, splits, folds, Path(args.run_dir), pretrained=pretrained, resume=args.resume,
                            tracking_uri=args.tracking_uri, progress=not args.no_progress,
                            allow_config_change=args.allow_config_change)
-    if int(os.environ.get("RANK", "0")) == 0:
-        if summary.get("interrupted"):
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if summary.get("interrupted"):  # every rank returns it: the fold is not finished
+        if rank0:
             print(f"interrupted in fold {summary['fold']} ({summary['interrupted']}); run the same command to "
                   f"resume")
-            return 0
+        return EXIT_INTERRUPTED
+    if rank0:
         print(format_table(summary, resolve_task(cfg)))
         print(f"\nresults   {args.run_dir}/results.md, summary.json, foldNN/results.json + confusion PNGs")
         print(f"mlflow    {summary['tracking_uri']} (protocol run {summary['mlflow_run_id']}, folds nested)")
-    return 0
+    return EXIT_OK
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
@@ -388,7 +431,8 @@ def _add_finetune_verbs(sub: argparse._SubParsersAction) -> None:
                                    "epoch on test once each, and print the per-fold table with mean and std. "
                                    "E.g. `hicmae-dist finetune --preset finetune-hicmae --dataset crema-d "
                                    "--splits crema-d/splits --folds 1-5 --pretrained runs/pretrain --run-dir "
-                                   "runs/ft-cremad`.")
+                                   "runs/ft-cremad`.",
+                       epilog=EXIT_STATUS_HELP)
     s.add_argument("--preset", default="finetune-hicmae", help="recipe preset or YAML (default finetune-hicmae)")
     s.add_argument("--splits", required=True, help="directory of split01/, split02/ ... annotation files")
     s.add_argument("--dataset", help="dataset preset (`hicmae-dist eval datasets`): classes, metrics, subjects")
@@ -520,12 +564,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _submit_finetune(args: argparse.Namespace) -> dict:
     """The job's finetune spec: paths resolved here (the nodes see the same file system)."""
-    from hicmae_dist.data.downstream import count_folds, parse_folds
-
     if bool(args.pretrained) == args.from_scratch:
         raise ConfigError("with --splits give --pretrained RUN_DIR|FILE or --from-scratch (one of the two)")
     splits = Path(args.splits).resolve()
-    return {"splits": str(splits), "folds": parse_folds(args.folds, count_folds(splits)),
+    return {"splits": str(splits), "folds": _folds(args.folds, splits),
             "pretrained": str(Path(args.pretrained).resolve()) if args.pretrained else None}
 
 
@@ -605,7 +647,7 @@ def _add_slurm_verbs(sub: argparse._SubParsersAction) -> None:
                    help="auto: continue from the run dir's newest checkpoint (default); never: refuse one")
     s.add_argument("--allow-config-change", action="store_true",
                    help="resume a checkpoint written with a different model/data/optimiser config")
-    s.add_argument("--world-size", type=int, default=1, help="ranks assumed by --dry-run's estimates")
+    s.add_argument("--world-size", type=_world_size, default=1, help="ranks assumed by --dry-run's estimates")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file RUN_DIR/mlflow.db)")
     g = s.add_argument_group("job shape (default: the --cluster preset, else 1 node x 1 CPU task, 60 min)")
     g.add_argument("--cluster", help="cluster preset: a name from slurm/clusters/ (or $HICMAE_DIST_CLUSTERS, "
@@ -684,8 +726,10 @@ def cmd_ckpt_universal(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hicmae-dist", description=__doc__)
+    p = _Parser(prog="hicmae-dist", description=__doc__, epilog=EXIT_STATUS_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="print the traceback of every error (a user error "
+                                                        "is one line without it)")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     s = sub.add_parser("synth", help="write a synthetic VoxCeleb2-like corpus of real mp4/m4a files",
@@ -742,7 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pretrain", help="pretrain a model on shards with DeepSpeed, tracked in MLflow",
                        description="Pretrain with a preset plus dotted overrides, e.g. "
                                    "`hicmae-dist pretrain --preset tiny-cpu --data shards/ --run-dir runs/a "
-                                   f"train.steps=50 model.width=128`. Presets: {', '.join(list_presets())}.")
+                                   f"train.steps=50 model.width=128` (overrides may come anywhere on the "
+                                   f"line). Presets: {', '.join(list_presets())}.",
+                       epilog=EXIT_STATUS_HELP)
     s.add_argument("--preset", required=True, help="preset name or path to a YAML config")
     s.add_argument("--data", help="directory of .tar shards (sets data.shards)")
     s.add_argument("--run-dir", help="where checkpoints, config, metrics and the MLflow store go")
@@ -753,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the preset and overrides, print the resolved config and exit")
     s.add_argument("--allow-config-change", action="store_true",
                    help="resume a checkpoint written with a different model/data/optimiser config")
-    s.add_argument("--world-size", type=int, default=1, help="ranks assumed by --dry-run's estimates")
+    s.add_argument("--world-size", type=_world_size, default=1, help="ranks assumed by --dry-run's estimates")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file RUN_DIR/mlflow.db)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -782,18 +828,109 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_kernels(sub)
     _add_doctor(sub)
     _add_slurm_verbs(sub)
+    _add_global_flags(p)
     return p
 
 
+def _add_global_flags(parser: argparse.ArgumentParser, seen: set[int] | None = None) -> None:
+    """-v and --debug after the verb too (`hicmae-dist pretrain ... --debug`). SUPPRESS: a verb's
+    parser sets them only when given, so it never resets what came before the verb."""
+    seen = set() if seen is None else seen
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in action.choices.values():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS)
+            child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="print the traceback of every error")
+            _add_global_flags(child, seen)
+
+
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=.*", re.DOTALL)  # key=value
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, with key=value overrides accepted anywhere on the line: argparse fills a
+    `nargs="*"` positional from the first run of positionals only and calls the rest
+    unrecognized (`train.steps=50 --dry-run model.width=128`). They are appended in order."""
+    args, extra = parser.parse_known_args(argv)
+    late = [t for t in extra if _OVERRIDE.fullmatch(t)] if hasattr(args, "overrides") else []
+    unknown = [t for t in extra if t not in late]
+    if unknown:
+        verb = f"hicmae-dist {args.verb}"
+        parser.exit(EXIT_USAGE, f"{verb}: unrecognized arguments: {' '.join(unknown)} (`{verb} --help` lists the "
+                                f"options)\n")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
+# Failures whose message says it all, by the module that defines them: a raised one's module is
+# loaded, so looking it up in sys.modules imports nothing (and keeps `--help` fast).
+_FAILURES = [("hicmae_dist.train.pretrain", "ResumeError"), ("hicmae_dist.data.loader", "BadDataError"),
+             ("hicmae_dist.models.convert", "ConversionError"), ("hicmae_dist.train.checkpoint", "DiskFullError")]
+
+
+def _failure_types() -> tuple[type, ...]:
+    found = (getattr(sys.modules.get(module), name, None) for module, name in _FAILURES)
+    return tuple(t for t in found if isinstance(t, type))
+
+
+def _disk_full(err: BaseException | None) -> OSError | None:
+    """The ENOSPC error behind err (itself, or what it was raised from or while handling), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return err
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
+
+
+def user_error(err: BaseException) -> tuple[int, str] | None:
+    """(exit status, one-line message) for an error the user can act on from its message: 2 for
+    usage and config errors, 1 for failures (bad data, a checkpoint that cannot resume, a file
+    that is missing or unreadable, a full disk, non-finite losses). None for anything else: a
+    bug, whose traceback must stay visible."""
+    if isinstance(err, ConfigError):
+        return EXIT_USAGE, str(err)
+    if isinstance(err, (FloatingPointError, *_failure_types())):  # DiskFullError included: its own words
+        return EXIT_FAILURE, str(err)
+    full = _disk_full(err)
+    if full is not None:  # "[Errno 28] No space left on device: 'x'" -> "No space left on device while writing x"
+        if not full.strerror:
+            return EXIT_FAILURE, str(full)
+        return EXIT_FAILURE, full.strerror + (f" while writing {full.filename}" if full.filename else "")
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        if err.strerror and err.filename:
+            return EXIT_FAILURE, f"{err.filename}: {err.strerror}"
+        return EXIT_FAILURE, str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"hicmae-dist {args.verb}: config error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"hicmae-dist {args.verb}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_CTRL_C
+    except Exception as err:
+        known = user_error(err)
+        if known is None:
+            raise  # a bug: the traceback, exit status 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"hicmae-dist {args.verb}: {known[1]}", file=sys.stderr)
+        return known[0]
 
 
 if __name__ == "__main__":

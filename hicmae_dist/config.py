@@ -5,13 +5,16 @@ The bottom layer of the package: it imports nothing from hicmae_dist, so every o
 
     cfg = load_config("tiny-cpu", ["model.width=128", "train.steps=50"])
 
-An unknown key or a value of the wrong type raises ConfigError naming the key.
+An unknown key, a value of the wrong type or out of its range (NaN and inf included), or a preset
+file that is not valid YAML raises ConfigError naming the key or the file (and line).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -74,6 +77,14 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check(self.arch in ("hicmae", "cavmae"), "model.arch", "'hicmae' or 'cavmae'", self.arch)
+        for key in ("width", "heads", "decoder_width", "decoder_heads", "num_frames", "image_size", "tubelet",
+                    "patch", "audio_frames", "mel_bins"):
+            _check(getattr(self, key) >= 1, f"model.{key}", ">= 1", getattr(self, key))
+        _check(self.fusion_depth >= 0, "model.fusion_depth", ">= 0", self.fusion_depth)
+        _check(self.mlp_ratio > 0, "model.mlp_ratio", "> 0", self.mlp_ratio)
+        _check(0.0 <= self.drop_path < 1.0, "model.drop_path", "in [0, 1)", self.drop_path)
+        _check(self.temperature > 0, "model.temperature", "> 0 (it divides the similarities)", self.temperature)
+        _check(self.contrastive_weight >= 0, "model.contrastive_weight", ">= 0", self.contrastive_weight)
         _check(self.width % self.heads == 0, "model.width", "a multiple of model.heads", self.width)
         _check(self.decoder_width % self.decoder_heads == 0, "model.decoder_width",
                "a multiple of model.decoder_heads", self.decoder_width)
@@ -84,8 +95,8 @@ class ModelConfig:
         _check(self.audio_frames % self.patch == 0 and self.mel_bins % self.patch == 0,
                "model.audio_frames", "audio_frames and mel_bins multiples of model.patch",
                (self.audio_frames, self.mel_bins))
-        for key in ("video_mask_ratio", "audio_mask_ratio"):
-            _check(0.0 <= getattr(self, key) < 1.0, f"model.{key}", "in [0, 1)", getattr(self, key))
+        for key in ("video_mask_ratio", "audio_mask_ratio"):  # 0 masks nothing: nothing to reconstruct
+            _check(0.0 < getattr(self, key) < 1.0, f"model.{key}", "in (0, 1)", getattr(self, key))
         _check(self.attention_backend in ("auto", "sdpa", "reference"), "model.attention_backend",
                "one of auto, sdpa, reference", self.attention_backend)
         _check(self.negatives in ("local", "global"), "model.negatives", "'local' or 'global'",
@@ -139,6 +150,7 @@ class DataConfig:
     def validate(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", ">= 1", self.batch_size)
         _check(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]",
                self.max_bad_fraction)
 
@@ -173,6 +185,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", ">= 1", self.steps)
+        _check(self.base_lr > 0, "train.base_lr", "> 0", self.base_lr)
+        _check(0 <= self.min_lr <= self.base_lr, "train.min_lr", "in [0, train.base_lr]", self.min_lr)
+        _check(self.lr_gamma > 0, "train.lr_gamma", "> 0", self.lr_gamma)
+        _check(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        _check(self.eps > 0, "train.eps", "> 0", self.eps)
         _check(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", "in [0, train.steps]",
                self.warmup_steps)
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3", self.zero_stage)
@@ -181,7 +198,9 @@ class TrainConfig:
         _check(self.lr_milestones == sorted(self.lr_milestones), "train.lr_milestones", "increasing steps",
                self.lr_milestones)
         _check(not (self.bf16 and self.fp16), "train.fp16", "not both train.bf16 and train.fp16", self.fp16)
-        _check(len(self.betas) == 2, "train.betas", "two numbers", self.betas)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+               "two numbers in [0, 1)", self.betas)
+        _check(all(m >= 1 for m in self.lr_milestones), "train.lr_milestones", "steps >= 1", self.lr_milestones)
         _check(self.grad_clip >= 0, "train.grad_clip", ">= 0", self.grad_clip)
         _check(self.grad_accum >= 1, "train.grad_accum", ">= 1", self.grad_accum)
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
@@ -200,6 +219,10 @@ class TrackingConfig:
     experiment: str = "hicmae-dist"
     run_name: str = ""
     system_metrics_s: float = 10.0  # sampling interval of CPU/GPU/memory metrics; 0 = off
+
+    def validate(self) -> None:
+        _check(bool(self.experiment), "tracking.experiment", "a non-empty name", self.experiment)
+        _check(self.system_metrics_s >= 0, "tracking.system_metrics_s", ">= 0 (0 = off)", self.system_metrics_s)
 
 
 @dataclass
@@ -237,7 +260,9 @@ class FinetuneConfig:
         _check(self.epochs >= 1, "finetune.epochs", ">= 1", self.epochs)
         _check(0 <= self.warmup_epochs <= self.epochs, "finetune.warmup_epochs", "in [0, finetune.epochs]",
                self.warmup_epochs)
+        _check(self.num_outputs >= 0, "finetune.num_outputs", ">= 0 (0 = from the dataset)", self.num_outputs)
         _check(0.0 < self.layer_decay <= 1.0, "finetune.layer_decay", "in (0, 1]", self.layer_decay)
+        _check(self.head_lr_scale > 0, "finetune.head_lr_scale", "> 0", self.head_lr_scale)
         _check(self.mode in ("multimodal", "audio", "video"), "finetune.mode", "multimodal, audio or video", self.mode)
         _check(self.regression_loss in ("mse", "ccc"), "finetune.regression_loss", "'mse' or 'ccc'",
                self.regression_loss)
@@ -264,9 +289,9 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> "Config":
-        for section in (self.model, self.data, self.train, self.tracking, self.finetune):
-            if hasattr(section, "validate"):
-                section.validate()
+        for name in ("model", "data", "train", "tracking", "finetune"):
+            _check_finite(getattr(self, name), name)  # first: NaN fails every range check below
+            getattr(self, name).validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -317,8 +342,20 @@ def _check(ok: bool, key: str, expected: str, got: Any) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")
 
 
+def _check_finite(section: Any, prefix: str) -> None:
+    """Every float of a section (lists included) is finite: .nan and .inf are YAML floats."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float):
+                _check(math.isfinite(v), f"{prefix}.{f.name}", "a finite number", value)
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
@@ -341,8 +378,13 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
         return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)  # 3e-4: a float in YAML 1.2, a string to PyYAML's YAML 1.1
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}") from None
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -378,28 +420,65 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.width=128")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
         _set(cfg, key.strip(), value, f"override {item!r}")
     return cfg
 
 
 def load_config(preset: str | Path, overrides: list[str] | None = None) -> Config:
-    """A preset name (see list_presets) or a YAML path, then overrides; validated."""
+    """A preset name (see list_presets) or a YAML path, then overrides; validated.
+
+    A YAML file may name a base with a top-level `preset: NAME` (a shipped preset, or a path
+    relative to the file): the base loads first and the file's sections override it key by key.
+    """
+    cfg = _load_preset(preset, None, ())
+    apply_overrides(cfg, overrides or [])
+    return cfg.validate()
+
+
+def _load_preset(preset: str | Path, relative_to: Path | None, chain: tuple[Path, ...]) -> Config:
     path = Path(preset)
     if not path.suffix:
         path = PRESET_DIR / f"{preset}.yaml"
         if not path.exists():
-            raise ConfigError(f"unknown preset {preset!r}; shipped presets: {', '.join(list_presets())}")
-    elif not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError(f"unknown preset {str(preset)!r}; shipped presets: {', '.join(list_presets())}")
+    elif relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" if not path.exists() else
+                          f"config file {path} is not a file")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: presets name each other in a cycle: "
+                          f"{' -> '.join(str(p) for p in (*chain, path.resolve()))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read it ({err})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    cfg = Config(preset=path.stem)
+    base = raw.pop("preset", None)
+    if base is None:
+        cfg = Config()
+    elif isinstance(base, str) and base:
+        cfg = _load_preset(base, path.parent, (*chain, path.resolve()))
+    else:
+        raise ConfigError(f"{path}: preset: expected the name of a base preset or a YAML path, got {base!r}")
     for section, values in raw.items():
         _set(cfg, str(section), values, f"preset {path}")
-    apply_overrides(cfg, overrides or [])
-    return cfg.validate()
+    cfg.preset = path.stem
+    return cfg
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'line 3, column 5: could not find expected ':'' from a PyYAML error."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

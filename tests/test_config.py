@@ -60,3 +60,99 @@ def test_round_trip_and_hash():
     assert load_config("tiny-cpu", ["train.steps=70", *execution_only]).hash() == cfg.hash()
     assert cfg.flat()["model.width"] == 64 and "train.steps" in cfg.flat()
     assert Config().model.width == 384  # the dataclass defaults are HiCMAE-S
+
+
+# Values that cannot be right: each is refused at config time with one message naming the key.
+BAD_VALUES = [
+    ("train.base_lr=-1", "train.base_lr: expected > 0"),
+    ("train.base_lr=0", "train.base_lr: expected > 0"),
+    ("train.base_lr=.nan", "train.base_lr: expected a finite number"),
+    ("train.base_lr=.inf", "train.base_lr: expected a finite number"),
+    ("train.base_lr=1e400", "train.base_lr: expected a finite number"),
+    ("train.min_lr=-1e-6", r"train.min_lr: expected in \[0, train.base_lr\]"),
+    ("train.min_lr=1.0", r"train.min_lr: expected in \[0, train.base_lr\]"),
+    ("train.weight_decay=-0.1", "train.weight_decay: expected >= 0"),
+    ("train.eps=0", "train.eps: expected > 0"),
+    ("train.betas=[0.9, 1.0]", r"train.betas: expected two numbers in \[0, 1\)"),
+    ("train.betas=[0.9, .nan]", "train.betas: expected a finite number"),
+    ("train.lr_gamma=0", "train.lr_gamma: expected > 0"),
+    ("train.lr_milestones=[0, 5]", "train.lr_milestones: expected steps >= 1"),
+    ("train.grad_clip=-1", "train.grad_clip: expected >= 0"),
+    ("train.steps=0", "train.steps: expected >= 1"),
+    ("train.grad_accum=0", "train.grad_accum: expected >= 1"),
+    ("model.temperature=0", "model.temperature: expected > 0"),
+    ("model.temperature=-0.07", "model.temperature: expected > 0"),
+    ("model.contrastive_weight=-1", "model.contrastive_weight: expected >= 0"),
+    ("model.video_mask_ratio=0", r"model.video_mask_ratio: expected in \(0, 1\)"),
+    ("model.audio_mask_ratio=1.0", r"model.audio_mask_ratio: expected in \(0, 1\)"),
+    ("model.drop_path=1.5", r"model.drop_path: expected in \[0, 1\)"),
+    ("model.mlp_ratio=0", "model.mlp_ratio: expected > 0"),
+    ("model.heads=0", "model.heads: expected >= 1"),  # before width % heads divides by it
+    ("model.patch=0", "model.patch: expected >= 1"),
+    ("data.batch_size=0", "data.batch_size: expected >= 1"),
+    ("data.batch_size=-4", "data.batch_size: expected >= 1"),
+    ("data.shuffle_buffer=-1", "data.shuffle_buffer: expected >= 0"),
+    ("data.max_bad_fraction=1.5", r"data.max_bad_fraction: expected in \[0, 1\]"),
+    ("tracking.system_metrics_s=-1", "tracking.system_metrics_s: expected >= 0"),
+    ("tracking.experiment=''", "tracking.experiment: expected a non-empty name"),
+    ("finetune.head_lr_scale=0", "finetune.head_lr_scale: expected > 0"),
+    ("finetune.num_outputs=-2", "finetune.num_outputs: expected >= 0"),
+    ("finetune.label_smoothing=.nan", "finetune.label_smoothing: expected a finite number"),
+    ("model.width=[1,", r"override 'model.width=\[1,': the value is not valid YAML \(line 1, column 4"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_values_out_of_range_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=f"^{message}") as err:
+        load_config("tiny-cpu", [override])
+    assert "\n" not in str(err.value)
+
+
+def test_every_shipped_preset_is_in_range():
+    for name in list_presets():  # validate() ran: the range checks refuse none of them
+        assert load_config(name).train.base_lr > 0
+
+
+def test_exponent_floats_are_numbers():
+    """PyYAML (YAML 1.1) reads 3e-4 as a string; YAML 1.2 and every user mean the number."""
+    cfg = load_config("tiny-cpu", ["train.base_lr=3e-4", "train.min_lr=1E-6", "train.betas=[0.9, 9.9e-1]"])
+    assert (cfg.train.base_lr, cfg.train.min_lr, cfg.train.betas) == (3e-4, 1e-6, [0.9, 0.99])
+    with pytest.raises(ConfigError, match="train.steps: expected an integer, got '1e3'"):
+        load_config("tiny-cpu", ["train.steps=1e3"])
+
+
+def test_preset_key_in_a_yaml_file_is_its_base(tmp_path):
+    """`preset: tiny-cpu` in a user's YAML loads tiny-cpu first, then the file's keys over it."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("preset: tiny-cpu\nmodel:\n  width: 128\ntrain:\n  steps: 70\n")
+    cfg, tiny = load_config(mine), load_config("tiny-cpu")
+    assert cfg.preset == "mine" and cfg.model.width == 128 and cfg.train.steps == 70
+    assert cfg.model.heads == tiny.model.heads and cfg.model.encoder_depth == tiny.model.encoder_depth
+    assert cfg.model.encoder_depth != Config().model.encoder_depth  # not the HiCMAE-S defaults
+    assert cfg.data.batch_size == tiny.data.batch_size
+    # a path is relative to the file naming it, and chains
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("preset: ../mine.yaml\ntrain:\n  steps: 90\n")
+    assert load_config(child, ["train.warmup_steps=1"]).model.width == 128
+    assert load_config(child).train.steps == 90
+    # a cycle, or a preset that is not a name, is an error naming the file
+    (tmp_path / "a.yaml").write_text("preset: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("preset: a.yaml\n")
+    with pytest.raises(ConfigError, match="presets name each other in a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("preset: [tiny-cpu]\n")
+    with pytest.raises(ConfigError, match="c.yaml: preset: expected the name of a base preset"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("preset: nope\n")
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  width: 64\n  heads: [2\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: not valid YAML \(line \d+, column \d+: ") as err:
+        load_config(bad)
+    assert "\n" not in str(err.value)

@@ -94,25 +94,27 @@ def make_pretrain_loader(shards_dir: str | Path, data_cfg: DataConfig, model_cfg
     start_batch on: the stream with (seed, start_batch=k) yields exactly batches k, k+1, ... of
     the stream with (seed, start_batch=0), without decoding the batches before k."""
     shards_dir = Path(shards_dir)
-    paths = sorted(shards_dir.glob("shard-*.tar"))
-    if not paths:
-        raise FileNotFoundError(f"no shard-*.tar files in {shards_dir}; write them with prepare_shards "
-                                f"(`hicmae-dist prepare`)")
+    paths = find_shards(shards_dir)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     indexes = [load_index(p) for p in paths]
     for index in indexes:
-        if index.meta.get("truncated"):
+        if index.meta.get("truncated") and len(index):
             log.warning("%s is truncated (no index beside it; a scan found %d samples, then: %s): what follows "
                         "is lost", Path(index.path).name, len(index), index.meta["truncated"])
-    empty = [Path(i.path).name for i in indexes if len(i) == 0]
-    if empty:
-        log.warning("%d shards hold no readable sample and are left out: %s", len(empty), ", ".join(empty[:5]))
+        elif index.meta.get("short"):
+            log.warning("%s: %s", Path(index.path).name, index.meta["short"])
+    unusable = [i for i in indexes if len(i) == 0]
+    if unusable:  # empty, or not a tar at all (random bytes, another format): named, then left out
+        log.warning("%d of %d shards hold no readable sample and are left out: %s", len(unusable), len(indexes),
+                    "; ".join(f"{Path(i.path).name} ({_why_unusable(i)})" for i in unusable[:20])
+                    + ("; ..." if len(unusable) > 20 else ""))
     indexes = [i for i in indexes if len(i)]
     if not indexes:
-        raise BadDataError(f"none of the {len(paths)} shards in {shards_dir} holds a readable sample")
+        raise BadDataError(f"none of the {len(paths)} shards in {shards_dir} holds a readable sample "
+                           f"(the warning above names each one and why)")
     check_stored_form(stored_form(shards_dir, indexes), model_cfg, shards_dir)
     stream = PretrainStream(indexes, data_cfg, model_cfg, rank, world_size, seed, start_batch)
     slots = world_size * max(1, data_cfg.num_workers)
@@ -121,6 +123,38 @@ def make_pretrain_loader(shards_dir: str | Path, data_cfg: DataConfig, model_cfg
                     "show a clip more than once; write smaller shards (prepare --shard-size)",
                     len(indexes), slots)
     return PretrainLoader(stream)
+
+
+MEDIA_SUFFIXES = (".mp4", ".m4a", ".wav", ".avi", ".mkv", ".webm")
+
+
+def find_shards(shards_dir: str | Path) -> list[Path]:
+    """The shard-*.tar files of a shard directory, sorted; a missing or empty directory, or a raw
+    corpus given where its shards were expected, is a FileNotFoundError that says what to do."""
+    shards_dir = Path(shards_dir)
+    if not shards_dir.is_dir():
+        raise FileNotFoundError(f"shard directory {shards_dir} " +
+                                ("is not a directory" if shards_dir.exists() else "does not exist"))
+    paths = sorted(shards_dir.glob("shard-*.tar"))
+    if paths:
+        return paths
+    media = next((p for p in itertools.islice(shards_dir.rglob("*"), 10_000)  # a look, not a walk of all
+                  if p.suffix.lower() in MEDIA_SUFFIXES), None)
+    if media is not None:
+        raise FileNotFoundError(f"{shards_dir} holds media files ({media.relative_to(shards_dir)}), not shards: "
+                                f"run `hicmae-dist prepare --src {shards_dir} --out SHARD_DIR` first and pass "
+                                f"the SHARD_DIR")
+    other = sorted(p.name for p in shards_dir.glob("*.tar"))
+    raise FileNotFoundError(f"no shard-*.tar files in {shards_dir}" +
+                            (f" ({len(other)} other .tar files, e.g. {other[0]}: the loader reads prepare's "
+                             f"shard-NNNNNN.tar names)" if other else "") +
+                            "; write them with `hicmae-dist prepare`")
+
+
+def _why_unusable(index: ShardIndex) -> str:
+    if index.meta.get("truncated"):  # nothing readable before the problem
+        return f"not a readable tar: {index.meta['truncated']}"
+    return "no samples"
 
 
 class PretrainLoader:
@@ -206,22 +240,22 @@ def stored_form(shards_dir: Path, indexes: list[ShardIndex]) -> StoredForm | Non
 
 
 def check_stored_form(form: StoredForm | None, model_cfg: ModelConfig, where: Path) -> None:
-    """Shards stored for another input are a setup error, not bad samples."""
+    """Shards stored for another input are a setup error (BadDataError), not bad samples."""
     if form is None:
         return
     size = model_cfg.image_size
     if model_cfg.arch == "cavmae":
         if form.image_size != size:
-            raise ValueError(f"{where}: the shards hold {form.image_size}px frames; CAV-MAE takes whole "
+            raise BadDataError(f"{where}: the shards hold {form.image_size}px frames; CAV-MAE takes whole "
                              f"{size}px frames: prepare them with `hicmae-dist prepare --full-frame "
                              f"--frames ten` (or --full-frame alone: every 4th frame, usable by both models)")
         return
     if form.frames != "stride" or form.frame_stride != video.FRAME_STRIDE:
-        raise ValueError(f"{where}: the shards hold {form.frames!r} frames (stride {form.frame_stride}); "
+        raise BadDataError(f"{where}: the shards hold {form.frames!r} frames (stride {form.frame_stride}); "
                          f"HiCMAE takes 16 frames in a row at stride {video.FRAME_STRIDE}: prepare them "
                          f"with `hicmae-dist prepare --frames stride`")
     if form.image_size != size and not (form.image_size == video.SOURCE_SIZE and size <= video.SOURCE_SIZE):
-        raise ValueError(f"{where}: the shards hold {form.image_size}px frames at stride {form.frame_stride}, "
+        raise BadDataError(f"{where}: the shards hold {form.image_size}px frames at stride {form.frame_stride}, "
                          f"the model expects {size}px: prepare them with --image-size {size} (or "
                          f"--full-frame, from which the loader cuts the face crop)")
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BLOCK = 512
+log = logging.getLogger(__name__)
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -80,7 +82,7 @@ class ShardIndex:
     meta: dict = field(default_factory=dict)  # the rest of the .json index (form, totals, skipped)
 
     def __len__(self) -> int:
-        return len(self.boundaries) - 1
+        return max(0, len(self.boundaries) - 1)
 
 
 def index_path(shard: str | Path) -> Path:
@@ -88,13 +90,24 @@ def index_path(shard: str | Path) -> Path:
 
 
 def load_index(shard: str | Path) -> ShardIndex:
-    """The shard's .json index if it has a usable one, else an index made by scanning the tar."""
+    """The shard's .json index if it has a usable one, else an index made by scanning the tar
+    (logged when the index is there but unreadable). An index that reaches past the end of the
+    file is kept (the samples it cannot find count as bad samples) and says so in meta["short"]."""
     shard = Path(shard)
     side = index_path(shard)
     if side.exists():
-        meta = json.loads(side.read_text())
-        if "boundaries" in meta:
-            return ShardIndex(str(shard), meta.pop("boundaries"), meta.pop("keys", []), meta)
+        try:
+            meta = json.loads(side.read_text())
+        except (ValueError, OSError) as exn:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            log.warning("%s: unreadable index (%s: %s); scanning the tar instead", side, type(exn).__name__, exn)
+            meta = {}
+        if isinstance(meta, dict) and isinstance(meta.get("boundaries"), list):
+            index = ShardIndex(str(shard), meta.pop("boundaries"), meta.pop("keys", []), meta)
+            size = shard.stat().st_size
+            if index.boundaries and index.boundaries[-1] > size:
+                meta["short"] = (f"the file ends at byte {size}, its index at {index.boundaries[-1]}: the samples "
+                                 f"past byte {size} are lost (truncated shard)")
+            return index
     return scan_tar(shard)
 
 
@@ -114,7 +127,8 @@ def scan_tar(shard: str | Path) -> ShardIndex:
                 if not info.isfile():
                     continue
                 if info.offset_data + info.size > size:
-                    problem = f"member {info.name} ends at byte {info.offset_data + info.size}, the file at {size}"
+                    problem = (f"member {info.name} ends at byte {info.offset_data + info.size}; the file ends "
+                               f"at byte {size}")
                     break
                 key, _ = split_key(info.name)
                 if not keys or keys[-1] != key:
@@ -122,9 +136,10 @@ def scan_tar(shard: str | Path) -> ShardIndex:
                     boundaries.append(info.offset)  # first header of the sample (long-name ones too)
                 end = info.offset_data + info.size + (-info.size % BLOCK)
     except (tarfile.TarError, OSError, ValueError) as exn:  # truncated or corrupt after some point
-        problem = f"{type(exn).__name__}: {exn}"
-    if keys:
-        boundaries.append(end)
+        problem = f"{type(exn).__name__}: {exn}" + (f" (the file ends at byte {size})" if keys else "")
+    boundaries.append(end)  # [0] with no sample: an empty index, never a negative length
+    if not problem and size < end + 2 * BLOCK:  # tarfile takes a cut at a header for the archive's end
+        problem = f"the file ends at byte {size}, before the end-of-archive marker after byte {end}"
     meta = {"scanned": True}
     if problem:
         meta["truncated"] = problem
@@ -152,7 +167,8 @@ def parse_sample(blob: bytes) -> dict[str, bytes]:
         start, pos = pos + BLOCK, pos + BLOCK + size + (-size % BLOCK)
         data = blob[start:start + size]
         if len(data) < size:
-            raise ShortRead(f"member data cut at byte {start + len(data)} (needs {size})")
+            raise ShortRead(f"member data cut at byte {start + len(data)} of the sample (needs {size} from byte "
+                            f"{start})")
         if flag == b"L":  # GNU long name for the next member
             long_name = data.rstrip(b"\0").decode()
             continue
@@ -226,8 +242,8 @@ class ShardReader:
         if f.tell() != start:
             f.seek(start)
         blob = f.read(end - start)
-        if len(blob) < end - start:
-            raise ShortRead(f"shard ends at byte {start + len(blob)}, sample {i} needs bytes "
+        if len(blob) < end - start:  # the file's own size: a seek past its end reads nothing
+            raise ShortRead(f"shard ends at byte {os.fstat(f.fileno()).st_size}, sample {i} needs bytes "
                             f"{start}:{end} (truncated shard)")
         sample = parse_sample(blob)
         sample["__url__"] = index.path

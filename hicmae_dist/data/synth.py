@@ -271,6 +271,7 @@ def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 
         raise ValueError(f"{num_subjects} subjects ({num_clips} clips) cannot make {folds} subject-independent "
                          f"folds: ask for at least {folds} clips and subjects")
     plans = _plan(num_clips, num_subjects, num_classes, seed)
+    make_folds(plans, [p.speaker for p in plans], folds, seed)  # its checks (k >= 3 ...) before any clip is written
 
     def write(plan: _ClipPlan) -> DownstreamItem:
         frames, pcm = _render_clip(plan, num_classes, seed, duration_s)

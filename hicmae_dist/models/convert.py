@@ -172,11 +172,25 @@ def torch_load_weights(path: str | Path) -> Any:
     """torch.load(weights_only=True). HiCMAE's training checkpoints also pickle the run's
     argparse.Namespace beside the weights: that one class is allowed (its contents still go
     through the restricted unpickler)."""
+    if not Path(path).is_file():
+        raise ConversionError(f"{path}: " + ("not a file" if Path(path).exists() else "no such file"))
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ConversionError(f"{path}: not loadable with weights_only=True: {err}") from err
+    except OSError:
+        raise  # unreadable (permissions, I/O): the error names the file
+    except Exception as err:  # noqa: BLE001  text, a cut file, another format: torch says it many ways
+        detail = _first_sentence(str(err).split("WeightsUnpickler error:", 1)[-1])
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in detail:
+            raise ConversionError(f"{path}: not loadable with weights_only=True (pickled code is never run): "
+                                  f"{detail}") from err
+        raise ConversionError(f"{path}: not a PyTorch checkpoint (expected a file written by torch.save holding "
+                              f"a state dict, or a dict with one; torch.load: {type(err).__name__}: {detail})") from err
+
+
+def _first_sentence(text: str) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line.split(". ", 1)[0][:300]
 
 
 # --- what to build ---------------------------------------------------------------------------------
@@ -408,14 +422,13 @@ def _ours_from_payload(obj: Any, path: str | Path) -> Converted:
 def convert_file(src: str | Path, dst: str | Path, arch: str | None = None, to: str = "ours") -> Converted:
     """The CLI's work: read src (weights_only), convert, check, write dst."""
     obj = torch_load_weights(src)
-    if to == "ours":
-        converted = to_ours(obj, arch)
-        payload = ours_file_payload(converted)
-    elif to == "upstream":
-        converted = to_upstream(obj, arch)
-        payload = upstream_file_payload(converted)
-    else:
+    if to not in ("ours", "upstream"):
         raise ValueError(f"to {to!r}: expected 'ours' or 'upstream'")
+    try:
+        converted = to_ours(obj, arch) if to == "ours" else to_upstream(obj, arch)
+    except ConversionError as err:
+        raise ConversionError(f"{src}: {err}") from None
+    payload = ours_file_payload(converted) if to == "ours" else upstream_file_payload(converted)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, dst)
     return converted

@@ -130,3 +130,10 @@ def test_draft_decode_of_large_frames(tmp_path):
     fast = ds.load_crop(tmp_path / "f.jpg", (0, 0, 640, 640), 160)
     full = np.asarray(Image.open(tmp_path / "f.jpg").convert("RGB").resize((160, 160), Image.BILINEAR))
     assert fast.shape == (160, 160, 3) and np.abs(fast.astype(int) - full.astype(int)).mean() < 2
+
+
+def test_synth_refuses_a_fold_count_before_writing_any_clip(tmp_path):
+    out = tmp_path / "set"
+    with pytest.raises(ValueError, match="k >= 3, got 2"):
+        write_downstream(out, 8, folds=2, workers=1, progress=False)
+    assert not out.exists()  # nothing rendered, nothing written

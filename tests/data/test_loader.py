@@ -172,11 +172,11 @@ def test_cavmae_inputs_match_an_independent_decode(corpus, cavmae_shards):
 
 def test_stored_form_is_checked(shards, cavmae_shards, corpus, tmp_path):
     data_cfg, model_cfg = _cfg()
-    with pytest.raises(ValueError, match="--full-frame --frames ten"):
+    with pytest.raises(loader.BadDataError, match="--full-frame --frames ten"):
         loader.make_pretrain_loader(shards, data_cfg, _cavmae_model())
-    with pytest.raises(ValueError, match="HiCMAE takes 16 frames in a row"):
+    with pytest.raises(loader.BadDataError, match="HiCMAE takes 16 frames in a row"):
         loader.make_pretrain_loader(cavmae_shards, data_cfg, model_cfg)
-    with pytest.raises(ValueError, match="--image-size 192"):
+    with pytest.raises(loader.BadDataError, match="--image-size 192"):
         loader.make_pretrain_loader(shards, data_cfg, ModelConfig(image_size=192))
     # whole frames at stride 4 serve both models: HiCMAE gets its face crop cut by the loader
     full = tmp_path / "full"
@@ -306,6 +306,76 @@ def test_truncated_shard_is_skipped(shards, tmp_path, caplog, indexed):
         assert "truncated shard" in caplog.text
     else:
         assert "KeyError: 'json'" in caplog.text and "shard-000000.tar is truncated" in caplog.text
+
+
+def test_garbage_shard_is_skipped_and_named_at_set_up(shards, tmp_path, caplog):
+    """500 kB of random bytes named like a shard (no index), and a good shard whose index is
+    garbage: the first is left out with a warning naming it, the second is scanned instead;
+    the stream reads the good shards only."""
+    good = sorted(shards.glob("shard-*.tar"))
+    for p in good:
+        shutil.copy(p, tmp_path)
+        shutil.copy(p.with_suffix(".json"), tmp_path)
+    shutil.copy(shards / "manifest.json", tmp_path)
+    (tmp_path / "shard-000900.tar").write_bytes(random.Random(0).randbytes(500_000))
+    (tmp_path / good[0].with_suffix(".json").name).write_bytes(random.Random(1).randbytes(300))
+    data_cfg, model_cfg = _cfg(batch_size=2, shuffle_buffer=2)
+    with caplog.at_level("WARNING"):
+        ld = loader.make_pretrain_loader(tmp_path, data_cfg, model_cfg)
+    names = [Path(s.path).name for s in ld.stream.shards]
+    assert names == [p.name for p in good]
+    assert f"1 of {len(good) + 1} shards hold no readable sample and are left out: shard-000900.tar " \
+           f"(not a readable tar: " in caplog.text
+    assert f"{good[0].with_suffix('.json').name}: unreadable index" in caplog.text
+    it = iter(ld)
+    batches = [next(it) for _ in range(ld.batches_per_epoch)]
+    assert sum(b["bad_samples"] for b in batches) == 0 and len({k for b in batches for k in b["key"]}) > 1
+
+    for p in good:  # nothing but garbage: an error that points at the warning
+        (tmp_path / p.name).unlink()
+    with pytest.raises(loader.BadDataError, match="none of the 1 shards .* holds a readable sample"):
+        loader.make_pretrain_loader(tmp_path, data_cfg, model_cfg)
+
+
+def test_missing_empty_or_raw_corpus_directory_says_what_to_do(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"shard directory {tmp_path / 'nope'} does not exist"):
+        loader.find_shards(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"no shard-\*.tar files in .*; write them with `hicmae-dist prepare`"):
+        loader.find_shards(tmp_path)
+    (tmp_path / "train-0.tar").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"1 other .tar files, e.g. train-0.tar"):
+        loader.find_shards(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"{corpus} holds media files \(dev/.*\), not shards: run "
+                                                rf"`hicmae-dist prepare --src {corpus} --out SHARD_DIR` first"):
+        loader.make_pretrain_loader(corpus, *_cfg())
+
+
+def test_truncated_shard_messages_give_the_byte_where_the_file_ends(shards, tmp_path):
+    """A read past the end names the file's real size (not where the sample starts), the set-up
+    notes an indexed shard that is shorter than its index, and a scan notices a cut that falls
+    on a header (which tarfile takes for the end of the archive)."""
+    samples = _samples(shards)[:4]
+    path = _rewrite(tmp_path / "shard-000000.tar", samples)
+    full = path.read_bytes()
+    bounds = load_index(path).boundaries
+    cut = bounds[2] + 700  # inside the third sample
+    path.write_bytes(full[:cut])
+    index = load_index(path)
+    assert index.meta["short"].startswith(f"the file ends at byte {cut}, its index at {bounds[-1]}")
+    reader = ShardReader([index])
+    for i in (2, 3):  # the sample cut in two, and the one wholly past the end (a seek beyond the file)
+        with pytest.raises(IOError, match=f"shard ends at byte {cut}, sample {i} needs bytes "
+                                          f"{bounds[i]}:{bounds[i + 1]}"):
+            reader.read(0, i)
+    reader.close()
+
+    path.with_suffix(".json").unlink()
+    for at in (bounds[2], cut):  # on the third sample's first header, and inside it
+        path.write_bytes(full[:at])
+        scanned = load_index(path)
+        assert len(scanned) == 2 and f"the file ends at byte {at}" in scanned.meta["truncated"], scanned.meta
+    path.write_bytes(full)
+    assert load_index(path).boundaries == bounds and "truncated" not in load_index(path).meta
 
 
 def test_fbank_matches_kaldi():
