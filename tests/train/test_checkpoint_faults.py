@@ -5,10 +5,13 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hicmae_dist.config import load_config
 from hicmae_dist.train import checkpoint, pretrain as pretrain_mod
@@ -89,6 +92,7 @@ def test_no_checkpoint_that_verifies_is_an_error_not_a_fresh_start(engine, tmp_p
         checkpoint.resume_checkpoint(tmp_path)
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_is_moved_aside_and_the_previous_one_resumes(shards, tmp_path, caplog):
     _pretrain(shards, tmp_path, "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2")
     root = tmp_path / "checkpoints"
@@ -129,7 +133,8 @@ def _refuse_loads(monkeypatch):
     monkeypatch.setattr(pretrain_mod, "to_universal", fail)
 
 
-def test_changed_config_or_data_is_refused_before_any_weight_is_loaded(shards, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_changed_config_or_data_is_refused_before_any_weight_is_loaded(shards, cli_env, tmp_path, monkeypatch):
     _pretrain(shards, tmp_path / "run", "train.steps=2", "train.checkpoint_every=2")
     other = tmp_path / "other-shards"  # another shard set: four of the six shards
     other.mkdir()
@@ -148,6 +153,14 @@ def test_changed_config_or_data_is_refused_before_any_weight_is_loaded(shards, t
         assert f"shard set {shards} (6 shards" in msg and f"reads {other} (4 shards" in msg
         assert "config hash" not in msg and "\n" not in msg
 
+    # the CLI: the refusal, not a size-mismatch traceback from loading the weights
+    r = subprocess.run([sys.executable, "-m", "hicmae_dist.cli", "pretrain", "--preset", "tiny-cpu", "--data",
+                        str(shards), "--run-dir", str(tmp_path / "run"), "--no-progress", *TINY, "train.steps=4",
+                        "model.width=128", "model.decoder_width=64"], capture_output=True, text=True, env=cli_env,
+                       timeout=300)
+    assert r.returncode != 0 and "config hash" in r.stderr and "--allow-config-change" in r.stderr
+    assert "size mismatch" not in r.stderr
+
     moved = tmp_path / "moved-shards"  # the same shards elsewhere: the same data set
     shutil.copytree(shards, moved)
     assert _pretrain(moved, tmp_path / "run", "train.steps=3")["start_step"] == 2
@@ -155,6 +168,52 @@ def test_changed_config_or_data_is_refused_before_any_weight_is_loaded(shards, t
     assert summary["start_step"] == 3 and summary["steps"] == 4
     state = json.loads((tmp_path / "run" / "checkpoints" / "step00000004" / "state.json").read_text())
     assert state["data_shards"] == str(other) and state["data_num_shards"] == 4  # the run now trains on it
+
+
+def _rank(rank: int, port: int, shards: str, run_dir: str, steps: int, queue) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    summary = _pretrain(shards, run_dir, f"train.steps={steps}", "train.checkpoint_every=2")
+    queue.put((rank, summary["start_step"], summary["steps"]))
+
+
+def _two_ranks(shards, run_dir, steps):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, str(shards), str(run_dir), steps, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = sorted(queue.get(timeout=300) for _ in procs)  # a hang (ranks disagreeing) fails here
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.exitcode is None:
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    return results
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_a_checkpoint_only_one_of_them_finds_bad(shards, tmp_path):
+    """Rank 1's optimizer shard of the newest checkpoint is cut: rank 1 checks its own manifest,
+    rank 0 does not; the agreed verdict moves it aside (rank 0) and both resume from the one before."""
+    _two_ranks(shards, tmp_path, 4)
+    root = tmp_path / "checkpoints"
+    assert {p.name for p in root.glob("step*")} == {"step00000002", "step00000004"}
+    assert (root / "step00000004" / "files_rank00001.json").exists()
+    _cut_in_half(root / "step00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert checkpoint.verify_checkpoint(root / "step00000004", rank=0, world_size=2) is None
+    assert _two_ranks(shards, tmp_path, 6) == [(0, 2, 6), (1, 2, 6)]
+    assert (root / "bad" / "step00000004-size" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
+    assert (root / "latest").read_text() == "step00000006"
 
 
 @pytest.fixture
@@ -175,6 +234,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_good_checkpoint(shards, small_disk):
     disk, resize = small_disk
     run_dir = disk / "run"
