@@ -1,21 +1,37 @@
-"""Atomic checkpoints: DeepSpeed's files plus our state.json, made current by a rename.
+"""Atomic, verified checkpoints: DeepSpeed's files plus our state.json, made current by a rename.
 
 Layout under <run_dir>/checkpoints/:
-    step00000100/          one complete checkpoint (DeepSpeed files + state.json)
+    step00000100/          one complete checkpoint (DeepSpeed files, rng_rank*.pt,
+                           files_rank*.json, state.json)
     latest                 the tag of the newest complete checkpoint
+    bad/<tag>-<reason>/    checkpoints that failed verification, moved aside (never deleted)
 A save writes into `.tmp-<tag>/`, renames it to `<tag>/` when every rank has written, then
-replaces `latest` atomically; a crash at any point leaves the previous checkpoint current.
+replaces `latest` atomically; a crash at any point leaves the previous checkpoint current, and
+the next start removes the `.tmp-*` it left.
+
+Each rank lists the files it wrote, with their sizes and CRC32s, in its own files_rankNNNNN.json
+(computed right after writing, read back from the page cache: 1.4-3.4 GB/s on a loaded 2-core
+machine, 0.7-0.9 s for a 1.2 GB optimizer shard whose torch.save took 10.8 s there). A resume (resume_checkpoint) verifies the newest checkpoint against these
+before any load; a bad one is named, moved aside, and the one before it is tried. Checkpoints
+from before the manifests are checked as far as they can be (each .pt a complete zip archive).
+
 Every load, DeepSpeed's included, runs with weights_only=True (weights_only_loads).
 A checkpoint written at another world size is converted to DeepSpeed's universal format first.
+A save that fails for lack of space raises DiskFullError (one line, naming the file and the
+last good checkpoint) after removing its partial `.tmp-*`.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import logging
 import os
 import random
 import shutil
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +39,33 @@ import torch
 
 from hicmae_dist import comm
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "state.json"
 LATEST = "latest"
+BAD_DIR = "bad"
+TMP_PREFIX = ".tmp-"
+MANIFEST_KEY = "file_manifests"  # in state.json: how many files_rank*.json the checkpoint has
+CHUNK = 8 << 20
+# Why a verification fails, in the order the ranks report it (agreed as flags through comm.agree).
+BAD_REASONS = ("missing", "size", "checksum", "unreadable")
+# errnos that mean "the disk (or this process's share of it) is full"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot continue this run (other config or data, none that verifies)."""
+
+
+class DiskFullError(OSError):
+    """A save that failed for lack of space; str() is the whole one-line message."""
+
+    def __init__(self, code: int, message: str, filename: str):
+        super().__init__(code, os.strerror(code))
+        self.filename, self.message = filename, message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _deepspeed_safe_globals() -> list[Any]:
@@ -75,7 +116,7 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -83,24 +124,118 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _manifest_file(rank: int) -> str:
+    return f"files_rank{rank:05d}.json"
+
+
+def file_record(path: Path) -> dict[str, int]:
+    """Size and CRC32 of a file, read in 8 MiB chunks (zlib.crc32: about 4x blake2b's speed; it
+    guards against truncation and torn or flipped bytes, not tampering)."""
+    crc, buf = 0, bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return {"bytes": path.stat().st_size, "crc32": crc}
+
+
+@contextlib.contextmanager
+def _recording_writes(engine, written: list[Path]):
+    """Appends each file DeepSpeed's checkpoint engine writes on this rank to `written` (the
+    file in flight last: a failed write names it)."""
+    ckpt_engine = engine.checkpoint_engine
+    real_save = ckpt_engine.save
+
+    def save(state_dict, path, *args, **kwargs):
+        written.append(Path(path))
+        return real_save(state_dict, path, *args, **kwargs)
+
+    ckpt_engine.save = save
+    try:
+        yield
+    finally:
+        del ckpt_engine.save  # back to the class's method
+
+
+def disk_full_errno(err: BaseException, probe_dir: Path | None = None) -> int | None:
+    """ENOSPC / EDQUOT / EFBIG when `err` comes from a full disk, else None. torch's and
+    DeepSpeed's writers lose the errno ("basic_ios::clear: iostream error", "unexpected pos ..."):
+    then a 1 MiB probe write into probe_dir tells (the failed write's partial file still fills
+    the disk at that point)."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            return seen.errno
+        for code in DISK_FULL:
+            if os.strerror(code) in str(seen):
+                return code
+        seen = seen.__cause__ or seen.__context__
+    if probe_dir is None or not isinstance(err, (OSError, RuntimeError)):
+        return None
+    probe = probe_dir / f"{TMP_PREFIX}probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as probe_err:
+        return probe_err.errno if probe_err.errno in DISK_FULL else None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
+
+
+def _last_good(run_dir: Path) -> str:
+    try:
+        last = latest_checkpoint(run_dir)
+    except OSError as err:
+        return f"unknown ({err})"
+    return str(last) if last is not None else "none (no checkpoint was written yet)"
+
+
+def disk_full_error(code: int, what: Path | str, run_dir: Path) -> DiskFullError:
+    return DiskFullError(code, f"{os.strerror(code)} while writing {what}; the last good checkpoint is "
+                               f"{_last_good(run_dir)}", str(what))
+
+
 def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+    Raises DiskFullError (the partial .tmp-<tag> removed) when a write fails for lack of space;
+    the launcher (torchrun, srun) then ends the other ranks."""
     root = checkpoint_root(run_dir)
     tag = f"step{step:08d}"
-    tmp_tag, final = f".tmp-{tag}", root / tag
-    if comm.is_rank0() and (root / tmp_tag).exists():  # left by a crash during an earlier save
-        shutil.rmtree(root / tmp_tag)
-    comm.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    tmp_tag, final = f"{TMP_PREFIX}{tag}", root / tag
+    tmp = root / tmp_tag
     rank, world_size = comm.world()
-    torch.save(_rng_state(), root / tmp_tag / _rng_file(rank))  # dropout/drop-path streams, per rank
-    comm.barrier()
+    written: list[Path] = []
+    try:
+        if comm.is_rank0() and tmp.exists():  # left by a crash during an earlier save
+            shutil.rmtree(tmp)
+        comm.barrier()
+        with _recording_writes(engine, written):
+            engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+        written.append(tmp / _rng_file(rank))
+        torch.save(_rng_state(), written[-1])  # dropout/drop-path streams, per rank
+        manifest = {"rank": rank, "files": {p.name: file_record(p) for p in written}}
+        written.append(tmp / _manifest_file(rank))
+        _atomic_write(written[-1], json.dumps(manifest, indent=1))
+        comm.barrier()
+        if comm.is_rank0():
+            written.append(tmp / STATE_FILE)
+            _atomic_write(written[-1], json.dumps({**state, "step": step, MANIFEST_KEY: world_size}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            written.append(root / LATEST)
+            _atomic_write(written[-1], tag)
+    except (OSError, RuntimeError) as err:
+        code = disk_full_errno(err, root)
+        if code is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint: space back at once
+        raise disk_full_error(code, written[-1] if written else tmp, run_dir) from err
     if comm.is_rank0():
-        _atomic_write(root / tmp_tag / STATE_FILE, json.dumps({**state, "step": step}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(root / tmp_tag, final)
-        _atomic_write(root / LATEST, tag)
         complete = sorted(p for p in root.glob("step*") if (p / STATE_FILE).exists())
         for old in complete[:-keep]:
             shutil.rmtree(old)
@@ -121,7 +256,131 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def saved_world_size(path: Path) -> int:
-    return json.loads((path / STATE_FILE).read_text()).get("world_size", 1)
+    return read_state(path).get("world_size", 1)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json (no weights)."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
+# --- verification before a resume ----------------------------------------------------------------
+
+def verify_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> tuple[str, str] | None:
+    """This rank's share of the checks of one checkpoint: (reason in BAD_REASONS, detail naming
+    the file) for the first problem found, None when its share is sound. The work is split by
+    index over the ranks (manifest r is checked by rank r % world_size), so a checkpoint written
+    at another world size is still checked whole."""
+    try:
+        state = read_state(path)
+    except FileNotFoundError:
+        return "missing", f"{path / STATE_FILE} is missing"
+    except (OSError, ValueError) as err:
+        return "unreadable", f"{path / STATE_FILE}: {err}"
+    if MANIFEST_KEY not in state:  # written before the manifests: each .pt must be a whole zip
+        for i, f in enumerate(sorted(path.glob("*.pt"))):
+            if i % world_size == rank:
+                try:
+                    with zipfile.ZipFile(f) as z:
+                        broken = z.testzip()  # reads every entry, checks its CRC
+                except (OSError, zipfile.BadZipFile, EOFError) as err:
+                    return "unreadable", f"{f}: {err}"
+                if broken is not None:
+                    return "checksum", f"{f}: entry {broken} fails its CRC"
+        return None
+    for r in range(rank, int(state[MANIFEST_KEY]), world_size):
+        manifest = path / _manifest_file(r)
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except FileNotFoundError:
+            return "missing", f"{manifest} is missing"
+        except (OSError, ValueError, KeyError) as err:
+            return "unreadable", f"{manifest}: {err}"
+        for name, want in files.items():
+            f = path / name
+            if not f.exists():
+                return "missing", f"{f} is missing"
+            size = f.stat().st_size
+            if size != want["bytes"]:
+                return "size", f"{f} has {size} bytes, {want['bytes']} were written"
+            if file_record(f)["crc32"] != want["crc32"]:
+                return "checksum", f"{f} does not match the CRC32 written at save time"
+    return None
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Remove the .tmp-* a crashed or failed save left (rank 0, before any save)."""
+    root = checkpoint_root(run_dir)
+    for parent in (root, root / "universal"):
+        for tmp in sorted(parent.glob(f"{TMP_PREFIX}*")) if parent.is_dir() else []:
+            log.warning("removing %s, left by an interrupted save", tmp)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    """What `latest` names (unverified), or None when the run has no checkpoint."""
+    pointer = checkpoint_root(run_dir) / LATEST
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
+def _move_aside(path: Path, reason: str) -> Path:
+    bad = path.parent / BAD_DIR
+    bad.mkdir(exist_ok=True)
+    dest, n = bad / f"{path.name}-{reason}", 1
+    while dest.exists():
+        n += 1
+        dest = bad / f"{path.name}-{reason}-{n}"
+    os.replace(path, dest)
+    return dest
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """Collective, at the start of a run: remove stale temporaries (rank 0), then return the
+    newest checkpoint that verifies, starting from the one `latest` names. Every rank checks
+    its share and all agree on each verdict; a bad checkpoint is named in a warning and moved
+    aside by rank 0 to checkpoints/bad/<tag>-<reason>, and `latest` is pointed at the one used.
+    Raises ResumeError when checkpoints exist but none verifies. None: a fresh run."""
+    rank, world_size = comm.world()
+    if rank == 0:
+        remove_stale_temporaries(run_dir)
+    comm.barrier()
+    root, named = checkpoint_root(run_dir), latest_tag(run_dir)
+    if named is None:
+        return None
+    candidates = [root / named] + sorted((p for p in root.glob("step*") if p.is_dir() and p.name < named),
+                                         reverse=True)
+    moved = []
+    for ckpt in candidates:
+        if not ckpt.is_dir():
+            log.warning("%s names %s, which does not exist; trying the checkpoint before it", root / LATEST, ckpt)
+            continue
+        mine = verify_checkpoint(ckpt, rank, world_size)
+        if mine is not None:
+            log.warning("checkpoint %s is bad: %s", ckpt, mine[1])
+        flags = comm.agree([mine is not None and mine[0] == r for r in BAD_REASONS])
+        if not any(flags):
+            if MANIFEST_KEY not in read_state(ckpt):
+                log.warning("checkpoint %s was written without file manifests (before checksums were "
+                            "recorded): checked that its state.json reads and each .pt is a complete archive",
+                            ckpt)
+            if ckpt.name != named and rank == 0:
+                _atomic_write(root / LATEST, ckpt.name)
+                log.warning("resuming from %s instead of %s", ckpt, named)
+            comm.barrier()
+            return ckpt
+        reason = BAD_REASONS[flags.index(True)]
+        comm.barrier()  # every rank is done reading it
+        if rank == 0:
+            moved.append(_move_aside(ckpt, reason))
+            log.warning("checkpoint %s failed verification (%s%s); moved aside to %s", ckpt, reason,
+                        f": {mine[1]}" if mine else " on another rank, see its log", moved[-1])
+        comm.barrier()
+    raise ResumeError(f"no checkpoint under {root} verifies (moved aside to {root / BAD_DIR}: "
+                            f"{', '.join(p.name for p in moved) or 'none'}); move one back by hand, or start "
+                            f"over with a new --run-dir")
 
 
 def to_universal(path: Path) -> Path:

@@ -43,7 +43,7 @@ from hicmae_dist.eval.datasets import DatasetPreset, get_dataset
 from hicmae_dist.models import build_finetune_model
 from hicmae_dist.models.convert import Converted
 from hicmae_dist.tracking import Tracker, default_uri
-from hicmae_dist.train.checkpoint import latest_checkpoint, save_checkpoint
+from hicmae_dist.train.checkpoint import latest_tag, resume_checkpoint, save_checkpoint
 from hicmae_dist.train.engine import build_engine, global_batch, set_lr
 from hicmae_dist.train.pretrain import (ResumeError, clear_stop, open_tracker, restore, seed_everything,
                                         stop_reason, stop_requested)
@@ -330,9 +330,10 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
     model, groups, load_report = build_finetune(cfg, task, pretrained)
     engine = build_engine(model, cfg, dist_env.world_size, groups=groups)
     state = FoldState(config_hash=cfg.hash(finetune=True), world_size=dist_env.world_size)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and resume == "never":
-        raise ResumeError(f"{run_dir} already holds checkpoint {ckpt.name}; use --resume auto or a new --run-dir")
+    if resume == "never" and latest_tag(run_dir) is not None:
+        raise ResumeError(f"{run_dir} already holds checkpoint {latest_tag(run_dir)}; use --resume auto or a new "
+                          f"--run-dir")
+    ckpt = resume_checkpoint(run_dir)  # verified; removes what interrupted saves left
     if ckpt is not None:
         state = restore(engine, ckpt, state, run_dir, allow_config_change)
         log.info("resumed from %s at epoch %d, batch %d", ckpt, state.epoch, state.batch_in_epoch)

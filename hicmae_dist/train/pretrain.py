@@ -2,6 +2,8 @@
 `--resume auto`, MLflow tracking from rank 0 and a closing summary."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -20,8 +22,9 @@ from hicmae_dist.config import Config
 from hicmae_dist.data.loader import make_pretrain_loader
 from hicmae_dist.tracking import Tracker, default_uri
 from hicmae_dist.train.accounting import model_flops_per_sample, peak_flops
-from hicmae_dist.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, saved_world_size,
-                                          to_universal)
+from hicmae_dist.train.checkpoint import (DiskFullError, ResumeError, disk_full_error, disk_full_errno,
+                                          latest_checkpoint, latest_tag, load_checkpoint, read_state,
+                                          resume_checkpoint, save_checkpoint, saved_world_size, to_universal)
 from hicmae_dist.train.engine import build_engine, build_model_for_engine, deepspeed_config, global_batch, set_lr
 from hicmae_dist.train.progress import Progress
 from hicmae_dist.train.schedule import lr_at
@@ -63,10 +66,6 @@ def clear_stop() -> None:
     _stop_reason.clear()
 
 
-class ResumeError(RuntimeError):
-    """A checkpoint that cannot continue this run (other config, missing files)."""
-
-
 @dataclass
 class RunState:
     """What a checkpoint carries besides weights and optimizer state."""
@@ -78,18 +77,65 @@ class RunState:
     batches: int = 0  # batches this rank has read: the data position
     bad_samples: int = 0  # unreadable samples the loader skipped and replaced
     nonfinite_skipped: int = 0
+    data_id: str = ""  # shard_set_identity: the data set the run trains on
+    data_shards: str = ""
+    data_num_shards: int = 0
 
 
-def restore(engine, ckpt: Path, state, run_dir: Path, allow_config_change: bool):
-    """Load `ckpt` into the engine (collective) and return its saved state as type(state), with
-    this run's world size and config hash; a checkpoint of another config is refused unless
-    allow_config_change."""
-    saved = load_checkpoint(engine, ckpt)
-    if saved["config_hash"] != state.config_hash and not allow_config_change:
-        raise ResumeError(f"checkpoint {ckpt} was written with config hash {saved['config_hash']}, "
-                          f"this run has {state.config_hash}: the model, data or optimiser settings "
-                          f"changed (compare {run_dir / 'config.yaml'}); --allow-config-change resumes anyway")
-    return type(state)(**{**saved, "world_size": state.world_size, "config_hash": state.config_hash})
+def shard_set_identity(shards_dir: str | Path) -> dict[str, Any]:
+    """The data set's identity: a hash of its shard names and sizes (the loader's shard-*.tar),
+    independent of where the directory sits; another or a re-prepared shard set changes it."""
+    shards = sorted(Path(shards_dir).glob("shard-*.tar"))
+    listing = json.dumps([[p.name, p.stat().st_size] for p in shards])
+    return {"data_id": hashlib.sha256(listing.encode()).hexdigest()[:16], "data_shards": str(shards_dir),
+            "data_num_shards": len(shards)}
+
+
+# The fields of a run state that describe this run, not the checkpoint: kept on restore.
+_THIS_RUN = ("world_size", "config_hash", "data_id", "data_shards", "data_num_shards")
+
+
+def check_resume(ckpt: Path, state, run_dir: Path, allow_config_change: bool) -> dict[str, Any]:
+    """Collective, before any weight is loaded: compare `ckpt`'s state.json with this run's config
+    hash and data identity (when `state` and the checkpoint carry one) and refuse a change with
+    ResumeError unless allow_config_change. Returns the saved state."""
+    saved = read_state(ckpt)
+    config_changed = saved.get("config_hash") != state.config_hash
+    data_known = bool(getattr(state, "data_id", "")) and "data_id" in saved
+    data_changed = data_known and saved["data_id"] != state.data_id
+    # the same inputs on every rank; agreed anyway, so that no rank loads while another refuses
+    config_changed, data_changed = comm.agree([config_changed, data_changed])
+    problems = []
+    if config_changed:
+        problems.append(f"checkpoint {ckpt} was written with config hash {saved.get('config_hash')}, this run has "
+                        f"{state.config_hash}: the model, data or optimiser settings changed "
+                        f"(compare {run_dir / 'config.yaml'})")
+    if data_changed:
+        problems.append(f"checkpoint {ckpt} was written on the shard set {saved.get('data_shards')} "
+                        f"({saved.get('data_num_shards')} shards, id {saved['data_id']}), this run reads "
+                        f"{state.data_shards} ({state.data_num_shards} shards, id {state.data_id}): another data set")
+    if problems and not allow_config_change:
+        raise ResumeError("; ".join(problems) + "; --allow-config-change resumes anyway")
+    for problem in problems:
+        log.warning("%s; resuming anyway (--allow-config-change)", problem)
+    if getattr(state, "data_id", "") and "data_id" not in saved:
+        log.warning("checkpoint %s records no data identity (written before it was recorded): the data set is "
+                    "not checked on this resume", ckpt)
+    return saved
+
+
+def restore(engine, ckpt: Path, state, run_dir: Path, allow_config_change: bool,
+            saved: dict[str, Any] | None = None):
+    """Check `ckpt` against this run (check_resume, unless its result is passed as `saved`: a
+    changed config or data set is refused before any weight is loaded), load it into the engine
+    (collective) and return its saved state as type(state), with this run's world size, config
+    hash and data identity."""
+    if saved is None:
+        saved = check_resume(ckpt, state, run_dir, allow_config_change)
+    load_checkpoint(engine, ckpt)
+    known = {f.name for f in dataclasses.fields(state)}
+    return type(state)(**{**{k: v for k, v in saved.items() if k in known},
+                          **{k: getattr(state, k) for k in _THIS_RUN if k in known}})
 
 
 def open_tracker(cfg: Config, run_dir: Path, tracking_uri: str | None, rank0: bool,
@@ -153,9 +199,13 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
     if not cfg.data.shards:
         raise ValueError("data.shards is empty: pass --data DIR (a directory of .tar shards)")
 
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and resume == "never":
-        raise ResumeError(f"{run_dir} already holds checkpoint {ckpt.name}; use --resume auto or a new --run-dir")
+    if resume == "never" and latest_tag(run_dir) is not None:
+        raise ResumeError(f"{run_dir} already holds checkpoint {latest_tag(run_dir)}; use --resume auto or a new "
+                          f"--run-dir")
+    ckpt = resume_checkpoint(run_dir)  # verified; removes what interrupted saves left
+    state = RunState(config_hash=cfg.hash(), world_size=dist_env.world_size, **shard_set_identity(cfg.data.shards))
+    # before any conversion or load: a changed config or data set is refused first
+    saved = check_resume(ckpt, state, run_dir, allow_config_change) if ckpt is not None else None
     universal = ckpt is not None and saved_world_size(ckpt) != dist_env.world_size
     if universal:  # written by another number of ranks: convert once (rank 0), load anywhere
         if rank0:
@@ -170,9 +220,8 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
                           load_universal=universal)
     batch = global_batch(cfg, dist_env.world_size)
 
-    state = RunState(config_hash=cfg.hash(), world_size=dist_env.world_size)
     if ckpt is not None:
-        state = restore(engine, ckpt, state, run_dir, allow_config_change)
+        state = restore(engine, ckpt, state, run_dir, allow_config_change, saved=saved)
         log.info("resumed from %s at step %d", ckpt, state.step)
     start_step = state.step
 
@@ -284,6 +333,11 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
                 log.warning("stopping at step %d (%s); checkpoint saved", state.step, interrupted)
                 break
         status = "KILLED" if interrupted else "FINISHED"
+    except OSError as err:  # metrics.jsonl and the like on a full disk: one line too (DiskFullError)
+        code = None if isinstance(err, DiskFullError) else disk_full_errno(err)
+        if code is None:
+            raise
+        raise disk_full_error(code, err.filename or run_dir, run_dir) from err
     finally:
         clear_stop()
         reporter.close()
