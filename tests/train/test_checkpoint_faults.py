@@ -158,8 +158,10 @@ def test_changed_config_or_data_is_refused_before_any_weight_is_loaded(shards, c
                         str(shards), "--run-dir", str(tmp_path / "run"), "--no-progress", *TINY, "train.steps=4",
                         "model.width=128", "model.decoder_width=64"], capture_output=True, text=True, env=cli_env,
                        timeout=300)
-    assert r.returncode != 0 and "config hash" in r.stderr and "--allow-config-change" in r.stderr
-    assert "size mismatch" not in r.stderr
+    assert r.returncode == 1 and "config hash" in r.stderr and "--allow-config-change" in r.stderr
+    assert "size mismatch" not in r.stderr and "Traceback" not in r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("hicmae-dist pretrain:")]
+    assert "config hash" in line
 
     moved = tmp_path / "moved-shards"  # the same shards elsewhere: the same data set
     shutil.copytree(shards, moved)
