@@ -123,10 +123,10 @@ def _journal_rows(path: Path):
         for line in f:
             try:
                 row = json.loads(line)
-            except ValueError:
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
                 continue
-            yield int(row["step"]), {k: float(v) for k, v in row.items()
-                                     if k != "step" and isinstance(v, (int, float))}
+            yield step, {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
 
 
 class _Outbox:
@@ -294,6 +294,7 @@ class Tracker:
         self._thread: threading.Thread | None = None
         self._system_thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._system_stop = threading.Event()
         if not enabled:
             return
         bound_http_retries()
@@ -395,7 +396,7 @@ class Tracker:
             log.warning("no system metrics: %s", err)
             return
         step = 0
-        while not self._stop.wait(interval_s):
+        while not self._system_stop.wait(interval_s):
             try:
                 monitor.collect_metrics()
                 metrics = monitor.aggregate_metrics()
@@ -440,6 +441,9 @@ class Tracker:
         if not self.enabled or self._thread is None:
             return
         box = self._outbox
+        self._system_stop.set()
+        if self._system_thread is not None:
+            self._system_thread.join(timeout=2.0)  # sampling only: the sender holds its samples
         if status is not None:
             box.put("status", status)
         deadline = time.monotonic() + wait_s
