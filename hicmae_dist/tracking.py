@@ -140,6 +140,7 @@ class _Outbox:
         self.metric_rows = 0
         self.lost_rows = 0  # dropped with no journal to replay them from
         self.replay = journal is not None and resumed  # rows of earlier sessions MLflow may lack
+        self.replays_asked = 0  # a replay asked for while one runs is run again
         self.held: dict[str, int] | None = None if resumed else {}
         self.system_base = 0  # system-metric steps continue after those the run holds
         self.sent = self.skipped = 0
@@ -152,6 +153,7 @@ class _Outbox:
                 if self.metric_rows >= OUTBOX_ROWS:
                     if self.journal is not None:
                         self.replay = True  # the row is in the journal: sent from there later
+                        self.replays_asked += 1
                         self.lock.notify()
                         return
                     self._drop_oldest_metrics()
@@ -184,9 +186,11 @@ class _Outbox:
             self.system_base = max(system) + 1 if system else 0
             self.held = {k: s for k, s in held.items() if not k.startswith("system/")}
         if self.replay:  # first: the journal is complete, the queue then only holds what it has
+            with self.lock:
+                asked = self.replays_asked
             self._replay()
             with self.lock:
-                self.replay = False
+                self.replay = self.replays_asked != asked
             return
         with self.lock:
             item = self.items[0] if self.items else None
@@ -229,6 +233,8 @@ class _Outbox:
             self.client.set_terminated(self.run_id, status=payload)
 
     def _log_metrics(self, metrics: list, dedupe: bool) -> None:
+        # A retry resends the same Metric objects (same timestamps): a server whose reply was lost
+        # stores them once (the SQL store's key is key, timestamp, step, value).
         if dedupe:  # one value per step: what the run holds stays
             fresh = [m for m in metrics if m.step > self.held.get(m.key, -math.inf)]
             self.skipped += len(metrics) - len(fresh)

@@ -105,3 +105,28 @@ def test_finish_against_a_dead_server_returns_and_sync_sends_the_rest(tmp_path):
     assert sorted(_history(uri, run_id, "loss")) == [1, 2]
     assert [a.path for a in client.list_artifacts(run_id)] == ["summary.json"]
     assert " 0 metric values sent" in sync_run_dir(tmp_path)[0]  # again: nothing twice
+
+
+def test_the_sender_catches_up_from_the_journal_when_the_server_is_back(tmp_path, monkeypatch):
+    """An outage longer than the outbox holds: rows beyond it are dropped from memory, and replayed
+    from metrics.jsonl once the server answers again; every step once, in the same session."""
+    import hicmae_dist.tracking as tracking
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setattr(tracking, "OUTBOX_ROWS", 2)
+    uri, journal = default_uri(tmp_path), tmp_path / "metrics.jsonl"
+    t = Tracker(True, uri, "exp", tmp_path, system_metrics_s=0, journal=journal)
+    live = t._outbox.client
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        t._outbox.client = MlflowClient(tracking_uri=f"http://127.0.0.1:{s.getsockname()[1]}")
+    rows = {s: float(s) for s in range(1, 7)}
+    for s, v in rows.items():
+        _journal(journal, {k: x for k, x in rows.items() if k <= s})
+        t.log_metrics(s, {"loss": v, "lr": 0.1 * s})
+    assert len(t._outbox.items) == 2 and t._outbox.replay  # 4 rows left to the journal
+    t._outbox.client = live  # the server is back
+    t.finish("FINISHED", wait_s=60)
+    loss = _history(uri, t.run_id, "loss")
+    assert {s: v for s, (v,) in loss.items()} == rows
+    assert MlflowClient(tracking_uri=uri).get_run(t.run_id).info.status == "FINISHED"
