@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -53,6 +54,17 @@ HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 # MlflowException codes worth trying again (the server or the network); others drop the item
 TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+
+
+SENDER_THREAD = "mlflow-sender"
+
+
+def _not_from_the_sender(record: logging.LogRecord) -> bool:
+    return record.threadName != SENDER_THREAD
+
+
+# urllib3 logs each retry of each request: the sender's outage is one warning of ours instead
+logging.getLogger("urllib3.connectionpool").addFilter(_not_from_the_sender)
 
 
 class TrackingUnavailable(ConfigError):
@@ -81,6 +93,13 @@ def check_reachable(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         why = getattr(err, "strerror", None) or str(err) or type(err).__name__
         raise TrackingUnavailable(f"tracking server {uri} is unreachable ({why}); start it, pass another "
                                   f"--tracking-uri, or run without tracking: tracking.enabled=false") from None
+
+
+def _reason(err: BaseException) -> str:
+    """The short why of an MLflow failure ("Connection refused"), not urllib3's whole chain."""
+    text = str(err)
+    m = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", text) or re.search(r"(Read timed out|timed out)", text)
+    return m.group(1).strip() if m else text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def _transient(err: BaseException) -> bool:
@@ -300,6 +319,7 @@ class Tracker:
         self._thread: threading.Thread | None = None
         self._system_thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # ends the sender's backoff early (finish)
         self._system_stop = threading.Event()
         if not enabled:
             return
@@ -321,7 +341,8 @@ class Tracker:
             self._outbox.load_pending(previous.get("pending", {}), with_status=False)
         self._record(None)
         self._outage_since: float | None = None
-        self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self._tries = self._last_failed_try = 0  # numbered: finish() knows a try it woke failed
+        self._thread = threading.Thread(target=self._send_loop, name=SENDER_THREAD, daemon=True)
         self._thread.start()
         if system_metrics_s > 0:  # CPU, memory, disk, network (and GPU where present)
             self._system_thread = threading.Thread(target=self._sample_system, args=(system_metrics_s,),
@@ -353,19 +374,21 @@ class Tracker:
                     box.lock.wait()
             if self._stop.is_set():
                 return
+            self._tries += 1
             try:
                 box.send_next()
             except Exception as err:  # noqa: BLE001 - nothing of MLflow's may reach training
                 if not _transient(err):
                     self._drop_head(err)
                     continue
+                self._last_failed_try = self._tries
                 if self._outage_since is None:
                     self._outage_since = time.time()
                     log.warning("MLflow at %s unreachable (%s); training goes on, metrics stay in the run "
                                 "directory and are sent when it is back (or by `hicmae-dist sync %s`)",
-                                self.uri, str(err).splitlines()[0][:300], self.run_dir)
-                with box.lock:
-                    box.lock.wait(backoff)  # finish() wakes it early
+                                self.uri, _reason(err), self.run_dir)
+                self._wake.wait(backoff)  # new items do not shorten it; finish() does
+                self._wake.clear()
                 backoff = min(2 * backoff, MAX_BACKOFF_S)
                 continue
             backoff = 1.0
@@ -389,7 +412,7 @@ class Tracker:
             else:
                 what = "system metrics"
                 box.system.clear()
-        log.warning("MLflow run %s refused %s, dropped: %s", self.run_id, what, str(err).splitlines()[0][:300])
+        log.warning("MLflow run %s refused %s, dropped: %s", self.run_id, what, _reason(err))
 
     def _sample_system(self, interval_s: float) -> None:
         """MLflow's CPU/disk/network/GPU monitors, sampled here and sent through the outbox (its own
@@ -452,11 +475,15 @@ class Tracker:
             self._system_thread.join(timeout=2.0)  # sampling only: the sender holds its samples
         if status is not None:
             box.put("status", status)
+        self._wake.set()  # one more try now, not after the backoff
+        woken_after = self._tries  # a try numbered above this one started after the wake
         deadline = time.monotonic() + wait_s
-        with box.lock:
-            while not box.empty() and time.monotonic() < deadline and self._thread.is_alive():
+        with box.lock:  # until sent, the time is up, or the server is down and a try since failed
+            while (not box.empty() and time.monotonic() < deadline and self._thread.is_alive()
+                   and not (self._outage_since is not None and self._last_failed_try > woken_after)):
                 box.lock.wait(0.1)
         self._stop.set()
+        self._wake.set()
         with box.lock:
             box.lock.notify_all()
         self._thread.join(timeout=1.0)  # a request in flight keeps going in its daemon thread
@@ -469,8 +496,8 @@ class Tracker:
                     "missing metric rows" if box.replay else "",
                     f"{len(pending['artifacts'])} artifacts" if pending["artifacts"] else "",
                     f"status {pending['status']}" if pending["status"] else ""]
-            log.warning("MLflow at %s did not take everything in %.0f s (%s left); the run directory keeps "
-                        "them: `hicmae-dist sync %s` sends them", self.uri, wait_s,
+            log.warning("MLflow at %s did not take everything (%s left); the run directory keeps them: "
+                        "`hicmae-dist sync %s` sends them", self.uri,
                         ", ".join(x for x in left if x) or "params/tags", self.run_dir)
         else:
             self._record(None)
@@ -493,7 +520,7 @@ def finish_run(run_dir: Path, uri: str, run_id: str, status: str) -> bool:
         sent = True
     except Exception as err:  # noqa: BLE001 - the job's own outcome matters more
         log.warning("could not mark MLflow run %s %s at %s (%s); `hicmae-dist sync %s` will", run_id, status, uri,
-                    str(err).splitlines()[0][:300], run_dir)
+                    _reason(err), run_dir)
         sent = False
     record = _read_record(Path(run_dir))
     if record.get("run_id") == run_id:
