@@ -106,8 +106,7 @@ def check_tracking(cfg: Config, run_dir: Path, tracking_uri: str | None, rank0: 
             err = e
     (bad,) = comm.agree([err is not None], comm.current_device())
     if bad:
-        raise err or TrackingUnavailable(f"tracking server {uri} is unreachable from rank 0; start it, pass another "
-                                         f"--tracking-uri, or run without tracking: tracking.enabled=false")
+        raise err or TrackingUnavailable(f"tracking server {uri} is unreachable from rank 0 (see its log)")
 
 
 def open_tracker(cfg: Config, run_dir: Path, tracking_uri: str | None, rank0: bool,
