@@ -524,12 +524,12 @@ def run_protocol(cfg: Config, split_root: Path, folds: list[int], run_dir: Path,
     parent = Tracker(rank0 and cfg.tracking.enabled, uri, cfg.tracking.experiment, run_dir,
                      run_name=cfg.tracking.run_name or run_dir.name, run_id=saved.get("mlflow_run_id"),
                      system_metrics_s=0)
-    if rank0 and not saved:
-        parent.set_tags({"protocol": f"{len(folds)} folds", "dataset": cfg.finetune.dataset or "custom"})
-        parent.log_params({**cfg.flat(), "folds": ",".join(map(str, folds)), "splits": str(split_root)})
-        _atomic_json(protocol_file, {"mlflow_run_id": parent.run_id, "folds": folds, "splits": str(split_root)})
     per_fold = {}
-    try:
+    try:  # from here on every way out ends the protocol run
+        if rank0 and not saved:
+            parent.set_tags({"protocol": f"{len(folds)} folds", "dataset": cfg.finetune.dataset or "custom"})
+            parent.log_params({**cfg.flat(), "folds": ",".join(map(str, folds)), "splits": str(split_root)})
+            _atomic_json(protocol_file, {"mlflow_run_id": parent.run_id, "folds": folds, "splits": str(split_root)})
         for fold in folds:
             fold_dir = run_dir / f"fold{fold:02d}"
             done = fold_dir / RESULTS_FILE
