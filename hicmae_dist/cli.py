@@ -173,6 +173,29 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_doctor)
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from hicmae_dist.tracking import sync_run_dir
+
+    try:
+        lines = sync_run_dir(Path(args.run_dir), args.tracking_uri)
+    except Exception as err:  # unreachable, no record, a refusal: one line; nothing recorded is lost
+        print(f"hicmae-dist sync: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+def _add_sync(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("sync", help="send to MLflow what a tracking outage kept in a run directory",
+                       description="Send RUN_DIR's metric steps the MLflow run lacks (from metrics.jsonl, one value "
+                                   "per step: steps the run holds are not sent again), and the params, artifacts "
+                                   "and final status that RUN_DIR/tracking.json (and its folds') lists as not "
+                                   "sent. Safe to run again.")
+    s.add_argument("run_dir", help="a pretraining or fine-tuning run directory")
+    s.add_argument("--tracking-uri", help="send there instead of the URI the run was tracked at")
+    s.set_defaults(func=cmd_sync)
+
+
 def dry_run_report(cfg, preset: str, world_size: int) -> str:
     """The resolved config, the generated DeepSpeed config, the per-rank memory estimate and the
     step budget: everything `pretrain` would do, decided without data or devices."""
@@ -827,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_data(sub)
     _add_bench_kernels(sub)
     _add_doctor(sub)
+    _add_sync(sub)
     _add_slurm_verbs(sub)
     _add_global_flags(p)
     return p

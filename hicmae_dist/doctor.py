@@ -608,7 +608,7 @@ def _zero_worker(rank: int, world: int, port: int, preset: str, out_dir: str) ->
         state = sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()
                     if torch.is_tensor(t) and t.dim() > 0)
         results[stage] = {"losses": losses, "refused": refused, "optimizer_state_bytes": state}
-        del engine, inner
+        engine = inner = None  # freed before the next stage builds its engine
         torch.cuda.empty_cache()
     torch.save(results, Path(out_dir) / f"world{world}-rank{rank}.pt")
     # no rank tears the group down while another still uses it (files: hicmae_dist.comm owns the collectives)

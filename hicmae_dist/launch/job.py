@@ -16,7 +16,8 @@ installs its handlers before it calls us) with the trainer's stop request:
 1. USR2 / SIGTERM on any rank -> `request_stop()` (just sets a flag, safe in a handler).
 2. The training loop all-reduces the flag after every step, so all ranks agree to stop after
    the same step; they save a checkpoint together (collective, atomic) and pretrain() returns
-   with summary["interrupted"] set. The MLflow run is left RUNNING.
+   with summary["interrupted"] set. The MLflow run is marked KILLED (the resume sets it
+   RUNNING again).
 3. Rank 0 asks Slurm why: PreemptTime set -> preemption; little time left -> time limit.
    Preemption (or a USR2 sent by hand) always requeues; a time limit requeues while fewer
    than `max_timeouts` have been used. SIGTERM alone (scancel, `scontrol requeue`, the hard
@@ -253,13 +254,15 @@ class TrainJob(submitit.helpers.Checkpointable):
                  dist_env.master_port, restarts + 1)
 
     def _finish_mlflow(self, summary: dict[str, Any], status: str = "FINISHED") -> None:
-        """Rank 0: end the MLflow run the trainer left RUNNING for a requeue that will not come
-        (KILLED; a resubmit with the same run dir sets it RUNNING again) or that is not needed."""
+        """Rank 0: the final status of the run the trainer stopped (KILLED): KILLED again for a
+        requeue that will not come (a resubmit with the same run dir sets it RUNNING), FINISHED
+        when the stop came after the last step."""
         if submitit.JobEnvironment().global_rank != 0 or not summary.get("mlflow_run_id"):
             return
-        from mlflow.tracking import MlflowClient
+        from hicmae_dist.tracking import finish_run
 
-        MlflowClient(tracking_uri=summary["tracking_uri"]).set_terminated(summary["mlflow_run_id"], status)
+        # bounded; a tracking outage is a warning and the status waits for `hicmae-dist sync`
+        finish_run(Path(self.run_dir), summary["tracking_uri"], summary["mlflow_run_id"], status)
 
     def _stop_or_requeue(self, env, summary: dict[str, Any]) -> dict[str, Any]:
         """After the trainer saved and returned on a stop request (module docstring, 3-5)."""
@@ -292,10 +295,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                     reason = f"{kind} at step {step}, but the requeue failed: {err}"
             if reason:
                 event(folder, "stopped", kind=kind, detail=reason, step=step)
-                try:
-                    self._finish_mlflow(summary, "KILLED")
-                except Exception as err:  # the reason to stop matters more than the run's status
-                    log.warning("could not mark MLflow run %s KILLED: %s", summary.get("mlflow_run_id"), err)
+                self._finish_mlflow(summary, "KILLED")  # an outage is a warning (tracking.finish_run)
         (requeued,) = comm.broadcast_values([requeued], src=0, device=comm.current_device())  # rank 0 decided
         if requeued:
             # Slurm already holds the job for a restart and will SIGTERM us; leave first. Not

@@ -42,7 +42,7 @@ from hicmae_dist.eval import metrics as M
 from hicmae_dist.eval.datasets import DatasetPreset, get_dataset
 from hicmae_dist.models import build_finetune_model
 from hicmae_dist.models.convert import Converted
-from hicmae_dist.tracking import Tracker, default_uri
+from hicmae_dist.tracking import Tracker, default_uri, end_status
 from hicmae_dist.train.checkpoint import latest_tag, resume_checkpoint, save_checkpoint
 from hicmae_dist.train.engine import build_engine, global_batch, set_lr
 from hicmae_dist.train.pretrain import (ResumeError, clear_stop, open_tracker, restore, seed_everything,
@@ -438,14 +438,14 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
                 (run_dir / "history.json").write_text(json.dumps(history, indent=1))
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             save_checkpoint(engine, run_dir, state.step, vars(state), cfg.train.keep_checkpoints)
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as err:
+        tracker.finish(end_status(err))
         raise
     finally:
         clear_stop()
         reporter.close()
     if interrupted:
-        tracker.finish(None)  # a requeued job continues this run
+        tracker.finish("KILLED")  # a resume (a requeued job) sets it RUNNING again
         return {"interrupted": interrupted, "run_dir": str(run_dir), "epoch": state.epoch}
 
     results: dict[str, Any] = {}
@@ -525,12 +525,12 @@ def run_protocol(cfg: Config, split_root: Path, folds: list[int], run_dir: Path,
     parent = Tracker(rank0 and cfg.tracking.enabled, uri, cfg.tracking.experiment, run_dir,
                      run_name=cfg.tracking.run_name or run_dir.name, run_id=saved.get("mlflow_run_id"),
                      system_metrics_s=0)
-    if rank0 and not saved:
-        parent.set_tags({"protocol": f"{len(folds)} folds", "dataset": cfg.finetune.dataset or "custom"})
-        parent.log_params({**cfg.flat(), "folds": ",".join(map(str, folds)), "splits": str(split_root)})
-        _atomic_json(protocol_file, {"mlflow_run_id": parent.run_id, "folds": folds, "splits": str(split_root)})
     per_fold = {}
-    try:
+    try:  # from here on every way out ends the protocol run
+        if rank0 and not saved:
+            parent.set_tags({"protocol": f"{len(folds)} folds", "dataset": cfg.finetune.dataset or "custom"})
+            parent.log_params({**cfg.flat(), "folds": ",".join(map(str, folds)), "splits": str(split_root)})
+            _atomic_json(protocol_file, {"mlflow_run_id": parent.run_id, "folds": folds, "splits": str(split_root)})
         for fold in folds:
             fold_dir = run_dir / f"fold{fold:02d}"
             done = fold_dir / RESULTS_FILE
@@ -548,12 +548,12 @@ def run_protocol(cfg: Config, split_root: Path, folds: list[int], run_dir: Path,
                                    tracking_uri=uri, parent_run_id=parent.run_id, tags={"fold": str(fold)},
                                    val_split=how, progress=progress, allow_config_change=allow_config_change)
             if result.get("interrupted"):
-                parent.finish(None)
+                parent.finish("KILLED")
                 return {"interrupted": result["interrupted"], "fold": fold, "run_dir": str(run_dir),
                         "mlflow_run_id": parent.run_id, "tracking_uri": uri}
             per_fold[fold] = result
-    except BaseException:
-        parent.finish("FAILED")
+    except BaseException as err:
+        parent.finish(end_status(err))
         raise
     summary = summarize(per_fold, task)
     summary.update(run_dir=str(run_dir.resolve()), tracking_uri=uri, mlflow_run_id=parent.run_id)

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import random
 import signal
 import threading
@@ -20,7 +19,7 @@ import torch
 from hicmae_dist import comm
 from hicmae_dist.config import Config
 from hicmae_dist.data.loader import make_pretrain_loader
-from hicmae_dist.tracking import Tracker, default_uri
+from hicmae_dist.tracking import Tracker, TrackingUnavailable, check_reachable, default_uri, end_status
 from hicmae_dist.train.accounting import model_flops_per_sample, peak_flops
 from hicmae_dist.train.checkpoint import (DiskFullError, ResumeError, disk_full_error, disk_full_errno,
                                           latest_checkpoint, latest_tag, load_checkpoint, read_state,
@@ -138,13 +137,31 @@ def restore(engine, ckpt: Path, state, run_dir: Path, allow_config_change: bool,
                           **{k: getattr(state, k) for k in _THIS_RUN if k in known}})
 
 
+def check_tracking(cfg: Config, run_dir: Path, tracking_uri: str | None, rank0: bool) -> None:
+    """Before anything slow: a tracking server rank 0 cannot reach is a one-line error, on every
+    rank (agreed), so no run is created and no data read."""
+    if not cfg.tracking.enabled:
+        return
+    uri = tracking_uri or cfg.tracking.uri or default_uri(run_dir)
+    err = None
+    if rank0:
+        try:
+            check_reachable(uri)
+        except TrackingUnavailable as e:
+            err = e
+    (bad,) = comm.agree([err is not None], comm.current_device())
+    if bad:
+        raise err or TrackingUnavailable(f"tracking server {uri} is unreachable from rank 0 (see its log)")
+
+
 def open_tracker(cfg: Config, run_dir: Path, tracking_uri: str | None, rank0: bool,
-                 run_id: str | None) -> tuple[Tracker, str]:
-    """The run's MLflow tracker (rank 0; continues run_id when resuming) and its store URI."""
+                 run_id: str | None, journal: Path | None = None) -> tuple[Tracker, str]:
+    """The run's MLflow tracker (rank 0; continues run_id when resuming) and its store URI.
+    journal: the metrics file that replays steps MLflow lacks (tracking.py)."""
     uri = tracking_uri or cfg.tracking.uri or default_uri(run_dir)
     tracker = Tracker(rank0 and cfg.tracking.enabled, uri, cfg.tracking.experiment, run_dir,
                       run_name=cfg.tracking.run_name or run_dir.name, run_id=run_id,
-                      system_metrics_s=cfg.tracking.system_metrics_s)
+                      system_metrics_s=cfg.tracking.system_metrics_s, journal=journal)
     return tracker, uri
 
 
@@ -198,6 +215,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.data.shards:
         raise ValueError("data.shards is empty: pass --data DIR (a directory of .tar shards)")
+    check_tracking(cfg, run_dir, tracking_uri, rank0)
 
     if resume == "never" and latest_tag(run_dir) is not None:
         raise ResumeError(f"{run_dir} already holds checkpoint {latest_tag(run_dir)}; use --resume auto or a new "
@@ -225,15 +243,9 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
         log.info("resumed from %s at step %d", ckpt, state.step)
     start_step = state.step
 
-    tracker, uri = open_tracker(cfg, run_dir, tracking_uri, rank0, state.mlflow_run_id)
-    state.mlflow_run_id = tracker.run_id
     if rank0:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         (run_dir / "deepspeed.json").write_text(json.dumps(deepspeed_config(cfg, dist_env.world_size), indent=1))
-        if start_step == 0:
-            tracker.log_params(cfg.flat())
-            tracker.log_artifact(run_dir / "config.yaml")
-            tracker.log_artifact(run_dir / "deepspeed.json")
     rows = _read_metrics(run_dir, start_step) if rank0 else []
     if rank0:  # rewrite without the rows of steps lost since the checkpoint
         (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -270,7 +282,15 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
     steps_timed = 0
     reporter = Progress(cfg.train.steps, start_step, "pretrain", enabled=rank0, bar=progress)
     metrics_file = open(run_dir / METRICS_FILE, "a") if rank0 else None
-    status = "FAILED"
+    # The MLflow run is created (or reopened) last, so an error above leaves none RUNNING; from
+    # here on every way out ends it (FAILED, KILLED for Ctrl-C or a stop signal, FINISHED).
+    tracker, uri = open_tracker(cfg, run_dir, tracking_uri, rank0, state.mlflow_run_id,
+                                journal=run_dir / METRICS_FILE)
+    state.mlflow_run_id = tracker.run_id
+    if rank0 and start_step == 0:
+        tracker.log_params(cfg.flat())
+        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(run_dir / "deepspeed.json")
     interrupted = None
     # A stop requested before the loop (a signal during start-up) is honoured after the first
     # step; the request is cleared when this call ends (the finally below).
@@ -332,19 +352,17 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
                 interrupted = stop_reason() if stop_requested() else "stop requested on another rank"
                 log.warning("stopping at step %d (%s); checkpoint saved", state.step, interrupted)
                 break
-        status = "KILLED" if interrupted else "FINISHED"
-    except OSError as err:  # metrics.jsonl and the like on a full disk: one line too (DiskFullError)
-        code = None if isinstance(err, DiskFullError) else disk_full_errno(err)
-        if code is None:
-            raise
-        raise disk_full_error(code, err.filename or run_dir, run_dir) from err
+    except BaseException as err:  # the failing job's run ends FAILED (KILLED for Ctrl-C); a resume reopens it
+        tracker.finish(end_status(err))
+        code = disk_full_errno(err) if isinstance(err, OSError) and not isinstance(err, DiskFullError) else None
+        if code is not None:  # metrics.jsonl and the like on a full disk: one line too (DiskFullError)
+            raise disk_full_error(code, err.filename or run_dir, run_dir) from err
+        raise
     finally:
         clear_stop()
         reporter.close()
         if metrics_file:
             metrics_file.close()
-        if status == "FAILED":
-            tracker.finish("FAILED")  # the failing job's run ends FAILED; a resume reopens it
 
     session_s = time.perf_counter() - session_start if session_start else 0.0
     summary = {
@@ -364,12 +382,16 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
         "mlflow_run_id": tracker.run_id,
     }
     if rank0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        tracker.log_artifact(run_dir / "summary.json")
-        if rows:
-            tracker.log_artifact(plot_losses(rows, run_dir / "losses.png"))
-        # An interrupted run stays RUNNING in MLflow: the requeued job continues it.
-        tracker.finish(None if interrupted else "FINISHED")
+        try:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            tracker.log_artifact(run_dir / "summary.json")
+            if rows:
+                tracker.log_artifact(plot_losses(rows, run_dir / "losses.png"))
+        except BaseException as err:
+            tracker.finish(end_status(err))
+            raise
+        # A stopped run is KILLED in MLflow until a resume (a requeued job) sets it RUNNING again.
+        tracker.finish("KILLED" if interrupted else "FINISHED")
     return summary
 
 
