@@ -153,13 +153,13 @@ def test_job_that_fails_ends_failed_once_with_its_error(one_cpu_jobs):
     job, run_dir = jobs["bad_config"], tmp / "bad-config"
     assert s.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600) == "FAILED", s.logs(job)
     log = (run_dir / "slurm" / job / f"{job}_0_log.err").read_text()
-    assert "ValueError" in log and "the model expects 96px" in log
+    assert "BadDataError" in log and "the model expects 96px" in log
     events = _events(run_dir, job)
     assert [e["event"] for e in events] == ["start", "failed"], events  # no requeue, no second attempt
     row = s.row(job)
     assert row["state"] == "FAILED" and "the model expects 96px" in row["error"]
     table = s.cli("jobs").stdout  # the real CLI, once
-    assert f"{job}" in table and "FAILED" in table and "error: ValueError" in table
+    assert f"{job}" in table and "FAILED" in table and "error: BadDataError" in table
     detail = s.cli("jobs", job, "--json").stdout
     assert json.loads(detail)[0]["error"] == row["error"]
 
