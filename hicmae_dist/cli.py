@@ -174,11 +174,13 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     from hicmae_dist.tracking import sync_run_dir
 
-    try:
+    try:  # unreachable or no record: main() prints one line (TrackingUnavailable, FileNotFoundError)
         lines = sync_run_dir(Path(args.run_dir), args.tracking_uri)
-    except Exception as err:  # unreachable, no record, a refusal: one line; nothing recorded is lost
+    except MlflowException as err:  # the server refused: one line; nothing recorded is lost
         print(f"hicmae-dist sync: {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
     print("\n".join(lines))
@@ -896,7 +898,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 # Failures whose message says it all, by the module that defines them: a raised one's module is
 # loaded, so looking it up in sys.modules imports nothing (and keeps `--help` fast).
 _FAILURES = [("hicmae_dist.train.pretrain", "ResumeError"), ("hicmae_dist.data.loader", "BadDataError"),
-             ("hicmae_dist.models.convert", "ConversionError"), ("hicmae_dist.train.checkpoint", "DiskFullError")]
+             ("hicmae_dist.models.convert", "ConversionError"), ("hicmae_dist.train.checkpoint", "DiskFullError"),
+             ("hicmae_dist.tracking", "TrackingUnavailable")]
 
 
 def _failure_types() -> tuple[type, ...]:

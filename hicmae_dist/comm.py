@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import zlib
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Mapping, Sequence
 
 import torch
@@ -109,9 +111,9 @@ def resolve_env(env: Mapping[str, str], cuda_count: int) -> DistEnv:
     else Slurm's (SLURM_PROCID/LOCALID/NTASKS/JOB_NODELIST/JOB_ID), else one process.
 
     torchrun's MASTER_ADDR / MASTER_PORT are used as they are. Under Slurm the rendezvous host is
-    the first node of the job's node list and the port comes from the job id and
-    SLURM_RESTART_COUNT (rendezvous_port); a MASTER_* exported from the submitting shell is
-    ignored there (a stale port would defeat the per-attempt port)."""
+    the first node of the job's node list (127.0.0.1 when all tasks share one node) and the port
+    comes from the job id and SLURM_RESTART_COUNT (rendezvous_port); a MASTER_* exported from the
+    submitting shell is ignored there (a stale port would defeat the per-attempt port)."""
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", 0))
@@ -122,8 +124,8 @@ def resolve_env(env: Mapping[str, str], cuda_count: int) -> DistEnv:
         local = int(env.get("SLURM_LOCALID", 0))
         local_world = _tasks_on_node(env, world)
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
-        first = expand_hostlist(nodelist)[0] if nodelist else "127.0.0.1"
-        addr = first
+        # one node: the rendezvous stays on loopback; several: the first node's name
+        addr = expand_hostlist(nodelist)[0] if nodelist and local_world < world else "127.0.0.1"
         port = rendezvous_port(env.get("SLURM_JOB_ID", "0"), int(env.get("SLURM_RESTART_COUNT") or 0))
         launcher = "slurm"
     else:
@@ -140,9 +142,43 @@ def resolve_env(env: Mapping[str, str], cuda_count: int) -> DistEnv:
 
 # --- the process group ---------------------------------------------------------------------------------
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on the address `host` names (not on every interface, as a TCPStore
+    that binds its own would be)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise OSError(err.errno, f"rank 0 cannot listen on {address[0]}:{port} (the rendezvous address {host}; "
+                                 f"is rank 0 on that node?): {err.strerror}") from err
+    sock.listen(1024)
+    return sock
+
+
+def _rendezvous_store(env: DistEnv) -> dist.Store:
+    """The TCPStore of a Slurm job: rank 0 serves it on the address master_addr names."""
+    timeout = timedelta(seconds=int(os.environ.get("HICMAE_RENDEZVOUS_TIMEOUT_S", 900)))
+    if env.rank != 0:
+        return dist.TCPStore(env.master_addr, env.master_port, env.world_size, False, timeout=timeout)
+    sock = _listen(env.master_addr, env.master_port)
+    log.info("rendezvous: rank 0 listens on %s:%d (%s) for %d ranks", sock.getsockname()[0], env.master_port,
+             env.master_addr, env.world_size)
+    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, True, timeout=timeout,
+                         master_listen_fd=sock.detach())
+
+
 def init_distributed() -> DistEnv:
     """Create the default process group once (then hand it to DeepSpeed) and select this
-    process's GPU; returns its place in the job."""
+    process's GPU; returns its place in the job.
+
+    Nothing listens beyond loopback unless the job spans nodes: one process uses an in-process
+    store; a one-node job keeps gloo's and NCCL's sockets on `lo` (unless GLOO_SOCKET_IFNAME /
+    NCCL_SOCKET_IFNAME say otherwise) and, under Slurm, its store on 127.0.0.1; a multi-node
+    Slurm job's store listens on the address of the first node only. Under torchrun its agent
+    serves the store."""
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
@@ -152,14 +188,18 @@ def init_distributed() -> DistEnv:
     env = resolve_env(os.environ, cuda)
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
                       LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr)
+    if env.local_world_size >= env.world_size:  # one node: its ranks talk over loopback
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     if env.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(env.device))
     if not dist.is_initialized():
-        if env.world_size == 1:  # an in-process store: no rendezvous socket listening on any interface
+        if env.world_size == 1:  # an in-process store: no rendezvous socket at all
             dist.init_process_group(env.backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
             os.environ["MASTER_PORT"] = str(env.master_port)
-            dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size)
+            store = _rendezvous_store(env) if env.launcher == "slurm" else None  # None: env://
+            dist.init_process_group(env.backend, store=store, rank=env.rank, world_size=env.world_size)
             log.info("process group: rank %d/%d (local %d/%d) on %s, %s, rendezvous %s:%d (%s)", env.rank,
                      env.world_size, env.local_rank, env.local_world_size, env.device, env.backend,
                      env.master_addr, env.master_port, env.launcher)

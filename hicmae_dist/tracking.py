@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from hicmae_dist.config import ConfigError
 
 log = logging.getLogger(__name__)
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limits
@@ -67,7 +66,7 @@ def _not_from_the_sender(record: logging.LogRecord) -> bool:
 logging.getLogger("urllib3.connectionpool").addFilter(_not_from_the_sender)
 
 
-class TrackingUnavailable(ConfigError):
+class TrackingUnavailable(RuntimeError):
     """The tracking URI cannot be reached: a one-line error that says how to run without it."""
 
 

@@ -78,7 +78,7 @@ CASES = [
     ("slurm on CPUs, 2 tasks on one node",
      {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
       "SLURM_NODELIST": "node1", "SLURM_NTASKS_PER_NODE": "2"}, 0,
-     (1, 1, 2, 2, "cpu", "node1", comm.rendezvous_port("7", 0), "slurm")),
+     (1, 1, 2, 2, "cpu", "127.0.0.1", comm.rendezvous_port("7", 0), "slurm")),  # one node: loopback
     ("CPU only, one process", {}, 0, (0, 0, 1, 1, "cpu", "127.0.0.1", 0, "single")),
     ("one process on a GPU machine", {}, 2, (0, 0, 1, 1, "cuda:0", "127.0.0.1", 0, "single")),
 ]
@@ -172,6 +172,54 @@ for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         if f[3] == "0A" and f[9] in mine:  # LISTEN, one of this process's sockets
             print(table, f[1])
 """
+
+
+def _listeners() -> list[str]:
+    """The addresses ("0100007F:9C40", hex as /proc/net/tcp writes them) this process listens on."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if target.startswith("socket:["):
+            mine.add(target[8:-1])
+    return [f[1] for table in ("/proc/net/tcp", "/proc/net/tcp6") for f in
+            (row.split() for row in open(table).read().splitlines()[1:]) if f[3] == "0A" and f[9] in mine]
+
+
+def _slurm_rank(rank: int, world_size: int, port: int, nodes: str, queue) -> None:
+    """A Slurm task of a 2-task job on `nodes` ("localhost": one node; "localhost,elsewhere":
+    one task per node, both here) reports its listeners after a collective."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.pop(k, None)
+    one_node = "," not in nodes
+    os.environ.update(SLURM_JOB_ID=str(port), SLURM_PROCID=str(rank), SLURM_NTASKS=str(world_size),
+                      SLURM_LOCALID=str(rank if one_node else 0), SLURM_NODEID=str(0 if one_node else rank),
+                      SLURM_JOB_NODELIST=nodes, SLURM_TASKS_PER_NODE="2" if one_node else "1(x2)")
+    env = comm.init_distributed()
+    assert comm.agree([rank == 1]) == [True]
+    queue.put((rank, env.master_addr, env.master_port, _listeners()))
+    comm.barrier()
+
+
+@pytest.mark.parametrize("nodes", ["localhost", "localhost,elsewhere"], ids=["one-node", "two-nodes"])
+def test_a_slurm_job_listens_only_where_its_address_says(nodes):
+    """One node: the rendezvous and gloo stay on loopback. Two nodes: rank 0's store listens on the
+    address the first node's name resolves to (here localhost: 127.0.0.1), not on every interface."""
+    from tests.support import run_ranks
+
+    results = sorted(run_ranks(_slurm_rank, 2, (nodes,), expect=2, timeout_s=120))
+    (_, addr, port, listening0), (_, _, _, listening1) = results
+    assert addr == ("127.0.0.1" if nodes == "localhost" else "localhost")
+    assert f"0100007F:{port:04X}" in listening0, (port, listening0)  # rank 0 serves the store there
+    assert not any(a.endswith(f":{port:04X}") for a in listening1)
+    any_address = ("00000000:", "00000000000000000000000000000000:")
+    for listening in (listening0, listening1):
+        assert not any(a.startswith(any_address) for a in listening), listening
+        if nodes == "localhost":
+            assert all(a.startswith("0100007F:") for a in listening), listening
 
 
 def test_a_single_process_listens_on_no_interface_beyond_loopback():

@@ -237,11 +237,15 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_good_checkpoint(shards, small_disk):
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_good_checkpoint(shards, small_disk, tmp_path):
+    from mlflow.tracking import MlflowClient
+
     disk, resize = small_disk
     run_dir = disk / "run"
-    args = ("train.checkpoint_every=2", "train.keep_checkpoints=2")
-    _pretrain(shards, run_dir, "train.steps=2", *args)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # off the full disk: the run's status must get there
+    args = ("train.checkpoint_every=2", "train.keep_checkpoints=2", "tracking.enabled=true",
+            "tracking.system_metrics_s=0", f"tracking.uri={store}")
+    run_id = _pretrain(shards, run_dir, "train.steps=2", *args)["mlflow_run_id"]
     root = run_dir / "checkpoints"
     size = sum(p.stat().st_size for p in (root / "step00000002").iterdir())
     used = shutil.disk_usage(disk).used
@@ -256,11 +260,12 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_good_checkpoint
     assert not list(root.glob(".tmp-*"))  # the partial save is gone at once
     assert (root / "latest").read_text() == "step00000002"
     assert checkpoint.verify_checkpoint(root / "step00000002") is None  # intact
+    assert MlflowClient(tracking_uri=store).get_run(run_id).info.status == "FAILED"
 
     (root / ".tmp-step00000004").mkdir()  # as a crash (not a clean failure) would leave it
     (root / ".tmp-step00000004" / OPTIM).write_bytes(b"x" * 1000)
     resize(used + 4 * size)  # space freed: the next start resumes, cleans up and finishes
     summary = _pretrain(shards, run_dir, "train.steps=6", *args)
-    assert summary["start_step"] == 2 and summary["steps"] == 6
+    assert summary["start_step"] == 2 and summary["steps"] == 6 and summary["mlflow_run_id"] == run_id
     assert not list(root.glob(".tmp-*"))
     assert checkpoint.verify_checkpoint(root / "step00000006") is None
