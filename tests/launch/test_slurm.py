@@ -106,8 +106,11 @@ def one_cpu_jobs(slurm_session, slurm_shards, tmp_path_factory):
         # Step budgets well past what fits before Slurm's signal (10-40 s after start), so the
         # signal, not the end of training, stops the first attempt however fast the machine is.
         "time_limit": s.submit(tmp / "time-limit", *TIME_LIMIT, "--max-timeouts", "2", steps=TIME_LIMIT_STEPS),
-        "bad_config": s.submit(tmp / "bad-config", "--tasks-per-node", "1", "model.image_size=96", steps=5),
+        # Submitted second so that it starts at once, as the first does, and Slurm's time-limit
+        # check signals it in its first half minute: once (in 1 of 4 runs here) the third job,
+        # started by backfill a moment after a check, ran to its hard limit without a USR2.
         "no_budget": s.submit(tmp / "no-budget", *TIME_LIMIT, "--max-timeouts", "0", steps=1000),
+        "bad_config": s.submit(tmp / "bad-config", "--tasks-per-node", "1", "model.image_size=96", steps=5),
     }
     yield s, tmp, jobs
     s.cancel_all()
