@@ -63,7 +63,9 @@ def test_two_rank_cpu_job_finishes(slurm: Slurm, tmp_path):
 def test_preemption_checkpoints_requeues_and_resumes_the_same_mlflow_run(slurm: Slurm, tmp_path):
     """A job of the `urgent` partition needs the CPUs the run holds: Slurm preempts it (USR2),
     it saves at the next step, requeues itself and the new attempt continues from there."""
-    run_dir, steps = tmp_path / "run", 8
+    # Steps enough that the preemption (seconds from sbatch to USR2) lands before the end: 8 steps
+    # once finished 3 s after the second logged one, before Slurm preempted anything.
+    run_dir, steps = tmp_path / "run", 40
     job = slurm.submit(run_dir, steps=steps)
     slurm.wait("2 logged steps", lambda: (run_dir / "metrics.jsonl").exists() and len(_metric_steps(run_dir)) >= 2,
                600, job_id=job)
