@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -195,6 +196,9 @@ def _worker(rank, world, port, out_dir, backend, dtype):
             torch.save({"loss": loss.detach(), "mean_loss": mean_loss, "dwa": wa.grad,
                         "dwb": wb.grad, "dt": t.grad, "da": a.grad, "db": b.grad},
                        os.path.join(out_dir, f"rank{rank}-{symmetric}.pt"))
+        # No rank tears gloo down while its peer still uses the pair: without this, 2 of 5 full
+        # suite runs saw a worker abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -208,7 +212,15 @@ def _free_port() -> int:
 def run_gloo(out_dir, backend: str, dtype: torch.dtype) -> None:
     """Both losses (symmetric, one direction) from one 2-rank gloo run (spawning is slow).
     Used here (torch backend, fp64) and by the interpreter tests (triton backend, fp32)."""
-    mp.spawn(_worker, args=(2, _free_port(), str(out_dir), backend, dtype), nprocs=2, join=True)
+    try:
+        mp.spawn(_worker, args=(2, _free_port(), str(out_dir), backend, dtype), nprocs=2, join=True)
+    except mp.ProcessExitedException as err:
+        # 2 of 5 full-suite runs (never alone) saw both workers abort in gloo ("terminate called
+        # without an active exception"), cause not found yet: said aloud, and tried once more.
+        if not err.signal_name:
+            raise
+        warnings.warn(f"gloo workers aborted ({err}); running them once more")
+        mp.spawn(_worker, args=(2, _free_port(), str(out_dir), backend, dtype), nprocs=2, join=True)
 
 
 def check_gloo(out_dir, symmetric: bool, rtol: float, atol: float) -> None:
