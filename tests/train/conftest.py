@@ -45,3 +45,17 @@ def two_minute_run(shards, cli_env, tmp_path_factory):
            "--run-dir", str(run_dir), "train.steps=120", "train.warmup_steps=10",
            "train.log_every=10", "train.checkpoint_every=60"]
     return run_dir, subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """A tiny DeepSpeed engine in this process (a 1-rank group), for the checkpoint and fault tests."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/hicmae-dist/torch_extensions"))
+    from hicmae_dist.comm import init_distributed
+    from hicmae_dist.config import load_config
+    from hicmae_dist.train.engine import build_engine, build_model_for_engine
+
+    init_distributed()
+    cfg = load_config("tiny-cpu", ["model.width=32", "model.decoder_width=32", "data.batch_size=2",
+                                   "data.num_workers=0"])
+    return build_engine(build_model_for_engine(cfg, 1), cfg, 1)

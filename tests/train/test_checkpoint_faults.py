@@ -22,17 +22,6 @@ TINY = ["model.width=32", "model.decoder_width=32", "data.batch_size=2", "data.n
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
-@pytest.fixture(scope="module")
-def engine():
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/hicmae-dist/torch_extensions"))
-    from hicmae_dist.comm import init_distributed
-    from hicmae_dist.train.engine import build_engine, build_model_for_engine
-
-    init_distributed()
-    cfg = load_config("tiny-cpu", TINY)
-    return build_engine(build_model_for_engine(cfg, 1), cfg, 1)
-
-
 def _pretrain(shards, run_dir, *overrides, **kw):
     cfg = load_config("tiny-cpu", TINY + [f"data.shards={shards}", *overrides])
     return pretrain_mod.pretrain(cfg, run_dir, progress=False, **kw)

@@ -12,17 +12,6 @@ from tests.support import run_ranks
 TINY = ["model.width=32", "model.decoder_width=32", "data.batch_size=2", "data.num_workers=0"]
 
 
-@pytest.fixture(scope="module")
-def engine():
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/hicmae-dist/torch_extensions"))
-    from hicmae_dist.comm import init_distributed
-    from hicmae_dist.train.engine import build_engine, build_model_for_engine
-
-    init_distributed()
-    cfg = load_config("tiny-cpu", TINY)
-    return build_engine(build_model_for_engine(cfg, 1), cfg, 1)
-
-
 def _weights(engine):
     return {k: v.clone() for k, v in engine.module.state_dict().items()}
 
