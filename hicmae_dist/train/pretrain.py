@@ -18,7 +18,7 @@ import torch
 
 from hicmae_dist import comm
 from hicmae_dist.config import Config
-from hicmae_dist.data.loader import make_pretrain_loader
+from hicmae_dist.data.loader import find_shards, make_pretrain_loader
 from hicmae_dist.tracking import Tracker, TrackingUnavailable, check_reachable, default_uri, end_status
 from hicmae_dist.train.accounting import model_flops_per_sample, peak_flops
 from hicmae_dist.train.checkpoint import (DiskFullError, ResumeError, disk_full_error, disk_full_errno,
@@ -84,7 +84,7 @@ class RunState:
 def shard_set_identity(shards_dir: str | Path) -> dict[str, Any]:
     """The data set's identity: a hash of its shard names and sizes (the loader's shard-*.tar),
     independent of where the directory sits; another or a re-prepared shard set changes it."""
-    shards = sorted(Path(shards_dir).glob("shard-*.tar"))
+    shards = find_shards(shards_dir)
     listing = json.dumps([[p.name, p.stat().st_size] for p in shards])
     return {"data_id": hashlib.sha256(listing.encode()).hexdigest()[:16], "data_shards": str(shards_dir),
             "data_num_shards": len(shards)}
