@@ -84,7 +84,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
-    from hicmae_dist.data.bench import bench_data, format_table
+    from hicmae_dist.bench.data import bench_data, format_table
 
     workers = [int(w) for w in args.workers.split(",")] if args.workers else None
     result = bench_data(quick=args.quick, workers=workers, work_dir=args.work_dir, clips=args.clips,
@@ -311,7 +311,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_bench_model(args: argparse.Namespace) -> int:
     import torch
 
-    from hicmae_dist.models.info import bench_model, format_bench, model_config
+    from hicmae_dist.bench.model import bench_model, format_bench
+    from hicmae_dist.models.info import model_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
