@@ -745,7 +745,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("pretrain", parents=[_run_options(run_dir_required=False)], help="pretrain a model on shards with DeepSpeed, tracked in MLflow",
+    s = sub.add_parser("pretrain", parents=[_run_options(run_dir_required=False)],
+                       help="pretrain a model on shards with DeepSpeed, tracked in MLflow",
                        description="Pretrain with a preset plus dotted overrides, e.g. "
                                    "`hicmae-dist pretrain --preset tiny-cpu --data shards/ --run-dir runs/a "
                                    f"train.steps=50 model.width=128` (overrides may come anywhere on the "

@@ -86,8 +86,6 @@ def directional(forward: Callable[[], torch.Tensor], leaves: tuple, direction: s
     return lambda: torch.autograd.grad(forward(), leaves, dout)
 
 
-
-
 def measure(s: Settings, *, op: str, case: str, backend: str, direction: str, make: Callable[[], Callable],
             shape: dict, dtype: str, flops: float | None = None, bytes_: float | None = None,
             estimate: int | None = None, extra: dict | None = None) -> dict:
@@ -160,8 +158,6 @@ def log_record(rec: dict) -> None:
                  rec["direction"], rec["status"], rec["reason"])
 
 
-
-
 def parse_bytes(text: str) -> int:
     """'512MB', '2GB', '1.5GiB', '1000000' -> bytes (binary units: 1 GB = 2^30)."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)i?B?\s*", text, re.I)
@@ -182,8 +178,6 @@ def _context():
         _mp = multiprocessing.get_context("forkserver")
         _mp.set_forkserver_preload(["torch", "hicmae_dist.ops", "kernels.harness"])
     return _mp
-
-
 
 
 def _child(conn, module: str, func: str, kwargs: dict, mem_limit: int, threads: int) -> None:

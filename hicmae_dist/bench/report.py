@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+
 def package_version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
     try:
