@@ -98,16 +98,46 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The subcommands of `bench` (the parser is made by whichever layer adds to it first)."""
-    bench = sub.choices.get("bench") or sub.add_parser("bench", help="benchmarks")
-    what = next((a for a in bench._actions if isinstance(a, argparse._SubParsersAction)), None)
-    return what or bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from hicmae_dist.bench.model import bench_model, format_bench
+    from hicmae_dist.models.info import model_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench_model(model_config(args.model), batch=args.batch, steps=args.steps, warmup=args.warmup,
+                         device=args.device)
+    print(json.dumps(result) if args.json else format_bench(args.model, result))
+    return 0
 
 
-def _add_bench_data(sub: argparse._SubParsersAction) -> None:
-    """`bench data`, added to the `bench` parser the models layer made (created if absent)."""
-    what = _bench_subparsers(sub)
+def _add_bench_verbs(sub: argparse._SubParsersAction) -> None:
+    """bench model, data and kernels (hicmae_dist/bench and kernels/)."""
+    s = sub.add_parser("bench", help="benchmarks", description="Benchmarks; `bench model` times a model.")
+    what = s.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for add_bench in (_add_bench_model, _add_bench_data, _add_bench_kernels):
+        add_bench(what)
+
+
+def _add_bench_model(what: argparse._SubParsersAction) -> None:
+    from hicmae_dist.models.info import MODELS
+
+    m = what.add_parser("model", help="time forward + backward of a pretraining model and its peak memory",
+                        description="fp32 forward + backward of the pretraining model on random inputs with "
+                                    "the spec's masks: median step time after warm-up, throughput and peak "
+                                    "memory on the current device (CUDA if available).")
+    m.add_argument("model", choices=tuple(MODELS), help="model name")
+    m.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    m.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    m.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    m.set_defaults(func=cmd_bench_model)
+
+
+def _add_bench_data(what: argparse._SubParsersAction) -> None:
     d = what.add_parser("data", help="clips/s of prepare and of the loader (HiCMAE and CAV-MAE inputs)",
                         description="Write a synthetic corpus, then time `prepare` (1, 2, N threads) and the "
                                     "pretraining loader for HiCMAE and CAV-MAE inputs (in the main process, "
@@ -129,11 +159,10 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return run(args, tuple(args.ops), shell_command("hicmae-dist", sys.argv[1:]))
 
 
-def _add_bench_kernels(sub: argparse._SubParsersAction) -> None:
-    """`bench kernels`: the kernel microbenchmarks of kernels/ (added to the `bench` parser)."""
+def _add_bench_kernels(what: argparse._SubParsersAction) -> None:
+    """`bench kernels`: the kernel microbenchmarks of kernels/."""
     from kernels.harness import add_arguments
 
-    what = _bench_subparsers(sub)
     k = what.add_parser("kernels", help="kernel microbenchmarks: attention backends, info_nce memory, token ops, "
                                         "patch_norm, the sm_90 compile report with an H100 roofline",
                         description="Time every backend of the hot ops over the models' shapes and the standard "
@@ -308,22 +337,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_model(args: argparse.Namespace) -> int:
-    import torch
-
-    from hicmae_dist.bench.model import bench_model, format_bench
-    from hicmae_dist.models.info import model_config
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = bench_model(model_config(args.model), batch=args.batch, steps=args.steps, warmup=args.warmup,
-                         device=args.device)
-    print(json.dumps(result) if args.json else format_bench(args.model, result))
-    return 0
-
-
 def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
-    """convert, info and bench model (the models layer's verbs)."""
+    """convert and info (the models layer's verbs)."""
     from hicmae_dist.models.info import MODELS
 
     s = sub.add_parser("convert", help="convert the authors' HiCMAE / CAV-MAE checkpoints to ours, or back",
@@ -347,21 +362,6 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--num-classes", type=int, default=None,
                    help="classifier outputs for --finetune (default: 6 for HiCMAE, 527 for CAV-MAE)")
     s.set_defaults(func=cmd_info)
-
-    s = sub.add_parser("bench", help="benchmarks", description="Benchmarks; `bench model` times a model.")
-    what = s.add_subparsers(dest="what", required=True, metavar="WHAT")
-    m = what.add_parser("model", help="time forward + backward of a pretraining model and its peak memory",
-                        description="fp32 forward + backward of the pretraining model on random inputs with "
-                                    "the spec's masks: median step time after warm-up, throughput and peak "
-                                    "memory on the current device (CUDA if available).")
-    m.add_argument("model", choices=tuple(MODELS), help="model name")
-    m.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
-    m.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
-    m.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
-    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    m.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    m.set_defaults(func=cmd_bench_model)
 
 
 def _finetune_config(args: argparse.Namespace):
@@ -682,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "is one line without it)")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add_verbs in (_add_synth, _add_prepare, _add_pretrain, _add_weights_verbs, _add_model_verbs,
-                      _add_finetune_verbs, _add_bench_data, _add_bench_kernels, _add_doctor, _add_sync,
+                      _add_bench_verbs, _add_finetune_verbs, _add_doctor, _add_sync,
                       _add_slurm_verbs):
         add_verbs(sub)
     _add_global_flags(p)
