@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from hicmae_dist.config import Config, ConfigError, load_config
-from hicmae_dist.data.downstream import select_folds
 from hicmae_dist.launch import submit as slurm
 from hicmae_dist.tracking import default_uri
 
@@ -134,6 +133,8 @@ def submitted_text(plan: Submission, job_id: str) -> str:
 
 def _submit_finetune(args: argparse.Namespace) -> dict:
     """The job's finetune spec: paths resolved here (the nodes see the same file system)."""
+    from hicmae_dist.data.downstream import select_folds  # torch: only a finetune job pays for it
+
     if bool(args.pretrained) == args.from_scratch:
         raise ConfigError("with --splits give --pretrained RUN_DIR|FILE or --from-scratch (one of the two)")
     splits = Path(args.splits).resolve()
