@@ -84,7 +84,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
-    from hicmae_dist.data.bench import bench_data, format_table
+    from hicmae_dist.bench.data import bench_data, format_table
 
     workers = [int(w) for w in args.workers.split(",")] if args.workers else None
     result = bench_data(quick=args.quick, workers=workers, work_dir=args.work_dir, clips=args.clips,
@@ -98,16 +98,46 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The subcommands of `bench` (the parser is made by whichever layer adds to it first)."""
-    bench = sub.choices.get("bench") or sub.add_parser("bench", help="benchmarks")
-    what = next((a for a in bench._actions if isinstance(a, argparse._SubParsersAction)), None)
-    return what or bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from hicmae_dist.bench.model import bench_model, format_bench
+    from hicmae_dist.models.info import model_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench_model(model_config(args.model), batch=args.batch, steps=args.steps, warmup=args.warmup,
+                         device=args.device)
+    print(json.dumps(result) if args.json else format_bench(args.model, result))
+    return 0
 
 
-def _add_bench_data(sub: argparse._SubParsersAction) -> None:
-    """`bench data`, added to the `bench` parser the models layer made (created if absent)."""
-    what = _bench_subparsers(sub)
+def _add_bench_verbs(sub: argparse._SubParsersAction) -> None:
+    """bench model, data and kernels (hicmae_dist/bench and kernels/)."""
+    s = sub.add_parser("bench", help="benchmarks", description="Benchmarks; `bench model` times a model.")
+    what = s.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for add_bench in (_add_bench_model, _add_bench_data, _add_bench_kernels):
+        add_bench(what)
+
+
+def _add_bench_model(what: argparse._SubParsersAction) -> None:
+    from hicmae_dist.models.info import MODELS
+
+    m = what.add_parser("model", help="time forward + backward of a pretraining model and its peak memory",
+                        description="fp32 forward + backward of the pretraining model on random inputs with "
+                                    "the spec's masks: median step time after warm-up, throughput and peak "
+                                    "memory on the current device (CUDA if available).")
+    m.add_argument("model", choices=tuple(MODELS), help="model name")
+    m.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    m.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    m.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    m.set_defaults(func=cmd_bench_model)
+
+
+def _add_bench_data(what: argparse._SubParsersAction) -> None:
     d = what.add_parser("data", help="clips/s of prepare and of the loader (HiCMAE and CAV-MAE inputs)",
                         description="Write a synthetic corpus, then time `prepare` (1, 2, N threads) and the "
                                     "pretraining loader for HiCMAE and CAV-MAE inputs (in the main process, "
@@ -129,11 +159,10 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return run(args, tuple(args.ops), shell_command("hicmae-dist", sys.argv[1:]))
 
 
-def _add_bench_kernels(sub: argparse._SubParsersAction) -> None:
-    """`bench kernels`: the kernel microbenchmarks of kernels/ (added to the `bench` parser)."""
+def _add_bench_kernels(what: argparse._SubParsersAction) -> None:
+    """`bench kernels`: the kernel microbenchmarks of kernels/."""
     from kernels.harness import add_arguments
 
-    what = _bench_subparsers(sub)
     k = what.add_parser("kernels", help="kernel microbenchmarks: attention backends, info_nce memory, token ops, "
                                         "patch_norm, the sm_90 compile report with an H100 roofline",
                         description="Time every backend of the hot ops over the models' shapes and the standard "
@@ -196,6 +225,31 @@ def _add_sync(sub: argparse._SubParsersAction) -> None:
     s.add_argument("run_dir", help="a pretraining or fine-tuning run directory")
     s.add_argument("--tracking-uri", help="send there instead of the URI the run was tracked at")
     s.set_defaults(func=cmd_sync)
+
+
+_RUN_HELP = {
+    "preset": "preset name or path to a YAML config",
+    "run_dir": "where checkpoints, config, metrics and the MLflow store go",
+    "resume": "auto: continue from the newest complete checkpoint in --run-dir (default); never: refuse a run dir "
+              "that has one",
+    "allow_config_change": "resume a checkpoint written with a different model/data/optimiser config",
+}
+
+
+def _run_options(*, preset_default: str | None = None, run_dir_required: bool = True,
+                 **help_text: str) -> argparse.ArgumentParser:
+    """The options of a run, declared once for pretrain, finetune and submit (parents=[...]);
+    help_text replaces a verb's wording of _RUN_HELP's entries. Without preset_default,
+    --preset is required."""
+    text = {**_RUN_HELP, **help_text}
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--preset", required=preset_default is None, default=preset_default, help=text["preset"])
+    p.add_argument("--run-dir", required=run_dir_required, help=text["run_dir"])
+    p.add_argument("--resume", choices=("auto", "never"), default="auto", help=text["resume"])
+    p.add_argument("--allow-config-change", action="store_true", help=text["allow_config_change"])
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file RUN_DIR/mlflow.db)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p
 
 
 def dry_run_report(cfg, preset: str, world_size: int) -> str:
@@ -283,21 +337,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_model(args: argparse.Namespace) -> int:
-    import torch
-
-    from hicmae_dist.models.info import bench_model, format_bench, model_config
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = bench_model(model_config(args.model), batch=args.batch, steps=args.steps, warmup=args.warmup,
-                         device=args.device)
-    print(json.dumps(result) if args.json else format_bench(args.model, result))
-    return 0
-
-
 def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
-    """convert, info and bench model (the models layer's verbs)."""
+    """convert and info (the models layer's verbs)."""
     from hicmae_dist.models.info import MODELS
 
     s = sub.add_parser("convert", help="convert the authors' HiCMAE / CAV-MAE checkpoints to ours, or back",
@@ -322,21 +363,6 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
                    help="classifier outputs for --finetune (default: 6 for HiCMAE, 527 for CAV-MAE)")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("bench", help="benchmarks", description="Benchmarks; `bench model` times a model.")
-    what = s.add_subparsers(dest="what", required=True, metavar="WHAT")
-    m = what.add_parser("model", help="time forward + backward of a pretraining model and its peak memory",
-                        description="fp32 forward + backward of the pretraining model on random inputs with "
-                                    "the spec's masks: median step time after warm-up, throughput and peak "
-                                    "memory on the current device (CUDA if available).")
-    m.add_argument("model", choices=tuple(MODELS), help="model name")
-    m.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
-    m.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
-    m.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
-    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    m.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    m.set_defaults(func=cmd_bench_model)
-
 
 def _finetune_config(args: argparse.Namespace):
     overrides = list(args.overrides)
@@ -358,22 +384,14 @@ def _pretrained(args: argparse.Namespace):
     return load_pretrained(args.pretrained)
 
 
-def _folds(text: str, splits: Path) -> list[int]:
-    """--folds against the split directories; a bad spelling is a usage error."""
-    from hicmae_dist.data.downstream import count_folds, parse_folds
-
-    try:
-        return parse_folds(text, count_folds(splits))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _finetune_config(args)
     splits = Path(args.splits)
     if not splits.is_dir():
         raise ConfigError(f"--splits {splits}: not a directory (expected split01/{{train,val,test}}.csv ...)")
-    folds = _folds(args.folds, splits)
+    from hicmae_dist.data.downstream import select_folds
+
+    folds = select_folds(args.folds, splits)
     if args.dry_run:
         from hicmae_dist.train.finetune import resolve_task
 
@@ -448,8 +466,13 @@ def _print_result(result: dict, json_path: str | None) -> None:
 
 def _add_finetune_verbs(sub: argparse._SubParsersAction) -> None:
     """finetune and eval (retrieval, linear-probe, datasets)."""
-    s = sub.add_parser("finetune", help="fine-tune and evaluate on a downstream set: k-fold, validation-selected "
-                                        "and last epoch, tracked in MLflow",
+    run = _run_options(preset_default="finetune-hicmae", preset="recipe preset or YAML (default finetune-hicmae)",
+                       run_dir="where the folds' checkpoints, results and MLflow store go",
+                       resume="auto: finished folds are skipped, an interrupted one continues (default)",
+                       allow_config_change="resume a fold written with another config")
+    s = sub.add_parser("finetune", parents=[run],
+                       help="fine-tune and evaluate on a downstream set: k-fold, validation-selected "
+                            "and last epoch, tracked in MLflow",
                        description="Fine-tune pretrained weights on each fold of SPLITS (split01/{train,val,test}"
                                    ".csv ...; without val.csv a validation split is carved from training by "
                                    "subject), choose the epoch on validation, evaluate the last and the chosen "
@@ -458,22 +481,18 @@ def _add_finetune_verbs(sub: argparse._SubParsersAction) -> None:
                                    "--splits crema-d/splits --folds 1-5 --pretrained runs/pretrain --run-dir "
                                    "runs/ft-cremad`.",
                        epilog=EXIT_STATUS_HELP)
-    s.add_argument("--preset", default="finetune-hicmae", help="recipe preset or YAML (default finetune-hicmae)")
     s.add_argument("--splits", required=True, help="directory of split01/, split02/ ... annotation files")
     s.add_argument("--dataset", help="dataset preset (`hicmae-dist eval datasets`): classes, metrics, subjects")
     s.add_argument("--folds", default="1", help="1-5, 1,3 or all (default 1)")
     s.add_argument("--pretrained", help="pretraining run dir, our weights file, or the authors' checkpoint")
     s.add_argument("--from-scratch", action="store_true", help="random initialisation (a baseline)")
-    s.add_argument("--run-dir", required=True, help="where the folds' checkpoints, results and MLflow store go")
-    s.add_argument("--resume", choices=("auto", "never"), default="auto",
-                   help="auto: finished folds are skipped, an interrupted one continues (default)")
-    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file RUN_DIR/mlflow.db)")
-    s.add_argument("--allow-config-change", action="store_true", help="resume a fold written with another config")
     s.add_argument("--dry-run", action="store_true", help="print the resolved config and task, then exit")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     s.set_defaults(func=cmd_finetune)
+    _add_eval(sub)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate pretrained weights: retrieval, linear probe; list dataset presets")
     what = e.add_subparsers(dest="what", required=True, metavar="WHAT")
     r = what.add_parser("retrieval", help="audio-visual retrieval R@1/5/10 and median rank, both directions",
@@ -505,119 +524,20 @@ def _add_finetune_verbs(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from datetime import datetime
+    from hicmae_dist.launch.submission import dry_run_text, plan_submission, submit_planned, submitted_text
+    from hicmae_dist.launch.submit import SubmitError
 
-    from hicmae_dist.launch import submit as slurm
-    from hicmae_dist.tracking import default_uri
-
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.shards={Path(args.data).resolve()}")
-    if args.dataset:
-        overrides.append(f"finetune.dataset={args.dataset}")
-    cfg = load_config(args.preset, overrides)
-    finetune = _submit_finetune(args) if args.splits else None
-    if not cfg.data.shards and not args.dry_run and finetune is None:
-        raise ConfigError("data.shards is empty: pass --data DIR (a directory of .tar shards)")
-    run_dir = Path(args.run_dir).resolve()
-    flags = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem",
-                                           "time", "partition", "account", "qos", "constraint",
-                                           "signal_delay_s", "max_timeouts")}
-    flags["sbatch"] = args.sbatch or None
-    shape = slurm.resolve_shape(slurm.load_cluster(args.cluster), flags)
-    if shape.gpus_per_node and args.tasks_per_node not in (None, shape.gpus_per_node):
-        raise ConfigError(f"--tasks-per-node {args.tasks_per_node} with --gpus-per-node {shape.gpus_per_node}: "
-                          f"a GPU job runs one task per GPU (--gpus-per-node 0 for a CPU job)")
-    job_name = args.job_name or f"hicmae-{run_dir.name}"
-    log_dir = Path(args.log_dir).resolve() if args.log_dir else run_dir / "slurm"
-    params = slurm.slurm_parameters(shape, job_name=job_name, comment=f"hicmae-dist {run_dir}")
-    uri = args.tracking_uri or cfg.tracking.uri or default_uri(run_dir)
-    resumes = _checkpoint_run(run_dir, cfg, args.resume)
-    mlflow_run = (f"continues run {resumes[1]} (checkpoint {resumes[0]})" if resumes
-                  else "a new run, created when the job starts (`hicmae-dist jobs` shows its id)")
+    plan = plan_submission(args)
     if args.dry_run:
-        print(slurm.sbatch_script(params, log_dir), end="")
-        print(f"# job:      {slurm.shape_summary(shape)}")
-        if finetune:
-            print(f"# finetune: preset {args.preset}, hash {cfg.hash(finetune=True)}, folds {finetune['folds']} of "
-                  f"{finetune['splits']}, from {finetune['pretrained'] or 'scratch'}")
-        else:
-            print(f"# config:   preset {args.preset}, hash {cfg.hash()}, {cfg.train.steps} steps, "
-                  f"data {cfg.data.shards or '(not set: --data)'}")
-        print(f"# run dir:  {run_dir}")
-        print(f"# logs:     {log_dir}/<job id>/<job id>_<rank>_log.out|.err")
-        print(f"# mlflow:   {uri} (experiment {cfg.tracking.experiment}): {mlflow_run}")
-        return 0
-
-    from hicmae_dist.launch.job import TrainJob
-    from hicmae_dist.launch.jobs import Registry, active_job_for_run_dir
-
-    registry = Registry(args.registry)
-    busy = active_job_for_run_dir(registry, run_dir)
-    if busy:
-        raise ConfigError(f"job {busy} is queued or running on {run_dir}; two jobs must not write one run dir "
-                          f"(`hicmae-dist cancel {busy}` first, or pick another --run-dir)")
-    shards = Path(cfg.data.shards)
-    if finetune is None and not any(shards.glob("shard-*.tar")):
-        print(f"hicmae-dist submit: warning: no shard-*.tar in {shards} on this host; the job fails "
-              f"unless its nodes see them there", file=sys.stderr)
-    job = TrainJob(cfg.to_dict(), str(run_dir), resume=args.resume, tracking_uri=args.tracking_uri,
-                      max_timeouts=shape.max_timeouts, signal_delay_s=shape.signal_delay_s, finetune=finetune)
+        print(dry_run_text(plan), end="")
+        return EXIT_OK
     try:
-        job_id = slurm.submit_job(job, shape, params, log_dir)
-    except slurm.SubmitError as err:
+        job_id = submit_planned(plan)
+    except SubmitError as err:
         print(f"hicmae-dist submit: {err}", file=sys.stderr)
-        return 1
-    registry.add({"job_id": job_id, "job_name": job_name, "user": _user(),
-                  "submitted": datetime.now().isoformat(timespec="seconds"),
-                  "cluster": args.cluster, "preset": args.preset, "overrides": overrides, "steps": cfg.train.steps,
-                  "run_dir": str(run_dir), "log_dir": str(log_dir), "tracking_uri": uri,
-                  "experiment": cfg.tracking.experiment, "run_name": cfg.tracking.run_name or run_dir.name,
-                  "nodes": shape.nodes, "tasks": shape.tasks,
-                  "gpus_per_node": shape.gpus_per_node})
-    paths = slurm.log_paths(log_dir, job_id, shape.tasks)
-    print(f"submitted job {job_id} ({job_name}): {slurm.shape_summary(shape)}")
-    print(f"  run dir   {run_dir}")
-    print(f"  stdout    {paths['stdout']}")
-    print(f"  stderr    {paths['stderr']}")
-    if "other ranks" in paths:
-        print(f"  ranks 1+  {paths['other ranks']}")
-    print(f"  mlflow    {uri} (experiment {cfg.tracking.experiment}): {mlflow_run}")
-    print(f"  follow    hicmae-dist jobs {job_id}    cancel: hicmae-dist cancel {job_id}")
-    return 0
-
-
-def _submit_finetune(args: argparse.Namespace) -> dict:
-    """The job's finetune spec: paths resolved here (the nodes see the same file system)."""
-    if bool(args.pretrained) == args.from_scratch:
-        raise ConfigError("with --splits give --pretrained RUN_DIR|FILE or --from-scratch (one of the two)")
-    splits = Path(args.splits).resolve()
-    return {"splits": str(splits), "folds": _folds(args.folds, splits),
-            "pretrained": str(Path(args.pretrained).resolve()) if args.pretrained else None}
-
-
-def _user() -> str:
-    import getpass
-
-    return getpass.getuser()
-
-
-def _checkpoint_run(run_dir: Path, cfg, resume: str) -> tuple[str, str | None] | None:
-    """(checkpoint name, MLflow run id) when the job will resume; ConfigError when it cannot."""
-    pointer = run_dir / "checkpoints" / "latest"  # train/checkpoint.py's layout (read without DeepSpeed)
-    if not pointer.exists():
-        return None
-    ckpt = pointer.parent / pointer.read_text().strip()
-    if not (ckpt / "state.json").exists():
-        raise ConfigError(f"{pointer} names {ckpt.name}, which has no state.json")
-    if resume == "never":
-        raise ConfigError(f"{run_dir} already holds checkpoint {ckpt.name}; use --resume auto or a new --run-dir")
-    state = json.loads((ckpt / "state.json").read_text())
-    if state.get("config_hash") != cfg.hash():
-        raise ConfigError(f"checkpoint {ckpt} was written with config hash {state.get('config_hash')}, this "
-                          f"config has {cfg.hash()}: the model, data or optimiser settings changed "
-                          f"(compare {run_dir / 'config.yaml'}) - use a new --run-dir")
-    return ckpt.name, state.get("mlflow_run_id")
+        return EXIT_FAILURE
+    print(submitted_text(plan, job_id))
+    return EXIT_OK
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -658,23 +578,37 @@ def _add_slurm_verbs(sub: argparse._SubParsersAction) -> None:
     """submit, jobs and cancel (the launch layer's verbs)."""
     from hicmae_dist.launch.submit import list_clusters
 
-    s = sub.add_parser("submit", help="submit a pretraining run to Slurm (checkpoints and requeues itself)",
+    run = _run_options(preset="config preset name or path to a YAML config",
+                       run_dir="checkpoints, metrics, MLflow store; shared with the nodes",
+                       resume="auto: continue from the run dir's newest checkpoint (default); never: refuse one")
+    s = sub.add_parser("submit", parents=[run],
+                       help="submit a pretraining run to Slurm (checkpoints and requeues itself)",
                        description="Submit `pretrain` as a Slurm job through submitit: one task per GPU (or "
                                    "--tasks-per-node CPU tasks over gloo), torch.distributed from Slurm's "
                                    "environment. On USR2 (the time limit is near, or a preemption) the job "
                                    "saves a checkpoint at the next step, requeues itself and resumes the same "
                                    "MLflow run. Flags override the --cluster preset "
                                    f"(known: {', '.join(list_clusters()) or 'none'}).")
-    s.add_argument("--preset", required=True, help="config preset name or path to a YAML config")
     s.add_argument("--data", help="directory of .tar shards (sets data.shards), as the nodes see it")
-    s.add_argument("--run-dir", required=True, help="checkpoints, metrics, MLflow store; shared with the nodes")
-    s.add_argument("--resume", choices=("auto", "never"), default="auto",
-                   help="auto: continue from the run dir's newest checkpoint (default); never: refuse one")
-    s.add_argument("--allow-config-change", action="store_true",
-                   help="resume a checkpoint written with a different model/data/optimiser config")
     s.add_argument("--world-size", type=_world_size, default=1, help="ranks assumed by --dry-run's estimates")
-    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file RUN_DIR/mlflow.db)")
-    g = s.add_argument_group("job shape (default: the --cluster preset, else 1 node x 1 CPU task, 60 min)")
+    _add_job_shape(s.add_argument_group("job shape (default: the --cluster preset, else 1 node x 1 CPU task, "
+                                        "60 min)"))
+    s.add_argument("--registry", help="job registry file (default $HICMAE_DIST_JOBS or "
+                                      "~/.cache/hicmae-dist/jobs.jsonl)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the sbatch script submitit would submit and exit (needs no data, no Slurm)")
+    f = s.add_argument_group("fine-tuning (with --splits the job runs `finetune` instead of `pretrain`)")
+    f.add_argument("--splits", help="directory of split01/ ... annotation files, as the nodes see it")
+    f.add_argument("--folds", default="1", help="1-5, 1,3 or all (default 1)")
+    f.add_argument("--dataset", help="dataset preset")
+    f.add_argument("--pretrained", help="pretraining run dir, our weights file, or the authors' checkpoint")
+    f.add_argument("--from-scratch", action="store_true", help="random initialisation")
+    s.set_defaults(func=cmd_submit)
+    _add_job_verbs(sub)
+
+
+def _add_job_shape(g: argparse._ArgumentGroup) -> None:
+    """submit's job-shape flags (each overrides the --cluster preset's value)."""
     g.add_argument("--cluster", help="cluster preset: a name from slurm/clusters/ (or $HICMAE_DIST_CLUSTERS, "
                                      "~/.config/hicmae-dist/clusters) or a YAML path")
     g.add_argument("--nodes", type=int, help="nodes")
@@ -696,19 +630,10 @@ def _add_slurm_verbs(sub: argparse._SubParsersAction) -> None:
                                                     "always requeue")
     g.add_argument("--job-name", help="Slurm job name (default hicmae-<run dir name>)")
     g.add_argument("--log-dir", help="submitit folder, one subdirectory per job (default RUN_DIR/slurm)")
-    s.add_argument("--registry", help="job registry file (default $HICMAE_DIST_JOBS or "
-                                      "~/.cache/hicmae-dist/jobs.jsonl)")
-    s.add_argument("--dry-run", action="store_true",
-                   help="print the sbatch script submitit would submit and exit (needs no data, no Slurm)")
-    f = s.add_argument_group("fine-tuning (with --splits the job runs `finetune` instead of `pretrain`)")
-    f.add_argument("--splits", help="directory of split01/ ... annotation files, as the nodes see it")
-    f.add_argument("--folds", default="1", help="1-5, 1,3 or all (default 1)")
-    f.add_argument("--dataset", help="dataset preset")
-    f.add_argument("--pretrained", help="pretraining run dir, our weights file, or the authors' checkpoint")
-    f.add_argument("--from-scratch", action="store_true", help="random initialisation")
-    s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    s.set_defaults(func=cmd_submit)
 
+
+def _add_job_verbs(sub: argparse._SubParsersAction) -> None:
+    """jobs and cancel."""
     s = sub.add_parser("jobs", help="list this user's hicmae-dist Slurm jobs: state, step, loss, MLflow run",
                        description="Jobs from `hicmae-dist submit` (the registry), with Slurm's state "
                                    "(squeue, sacct), the run dir's step, last loss and MLflow run, requeues "
@@ -756,7 +681,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="print the traceback of every error (a user error "
                                                         "is one line without it)")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add_verbs in (_add_synth, _add_prepare, _add_pretrain, _add_weights_verbs, _add_model_verbs,
+                      _add_bench_verbs, _add_finetune_verbs, _add_doctor, _add_sync,
+                      _add_slurm_verbs):
+        add_verbs(sub)
+    _add_global_flags(p)
+    return p
 
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("synth", help="write a synthetic VoxCeleb2-like corpus of real mp4/m4a files",
                        description="Write clips whose hidden class sets both a visual pattern and a sound, "
                                    "in VoxCeleb2's layout: OUT/dev/mp4/idNNNNN/VIDEO/NNNNN.mp4 and "
@@ -777,6 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --downstream: two float labels (valence, arousal) per clip instead of the class")
     s.set_defaults(func=cmd_synth)
 
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("prepare", help="decode a VoxCeleb2-layout corpus into tar shards, once",
                        description="Decode every clip under SRC (dev/mp4 + dev/aac, or a .wav beside each mp4) "
                                    "once and write tar shards, an index beside each, and manifest.json to OUT. "
@@ -808,28 +743,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     s.set_defaults(func=cmd_prepare)
 
-    s = sub.add_parser("pretrain", help="pretrain a model on shards with DeepSpeed, tracked in MLflow",
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("pretrain", parents=[_run_options(run_dir_required=False)],
+                       help="pretrain a model on shards with DeepSpeed, tracked in MLflow",
                        description="Pretrain with a preset plus dotted overrides, e.g. "
                                    "`hicmae-dist pretrain --preset tiny-cpu --data shards/ --run-dir runs/a "
                                    f"train.steps=50 model.width=128` (overrides may come anywhere on the "
                                    f"line). Presets: {', '.join(list_presets())}.",
                        epilog=EXIT_STATUS_HELP)
-    s.add_argument("--preset", required=True, help="preset name or path to a YAML config")
     s.add_argument("--data", help="directory of .tar shards (sets data.shards)")
-    s.add_argument("--run-dir", help="where checkpoints, config, metrics and the MLflow store go")
-    s.add_argument("--resume", choices=("auto", "never"), default="auto",
-                   help="auto: continue from the newest complete checkpoint in --run-dir (default); "
-                        "never: refuse a run dir that has one")
     s.add_argument("--dry-run", action="store_true",
                    help="validate the preset and overrides, print the resolved config and exit")
-    s.add_argument("--allow-config-change", action="store_true",
-                   help="resume a checkpoint written with a different model/data/optimiser config")
     s.add_argument("--world-size", type=_world_size, default=1, help="ranks assumed by --dry-run's estimates")
-    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file RUN_DIR/mlflow.db)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     s.set_defaults(func=cmd_pretrain)
 
+
+def _add_weights_verbs(sub: argparse._SubParsersAction) -> None:
+    """export and ckpt universal."""
     s = sub.add_parser("export", help="write a run's consolidated fp32 weights for fine-tuning",
                        description="Gather the fp32 weights of the latest checkpoint of RUN_DIR from all "
                                    "ZeRO partitions into one file (loads with weights_only=True).")
@@ -847,15 +779,6 @@ def build_parser() -> argparse.ArgumentParser:
                                         "--resume auto` does this by itself when the world size changed.")
     u.add_argument("run_dir", help="a pretraining run directory")
     u.set_defaults(func=cmd_ckpt_universal)
-    _add_model_verbs(sub)
-    _add_finetune_verbs(sub)
-    _add_bench_data(sub)
-    _add_bench_kernels(sub)
-    _add_doctor(sub)
-    _add_sync(sub)
-    _add_slurm_verbs(sub)
-    _add_global_flags(p)
-    return p
 
 
 def _add_global_flags(parser: argparse.ArgumentParser, seen: set[int] | None = None) -> None:

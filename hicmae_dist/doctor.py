@@ -165,11 +165,6 @@ def _fwd_bwd(fn: Callable, inputs: tuple[torch.Tensor, ...], dout: torch.Tensor)
     return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextlib.contextmanager
 def _no_tf32():
     """fp32 means fp32: no TF32 matmuls or convolutions while a reference runs."""
@@ -470,7 +465,8 @@ def train_run(cfg, device: torch.device, backend: str, *, batch: int, steps: int
     backend; one clip batch repeated with `same_batch`): per-step losses, the median step time
     after `warmup` steps, clips/s, MFU and peak memory."""
     from hicmae_dist.models import build_model
-    from hicmae_dist.models.info import PeakMemory, example_inputs
+    from hicmae_dist.bench.timing import PeakMemory, sync
+    from hicmae_dist.models.info import example_inputs
     from hicmae_dist.train.accounting import model_flops_per_sample, peak_flops
     from hicmae_dist.train.engine import build_optimizer, set_lr
 
@@ -484,7 +480,7 @@ def train_run(cfg, device: torch.device, backend: str, *, batch: int, steps: int
             g = torch.Generator().manual_seed(0 if same_batch else step)
             video, audio = example_inputs(cfg.model, batch, device, g)
             video_mask, audio_mask = (m.to(device) for m in model.make_masks(batch, g))
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(video, audio, video_mask, audio_mask)
@@ -753,9 +749,9 @@ def run_check(check: Check, skip: list[str], no_cuda: str | None) -> dict:
 
 
 def environment() -> dict:
-    """versions, gpus and the machine (kernels.harness.machine: CPU, platform, the first GPU's
+    """versions, gpus and the machine (hicmae_dist.bench.report.machine: CPU, platform, the first GPU's
     driver and clocks, the source commit)."""
-    from kernels.harness import _version, machine
+    from hicmae_dist.bench.report import machine, package_version
 
     gpus = []
     if no_cuda_reason() is None:
@@ -771,13 +767,13 @@ def environment() -> dict:
     versions = {"python": m["versions"]["python"], "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
                 "driver": (m["gpu"] or {}).get("driver"), "nccl": nccl,
                 "cudnn": torch.backends.cudnn.version() if gpus else None, "triton": m["versions"]["triton"],
-                "deepspeed": _version("deepspeed"), "xformers": m["versions"]["xformers"],
+                "deepspeed": package_version("deepspeed"), "xformers": m["versions"]["xformers"],
                 "hicmae_dist": m["versions"]["hicmae_dist"], "commit": m["versions"]["commit"]}
     return {"versions": versions, "gpus": gpus, "machine": m}
 
 
 def render_markdown(report: dict) -> str:
-    from kernels.harness import fmt_bytes, md_table
+    from hicmae_dist.bench.report import fmt_bytes, md_table
 
     v = report["versions"]
     s = report["summary"]

@@ -1,4 +1,5 @@
-"""Kernel microbenchmarks: one module per op on a shared harness (kernels/harness.py).
+"""Kernel microbenchmarks: one module per op on a shared harness (kernels/harness.py), timed and
+reported by hicmae_dist.bench (timing, report).
 
     python -m kernels [--quick] [--out DIR]        every op (also `hicmae-dist bench kernels`)
     python -m kernels.attention                    attention backends: model shapes, anchor grid

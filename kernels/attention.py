@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from hicmae_dist.bench import report
 from hicmae_dist.ops.attention import attention, resolve_backend
 from kernels import harness
 from kernels.shapes import batch_of, chosen_models, model_calls
@@ -226,8 +227,8 @@ def shape_text(r: dict) -> str:
 
 def markdown(section: dict) -> str:
     return ("FLOPs per call: fwd 4·H·Σ Nq·Nk·D, bwd 2.5× fwd (non-causal). TFLOP/s from the median; "
-            "IQR = 25th-75th percentile.\n\n" + harness.pivot_table(section["records"], shape_text, "tflops")
-            + "\n\nEvery record:\n\n" + harness.timing_table(section["records"], shape_text))
+            "IQR = 25th-75th percentile.\n\n" + report.pivot_table(section["records"], shape_text, "tflops")
+            + "\n\nEvery record:\n\n" + report.timing_table(section["records"], shape_text))
 
 
 def plot(section: dict, out) -> list:
@@ -243,7 +244,7 @@ def plot(section: dict, out) -> list:
                                         "ylabel": "TFLOP/s", "series": {}})
         panel["series"].setdefault(r["backend"], []).append((sh["n"], r["tflops"]))
     order = sorted(panels, key=lambda k: (k[0], k[1], harness.DIRECTIONS.index(k[2])))
-    return [harness.line_plot(out / "attention_tflops.png", [panels[k] for k in order],
+    return [report.line_plot(out / "attention_tflops.png", [panels[k] for k in order],
                               f"attention, {anchors[0]['dtype']}")]
 
 

@@ -32,6 +32,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from hicmae_dist.bench import report, timing
 from hicmae_dist.ops.info_nce import (DEFAULT_CHUNK, _info_nce_fwd_flops, info_nce, info_nce_reference,
                                       resolve_backend)
 from kernels import harness
@@ -107,7 +108,6 @@ def loss_fn(backend: str, sh: dict, a, b, others):
 def point(backend: str, sh: dict, device: str, repeats: int) -> dict:
     """Child process: the first full-size forward + backward gives the peak memory and a time;
     more timed calls follow when it was short (< 1 s)."""
-    from hicmae_dist.models.info import PeakMemory
 
     dev = torch.device(device)
 
@@ -129,10 +129,10 @@ def point(backend: str, sh: dict, device: str, repeats: int) -> dict:
     call(*inputs(min(sh["rows"], 32), min(sh["cols"], 32 * sh["world"])))
     a, b, others = inputs(sh["rows"], sh["cols"])
     times = []
-    with PeakMemory(dev) as mem:
+    with timing.PeakMemory(dev) as mem:
         t0 = time.perf_counter()
         loss = call(a, b, others)
-        harness.sync(dev)
+        timing.sync(dev)
         times.append(time.perf_counter() - t0)
     while times[0] < 1.0 and len(times) < repeats:
         for x in (a, b, others):
@@ -140,7 +140,7 @@ def point(backend: str, sh: dict, device: str, repeats: int) -> dict:
                 x.grad = None
         t0 = time.perf_counter()
         call(a, b, others)
-        harness.sync(dev)
+        timing.sync(dev)
         times.append(time.perf_counter() - t0)
     return {"times": times, "peak_bytes": mem.delta, "memory_method": f"fresh process: {mem.method}",
             "loss": loss}
@@ -158,13 +158,13 @@ def measure_point(s: harness.Settings, backend: str, sh: dict) -> dict:
             harness.log_record(rec)
             return rec
     if est > s.mem_limit:
-        harness.set_status(rec, "oom", f"estimated {harness.fmt_bytes(est)} > memory limit "
-                                       f"{harness.fmt_bytes(s.mem_limit)}: not attempted")
+        harness.set_status(rec, "oom", f"estimated {report.fmt_bytes(est)} > memory limit "
+                                       f"{report.fmt_bytes(s.mem_limit)}: not attempted")
     else:
         kwargs = dict(backend=backend, sh=sh, device=str(s.device), repeats=s.repeats)
         status, payload = harness.run_isolated("kernels.info_nce", "point", kwargs, s)
         if status == "ok":
-            rec["time"] = harness.summarize_times(payload["times"])
+            rec["time"] = timing.summarize_times(payload["times"])
             rec["peak_bytes"], rec["memory_method"] = payload["peak_bytes"], payload["memory_method"]
             rec["loss"] = payload["loss"]
             harness.add_rates(rec)
@@ -225,15 +225,15 @@ def shape_text(r: dict) -> str:
 def markdown(section: dict) -> str:
     summary = section["summary"]
     cal = summary["calibration"]
-    rows = [[r["case"], r["backend"], harness.fmt_bytes(r["ours_bytes"]), harness.fmt_bytes(r["naive_bytes"]),
-             r["naive_source"], f"{r['ratio']:.0f}x", f"{r['ours_s']:.3g}", harness.sig(r["naive_s"])]
+    rows = [[r["case"], r["backend"], report.fmt_bytes(r["ours_bytes"]), report.fmt_bytes(r["naive_bytes"]),
+             r["naive_source"], f"{r['ratio']:.0f}x", f"{r['ours_s']:.3g}", report.sig(r["naive_s"])]
             for r in summary["memory_vs_naive"]]
     text = ("Forward + backward, symmetric, fp32; memory = peak rise in a fresh process (CUDA: "
-            "max_memory_allocated).\n\n" + harness.timing_table(section["records"], shape_text))
+            "max_memory_allocated).\n\n" + report.timing_table(section["records"], shape_text))
     text += ("\n\nMemory against the naive loss"
              + (f" (naive calibrated: {cal['matrices']:.2f} logits-sized fp32 matrices, from "
                 f"{', '.join(cal['from'])})" if cal else "") + ":\n\n")
-    return text + harness.md_table(["case", "ours", "ours mem", "naive mem", "naive from", "naive / ours",
+    return text + report.md_table(["case", "ours", "ours mem", "naive mem", "naive from", "naive / ours",
                                     "ours s", "naive s"], rows)
 
 
@@ -248,7 +248,7 @@ def plot(section: dict, out) -> list:
         secs.setdefault(label, []).append((r["shape"]["batch"], r["time"]["median_ms"] / 1e3))
     panels = [{"title": "peak memory", "xlabel": "global batch", "ylabel": "MB", "series": mem, "logy": True},
               {"title": "time (fwd + bwd)", "xlabel": "global batch", "ylabel": "s", "series": secs, "logy": True}]
-    return [harness.line_plot(out / "info_nce_memory.png", panels, "info_nce vs naive")]
+    return [report.line_plot(out / "info_nce_memory.png", panels, "info_nce vs naive")]
 
 
 def add_arguments(p) -> None:

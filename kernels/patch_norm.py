@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from hicmae_dist.bench import report
 from hicmae_dist.ops import tokens as ops_tokens
 from kernels import harness
 from kernels.shapes import batch_of, chosen_models, model_calls
@@ -56,7 +57,7 @@ def shape_text(r: dict) -> str:
 
 def markdown(section: dict) -> str:
     return ("Forward only, fp32; GB/s of read x + write y.\n\n"
-            + harness.timing_table(section["records"], shape_text))
+            + report.timing_table(section["records"], shape_text))
 
 
 def add_arguments(p) -> None:

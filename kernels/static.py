@@ -30,6 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hicmae_dist.bench import report
 from kernels import harness
 
 NAME = "static"
@@ -295,15 +296,15 @@ def markdown(section: dict) -> str:
         dtype = r["dtype"] + (f"/{r['precision']}" if r["precision"] else "")
         kind = r["kind"] + (f" ({r['layout']})" if r["layout"] not in ("dense+kpm", "-") else "")
         rows.append([kind, r["head_dim"], dtype, r["config"], *stats, r["shape"], f"{r['gflop']:.3g}",
-                     f"{r['mbytes']:.3g}", harness.sig(r["intensity"]), f"{r['floor_compute_us']:.3g}",
+                     f"{r['mbytes']:.3g}", report.sig(r["intensity"]), f"{r['floor_compute_us']:.3g}",
                      f"{r['floor_memory_us']:.3g}", r["bound"]])
     text = (f"Triton kernels, sm_90 ({section['triton_source']}). Config = block_m/block_n(/block_k/block_do)"
             f"/warps/stages. Floors on an H100: {H100_FLOPS['16'] / 1e12:.0f} TFLOP/s bf16/fp16, "
             f"{H100_FLOPS['tf32'] / 1e12:.0f} tf32, {H100_FLOPS['ieee'] / 1e12:.0f} fp32 FMA, "
             f"{H100_BYTES / 1e12:.1f} TB/s; FLOPs executed (recomputation included), bytes compulsory.\n\n")
-    text += harness.md_table(["kernel", "d", "dtype", "config", "regs", "spill B", "smem KB", "wgmma", "shape",
+    text += report.md_table(["kernel", "d", "dtype", "config", "regs", "spill B", "smem KB", "wgmma", "shape",
                               "GFLOP", "MB", "FLOP/B", "compute floor µs", "memory floor µs", "bound"], rows)
-    text += "\n\nAnchors (H100, N=512, d=64): the gap to close.\n\n" + harness.md_table(
+    text += "\n\nAnchors (H100, N=512, d=64): the gap to close.\n\n" + report.md_table(
         ["anchor", "shape", "useful GFLOP", "H100 floor µs", "anchor TFLOP/s", "anchor µs",
          "ours: kernel floors µs", "ours: best useful TFLOP/s"],
         [[a["anchor"], a["shape"], f"{a['useful_gflop']:.1f}", f"{a['floor_us']:.0f}", f"{a['anchor_tflops']:.0f}",
@@ -311,10 +312,10 @@ def markdown(section: dict) -> str:
          for a in section["anchors"]])
     text += f"\n\nCUDA kernels of csrc/, sm_90a ({section['csrc_source']}): memory-bound, floor at 3.0 TB/s.\n\n"
     if section["csrc"]:
-        text += harness.md_table(
+        text += report.md_table(
             ["kernel", "instantiations", "regs (max)", "spill B", "smem B", "stack B", "call", "MB", "floor µs"],
             [[r["kernel"], r["instantiations"], r["registers"], r["spill_bytes"], r["shared_bytes"], r["stack_bytes"],
-              r["shape"] or "-", harness.sig(r["mbytes"]), harness.sig(r["floor_memory_us"])]
+              r["shape"] or "-", report.sig(r["mbytes"]), report.sig(r["floor_memory_us"])]
              for r in section["csrc"]])
     return text
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from hicmae_dist.bench import report
 from hicmae_dist.ops import gather as ops_gather
 from hicmae_dist.ops import tokens as ops_tokens
 from kernels import harness
@@ -113,8 +114,8 @@ def shape_text(r: dict) -> str:
 
 def markdown(section: dict) -> str:
     return ("Memory-bound: GB/s of the compulsory traffic (kernels/tokens.py `io_bytes`).\n\n"
-            + harness.pivot_table(section["records"], shape_text, "gbps")
-            + "\n\nEvery record:\n\n" + harness.timing_table(section["records"], shape_text))
+            + report.pivot_table(section["records"], shape_text, "gbps")
+            + "\n\nEvery record:\n\n" + report.timing_table(section["records"], shape_text))
 
 
 def add_arguments(p) -> None:

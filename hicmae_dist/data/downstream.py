@@ -50,7 +50,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from hicmae_dist.config import ModelConfig
+from hicmae_dist.config import ConfigError, ModelConfig
 from hicmae_dist.data import audio, video
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -243,6 +243,14 @@ def parse_folds(text: str, available: int | None = None) -> list[int]:
 
 def count_folds(split_root: str | Path) -> int:
     return len(list(Path(split_root).glob("split[0-9][0-9]")))
+
+
+def select_folds(text: str, split_root: str | Path) -> list[int]:
+    """--folds against the split directories of split_root; a bad spelling is a ConfigError (a usage error)."""
+    try:
+        return parse_folds(text, count_folds(split_root))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def list_frames(frame_dir: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hicmae_dist.bench import report
 from hicmae_dist.ops import gather as ops_gather
 from hicmae_dist.ops import triton as triton_pkg
 from kernels import attention as kattn
@@ -171,7 +172,7 @@ def test_static_sm90_report(results):
 
 def test_compare_prints_ratios(results, tmp_path):
     res, out, _ = results
-    text = harness.compare(out / "results.json", out / "results.json")
+    text = report.compare(out / "results.json", out / "results.json")
     assert "B/A time" in text and "| 1.000 |" in text
 
 
