@@ -348,48 +348,19 @@ def prepare_shards(src_dir: str | Path, out_dir: str | Path, *, shard_size: int 
         if image_size not in (160, video.SOURCE_SIZE):
             raise ValueError(f"full_frame stores {video.SOURCE_SIZE}px frames; image_size={image_size} contradicts it")
         image_size = video.SOURCE_SIZE
-    if shard_size is not None and shard_size_mb is not None:
-        raise ValueError("give shard_size or shard_size_mb, not both")
-    max_bytes = int(shard_size_mb * 2**20) if shard_size_mb is not None else parse_size(shard_size or DEFAULT_SHARD_SIZE)
-    if max_bytes <= 0:
-        raise ValueError(f"shard size must be positive, got {max_bytes} bytes")
+    max_bytes = _shard_bytes(shard_size, shard_size_mb)
     form = store_form(image_size, frames, jpeg_quality)
     src, out = Path(src_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
-        clips = select_clips(find_clips(src), speakers=speakers, limit=limit)
-        if not clips:
-            raise FileNotFoundError(f"no <speaker>/<video>/<clip>.mp4 files under {src}"
-                                    + (" for the selected speakers" if speakers is not None else ""))
-        if shuffle_seed is not None:
-            clips = list(clips)
-            random.Random(f"hicmae-dist/prepare/{shuffle_seed}").shuffle(clips)
-        done, next_number = _completed_shards(out, form)
-        done_keys = {key for shard in done for key in shard["keys"]} | \
-                    {s["key"] for shard in done for s in shard["skipped"]}
-        todo = [c for c in clips if c.key not in done_keys]
-        if done:
-            log.info("resuming in %s: %d clips already done in %d shards, %d to do",
-                     out, len(done_keys), len(done), len(todo))
-
+        clips = _ordered_clips(src, speakers, limit, shuffle_seed)
+        done, next_number, todo = _resume(out, form, clips)
         started = time.perf_counter()
         sink = _ShardSink(out, next_number, max_bytes, form)
-        bar = tqdm(total=len(todo), desc="prepare", unit="clip", disable=not progress, dynamic_ncols=True)
-        skipped_now = 0
         encode = functools.partial(_encode_or_skip, image_size=image_size, jpeg_quality=jpeg_quality,
                                    frames=frames, max_av_diff_s=max_av_diff_s, resample=resample)
-        for result in _encoded(todo, encode, workers):
-            if "skip" in result:
-                sink.skip(result["skip"])
-                skipped_now += 1
-                log.warning("skipping %s: %s", result["skip"]["path"], result["skip"]["reason"])
-            else:
-                sink.write(result)
-            bar.update()
-            bar.set_postfix(shards=len(sink.written), skipped=skipped_now)
-        sink.close()
-        bar.close()
+        skipped_now = _encode_into(sink, todo, encode, workers, progress)
         elapsed = time.perf_counter() - started
 
         shards = done + sink.written
@@ -402,6 +373,59 @@ def prepare_shards(src_dir: str | Path, out_dir: str | Path, *, shard_size: int 
         return _write_manifest(out, src, shards, sink.pending_skips, form, any(c.label >= 0 for c in clips), run)
     finally:
         lock.close()
+
+
+def _shard_bytes(shard_size: int | str | None, shard_size_mb: float | None) -> int:
+    """Bytes per shard from shard_size ('1GB', '200MB', int) or the older shard_size_mb (MiB)."""
+    if shard_size is not None and shard_size_mb is not None:
+        raise ValueError("give shard_size or shard_size_mb, not both")
+    max_bytes = int(shard_size_mb * 2**20) if shard_size_mb is not None else parse_size(shard_size or DEFAULT_SHARD_SIZE)
+    if max_bytes <= 0:
+        raise ValueError(f"shard size must be positive, got {max_bytes} bytes")
+    return max_bytes
+
+
+def _ordered_clips(src: Path, speakers, limit: int | None, shuffle_seed: int | None) -> list:
+    """The selected clips under src, shuffled by shuffle_seed (None: sorted by key)."""
+    clips = select_clips(find_clips(src), speakers=speakers, limit=limit)
+    if not clips:
+        raise FileNotFoundError(f"no <speaker>/<video>/<clip>.mp4 files under {src}"
+                                + (" for the selected speakers" if speakers is not None else ""))
+    if shuffle_seed is not None:
+        clips = list(clips)
+        random.Random(f"hicmae-dist/prepare/{shuffle_seed}").shuffle(clips)
+    return clips
+
+
+def _resume(out: Path, form: dict, clips: list) -> tuple[list[dict], int, list]:
+    """(the shards already complete in out, the next shard number, the clips still to do)."""
+    done, next_number = _completed_shards(out, form)
+    done_keys = {key for shard in done for key in shard["keys"]} | \
+                {s["key"] for shard in done for s in shard["skipped"]}
+    todo = [c for c in clips if c.key not in done_keys]
+    if done:
+        log.info("resuming in %s: %d clips already done in %d shards, %d to do",
+                 out, len(done_keys), len(done), len(todo))
+    return done, next_number, todo
+
+
+def _encode_into(sink: "_ShardSink", todo: list, encode, workers: int, progress: bool) -> int:
+    """Encode `todo` (in `workers` processes) into the sink, then close it; returns how many
+    clips were skipped (each logged with its reason)."""
+    bar = tqdm(total=len(todo), desc="prepare", unit="clip", disable=not progress, dynamic_ncols=True)
+    skipped_now = 0
+    for result in _encoded(todo, encode, workers):
+        if "skip" in result:
+            sink.skip(result["skip"])
+            skipped_now += 1
+            log.warning("skipping %s: %s", result["skip"]["path"], result["skip"]["reason"])
+        else:
+            sink.write(result)
+        bar.update()
+        bar.set_postfix(shards=len(sink.written), skipped=skipped_now)
+    sink.close()
+    bar.close()
+    return skipped_now
 
 
 def _lock(out: Path):

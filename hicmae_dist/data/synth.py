@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import functools
 import subprocess
 import wave
 from concurrent.futures import ThreadPoolExecutor
@@ -261,7 +262,7 @@ def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 
     = the beat rate scaled to [0, 1], each with a little per-clip noise. Files are written under
     a temporary name and renamed; the split files are written last.
     """
-    from hicmae_dist.data.downstream import DownstreamItem, make_folds, write_folds
+    from hicmae_dist.data.downstream import make_folds, write_folds
 
     if num_clips < 1 or num_classes < 1:
         raise ValueError(f"num_clips and num_classes must be >= 1, got {num_clips}, {num_classes}")
@@ -273,33 +274,8 @@ def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 
     plans = _plan(num_clips, num_subjects, num_classes, seed)
     make_folds(plans, [p.speaker for p in plans], folds, seed)  # its checks (k >= 3 ...) before any clip is written
 
-    def write(plan: _ClipPlan) -> DownstreamItem:
-        frames, pcm = _render_clip(plan, num_classes, seed, duration_s)
-        clip_dir = out / "frames" / plan.speaker / f"{plan.index:05d}"
-        wav = out / "audio" / plan.speaker / f"{plan.index:05d}.wav"
-        if not clip_dir.exists():
-            part = clip_dir.with_name(clip_dir.name + ".part")
-            part.mkdir(parents=True, exist_ok=True)
-            crops = face_crop(torch.from_numpy(frames).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-            for i, frame in enumerate(crops):
-                Image.fromarray(frame).save(part / f"{i + 1:05d}.jpg", quality=90)
-            part.rename(clip_dir)
-        wav.parent.mkdir(parents=True, exist_ok=True)
-        part = wav.with_suffix(".part")
-        with wave.open(str(part), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(SAMPLE_RATE)
-            w.writeframes(pcm.astype("<i2").tobytes())
-        part.rename(wav)
-        if not regression:
-            return DownstreamItem(clip_dir, wav, (plan.label,))
-        noise = np.random.default_rng((seed, 3, plan.index)).normal(0, 0.05, 2)
-        style = _class_style(plan.label, num_classes)
-        valence = 2 * plan.label / max(1, num_classes - 1) - 1 + noise[0]
-        arousal = (style.beat_hz - 2.0) / 3.0 + noise[1]
-        return DownstreamItem(clip_dir, wav, (round(float(valence), 4), round(float(arousal), 4)))
-
+    write = functools.partial(_write_downstream_clip, out=out, num_classes=num_classes, seed=seed,
+                              duration_s=duration_s, regression=regression)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         items = list(tqdm(pool.map(write, plans), total=len(plans), desc="synth downstream",
                           unit="clip", disable=not progress))
@@ -315,6 +291,54 @@ def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 
         "splits": str(out / "splits"),
         "fold_sizes": [{name: len(Path(p).read_text().splitlines()) for name, p in fold.items()} for fold in paths],
     }
+
+
+def _write_downstream_clip(plan: _ClipPlan, *, out: Path, num_classes: int, seed: int,
+                           duration_s: float, regression: bool):
+    """Render one clip, write its face-crop frames and its wav; returns its DownstreamItem."""
+    from hicmae_dist.data.downstream import DownstreamItem
+
+    frames, pcm = _render_clip(plan, num_classes, seed, duration_s)
+    clip_dir = out / "frames" / plan.speaker / f"{plan.index:05d}"
+    wav = out / "audio" / plan.speaker / f"{plan.index:05d}.wav"
+    if not clip_dir.exists():
+        _write_crops(frames, clip_dir)
+    _write_wav(pcm, wav)
+    return DownstreamItem(clip_dir, wav, _downstream_labels(plan, num_classes, seed, regression))
+
+
+def _write_crops(frames: np.ndarray, clip_dir: Path) -> None:
+    """frames (T, 224, 224, 3) uint8 -> clip_dir/00001.jpg ... (160 px face crops, JPEG q90),
+    written under clip_dir.part and renamed."""
+    part = clip_dir.with_name(clip_dir.name + ".part")
+    part.mkdir(parents=True, exist_ok=True)
+    crops = face_crop(torch.from_numpy(frames).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    for i, frame in enumerate(crops):
+        Image.fromarray(frame).save(part / f"{i + 1:05d}.jpg", quality=90)
+    part.rename(clip_dir)
+
+
+def _write_wav(pcm: np.ndarray, wav: Path) -> None:
+    """16 kHz mono int16 samples -> wav, written under a .part name and renamed."""
+    wav.parent.mkdir(parents=True, exist_ok=True)
+    part = wav.with_suffix(".part")
+    with wave.open(str(part), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(pcm.astype("<i2").tobytes())
+    part.rename(wav)
+
+
+def _downstream_labels(plan: _ClipPlan, num_classes: int, seed: int, regression: bool) -> tuple:
+    """(class,), or (valence, arousal) with a little per-clip noise (write_downstream's docstring)."""
+    if not regression:
+        return (plan.label,)
+    noise = np.random.default_rng((seed, 3, plan.index)).normal(0, 0.05, 2)
+    style = _class_style(plan.label, num_classes)
+    valence = 2 * plan.label / max(1, num_classes - 1) - 1 + noise[0]
+    arousal = (style.beat_hz - 2.0) / 3.0 + noise[1]
+    return (round(float(valence), 4), round(float(arousal), 4))
 
 
 def _ffmpeg(args: list[str], stdin: bytes, target: Path) -> None:

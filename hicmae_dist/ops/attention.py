@@ -34,13 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from hicmae_dist.ops import triton as _triton_pkg
+from hicmae_dist.ops.backends import OpBackends, triton_unavailable
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "triton", "xformers", "sdpa", "reference")
 TRITON_HEAD_DIMS = (32, 64, 128)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_logged_picks: set[tuple[str, str]] = set()
-_logged_fallbacks: set[str] = set()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,21 +53,36 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"attention: q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
     if cu_seqlens_q is None:
-        if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-            raise ValueError(f"attention: expected q (B, H, Nq, D) and k, v (B, H, Nk, D); "
-                             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-        if max_seqlen_q is not None or max_seqlen_k is not None:
-            raise ValueError("attention: max_seqlen_q / max_seqlen_k go with cu_seqlens (varlen)")
-        if key_padding_mask is not None:
-            B, Nk = k.shape[0], k.shape[2]
-            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Nk):
-                raise ValueError(f"attention: key_padding_mask must be bool (B, Nk) = ({B}, {Nk}), "
-                                 f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
-            if key_padding_mask.device != q.device:
-                raise ValueError(f"attention: key_padding_mask on {key_padding_mask.device}, "
-                                 f"q on {q.device}")
+        _check_dense(q, k, v, max_seqlen_q, max_seqlen_k, key_padding_mask)
         return None
-    # varlen
+    _check_varlen_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask)
+    # Host-side checks read cu_seqlens: free on CPU; on CUDA only when max_seqlen is not given
+    # (that read is a device sync anyway, as in flash-attention).
+    check_host = q.device.type == "cpu" or max_seqlen_q is None or max_seqlen_k is None
+    if not check_host:
+        return int(max_seqlen_q), int(max_seqlen_k)
+    return (_checked_max_seqlen("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+            _checked_max_seqlen("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k))
+
+
+def _check_dense(q, k, v, max_seqlen_q, max_seqlen_k, key_padding_mask) -> None:
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: expected q (B, H, Nq, D) and k, v (B, H, Nk, D); "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if max_seqlen_q is not None or max_seqlen_k is not None:
+        raise ValueError("attention: max_seqlen_q / max_seqlen_k go with cu_seqlens (varlen)")
+    if key_padding_mask is not None:
+        B, Nk = k.shape[0], k.shape[2]
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Nk):
+            raise ValueError(f"attention: key_padding_mask must be bool (B, Nk) = ({B}, {Nk}), "
+                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"attention: key_padding_mask on {key_padding_mask.device}, "
+                             f"q on {q.device}")
+
+
+def _check_varlen_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask) -> None:
+    """Shapes, dtypes and devices of the packed layout (not the cu_seqlens values)."""
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[1:] != k.shape[1:]:
         raise ValueError(f"attention (varlen): expected q (total_q, H, D) and k, v (total_k, H, D); "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -86,26 +98,21 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"attention: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
                          f"{tuple(cu_seqlens_k.shape)} must describe the same number of segments")
-    # Host-side checks read cu_seqlens: free on CPU; on CUDA only when max_seqlen is not given
-    # (that read is a device sync anyway, as in flash-attention).
-    check_host = q.device.type == "cpu" or max_seqlen_q is None or max_seqlen_k is None
-    maxes = []
-    for name, cu, total, given in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-                                   ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
-        if not check_host:
-            maxes.append(int(given))
-            continue
-        host = cu.tolist()
-        lens = [b - a for a, b in zip(host, host[1:])]
-        if host[0] != 0 or host[-1] != total or any(n < 0 for n in lens):
-            raise ValueError(f"attention: {name} must rise from 0 to {total} (rows of the packed "
-                             f"tensor), got {host if len(host) <= 16 else host[:8] + ['...']}")
-        longest = max(lens, default=0)
-        if given is not None and int(given) < longest:
-            raise ValueError(f"attention: max_seqlen for {name} is {given}, but a segment has "
-                             f"{longest} rows")
-        maxes.append(longest if given is None else int(given))
-    return maxes[0], maxes[1]
+
+
+def _checked_max_seqlen(name: str, cu: torch.Tensor, total: int, given: int | None) -> int:
+    """The longest segment of `cu` (read on the host), after checking that it rises from 0 to
+    `total` and that `given`, if any, is not shorter."""
+    host = cu.tolist()
+    lens = [b - a for a, b in zip(host, host[1:])]
+    if host[0] != 0 or host[-1] != total or any(n < 0 for n in lens):
+        raise ValueError(f"attention: {name} must rise from 0 to {total} (rows of the packed "
+                         f"tensor), got {host if len(host) <= 16 else host[:8] + ['...']}")
+    longest = max(lens, default=0)
+    if given is not None and int(given) < longest:
+        raise ValueError(f"attention: max_seqlen for {name} is {given}, but a segment has "
+                         f"{longest} rows")
+    return longest if given is None else int(given)
 
 
 def _pad(x: torch.Tensor, lens: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,49 +227,31 @@ def _xformers(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask):
 
 
 def _triton_error(q: torch.Tensor) -> str | None:
-    ok, why = _triton_pkg.available(q.device)
-    if not ok:
-        return why
-    if q.dtype not in TRITON_DTYPES:
-        return f"triton kernels take float16, bfloat16 or float32, got {q.dtype}"
-    if q.shape[-1] not in TRITON_HEAD_DIMS:
+    why = triton_unavailable(q)
+    if why is None and q.shape[-1] not in TRITON_HEAD_DIMS:
         return f"triton kernels take head dim 32, 64 or 128, got {q.shape[-1]}"
-    return None
+    return why
 
 
-def _unavailable_reason(backend: str, q: torch.Tensor) -> str | None:
-    if backend == "triton":
-        return _triton_error(q)
-    if backend == "xformers":
-        return _xformers_error(q.device)
-    return None
+def _triton_check(device: torch.device, q: torch.Tensor | None) -> str | None:
+    if q is None:
+        return _triton_pkg.available(device)[1] or None
+    return _triton_error(q)
+
+
+BACKENDS = OpBackends(
+    "attention", log,
+    checks={"triton": _triton_check,
+            "xformers": lambda device, q: _xformers_error(device if q is None else q.device),
+            "sdpa": None, "reference": None},
+    auto={"cuda": ("triton", "sdpa"), "*": ("sdpa",)})
 
 
 def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None = None) -> str:
     """The backend that will run. `auto`: CUDA -> triton (sdpa with a logged warning when the
     triton kernels cannot take `q`), anything else -> sdpa. An explicit backend that cannot run
     on `q` raises RuntimeError."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    device = torch.device(device)
-    if backend == "auto":
-        pick = "sdpa"
-        if device.type == "cuda":
-            why = _triton_error(q) if q is not None else _triton_pkg.available(device)[1] or None
-            pick = "triton" if why is None else "sdpa"
-            if why is not None and why not in _logged_fallbacks:
-                _logged_fallbacks.add(why)
-                log.warning("ops.attention: backend 'auto' on cuda cannot run triton (%s); "
-                            "running sdpa instead", why)
-        if (device.type, pick) not in _logged_picks:
-            _logged_picks.add((device.type, pick))
-            log.info("ops.attention: backend 'auto' on %s runs %s", device.type, pick)
-        return pick
-    if q is not None:
-        why = _unavailable_reason(backend, q)
-        if why is not None:
-            raise RuntimeError(f"ops.attention backend {backend!r} cannot run: {why}")
-    return backend
+    return BACKENDS.resolve(backend, device, q)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

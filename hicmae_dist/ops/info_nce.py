@@ -58,16 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from hicmae_dist.ops import triton as _triton_pkg
 from hicmae_dist.comm import all_gather_with_grad, world
+from hicmae_dist.ops.backends import OpBackends, triton_unavailable
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "triton", "torch")
 NEGATIVES = ("local", "global")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_CHUNK = 1024
-_logged_picks: set[tuple[str, str]] = set()
-_logged_fallbacks: set[str] = set()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,38 +204,16 @@ def _info_nce_fwd_flops(x_shape, y_shape, *args, **kwargs) -> int:
 # ----------------------------------------------------------------------------------------------
 # Backend choice and the public function
 # ----------------------------------------------------------------------------------------------
-def _triton_error(x: torch.Tensor) -> str | None:
-    ok, why = _triton_pkg.available(x.device)
-    if not ok:
-        return why
-    if x.dtype not in TRITON_DTYPES:
-        return f"triton kernels take float16, bfloat16 or float32, got {x.dtype}"
-    return None
+BACKENDS = OpBackends(
+    "info_nce", log,
+    checks={"triton": lambda device, x: triton_unavailable(x), "torch": None},
+    auto={"*": ("triton", "torch")},  # CPU: triton only under the interpreter
+    fallback_text={"torch": "the chunked torch path"})
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The backend that will run on `x` (see the module docstring)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"info_nce backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        why = _triton_error(x)
-        if x.device.type == "cuda":
-            pick = "triton" if why is None else "torch"
-            if why is not None and why not in _logged_fallbacks:
-                _logged_fallbacks.add(why)
-                log.warning("ops.info_nce: backend 'auto' on cuda cannot run triton (%s); "
-                            "running the chunked torch path instead", why)
-        else:
-            pick = "triton" if why is None and _triton_pkg.interpreting() else "torch"
-        if (x.device.type, pick) not in _logged_picks:
-            _logged_picks.add((x.device.type, pick))
-            log.info("ops.info_nce: backend 'auto' on %s runs %s", x.device.type, pick)
-        return pick
-    if backend == "triton":
-        why = _triton_error(x)
-        if why is not None:
-            raise RuntimeError(f"ops.info_nce backend 'triton' cannot run: {why}")
-    return backend
+    return BACKENDS.resolve(backend, x.device, x)
 
 
 def _scale_of(temperature, x: torch.Tensor) -> torch.Tensor:

@@ -167,7 +167,7 @@ def test_xformers_absent_is_a_clear_error():
 
 def test_auto_on_cpu_picks_sdpa_and_logs_once(caplog):
     q, k, v, _ = _inputs(4, 4, torch.float32)
-    attention_mod._logged_picks.discard(("cpu", "sdpa"))
+    attention_mod.BACKENDS.logged_picks.discard(("cpu", "sdpa"))
     with caplog.at_level(logging.INFO, logger="hicmae_dist.ops.attention"):
         assert attention_mod.resolve_backend("auto", q.device, q) == "sdpa"
         out = attention(q, k, v)
@@ -188,7 +188,7 @@ def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error():
 def test_auto_on_cuda_never_falls_back_silently(monkeypatch, caplog):
     """No GPU here: fake a CUDA device whose triton check fails, and see the warning."""
     monkeypatch.setattr(attention_mod, "_triton_error", lambda q: "head dim 48 unsupported")
-    attention_mod._logged_fallbacks.discard("head dim 48 unsupported")
+    attention_mod.BACKENDS.logged_skips.discard("head dim 48 unsupported")
     fake_q = torch.empty(1, 1, 1, 48)
     with caplog.at_level(logging.INFO, logger="hicmae_dist.ops.attention"):
         assert attention_mod.resolve_backend("auto", torch.device("cuda"), fake_q) == "sdpa"

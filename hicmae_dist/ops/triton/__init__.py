@@ -1,8 +1,10 @@
 """Triton kernels of the hot ops.
 
 Importing this package does not import Triton; `available()` says whether the Triton kernels
-can run on a given device, and why not when they cannot. The kernels themselves live in
-`hicmae_dist.ops.triton.attention` (imported on first use by `hicmae_dist.ops.attention`).
+can run on a given device, and why not when they cannot. The kernels live in `attention.py` and
+`info_nce.py` (imported on first use by `hicmae_dist.ops.attention` / `hicmae_dist.ops.info_nce`),
+with their tile configs; `launch.py` holds what their launchers share (GPU family, tl.dot
+precision, device guard, ahead-of-time compile); `aot.py` the compile reports.
 
 They run on CUDA devices of compute capability 8.0 or newer, and on CPU tensors when Triton's
 interpreter is on (TRITON_INTERPRET=1 in the environment before Triton is imported): that is

@@ -23,10 +23,11 @@ import torch
 
 from hicmae_dist.ops.triton import attention as fa
 from hicmae_dist.ops.triton import info_nce as tn
+from hicmae_dist.ops.triton.launch import ARCH_CAPABILITY
 
 REPO = Path(__file__).resolve().parents[3]
 REPORT = Path(os.environ.get("HICMAE_KERNEL_REPORT") or REPO / "build" / "kernel_report.json")
-CAPABILITY = fa.ARCH_CAPABILITY  # sm90 -> 90, sm80 -> 80, sm86 -> 86
+CAPABILITY = ARCH_CAPABILITY  # sm90 -> 90, sm80 -> 80, sm86 -> 86
 # Largest shared memory one block may use (opt-in): H100 227 KB of its 228 KB per SM, A100
 # 163 KB of 164 KB, RTX 30xx / 40xx (sm_86 / sm_89) 99 KB of 100 KB.
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024}

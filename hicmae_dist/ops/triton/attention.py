@@ -37,7 +37,6 @@ torch.compile and passes torch.library.opcheck (run on CPU tensors under the int
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Optional
@@ -46,12 +45,12 @@ import torch
 import triton
 import triton.language as tl
 
-from hicmae_dist.ops.triton import available, interpreting
+from hicmae_dist.ops.triton import interpreting
+from hicmae_dist.ops.triton.launch import (GRID_LIMIT, TRITON_DTYPE_NAMES, arch_family, check_ready,
+                                           compile_ahead, device_guard, dot_precision, input_group,
+                                           last_contiguous)
 
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_GRID_LIMIT = 65535  # CUDA grid y / z limit: heads on y, batch (segments) on z
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,6 +70,79 @@ def _seq_bounds(CU, off_b, seqlen, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _program_segments(CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(off_h, off_b, q_start, n_q, k_start, n_k) of this program: head on grid axis 1, batch
+    (varlen: segment) on axis 2; int64 so that row offsets can pass 2**31 elements."""
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    q_start, n_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
+    k_start, n_k = _seq_bounds(CU_K, off_b, seqlen_k, IS_VARLEN)
+    return off_h, off_b, q_start, n_q, k_start, n_k
+
+
+@triton.jit
+def _row0(off_b, off_h, start, stride_b, stride_h, stride_row):
+    """Element offset of row `start` of (batch off_b, head off_h), int64 (varlen row offsets,
+    total * H * D, and dense batch offsets can pass 2**31)."""
+    return off_b * stride_b + off_h * stride_h + start * stride_row
+
+
+@triton.jit
+def _tile_ptrs(X, row0, offs_rows, stride_row, offs_d):
+    """Pointers of a (rows, HEAD_DIM) tile."""
+    return X + row0 + offs_rows[:, None] * stride_row + offs_d[None, :]
+
+
+@triton.jit
+def _load_tile(ptrs, valid, UPCAST: tl.constexpr):
+    """A (rows, HEAD_DIM) tile, rows where `valid` is False read as 0; fp32 under the
+    interpreter (its bf16 arithmetic is wrong)."""
+    x = tl.load(ptrs, mask=valid[:, None], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _keys_kept(kpm_row, offs_n, n_valid, HAS_KPM: tl.constexpr):
+    """n_valid (keys inside the segment), also False where key_padding_mask says padded.
+    kpm_row: the mask row's pointer, advanced to the tile's first key."""
+    if HAS_KPM:
+        keep = tl.load(kpm_row + offs_n, mask=n_valid, other=0)
+        n_valid = n_valid & (keep != 0)
+    return n_valid
+
+
+@triton.jit
+def _scores(a, b, qk_scale, DOT_PRECISION: tl.constexpr):
+    """a b^T * qk_scale in fp32: q k^T (BLOCK_M, BLOCK_N), or k q^T (BLOCK_N, BLOCK_M) for dK/dV."""
+    return tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * qk_scale
+
+
+@triton.jit
+def _probs_from_lse(s, lse, n_valid, KEYS_ON_ROWS: tl.constexpr):
+    """The backward's probabilities exp2(s - lse2), 0 on padded keys. KEYS_ON_ROWS: s is the
+    transposed (BLOCK_N, BLOCK_M) tile of dK/dV; else (BLOCK_M, BLOCK_N) of dQ."""
+    if KEYS_ON_ROWS:
+        p = tl.math.exp2(s - lse[None, :])
+        p = tl.where(n_valid[:, None], p, 0.0)
+    else:
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(n_valid[None, :], p, 0.0)
+    return p
+
+
+@triton.jit
+def _mma_operand(x, OUT, UPCAST: tl.constexpr):
+    """x (fp32) rounded to the inputs' dtype (OUT's) for the next tl.dot, as on the GPU; back to
+    fp32 under the interpreter."""
+    x = x.to(OUT.dtype.element_ty)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, KPM, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
@@ -84,45 +156,35 @@ def _attn_fwd(
     IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1).to(tl.int64)
-    off_b = tl.program_id(2).to(tl.int64)
-    q_start, n_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
-    k_start, n_k = _seq_bounds(CU_K, off_b, seqlen_k, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    """One program per query tile of BLOCK_M rows; streams the key tiles through an online
+    softmax (running max m_i, running sum l_i, in log2 units)."""
+    off_h, off_b, q_start, n_q, k_start, n_k = _program_segments(CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                                 IS_VARLEN)
+    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= n_q:
         return
-    # int64 bases: varlen row offsets (total * H * D) and dense batch offsets can pass 2**31
-    q_row0 = off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
-    k_row0 = off_b * stride_kb + off_h * stride_kh + k_start * stride_kn
-    v_row0 = off_b * stride_vb + off_h * stride_vh + k_start * stride_vn
-    o_row0 = off_b * stride_ob + off_h * stride_oh + q_start * stride_om
+    q_row0 = _row0(off_b, off_h, q_start, stride_qb, stride_qh, stride_qm)
+    k_row0 = _row0(off_b, off_h, k_start, stride_kb, stride_kh, stride_kn)
+    v_row0 = _row0(off_b, off_h, k_start, stride_vb, stride_vh, stride_vn)
+    o_row0 = _row0(off_b, off_h, q_start, stride_ob, stride_oh, stride_om)
     l_row0 = off_b * stride_lb + off_h * stride_lh + q_start
-    dtype = O.dtype.element_ty
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     m_valid = offs_m < n_q
-    q = tl.load(Q + q_row0 + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=m_valid[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_ptrs = K + k_row0 + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + v_row0 + offs_n[:, None] * stride_vn + offs_d[None, :]
+    q = _load_tile(_tile_ptrs(Q, q_row0, offs_m, stride_qm, offs_d), m_valid, UPCAST)
+    k_ptrs = _tile_ptrs(K, k_row0, offs_n, stride_kn, offs_d)
+    v_ptrs = _tile_ptrs(V, v_row0, offs_n, stride_vn, offs_d)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, n_k, BLOCK_N):
         n_valid = (start_n + offs_n) < n_k
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=n_valid[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        if HAS_KPM:
-            keep = tl.load(KPM + off_b * stride_pb + start_n + offs_n, mask=n_valid, other=0)
-            n_valid = n_valid & (keep != 0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        k = _load_tile(k_ptrs + start_n * stride_kn, n_valid, UPCAST)
+        n_valid = _keys_kept(KPM + off_b * stride_pb + start_n, offs_n, n_valid, HAS_KPM)
+        s = _scores(q, k, qk_scale, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         s = tl.where(n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no valid key yet
@@ -130,18 +192,14 @@ def _attn_fwd(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=n_valid[:, None], other=0.0)
-        p_in = p.to(dtype)
-        if UPCAST:
-            v = v.to(tl.float32)
-            p_in = p_in.to(tl.float32)
-        acc = tl.dot(p_in, v, acc, input_precision=DOT_PRECISION)
+        v = _load_tile(v_ptrs + start_n * stride_vn, n_valid, UPCAST)
+        acc = tl.dot(_mma_operand(p, O, UPCAST), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(O + o_row0 + offs_m[:, None] * stride_om + offs_d[None, :], out.to(dtype),
+    tl.store(_tile_ptrs(O, o_row0, offs_m, stride_om, offs_d), out.to(O.dtype.element_ty),
              mask=m_valid[:, None])
     tl.store(LSE + l_row0 + offs_m, lse, mask=m_valid)
 
@@ -163,16 +221,14 @@ def _attn_bwd_preprocess(
     start_m = pid_m * BLOCK_M
     if start_m >= n_q:
         return
-    o_row0 = off_b * stride_ob + off_h * stride_oh + q_start * stride_om
-    do_row0 = off_b * stride_dob + off_h * stride_doh + q_start * stride_dom
+    o_row0 = _row0(off_b, off_h, q_start, stride_ob, stride_oh, stride_om)
+    do_row0 = _row0(off_b, off_h, q_start, stride_dob, stride_doh, stride_dom)
     l_row0 = off_b * stride_lb + off_h * stride_lh + q_start
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     m_valid = offs_m < n_q
-    o = tl.load(O + o_row0 + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=m_valid[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + do_row0 + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=m_valid[:, None], other=0.0).to(tl.float32)
+    o = _load_tile(_tile_ptrs(O, o_row0, offs_m, stride_om, offs_d), m_valid, True)
+    do = _load_tile(_tile_ptrs(DO, do_row0, offs_m, stride_dom, offs_d), m_valid, True)
     tl.store(DELTA + l_row0 + offs_m, tl.sum(o * do, 1), mask=m_valid)
 
 
@@ -194,72 +250,51 @@ def _attn_bwd_dkdv(
 ):
     """One program per key tile of BLOCK_N rows; loops over the query tiles of BLOCK_M rows.
     Padded keys (beyond the segment or key_padding_mask False) get exactly zero dK, dV."""
-    pid_n = tl.program_id(0)
-    off_h = tl.program_id(1).to(tl.int64)
-    off_b = tl.program_id(2).to(tl.int64)
-    q_start, n_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
-    k_start, n_k = _seq_bounds(CU_K, off_b, seqlen_k, IS_VARLEN)
-    start_n = pid_n * BLOCK_N
+    off_h, off_b, q_start, n_q, k_start, n_k = _program_segments(CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                                 IS_VARLEN)
+    start_n = tl.program_id(0) * BLOCK_N
     if start_n >= n_k:
         return
-    q_row0 = off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
-    do_row0 = off_b * stride_dob + off_h * stride_doh + q_start * stride_dom
+    q_row0 = _row0(off_b, off_h, q_start, stride_qb, stride_qh, stride_qm)
+    do_row0 = _row0(off_b, off_h, q_start, stride_dob, stride_doh, stride_dom)
     l_row0 = off_b * stride_lb + off_h * stride_lh + q_start
-    k_row0 = off_b * stride_kb + off_h * stride_kh + k_start * stride_kn
-    v_row0 = off_b * stride_vb + off_h * stride_vh + k_start * stride_vn
-    dk_row0 = off_b * stride_dkb + off_h * stride_dkh + k_start * stride_dkn
-    dv_row0 = off_b * stride_dvb + off_h * stride_dvh + k_start * stride_dvn
-    dtype = DK.dtype.element_ty
+    k_row0 = _row0(off_b, off_h, k_start, stride_kb, stride_kh, stride_kn)
+    v_row0 = _row0(off_b, off_h, k_start, stride_vb, stride_vh, stride_vn)
+    dk_row0 = _row0(off_b, off_h, k_start, stride_dkb, stride_dkh, stride_dkn)
+    dv_row0 = _row0(off_b, off_h, k_start, stride_dvb, stride_dvh, stride_dvn)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     n_valid = offs_n < n_k
-    k = tl.load(K + k_row0 + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=n_valid[:, None], other=0.0)
-    v = tl.load(V + v_row0 + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=n_valid[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    if HAS_KPM:
-        keep = tl.load(KPM + off_b * stride_pb + offs_n, mask=n_valid, other=0)
-        n_valid = n_valid & (keep != 0)
+    k = _load_tile(_tile_ptrs(K, k_row0, offs_n, stride_kn, offs_d), n_valid, UPCAST)
+    v = _load_tile(_tile_ptrs(V, v_row0, offs_n, stride_vn, offs_d), n_valid, UPCAST)
+    n_valid = _keys_kept(KPM + off_b * stride_pb, offs_n, n_valid, HAS_KPM)
 
-    q_ptrs = Q + q_row0 + offs_m[:, None] * stride_qm + offs_d[None, :]
-    do_ptrs = DO + do_row0 + offs_m[:, None] * stride_dom + offs_d[None, :]
+    q_ptrs = _tile_ptrs(Q, q_row0, offs_m, stride_qm, offs_d)
+    do_ptrs = _tile_ptrs(DO, do_row0, offs_m, stride_dom, offs_d)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for start_m in range(0, n_q, BLOCK_M):
         m_valid = (start_m + offs_m) < n_q
-        q = tl.load(q_ptrs + start_m * stride_qm, mask=m_valid[:, None], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _load_tile(q_ptrs + start_m * stride_qm, m_valid, UPCAST)
         # rows beyond the segment: lse = +inf makes their probabilities 0
         lse = tl.load(LSE + l_row0 + start_m + offs_m, mask=m_valid, other=float("inf"))
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        p_t = tl.where(n_valid[:, None], p_t, 0.0)
-        do = tl.load(do_ptrs + start_m * stride_dom, mask=m_valid[:, None], other=0.0)
-        if UPCAST:
-            do = do.to(tl.float32)
-        p_in = p_t.to(dtype)
-        if UPCAST:
-            p_in = p_in.to(tl.float32)
-        dv = tl.dot(p_in, do, dv, input_precision=DOT_PRECISION)
+        s_t = _scores(k, q, qk_scale, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        p_t = _probs_from_lse(s_t, lse, n_valid, True)
+        do = _load_tile(do_ptrs + start_m * stride_dom, m_valid, UPCAST)
+        dv = tl.dot(_mma_operand(p_t, DK, UPCAST), do, dv, input_precision=DOT_PRECISION)
         delta = tl.load(DELTA + l_row0 + start_m + offs_m, mask=m_valid, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        ds_in = ds_t.to(dtype)
-        if UPCAST:
-            ds_in = ds_in.to(tl.float32)
-        dk = tl.dot(ds_in, q, dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(_mma_operand(ds_t, DK, UPCAST), q, dk, input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale
-    offs_n_st = start_n + tl.arange(0, BLOCK_N)
+    offs_n_st = start_n + tl.arange(0, BLOCK_N)  # n_valid also drops masked keys: store them too
     st_mask = (offs_n_st < n_k)[:, None]
-    tl.store(DK + dk_row0 + offs_n_st[:, None] * stride_dkn + offs_d[None, :], dk.to(dtype), mask=st_mask)
-    tl.store(DV + dv_row0 + offs_n_st[:, None] * stride_dvn + offs_d[None, :], dv.to(dtype), mask=st_mask)
+    dtype = DK.dtype.element_ty
+    tl.store(_tile_ptrs(DK, dk_row0, offs_n_st, stride_dkn, offs_d), dk.to(dtype), mask=st_mask)
+    tl.store(_tile_ptrs(DV, dv_row0, offs_n_st, stride_dvn, offs_d), dv.to(dtype), mask=st_mask)
 
 
 @triton.jit
@@ -278,61 +313,48 @@ def _attn_bwd_dq(
     DOT_PRECISION: tl.constexpr,
 ):
     """One program per query tile of BLOCK_M rows; loops over the key tiles of BLOCK_N rows."""
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1).to(tl.int64)
-    off_b = tl.program_id(2).to(tl.int64)
-    q_start, n_q = _seq_bounds(CU_Q, off_b, seqlen_q, IS_VARLEN)
-    k_start, n_k = _seq_bounds(CU_K, off_b, seqlen_k, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    off_h, off_b, q_start, n_q, k_start, n_k = _program_segments(CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                                 IS_VARLEN)
+    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= n_q:
         return
-    q_row0 = off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
-    do_row0 = off_b * stride_dob + off_h * stride_doh + q_start * stride_dom
-    dq_row0 = off_b * stride_dqb + off_h * stride_dqh + q_start * stride_dqm
+    q_row0 = _row0(off_b, off_h, q_start, stride_qb, stride_qh, stride_qm)
+    do_row0 = _row0(off_b, off_h, q_start, stride_dob, stride_doh, stride_dom)
+    dq_row0 = _row0(off_b, off_h, q_start, stride_dqb, stride_dqh, stride_dqm)
     l_row0 = off_b * stride_lb + off_h * stride_lh + q_start
-    k_row0 = off_b * stride_kb + off_h * stride_kh + k_start * stride_kn
-    v_row0 = off_b * stride_vb + off_h * stride_vh + k_start * stride_vn
-    dtype = DQ.dtype.element_ty
+    k_row0 = _row0(off_b, off_h, k_start, stride_kb, stride_kh, stride_kn)
+    v_row0 = _row0(off_b, off_h, k_start, stride_vb, stride_vh, stride_vn)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     m_valid = offs_m < n_q
-    q = tl.load(Q + q_row0 + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=m_valid[:, None], other=0.0)
-    do = tl.load(DO + do_row0 + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=m_valid[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(_tile_ptrs(Q, q_row0, offs_m, stride_qm, offs_d), m_valid, UPCAST)
+    do = _load_tile(_tile_ptrs(DO, do_row0, offs_m, stride_dom, offs_d), m_valid, UPCAST)
     lse = tl.load(LSE + l_row0 + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + l_row0 + offs_m, mask=m_valid, other=0.0)
 
-    k_ptrs = K + k_row0 + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + v_row0 + offs_n[:, None] * stride_vn + offs_d[None, :]
+    k_ptrs = _tile_ptrs(K, k_row0, offs_n, stride_kn, offs_d)
+    v_ptrs = _tile_ptrs(V, v_row0, offs_n, stride_vn, offs_d)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, n_k, BLOCK_N):
         n_valid = (start_n + offs_n) < n_k
+        # k and v loaded in the kernel, not through _load_tile: the inlining marks between two
+        # helper calls cost 2 registers on sm_80 (fp32 tf32, d 128; ptxas)
         k = tl.load(k_ptrs + start_n * stride_kn, mask=n_valid[:, None], other=0.0)
         v = tl.load(v_ptrs + start_n * stride_vn, mask=n_valid[:, None], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        if HAS_KPM:
-            keep = tl.load(KPM + off_b * stride_pb + start_n + offs_n, mask=n_valid, other=0)
-            n_valid = n_valid & (keep != 0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(n_valid[None, :], p, 0.0)
+        n_valid = _keys_kept(KPM + off_b * stride_pb + start_n, offs_n, n_valid, HAS_KPM)
+        s = _scores(q, k, qk_scale, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        p = _probs_from_lse(s, lse, n_valid, False)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        ds_in = ds.to(dtype)
-        if UPCAST:
-            ds_in = ds_in.to(tl.float32)
-        dq = tl.dot(ds_in, k, dq, input_precision=DOT_PRECISION)
+        dq = tl.dot(_mma_operand(ds, DQ, UPCAST), k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(DQ + dq_row0 + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(dtype),
+    tl.store(_tile_ptrs(DQ, dq_row0, offs_m, stride_dqm, offs_d), dq.to(DQ.dtype.element_ty),
              mask=m_valid[:, None])
 
 
@@ -344,7 +366,7 @@ KERNELS = {"fwd": _attn_fwd, "bwd_pre": _attn_bwd_preprocess, "bwd_dkdv": _attn_
 # Configs
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Config:
+class AttnTileConfig:
     """Launch parameters of one kernel. block_m: query rows per tile; block_n: key rows per
     tile (bwd_dkdv holds a key tile and loops over query tiles; fwd and bwd_dq the reverse)."""
     block_m: int
@@ -353,8 +375,8 @@ class Config:
     num_stages: int
 
 
-# (arch family, kernel, head dim, input group) -> Config. Arch family (`arch_family`): "sm90"
-# (compute capability 9.x, 10.x), "sm80" (8.0, 8.7: 163 KB of shared memory a block) or "sm86"
+# (arch family, kernel, head dim, input group) -> AttnTileConfig. Arch family (`arch_family`):
+# "sm90" (compute capability 9.x, 10.x), "sm80" (8.0, 8.7: 163 KB of shared memory a block) or "sm86"
 # (8.6, 8.9, 12.x and anything else: 99 KB). Input group: "16" (fp16 / bf16), "tf32" (fp32 inputs on tf32
 # tensor cores) or "ieee" (fp32 inputs in full fp32: FMA, far smaller tiles). `fwd_short`
 # replaces `fwd` when max_seqlen_q <= SHORT_SEQLEN (the models' short streams: fewer padded
@@ -362,13 +384,13 @@ class Config:
 # spills on any family, shared memory within each family's limit, wgmma on sm_90 for the
 # 16-bit and tf32 kernels. No GPU was at hand to time them: they are the tutorial-style
 # starting points that fit, to be re-tuned with kernels/ benchmarks on real hardware.
-CONFIGS: dict[tuple[str, str, int, str], Config] = {}
+CONFIGS: dict[tuple[str, str, int, str], AttnTileConfig] = {}
 SHORT_SEQLEN = 64
 GROUPS = ("16", "tf32", "ieee")
 
 
 def _fill_configs() -> None:
-    C = Config
+    C = AttnTileConfig
     same = lambda c: {32: c, 64: c, 128: c}  # noqa: E731
     pre = same(C(128, 16, 4, 1))  # bwd_pre: block_n unused
     table = {
@@ -412,37 +434,8 @@ def _fill_configs() -> None:
 _fill_configs()
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 inputs follow torch's float32 matmul precision setting
-    ("highest", torch's default, -> "ieee"; "high" / "medium" -> "tf32")."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
-def input_group(dtype: torch.dtype) -> str:
-    if dtype != torch.float32:
-        return "16"
-    return dot_precision(dtype)
-
-
-ARCH_CAPABILITY = {"sm90": 90, "sm80": 80, "sm86": 86}  # the capability each family compiles for
-
-
-def arch_family(device: torch.device) -> str:
-    """The CONFIGS family of a CUDA device; "sm80" under the interpreter (CPU tensors)."""
-    if device.type == "cuda" and torch.cuda.is_available() and not interpreting():
-        major, minor = torch.cuda.get_device_capability(device)
-        if major in (9, 10):  # H100 / H200, B200: 227 KB of shared memory a block
-            return "sm90"
-        if major == 8 and minor in (0, 7):  # A100, Orin: 163 KB
-            return "sm80"
-        return "sm86"  # 8.6 / 8.9 (RTX 30xx / 40xx), 12.x (RTX 50xx), unknown: 99 KB
-    return "sm80"
-
-
 def pick_config(kind: str, head_dim: int, dtype: torch.dtype, arch: str,
-                max_seqlen_q: int = 1 << 30) -> Config:
+                max_seqlen_q: int = 1 << 30) -> AttnTileConfig:
     if kind == "fwd" and max_seqlen_q <= SHORT_SEQLEN:
         kind = "fwd_short"
     return CONFIGS[(arch, kind, head_dim, input_group(dtype))]
@@ -469,10 +462,6 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return lse.stride(0), lse.stride(1)
 
 
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 class _Problem:
     """Shapes of one call, dense or varlen."""
 
@@ -492,8 +481,8 @@ class _Problem:
             self.batch, self.heads, self.seqlen_q, self.head_dim = q.shape
             self.seqlen_k = k.shape[2]
             self.max_q, self.max_k = self.seqlen_q, self.seqlen_k
-        if self.batch > _GRID_LIMIT or self.heads > _GRID_LIMIT:
-            raise ValueError(f"triton attention: at most {_GRID_LIMIT} sequences and heads per "
+        if self.batch > GRID_LIMIT or self.heads > GRID_LIMIT:
+            raise ValueError(f"triton attention: at most {GRID_LIMIT} sequences and heads per "
                              f"launch, got {self.batch} and {self.heads}")
 
     def grid(self, block: int, rows: int):
@@ -519,31 +508,20 @@ def _placeholders(q, cu_seqlens_q, cu_seqlens_k, key_padding_mask):
     if key_padding_mask is None:
         kpm, stride_pb = q.new_empty(1, dtype=torch.uint8), 0
     else:
-        kpm = _last_contiguous(key_padding_mask).view(torch.uint8)
+        kpm = last_contiguous(key_padding_mask).view(torch.uint8)
         stride_pb = kpm.stride(0)
     return cu_q, cu_k, kpm, stride_pb
 
 
-def _check_ready(q: torch.Tensor) -> None:
-    ok, why = available(q.device)
-    if not ok:
-        raise RuntimeError(f"ops.attention backend 'triton' cannot run: {why}")
-
-
-def _device_guard(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensor's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def flash_attn_forward(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                        max_seqlen_k=None, key_padding_mask=None, softmax_scale=None, *,
-                       config: Config | None = None, out=None, lse=None):
+                       config: AttnTileConfig | None = None, out=None, lse=None):
     """Launch the forward kernel. Shapes as the module docstring; returns (out, lse).
 
     config: launch parameters (default `pick_config`); out / lse: preallocated outputs (the
     tests pass NaN-filled buffers to see that every element is written)."""
-    _check_ready(q)
-    q, k, v = (_last_contiguous(t) for t in (q, k, v))
+    check_ready("attention", q)
+    q, k, v = (last_contiguous(t) for t in (q, k, v))
     pb = _Problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(pb.head_dim)
     if config is None:
@@ -553,7 +531,7 @@ def flash_attn_forward(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
     if out.numel() == 0 or pb.batch == 0:
         return out, lse
     cu_q, cu_k, kpm, stride_pb = _placeholders(q, cu_seqlens_q, cu_seqlens_k, key_padding_mask)
-    with _device_guard(q):
+    with device_guard(q):
         _attn_fwd[pb.grid(config.block_m, pb.max_q)](
             q, k, v, out, lse, kpm, cu_q, cu_k,
             *_strides(q, pb.varlen), *_strides(k, pb.varlen), *_strides(v, pb.varlen),
@@ -569,14 +547,15 @@ def flash_attn_forward(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
 
 def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None,
                         max_seqlen_q=None, max_seqlen_k=None, key_padding_mask=None,
-                        softmax_scale=None, *, configs: dict[str, Config] | None = None,
+                        softmax_scale=None, *, configs: dict[str, AttnTileConfig] | None = None,
                         dq=None, dk=None, dv=None, delta=None):
     """Launch the three backward kernels; returns (dq, dk, dv) in the inputs' dtype.
 
-    configs: {"bwd_pre" | "bwd_dkdv" | "bwd_dq": Config}, missing ones from `pick_config`;
+    configs: {"bwd_pre" | "bwd_dkdv" | "bwd_dq": AttnTileConfig}, missing ones from
+    `pick_config`;
     dq / dk / dv / delta: preallocated outputs (see `flash_attn_forward`)."""
-    _check_ready(q)
-    dout, q, k, v, out = (_last_contiguous(t) for t in (dout, q, k, v, out))
+    check_ready("attention", q)
+    dout, q, k, v, out = (last_contiguous(t) for t in (dout, q, k, v, out))
     pb = _Problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(pb.head_dim)
     arch = arch_family(q.device)
@@ -596,7 +575,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k
     lse_strides = _lse_strides(lse, pb.varlen)
     if delta.stride() != lse.stride():
         raise ValueError("flash_attn_backward: delta must have lse's layout")
-    with _device_guard(q):
+    with device_guard(q):
         if dq.numel():
             c = configs["bwd_pre"]
             _attn_bwd_preprocess[pb.grid(c.block_m, pb.max_q)](
@@ -707,21 +686,18 @@ def flash_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compilation (no GPU needed): used by tests/ops/triton_aot and the benchmarks
 # ----------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Integer arguments that are multiples of 16 in the usual launch (strides of (.., H, D) rows with
 # D >= 32): Triton's launcher marks those divisible by 16, and so does the AOT signature.
 _NOT_DIVISIBLE = {"seqlen_q", "seqlen_k", "stride_lb", "stride_lh", "stride_pb"}
 
 
-def aot_compile(kind: str, head_dim: int, dtype: torch.dtype, config: Config, capability: int, *,
+def aot_compile(kind: str, head_dim: int, dtype: torch.dtype, config: AttnTileConfig,
+                capability: int, *,
                 varlen: bool = False, kpm: bool = True, precision: str | None = None):
     """Compile one kernel for a CUDA compute capability (80, 90, ...) without a GPU. Returns
     Triton's compiled kernel (asm["ptx"], asm["cubin"], metadata.shared, ...)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     kernel = kernel_of(kind)
-    elem = _TRITON_DTYPE[dtype]
+    elem = TRITON_DTYPE_NAMES[dtype]
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": config.block_m, "IS_VARLEN": varlen}
     if kind != "bwd_pre":
         constexprs.update(BLOCK_N=config.block_n, HAS_KPM=kpm, UPCAST=False,
@@ -746,6 +722,5 @@ def aot_compile(kind: str, head_dim: int, dtype: torch.dtype, config: Config, ca
         if (signature[name].startswith("*") and name != "KPM") or (
                 name.startswith("stride_") and name not in _NOT_DIVISIBLE):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    return compile_ahead(kernel, signature, constexprs, attrs, capability, config.num_warps,
+                         config.num_stages)

@@ -26,18 +26,18 @@ Configs per (arch family, kernel, input group), not autotuned; the AOT tests
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-from hicmae_dist.ops.triton import available, interpreting
-from hicmae_dist.ops.triton.attention import arch_family, dot_precision, input_group
+from hicmae_dist.ops.backends import TRITON_DTYPES as DTYPES
+from hicmae_dist.ops.triton import interpreting
+from hicmae_dist.ops.triton.launch import (GRID_LIMIT, TRITON_DTYPE_NAMES, arch_family, check_ready,
+                                           compile_ahead, device_guard, dot_precision, input_group,
+                                           last_contiguous)
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_GRID_LIMIT = 65535  # grid axis 1 (D slices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ KERNELS = {"fwd": _nce_fwd, "bwd_dx": _nce_bwd_dx, "bwd_dy": _nce_bwd_dy}
 # Configs
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Config:
+class NceTileConfig:
     """block_m: rows per tile; block_n: columns per tile; block_k: feature slice of the score
     loop; block_do: feature slice of a gradient program (unused by fwd)."""
     block_m: int
@@ -193,14 +193,14 @@ class Config:
     num_stages: int
 
 
-# (arch family, kernel, input group) -> Config. Input groups as the attention kernels': "16"
+# (arch family, kernel, input group) -> NceTileConfig. Input groups as the attention kernels': "16"
 # (fp16 / bf16), "tf32", "ieee" (fp32 in full precision, FMA: small tiles). Chosen to compile
 # without spills on sm_90 / sm_80 (tests/ops/triton_aot); not timed on a GPU (none here).
-CONFIGS: dict[tuple[str, str, str], Config] = {}
+CONFIGS: dict[tuple[str, str, str], NceTileConfig] = {}
 
 
 def _fill_configs() -> None:
-    C = Config
+    C = NceTileConfig
     table = {
         "16": {"fwd": C(64, 64, 64, 0, 4, 3), "bwd_dx": C(64, 64, 64, 128, 8, 2),
                "bwd_dy": C(64, 64, 64, 128, 8, 2)},
@@ -218,7 +218,7 @@ def _fill_configs() -> None:
 _fill_configs()
 
 
-def pick_config(kind: str, dtype: torch.dtype, arch: str) -> Config:
+def pick_config(kind: str, dtype: torch.dtype, arch: str) -> NceTileConfig:
     return CONFIGS[(arch, kind, input_group(dtype))]
 
 
@@ -226,27 +226,20 @@ def pick_config(kind: str, dtype: torch.dtype, arch: str) -> Config:
 # Launchers
 # ----------------------------------------------------------------------------------------------
 def _check_ready(x: torch.Tensor) -> None:
-    ok, why = available(x.device)
-    if not ok:
-        raise RuntimeError(f"ops.info_nce backend 'triton' cannot run: {why}")
+    check_ready("info_nce", x)
     if x.dtype not in DTYPES:
         raise RuntimeError(f"ops.info_nce backend 'triton' takes float16, bfloat16 or float32, "
                            f"got {x.dtype}")
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _prep(x, y, scale):
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    y = y if y.stride(-1) == 1 else y.contiguous()
+    x, y = last_contiguous(x), last_contiguous(y)
     scale = scale.detach().reshape(1).to(torch.float32)
     return x, y, scale
 
 
 def info_nce_forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int, *,
-                     config: Config | None = None, row_loss=None, lse=None):
+                     config: NceTileConfig | None = None, row_loss=None, lse=None):
     """Launch the forward kernel. x (M, D), y (N, D), scale 0-d tensor; returns (row_loss (M,),
     lse (M,)) fp32. row_loss / lse may be preallocated (the tests pass NaN-filled buffers)."""
     _check_ready(x)
@@ -258,7 +251,7 @@ def info_nce_forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offs
     lse = x.new_empty(M, dtype=torch.float32) if lse is None else lse
     if M == 0:
         return row_loss, lse
-    with _device_guard(x):
+    with device_guard(x):
         _nce_fwd[(triton.cdiv(M, config.block_m),)](
             x, y, scale, row_loss, lse, M, N, D, offset, x.stride(0), y.stride(0),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -269,7 +262,7 @@ def info_nce_forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offs
 
 def info_nce_backward(grad_row: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                       scale: torch.Tensor, lse: torch.Tensor, offset: int, *,
-                      configs: dict[str, Config] | None = None, dx=None, dy=None, dsrow=None):
+                      configs: dict[str, NceTileConfig] | None = None, dx=None, dy=None, dsrow=None):
     """Launch the two backward kernels; returns (dx, dy, dscale): dx, dy in the inputs' dtype,
     dscale a 0-d fp32 tensor (d loss / d scale). Outputs may be preallocated."""
     _check_ready(x)
@@ -288,10 +281,10 @@ def info_nce_backward(grad_row: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     if M == 0:
         return dx, dy.zero_(), x.new_zeros((), dtype=torch.float32)
     flags = dict(UPCAST=interpreting(), DOT_PRECISION=dot_precision(x.dtype))
-    with _device_guard(x):
+    with device_guard(x):
         c = configs["bwd_dx"]
         grid = (triton.cdiv(M, c.block_m), triton.cdiv(D, c.block_do))
-        assert grid[1] <= _GRID_LIMIT
+        assert grid[1] <= GRID_LIMIT
         _nce_bwd_dx[grid](
             x, y, scale, grad_row, lse, dx, dsrow, M, N, D, offset, x.stride(0), y.stride(0),
             dx.stride(0), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
@@ -308,17 +301,13 @@ def info_nce_backward(grad_row: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compilation (no GPU): hicmae_dist.ops.triton.aot (tests/ops/triton_aot, kernels/)
 # ----------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _FP32_PTRS = {"SCALE", "LOSS", "LSE", "GROW", "DSROW"}
 _NOT_DIVISIBLE = {"M", "N", "D", "offset"}
 
 
-def aot_compile(kind: str, dtype: torch.dtype, config: Config, capability: int, *,
+def aot_compile(kind: str, dtype: torch.dtype, config: NceTileConfig, capability: int, *,
                 precision: str | None = None):
     """Compile one kernel for a CUDA compute capability without a GPU; Triton's compiled kernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     kernel = KERNELS[kind]
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                   "BLOCK_K": config.block_k, "UPCAST": False,
@@ -332,12 +321,11 @@ def aot_compile(kind: str, dtype: torch.dtype, config: Config, capability: int, 
         elif name in _FP32_PTRS:
             signature[name] = "*fp32"
         elif name.isupper() and name not in _NOT_DIVISIBLE:
-            signature[name] = f"*{_TRITON_DTYPE[dtype]}"
+            signature[name] = f"*{TRITON_DTYPE_NAMES[dtype]}"
         else:
             signature[name] = "i32"
         if signature[name].startswith("*") or (name.startswith("stride_")
                                                and name not in _NOT_DIVISIBLE):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    return compile_ahead(kernel, signature, constexprs, attrs, capability, config.num_warps,
+                         config.num_stages)

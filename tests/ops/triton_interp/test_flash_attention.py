@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hicmae_dist.ops import attention, attention_reference
+from hicmae_dist.ops.attention import TRITON_HEAD_DIMS
 from hicmae_dist.ops import triton as triton_pkg
 from tests.support import require
 
@@ -166,7 +167,7 @@ def check_against_baselines(case: Case, out, grads):
 # ----------------------------------------------------------------------------------------------
 # Dense and varlen, every dtype and head dim, default configs
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("head_dim", fa.HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", TRITON_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dense_padded_keys(dtype, head_dim):
     # Nq > fwd_short's 64 and not a multiple of any block; Nk != Nq; padded keys
@@ -178,7 +179,7 @@ def test_dense_padded_keys(dtype, head_dim):
         assert torch.equal(g.transpose(1, 2)[padded], torch.zeros_like(g.transpose(1, 2)[padded]))
 
 
-@pytest.mark.parametrize("head_dim", fa.HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", TRITON_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_varlen_ragged_cross_lengths(dtype, head_dim):
     # lengths 1, 0 on either side, q and k of different lengths, none a multiple of a block

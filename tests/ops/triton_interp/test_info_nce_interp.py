@@ -22,7 +22,7 @@ require("triton", triton_pkg.import_error() is None, str(triton_pkg.import_error
 from hicmae_dist.ops.triton import info_nce as tn  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SMALL = tn.Config(16, 16, 16, 16, 4, 1)  # several tiles on every axis at small sizes
+SMALL = tn.NceTileConfig(16, 16, 16, 16, 4, 1)  # several tiles on every axis at small sizes
 
 
 @pytest.fixture(autouse=True)
