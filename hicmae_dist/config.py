@@ -23,7 +23,9 @@ from typing import Any
 
 import yaml
 
-PRESET_DIR = Path(__file__).parent / "presets"
+# Each model family ships its presets in hicmae_dist/models/<family>/presets/ (found by path:
+# this module imports nothing from the package); a preset name is unique across families.
+PRESET_GLOB = "models/*/presets/*.yaml"
 
 
 class ConfigError(ValueError):
@@ -351,8 +353,12 @@ def _check_finite(section: Any, prefix: str) -> None:
                 _check(math.isfinite(v), f"{prefix}.{f.name}", "a finite number", value)
 
 
+def _preset_paths() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(Path(__file__).parent.glob(PRESET_GLOB))}
+
+
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(_preset_paths())
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -442,8 +448,8 @@ def load_config(preset: str | Path, overrides: list[str] | None = None) -> Confi
 def _load_preset(preset: str | Path, relative_to: Path | None, chain: tuple[Path, ...]) -> Config:
     path = Path(preset)
     if not path.suffix:
-        path = PRESET_DIR / f"{preset}.yaml"
-        if not path.exists():
+        path = _preset_paths().get(str(preset))
+        if path is None:
             raise ConfigError(f"unknown preset {str(preset)!r}; shipped presets: {', '.join(list_presets())}")
     elif relative_to is not None and not path.is_absolute():
         path = relative_to / path

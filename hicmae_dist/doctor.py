@@ -262,11 +262,13 @@ def check_attention(backend: str, device: torch.device) -> Result:
 def _contrastive_problems() -> list[dict]:
     """The models' contrastive losses at each preset's per-GPU batch (+ 256 rows: several
     kernel tiles): rows, dim, temperature, symmetric."""
+    from hicmae_dist.models import get_spec
+
     out = []
     for name in MODELS:
         cfg = _preset_config(name)
         m = cfg.model
-        symmetric = True if m.arch == "hicmae" else bool(m.symmetric_contrastive)  # as the models call it
+        symmetric = get_spec(m.arch).symmetric_contrastive(m)  # as the models call it
         out.append(dict(model=name, rows=cfg.data.batch_size, dim=m.width, temperature=m.temperature,
                         symmetric=symmetric))
     out.append({**out[0], "model": f"{out[0]['model']} x256 rows", "rows": 256})

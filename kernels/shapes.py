@@ -51,7 +51,9 @@ def model_calls(models: tuple[str, ...]) -> tuple[dict, ...]:
       assemble_decoder_tokens: visible Nv, masked Nm, positions N, width C, grad flags,
       patch_norm: rows R (at batch 1), frames F, pixels S, channels C, frame_diff.
     `count` is per forward; with both fusion layouts traced, the larger of the two."""
-    from hicmae_dist.models import blocks, build_model, cavmae, hicmae, targets
+    from hicmae_dist.models import blocks, build_model, targets
+    from hicmae_dist.models.cavmae import model as cavmae
+    from hicmae_dist.models.hicmae import model as hicmae
 
     out: dict[tuple, dict] = {}
     threads = torch.get_num_threads()

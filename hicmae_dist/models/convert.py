@@ -33,61 +33,8 @@ import torch
 import torch.nn as nn
 
 from hicmae_dist.config import ModelConfig, load_config
+from hicmae_dist.models import build_finetune_model, build_model, get_spec
 
-# (ours, theirs) prefixes; "$" = the whole key. Order matters: specific rows first.
-HICMAE_RENAMES: list[tuple[str, str]] = [
-    ("video_encoder.patch_embed.", "encoder.patch_embed.proj."),
-    ("audio_encoder.patch_embed.", "encoder_audio.patch_embed.proj."),
-    ("video_encoder.", "encoder."),
-    ("audio_encoder.", "encoder_audio."),
-    ("fusion.video_blocks.", "encoder_fusion.blocks."),
-    ("fusion.audio_blocks.", "encoder_fusion.blocks_audio."),
-    ("fusion.video_norm.", "encoder_fusion.norm."),
-    ("fusion.audio_norm.", "encoder_fusion.norm_audio."),
-    ("video_decoder.mask_token$", "mask_token$"),
-    ("audio_decoder.mask_token$", "mask_token_audio$"),
-    ("video_decoder.encoder_to_decoder.", "encoder_to_decoder."),
-    ("audio_decoder.encoder_to_decoder.", "encoder_to_decoder_audio."),
-    ("video_decoder.", "decoder."),
-    ("audio_decoder.", "decoder_audio."),
-    ("video_layer_weights$", "video_layer_weights$"),
-    ("audio_layer_weights$", "audio_layer_weights$"),
-    ("head_norm.", "fc_norm."),
-    ("head.", "head."),
-]
-HICMAE_COMPONENTS: list[tuple[str, str]] = [("cross_norm_q", "cross_norm1"), ("cross_norm_kv", "cross_norm2")]
-
-CAVMAE_RENAMES: list[tuple[str, str]] = [
-    ("audio_encoder.patch_embed.", "patch_embed_a.proj."),
-    ("video_encoder.patch_embed.", "patch_embed_v.proj."),
-    ("audio_encoder.pos_embed$", "pos_embed_a$"),
-    ("video_encoder.pos_embed$", "pos_embed_v$"),
-    ("audio_encoder.modality$", "modality_a$"),
-    ("video_encoder.modality$", "modality_v$"),
-    ("audio_encoder.blocks.", "blocks_a."),
-    ("video_encoder.blocks.", "blocks_v."),
-    ("shared.blocks.", "blocks_u."),
-    ("shared.norm.", "norm."),
-    ("shared.audio_norm.", "norm_a."),
-    ("shared.video_norm.", "norm_v."),
-    ("decoder.encoder_to_decoder.", "decoder_embed."),
-    ("decoder.mask_token$", "mask_token$"),
-    ("decoder.audio_modality$", "decoder_modality_a$"),
-    ("decoder.video_modality$", "decoder_modality_v$"),
-    ("decoder.audio_pos_embed$", "decoder_pos_embed_a$"),
-    ("decoder.video_pos_embed$", "decoder_pos_embed_v$"),
-    ("decoder.blocks.", "decoder_blocks."),
-    ("decoder.norm.", "decoder_norm."),
-    ("decoder.audio_head.", "decoder_pred_a."),
-    ("decoder.video_head.", "decoder_pred_v."),
-    ("head_norm.", "mlp_head.0."),
-    ("head.", "mlp_head.1."),
-]
-CAVMAE_COMPONENTS: list[tuple[str, str]] = [
-    ("audio_norm1", "norm1_a"), ("audio_norm2", "norm2_a"), ("video_norm1", "norm1_v"), ("video_norm2", "norm2_v"),
-]
-
-TABLES = {"hicmae": (HICMAE_RENAMES, HICMAE_COMPONENTS), "cavmae": (CAVMAE_RENAMES, CAVMAE_COMPONENTS)}
 KINDS = ("pretrain", "finetune")
 OURS, THEIRS = 0, 1
 CAVMAE_PRESET = "cavmae-base-vox2"
@@ -123,7 +70,7 @@ class Converted:
 def _compile(arch: str, side: int) -> list[tuple[re.Pattern, str]]:
     """Row (ours, theirs) -> (regex on `side`, replacement prefix on the other side)."""
     rules = []
-    for row in TABLES[arch][0]:
+    for row in get_spec(arch).renames:
         src, dst = row[side], row[1 - side]
         exact = src.endswith("$")
         pattern = "^" + re.escape(src.rstrip("$")) + ("$" if exact else "(?P<rest>.*)$")
@@ -133,7 +80,7 @@ def _compile(arch: str, side: int) -> list[tuple[re.Pattern, str]]:
 
 def rename_key(key: str, arch: str, to: str) -> str | None:
     """Our key -> theirs (to="upstream") or theirs -> ours (to="ours"); None if no row matches."""
-    components = TABLES[arch][1]
+    components = get_spec(arch).components
     side = THEIRS if to == "ours" else OURS
     for pattern, replacement in _compile(arch, side):
         match = pattern.match(key)
@@ -274,8 +221,6 @@ def infer(arch: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None = N
 
 def build(arch: str, kind: str, cfg: ModelConfig, num_classes: int | None = None,
           device: str | torch.device | None = None) -> nn.Module:
-    from hicmae_dist.models import build_finetune_model, build_model
-
     with torch.device(device or "cpu"):
         return build_model(cfg) if kind == "pretrain" else build_finetune_model(cfg, num_classes)
 

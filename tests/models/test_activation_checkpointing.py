@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from hicmae_dist.config import Config, ModelConfig
-from hicmae_dist.models import CAVMAEPretrain, HiCMAEPretrain, blocks
+from hicmae_dist.models import blocks
+from hicmae_dist.models.cavmae.model import CAVMAEPretrain
+from hicmae_dist.models.hicmae.model import HiCMAEPretrain
 
 HICMAE_TINY = dict(width=64, heads=2, encoder_depth=4, intermediate_layers=[1, 2, 3],
                    decoder_width=64, decoder_heads=2, decoder_depth=4)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from hicmae_dist.config import ConfigError, ModelConfig, load_config
 from hicmae_dist.masking import audio_structured_mask, mae_random_mask, num_visible_mae
-from hicmae_dist.models import CAVMAEFinetune, CAVMAEPretrain, build_finetune_model, build_model
-from hicmae_dist.models.cavmae import masked_mse, patch_target, sincos_2d
+from hicmae_dist.models import build_finetune_model, build_model
+from hicmae_dist.models.cavmae.model import CAVMAEFinetune, CAVMAEPretrain, masked_mse, patch_target, sincos_2d
 from hicmae_dist.models.convert import to_upstream
 from tests.support import require
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hicmae_dist.config import ModelConfig
-from hicmae_dist.models import CAVMAEFinetune, CAVMAEPretrain, cavmae
-from hicmae_dist.models.cavmae import Block, block_streams_packed
+from hicmae_dist.models.cavmae import model as cavmae
+from hicmae_dist.models.cavmae.model import Block, CAVMAEFinetune, CAVMAEPretrain, block_streams_packed
 
 from tests.models.test_cavmae import TINY
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hicmae_dist.config import Config, ModelConfig
-from hicmae_dist.models import HiCMAEFinetune, HiCMAEPretrain, blocks
+from hicmae_dist.models import blocks
+from hicmae_dist.models.hicmae.model import HiCMAEFinetune, HiCMAEPretrain
 from hicmae_dist.models.blocks import CSBlock, cs_block_pair_packed
 
 TINY = dict(width=64, heads=2, encoder_depth=4, intermediate_layers=[1, 2, 3],

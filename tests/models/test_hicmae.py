@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hicmae_dist.config import ModelConfig
-from hicmae_dist.models import HiCMAEFinetune, HiCMAEPretrain, build_model
+from hicmae_dist.models import build_model
+from hicmae_dist.models.hicmae.model import HiCMAEFinetune, HiCMAEPretrain
 from hicmae_dist.models.blocks import Attention, CrossAttention, DropPath, sinusoid_table
 from hicmae_dist.models.targets import IMAGENET_MEAN, IMAGENET_STD, audio_target, video_target
 from tests.support import require

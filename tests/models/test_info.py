@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from hicmae_dist.cli import main
 from hicmae_dist.config import ModelConfig
 from hicmae_dist.models import build_finetune_model, build_model
-from hicmae_dist.models.info import MODELS, bench_model, example_inputs, info_report, macs, model_config
+from hicmae_dist.models.info import MODELS, bench_model, example_inputs, info_report, model_config
+from hicmae_dist.models.macs import macs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

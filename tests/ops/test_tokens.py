@@ -7,8 +7,9 @@ import torch
 
 from hicmae_dist.config import ModelConfig
 from hicmae_dist.masking import split_indices, tube_mask
-from hicmae_dist.models import HiCMAEPretrain, targets
-from hicmae_dist.models import hicmae as hicmae_module
+from hicmae_dist.models import targets
+from hicmae_dist.models.hicmae import model as hicmae_module
+from hicmae_dist.models.hicmae.model import HiCMAEPretrain
 from hicmae_dist.ops import gather, tokens
 from tests.support import require
 

@@ -1,0 +1,40 @@
+"""ModelSpec: what the rest of the package needs to know about one model family.
+
+Each family lives in its own sub-package of hicmae_dist.models (hicmae/, cavmae/) whose
+`__init__` defines `SPEC = ModelSpec(...)`; hicmae_dist.models.get_spec finds it by name, so a
+third family is one new folder and nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from hicmae_dist.config import FinetuneConfig, ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # the value of model.arch
+    pretrain_class: type[nn.Module]  # (cfg: ModelConfig)
+    finetune_class: type[nn.Module]  # (cfg: ModelConfig, num_classes: int, **finetune_kwargs(...))
+    # upstream converter: rows (ours prefix, theirs prefix; "$" = the whole key), specific rows first,
+    # and the renamed parts inside a block's keys
+    renames: list[tuple[str, str]]
+    components: list[tuple[str, str]]
+    # multiply-accumulates per sample by component: (cfg, kind, num_classes, finetune mode) -> {name: MACs}
+    macs: Callable[[ModelConfig, str, int, str], dict[str, int]]
+    default_classes: int  # the class count of the family's reference fine-tuning task
+    presets_dir: Path
+    # constructor kwargs of the fine-tuning model taken from the finetune section
+    finetune_kwargs: Callable[[FinetuneConfig], dict[str, Any]]
+    # the optimiser groups of a fine-tuning model (freezing what gets no gradient, if anything)
+    finetune_param_groups: Callable[[nn.Module, float, FinetuneConfig], list[dict]]
+    # whether the contrastive loss runs both directions, as the pretraining model calls it
+    symmetric_contrastive: Callable[[ModelConfig], bool]
+    # the pretraining model's (video, audio) input shapes for a batch
+    input_shapes: Callable[[ModelConfig, int], tuple[tuple[int, ...], tuple[int, ...]]]
+    # (tokens, width) per group of blocks kept for the backward, None where not modelled
+    activation_token_widths: Callable[[ModelConfig], list[tuple[float, int]]] | None = None
