@@ -477,7 +477,7 @@ def train_run(cfg, device: torch.device, backend: str, *, batch: int, steps: int
     from hicmae_dist.train.engine import build_optimizer, set_lr
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(dataclasses.replace(cfg.model, attention_backend=backend)).to(device).train()
+    model = build_model(cfg.model, dataclasses.replace(cfg.execution, attention_backend=backend)).to(device).train()
     optimizer = build_optimizer(model, cfg)
     set_lr(optimizer, lr)
     losses, times = [], []

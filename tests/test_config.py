@@ -55,8 +55,8 @@ def test_round_trip_and_hash():
     assert again == cfg and again.hash() == cfg.hash()
     assert load_config("tiny-cpu", ["train.steps=90"]).hash() == cfg.hash()  # the step budget may change
     assert load_config("tiny-cpu", ["model.width=128"]).hash() != cfg.hash()
-    execution_only = ["model.attention_backend=reference", "model.pack_fusion=true", "data.num_workers=0",
-                      "model.activation_checkpointing=true", "train.compile=true"]
+    execution_only = ["execution.attention_backend=reference", "execution.pack_fusion=true", "data.num_workers=0",
+                      "execution.activation_checkpointing=true", "execution.compile=true"]
     assert load_config("tiny-cpu", ["train.steps=70", *execution_only]).hash() == cfg.hash()
     assert cfg.flat()["model.width"] == 64 and "train.steps" in cfg.flat()
     assert Config().model.width == 384  # the dataclass defaults are HiCMAE-S

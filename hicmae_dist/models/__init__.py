@@ -3,8 +3,8 @@ table, MACs count, presets) described by a ModelSpec, plus the shared pieces: bl
 reconstruction targets, the upstream checkpoint converter (convert), compute counts (macs) and
 the `info` report.
 
-    spec = get_spec(cfg.arch)      # the family of model.arch
-    model = build_model(cfg)       # its pretraining model
+    spec = get_spec(cfg.model.arch)                  # the family of model.arch
+    model = build_model(cfg.model, cfg.execution)   # its pretraining model
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pkgutil
 
 import torch.nn as nn
 
-from hicmae_dist.config import ModelConfig
+from hicmae_dist.config import ExecutionConfig, ModelConfig
 from hicmae_dist.models.spec import ModelSpec
 
 
@@ -37,15 +37,16 @@ def get_spec(arch: str) -> ModelSpec:
     return specs[arch]
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The pretraining model named by cfg.arch."""
-    return get_spec(cfg.arch).pretrain_class(cfg)
+def build_model(cfg: ModelConfig, execution: ExecutionConfig | None = None) -> nn.Module:
+    """The pretraining model named by cfg.arch; execution None = the execution defaults."""
+    return get_spec(cfg.arch).pretrain_class(cfg, execution)
 
 
-def build_finetune_model(cfg: ModelConfig, num_classes: int, **kwargs) -> nn.Module:
+def build_finetune_model(cfg: ModelConfig, num_classes: int, execution: ExecutionConfig | None = None,
+                         **kwargs) -> nn.Module:
     """The fine-tuning model named by cfg.arch; kwargs go to its constructor (see the spec's
     finetune_kwargs)."""
-    return get_spec(cfg.arch).finetune_class(cfg, num_classes, **kwargs)
+    return get_spec(cfg.arch).finetune_class(cfg, num_classes, execution=execution, **kwargs)
 
 
 __all__ = ["ModelSpec", "build_finetune_model", "build_model", "get_spec", "model_specs"]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hicmae_dist.config import ModelConfig, load_config
+from hicmae_dist.config import Config, ModelConfig, load_config, model_config_from_dict
 from hicmae_dist.models import build_finetune_model, build_model, get_spec
 
 KINDS = ("pretrain", "finetune")
@@ -194,7 +194,7 @@ def infer(arch: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None = N
                           decoder_depth=_depth(state, "decoder.blocks."))
         # the sinusoid tables are not in the file: the spec's token grids; the decoder of a
         # fine-tune file is unknown: the preset of that width, if any
-        base = load_config(HICMAE_PRESETS[width]).model if width in HICMAE_PRESETS else ModelConfig()
+        base = load_config(HICMAE_PRESETS[width]).model if width in HICMAE_PRESETS else Config().model
     else:
         width, _, patch, _ = _shape(state, "patch_embed_v.proj.weight")
         base = load_config(CAVMAE_PRESET).model
@@ -204,8 +204,8 @@ def infer(arch: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None = N
         if audio_tokens % freq_tokens or side * side != video_tokens:
             raise ConversionError(f"token grids: {audio_tokens} audio tokens are not {freq_tokens} frequency rows, "
                                   f"or {video_tokens} image tokens not a square")
-        fields = dict(width=width, heads=width // 64, patch=patch, encoder_depth=_depth(state, "blocks_a."),
-                      fusion_depth=_depth(state, "blocks_u."), image_size=side * patch,
+        fields = dict(width=width, heads=width // 64, patch=patch, modality_depth=_depth(state, "blocks_a."),
+                      shared_depth=_depth(state, "blocks_u."), image_size=side * patch,
                       audio_frames=audio_tokens // freq_tokens * patch)
         if found == "pretrain":
             decoder_width = _shape(state, "decoder_embed.weight")[0]
@@ -282,7 +282,7 @@ def to_upstream(obj: Any, arch: str | None = None, cfg: ModelConfig | None = Non
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         arch = arch or obj["arch"]
         kind = kind or obj["kind"]
-        cfg = cfg or _config_from_dict(obj["model_config"])
+        cfg = cfg or model_config_from_dict(obj["model_config"])
     state = unwrap(obj)
     found = detect_arch(state)
     if arch is not None and arch != found:
@@ -314,12 +314,6 @@ def _check_ours(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, .
 # --- files ---------------------------------------------------------------------------------------------
 
 FORMAT = "hicmae-dist/weights-v1"
-
-
-def _config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    cfg = ModelConfig(**d)
-    cfg.validate()
-    return cfg
 
 
 def ours_file_payload(converted: Converted) -> dict[str, Any]:
@@ -357,7 +351,7 @@ def load_weights(path: str | Path) -> Converted:
 def _ours_from_payload(obj: Any, path: str | Path) -> Converted:
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         raise ConversionError(f"{path}: not a {FORMAT} file")
-    converted = Converted(obj["arch"], obj["kind"], _config_from_dict(obj["model_config"]),
+    converted = Converted(obj["arch"], obj["kind"], model_config_from_dict(obj["model_config"]),
                           obj["num_classes"], obj["state_dict"])
     _check_ours(converted.state_dict, expected_shapes(converted.arch, converted.kind, converted.cfg,
                                                       converted.num_classes), converted.arch)

@@ -95,12 +95,10 @@ def resolve_task(cfg: Config) -> Task:
 
 def finetune_model_config(cfg: Config, pretrained: Converted | None) -> ModelConfig:
     """The architecture of the pretrained weights (or cfg.model from scratch) with this run's
-    drop path and execution settings."""
+    drop path (the execution settings are the run's: cfg.execution)."""
     if pretrained is None:
         return cfg.model
-    m = cfg.model
-    return dataclasses.replace(pretrained.cfg, drop_path=m.drop_path, attention_backend=m.attention_backend,
-                               activation_checkpointing=m.activation_checkpointing, pack_fusion=m.pack_fusion)
+    return dataclasses.replace(pretrained.cfg, drop_path=cfg.model.drop_path)
 
 
 # Fine-tune tensors the pretraining model does not have: initialised here, never loaded.
@@ -127,7 +125,7 @@ def build_finetune(cfg: Config, task: Task, pretrained: Converted | None) -> tup
     """(model, optimiser groups, load report)."""
     mcfg = finetune_model_config(cfg, pretrained)
     spec = get_spec(mcfg.arch)
-    model = build_finetune_model(mcfg, task.num_outputs, **spec.finetune_kwargs(cfg.finetune))
+    model = build_finetune_model(mcfg, task.num_outputs, cfg.execution, **spec.finetune_kwargs(cfg.finetune))
     report = load_encoder_weights(model, pretrained) if pretrained is not None else {"loaded": 0}
     groups = spec.finetune_param_groups(model, cfg.train.weight_decay, cfg.finetune)
     return model, [g for g in groups if g["params"]], report
