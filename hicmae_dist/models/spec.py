@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -20,10 +21,10 @@ class ModelSpec:
     name: str  # the value of model.arch
     pretrain_class: type[nn.Module]  # (cfg: ModelConfig)
     finetune_class: type[nn.Module]  # (cfg: ModelConfig, num_classes: int, **finetune_kwargs(...))
-    # upstream converter: rows (ours prefix, theirs prefix; "$" = the whole key), specific rows first,
-    # and the renamed parts inside a block's keys
-    renames: list[tuple[str, str]]
-    components: list[tuple[str, str]]
+    # the family's side of the upstream converter (hicmae_dist.models.convert): a module with
+    # RENAMES, COMPONENTS (key tables), MARKERS, HEAD_KEY, upstream_kind(state),
+    # infer_config(state, kind) and upstream_payload(state)
+    upstream: ModuleType
     # multiply-accumulates per sample by component: (cfg, kind, num_classes, finetune mode) -> {name: MACs}
     macs: Callable[[ModelConfig, str, int, str], dict[str, int]]
     default_classes: int  # the class count of the family's reference fine-tuning task

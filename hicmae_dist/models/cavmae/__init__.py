@@ -1,5 +1,5 @@
 """CAV-MAE (SPEC.md section 2): modality-specific blocks, shared blocks, a joint decoder.
-model.py holds the model classes, keys.py the upstream key table, macs.py the MACs count,
+model.py holds the model classes, upstream.py the authors' key names and file layout, macs.py the MACs count,
 presets/ the shipped presets."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from hicmae_dist.config import FinetuneConfig, ModelConfig
-from hicmae_dist.models.cavmae import keys
+from hicmae_dist.models.cavmae import upstream
 from hicmae_dist.models.cavmae.macs import macs
 from hicmae_dist.models.cavmae.model import CAVMAEFinetune, CAVMAEPretrain
 from hicmae_dist.models.spec import ModelSpec
@@ -30,8 +30,7 @@ SPEC = ModelSpec(
     name="cavmae",
     pretrain_class=CAVMAEPretrain,
     finetune_class=CAVMAEFinetune,
-    renames=keys.RENAMES,
-    components=keys.COMPONENTS,
+    upstream=upstream,
     macs=macs,
     default_classes=527,
     presets_dir=Path(__file__).parent / "presets",

@@ -1,5 +1,5 @@
 """HiCMAE (SPEC.md section 1): per-modality encoders, cross-attention fusion, hierarchical
-decoders. model.py holds the model classes, keys.py the upstream key table, macs.py the MACs
+decoders. model.py holds the model classes, upstream.py the authors' key names and file layout, macs.py the MACs
 count, presets/ the shipped presets."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from hicmae_dist.config import FinetuneConfig, ModelConfig
-from hicmae_dist.models.hicmae import keys
+from hicmae_dist.models.hicmae import upstream
 from hicmae_dist.models.hicmae.macs import macs
 from hicmae_dist.models.hicmae.model import HiCMAEFinetune, HiCMAEPretrain
 from hicmae_dist.models.spec import ModelSpec
@@ -39,8 +39,7 @@ SPEC = ModelSpec(
     name="hicmae",
     pretrain_class=HiCMAEPretrain,
     finetune_class=HiCMAEFinetune,
-    renames=keys.RENAMES,
-    components=keys.COMPONENTS,
+    upstream=upstream,
     macs=macs,
     default_classes=6,
     presets_dir=Path(__file__).parent / "presets",
