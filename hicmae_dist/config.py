@@ -160,7 +160,8 @@ class TrainConfig:
     checkpoint_every: int = field(default=100, metadata={"hashed": False})
     keep_checkpoints: int = field(default=2, metadata={"hashed": False})
     log_every: int = field(default=10, metadata={"hashed": False})
-    max_nonfinite_in_a_row: int = field(default=5, metadata={"hashed": False})  # skipped non-finite steps in a row before the run stops
+    # skipped non-finite steps in a row before the run stops
+    max_nonfinite_in_a_row: int = field(default=5, metadata={"hashed": False})
     seed: int = 0
 
     def validate(self) -> None:
@@ -232,7 +233,8 @@ class FinetuneConfig:
     test_num_crop: int = 2
     val_fraction: float = 0.15  # subjects (or clips) carved from training when a fold has no val.csv
     select_metric: str = ""  # validation metric that picks the epoch; "" = the dataset's first
-    eval_every: int = field(default=1, metadata={"hashed": False})  # epochs between validation passes (the last epoch is always validated)
+    # epochs between validation passes (the last epoch is always validated)
+    eval_every: int = field(default=1, metadata={"hashed": False})
 
     def validate(self) -> None:
         expect(self.task in ("classification", "regression"), "finetune.task", "'classification' or 'regression'",
@@ -325,7 +327,7 @@ class Config:
             if not f.metadata.get("hashed", True) or (f.name == "finetune" and not finetune):
                 continue
             value = getattr(self, f.name)
-            d[f.name] = ({g.name: v for g, v in zip(dataclasses.fields(value), dataclasses.astuple(value))
+            d[f.name] = ({g.name: getattr(value, g.name) for g in dataclasses.fields(value)
                           if g.metadata.get("hashed", True)} if dataclasses.is_dataclass(value) else value)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -156,3 +156,12 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{bad}: not valid YAML \(line \d+, column \d+: ") as err:
         load_config(bad)
     assert "\n" not in str(err.value)
+
+
+def test_execution_section_is_outside_the_hash_and_checked():
+    cfg = load_config("tiny-cpu", ["execution.attention_backend=reference"])
+    assert cfg.execution.attention_backend == "reference" and cfg.hash() == load_config("tiny-cpu").hash()
+    with pytest.raises(ConfigError, match="execution.attention_backend: expected one of auto, sdpa, reference"):
+        load_config("tiny-cpu", ["execution.attention_backend=fast"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.attention_backend'"):
+        load_config("tiny-cpu", ["model.attention_backend=sdpa"])

@@ -99,7 +99,8 @@ def test_finetune_logits_equal_with_packing():
     pack_fusion leaves its logits unchanged in every mode."""
     video, audio = _inputs(2, seed=3)
     torch.manual_seed(0)
-    models = {pack: CAVMAEFinetune(CAVMAEConfig(**TINY), 5, execution=ExecutionConfig(attention_backend="sdpa", pack_fusion=pack)).eval()
+    models = {pack: CAVMAEFinetune(CAVMAEConfig(**TINY), 5,
+                                   execution=ExecutionConfig(attention_backend="sdpa", pack_fusion=pack)).eval()
               for pack in (False, True)}
     _perturb_shared_norms(models[False])
     models[True].load_state_dict(models[False].state_dict())

@@ -14,7 +14,8 @@ import torch
 
 from hicmae_dist.cli import main
 from hicmae_dist.models.cavmae.model import CAVMAEFinetune
-from hicmae_dist.models.convert import ConversionError, load_ours, rename_key, to_ours, to_upstream, torch_load_weights, unwrap
+from hicmae_dist.models.convert import (ConversionError, load_ours, rename_key, to_ours, to_upstream,
+                                        torch_load_weights, unwrap)
 from hicmae_dist.models.hicmae.upstream import RENAMES as HICMAE_RENAMES
 from hicmae_dist.models.info import example_inputs
 from tests.support import require

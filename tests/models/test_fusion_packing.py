@@ -66,7 +66,8 @@ def test_pretrain_losses_and_gradients_equal_separate_launches(backend, monkeypa
     models = {}
     for pack in (False, True):
         torch.manual_seed(0)
-        models[pack] = HiCMAEPretrain(HiCMAEConfig(**TINY), ExecutionConfig(attention_backend=backend, pack_fusion=pack))
+        models[pack] = HiCMAEPretrain(HiCMAEConfig(**TINY),
+                                      ExecutionConfig(attention_backend=backend, pack_fusion=pack))
     masks = models[False].make_masks(2, torch.Generator().manual_seed(1))
     out, grads = {}, {}
     calls = _count_attention_calls(monkeypatch)

@@ -229,7 +229,8 @@ class JointDecoder(nn.Module):
         self.video_modality = nn.Parameter(torch.zeros(1, 1, width))
         self.audio_pos_embed = nn.Parameter(sincos_2d(width, *audio_grid(cfg))[None], requires_grad=False)
         self.video_pos_embed = nn.Parameter(sincos_2d(width, *video_grid(cfg))[None], requires_grad=False)
-        self.blocks = _blocks(cfg, execution.attention_backend, cfg.decoder_depth, width, cfg.decoder_heads, ("unified",), drop_path=0.0)
+        self.blocks = _blocks(cfg, execution.attention_backend, cfg.decoder_depth, width, cfg.decoder_heads,
+                              ("unified",), drop_path=0.0)
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
         self.checkpointing = execution.activation_checkpointing
         self.audio_head = nn.Linear(width, cfg.patch ** 2)

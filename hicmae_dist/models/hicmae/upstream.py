@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from hicmae_dist.config import Config, ModelConfig, load_config
-from hicmae_dist.models.convert import ConversionError, key_depth, key_shape
+from hicmae_dist.models.convert import key_depth, key_shape
 
 RENAMES: list[tuple[str, str]] = [
     ("video_encoder.patch_embed.", "encoder.patch_embed.proj."),
