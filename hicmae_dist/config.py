@@ -1,7 +1,11 @@
 """Typed run configuration: dataclasses, YAML presets shipped in the package, dotted overrides.
 
-The bottom layer of the package: it imports nothing from hicmae_dist, so every other layer
-(models, data, train, cli) can take its own section of the config.
+The bottom layer of the package: it imports nothing from hicmae_dist statically, so every other
+layer (models, data, train, cli) can take its own section of the config. The model section's
+class is the family's (hicmae_dist/models/<arch>/config.py, imported by name when model.arch is
+set; those files import only this one); the presets are found by path in models/*/presets/.
+The execution section (attention backend, packing, activation checkpointing, compile) and the
+fields marked metadata={"hashed": False} stay out of Config.hash: a resume may change them.
 
     cfg = load_config("tiny-cpu", ["model.width=128", "train.steps=50"])
 
