@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hicmae_dist.config import DataConfig, ModelConfig, load_config
+from hicmae_dist.config import Config, DataConfig, ModelConfig, load_config
 
 GOAL_CLIPS_PER_CORE = 250  # HiCMAE inputs, per CPU core (a GPU eats thousands of clips per second)
 
@@ -84,7 +84,7 @@ def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_di
             stores["cavmae"] = out
             result["prepare"] = rows
 
-            models = {"hicmae": ModelConfig(), "cavmae": load_config("cavmae-base-vox2").model}
+            models = {"hicmae": Config().model, "cavmae": load_config("cavmae-base-vox2").model}
             loader_rows = []
             for arch, model_cfg in models.items():
                 for w in [0, *workers]:
