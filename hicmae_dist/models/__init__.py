@@ -11,11 +11,13 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from hicmae_dist.config import ExecutionConfig, ModelConfig
 from hicmae_dist.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
 @functools.cache

@@ -1,19 +1,20 @@
 """ModelSpec: what the rest of the package needs to know about one model family.
 
 Each family lives in its own sub-package of hicmae_dist.models (hicmae/, cavmae/) whose
-`__init__` defines `SPEC = ModelSpec(...)`; hicmae_dist.models.get_spec finds it by name, so a
-third family is one new folder and nothing else.
+`__init__` exposes `SPEC = ModelSpec(...)` (its spec.py, loaded on first use);
+hicmae_dist.models.get_spec finds it by name, so a third family is one new folder and nothing else.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Callable
 
 from hicmae_dist.config import FinetuneConfig, ModelConfig
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
 @dataclass(frozen=True)

@@ -1,41 +1,19 @@
 """CAV-MAE (SPEC.md section 2): modality-specific blocks, shared blocks, a joint decoder.
-model.py holds the model classes, upstream.py the authors' key names and file layout, macs.py the MACs count,
-presets/ the shipped presets."""
+
+config.py holds the family's model section (imported by hicmae_dist.config by name, so this
+package imports nothing at import time), model.py the model classes, upstream.py the authors'
+key names and file layout, macs.py the MACs count, spec.py the SPEC that hicmae_dist.models finds,
+presets/ the shipped presets.
+"""
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch.nn as nn
-
-from hicmae_dist.config import FinetuneConfig, ModelConfig
-from hicmae_dist.models.cavmae import upstream
-from hicmae_dist.models.cavmae.macs import macs
-from hicmae_dist.models.cavmae.model import CAVMAEFinetune, CAVMAEPretrain
-from hicmae_dist.models.spec import ModelSpec
+from typing import Any
 
 
-def _finetune_param_groups(model: nn.Module, weight_decay: float, ft: FinetuneConfig) -> list[dict]:
-    # the other modes' LayerNorms (and encoder) get no gradient: frozen, out of the optimiser
-    unused = set(model.unused_parameters())
-    for name, param in model.named_parameters():
-        param.requires_grad_(name not in unused)
-    return model.param_groups(weight_decay, head_lr_scale=ft.head_lr_scale)
+def __getattr__(name: str) -> Any:
+    # SPEC pulls in torch and the model classes: loaded on first use, not by `import config`
+    if name == "SPEC":
+        from hicmae_dist.models.cavmae.spec import SPEC
 
-
-def _input_shapes(cfg: ModelConfig, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    return (batch, 3, cfg.image_size, cfg.image_size), (batch, 1, cfg.audio_frames, cfg.mel_bins)
-
-
-SPEC = ModelSpec(
-    name="cavmae",
-    pretrain_class=CAVMAEPretrain,
-    finetune_class=CAVMAEFinetune,
-    upstream=upstream,
-    macs=macs,
-    default_classes=527,
-    presets_dir=Path(__file__).parent / "presets",
-    finetune_kwargs=lambda ft: {"mode": ft.mode},
-    finetune_param_groups=_finetune_param_groups,
-    symmetric_contrastive=lambda cfg: bool(cfg.symmetric_contrastive),  # one direction unless asked
-    input_shapes=_input_shapes,
-)
+        return SPEC
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
