@@ -262,7 +262,7 @@ def dry_run_report(cfg, preset: str, world_size: int) -> str:
     from hicmae_dist.train.engine import deepspeed_config, global_batch
 
     with torch.device("meta"):
-        num_params = sum(p.numel() for p in build_model(cfg.model).parameters())
+        num_params = sum(p.numel() for p in build_model(cfg.model, cfg.execution).parameters())
     mem = memory_estimate(cfg, num_params, world_size)
     batch = global_batch(cfg, world_size)
     lines = [f"# resolved config (preset {preset}, hash {cfg.hash()})", cfg.to_yaml().rstrip(),
@@ -318,7 +318,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     converted = convert_file(args.src, args.dst, arch=args.arch, to=args.to)  # ConversionError: main()
     cfg = converted.cfg
-    size = f"width {cfg.width}, heads {cfg.heads}, depth {cfg.encoder_depth} + {cfg.fusion_depth}"
+    size = f"width {cfg.width}, heads {cfg.heads}, {cfg.depth_summary()}"
     if converted.kind == "pretrain":
         size += f", decoder {cfg.decoder_width} / {cfg.decoder_heads} / {cfg.decoder_depth}"
     else:

@@ -1,7 +1,11 @@
 """Typed run configuration: dataclasses, YAML presets shipped in the package, dotted overrides.
 
-The bottom layer of the package: it imports nothing from hicmae_dist, so every other layer
-(models, data, train, cli) can take its own section of the config.
+The bottom layer of the package: it imports nothing from hicmae_dist statically, so every other
+layer (models, data, train, cli) can take its own section of the config. The model section's
+class is the family's (hicmae_dist/models/<arch>/config.py, imported by name when model.arch is
+set; those files import only this one); the presets are found by path in models/*/presets/.
+The execution section (attention backend, packing, activation checkpointing, compile) and the
+fields marked metadata={"hashed": False} stay out of Config.hash: a resume may change them.
 
     cfg = load_config("tiny-cpu", ["model.width=128", "train.steps=50"])
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import re
@@ -23,7 +28,10 @@ from typing import Any
 
 import yaml
 
-PRESET_DIR = Path(__file__).parent / "presets"
+# Each model family ships its presets in hicmae_dist/models/<family>/presets/ (found by path:
+# this module imports nothing from the package); a preset name is unique across families.
+PRESET_GLOB = "models/*/presets/*.yaml"
+FAMILY_CONFIG_GLOB = "models/*/config.py"
 
 
 class ConfigError(ValueError):
@@ -32,21 +40,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture and pretraining objective (SPEC.md section 1; defaults are HiCMAE-S).
+    """The fields every model family has, with the same meaning (defaults are HiCMAE-S's). Each
+    family subclasses it in hicmae_dist/models/<arch>/config.py with its own fields and checks;
+    `model.arch` picks the class (see model_config_class)."""
 
-    arch "cavmae" (SPEC.md section 2) reads the same fields: encoder_depth = modality-specific
-    blocks per modality (11), fusion_depth = shared blocks (1), decoder_* = the joint decoder,
-    num_frames = 1, image_size 224, audio_frames 1024; the preset cavmae-base-vox2 holds them.
-    """
-
-    arch: str = "hicmae"  # "hicmae" | "cavmae"
+    arch: str = ""  # a family: a sub-package of hicmae_dist.models with a config.py
     width: int = 384  # encoder width C (video, audio and fusion)
     heads: int = 6
-    encoder_depth: int = 10  # blocks per modality encoder
-    fusion_depth: int = 2  # bidirectional cross+self layers
     decoder_width: int = 192
     decoder_heads: int = 3
-    decoder_depth: int = 4  # 1 plain block + one CSBlock per intermediate layer
+    decoder_depth: int = 4
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
     num_frames: int = 16
@@ -55,92 +58,74 @@ class ModelConfig:
     patch: int = 16
     audio_frames: int = 256  # fbank frames (time)
     mel_bins: int = 128
-    video_mask_ratio: float = 0.9  # tube masking
-    audio_mask_ratio: float = 0.8  # random masking
-    intermediate_layers: list[int] = field(default_factory=lambda: [3, 6, 9])  # 0-based blocks
+    video_mask_ratio: float = 0.9
+    audio_mask_ratio: float = 0.8
     contrastive_weight: float = 0.0025
     temperature: float = 0.07
-    frame_diff_target: bool = True
-    attention_backend: str = "auto"  # see hicmae_dist.ops.attention
-    # HiCMAE fusion: run the two cross-attentions of a fusion layer (video->audio, audio->video)
-    # as one packed varlen attention launch, and likewise the two self-attentions. CAV-MAE: run
-    # the shared block's three passes (unified [audio, video], audio alone, video alone; same
-    # attention / MLP weights, own LayerNorms) as one packed varlen attention launch per shared
-    # block in pretraining. Same maths either way (drop path draws come in another order)
-    pack_fusion: bool = False
-    # wrap every transformer block call in torch.utils.checkpoint (non-reentrant) in training:
-    # activations recomputed in the backward instead of stored; same maths, less memory
-    activation_checkpointing: bool = False
     negatives: str = "local"  # "local" | "global" contrastive negatives
-    audio_mask_mode: str = "random"  # CAV-MAE audio masking: random | time | freq | tf (HiCMAE: random)
-    symmetric_contrastive: bool | None = None  # None: the arch's own (HiCMAE symmetric, CAV-MAE one direction)
+    audio_mask_mode: str = "random"  # random | time | freq | tf (a family may allow fewer)
+    symmetric_contrastive: bool | None = None  # None: the family's own
 
     def validate(self) -> None:
-        _check(self.arch in ("hicmae", "cavmae"), "model.arch", "'hicmae' or 'cavmae'", self.arch)
+        family = model_config_class(self.arch)
+        expect(type(self) is family, "model.arch", f"a {family.__name__} for arch {self.arch!r}",
+               type(self).__name__)
         for key in ("width", "heads", "decoder_width", "decoder_heads", "num_frames", "image_size", "tubelet",
                     "patch", "audio_frames", "mel_bins"):
-            _check(getattr(self, key) >= 1, f"model.{key}", ">= 1", getattr(self, key))
-        _check(self.fusion_depth >= 0, "model.fusion_depth", ">= 0", self.fusion_depth)
-        _check(self.mlp_ratio > 0, "model.mlp_ratio", "> 0", self.mlp_ratio)
-        _check(0.0 <= self.drop_path < 1.0, "model.drop_path", "in [0, 1)", self.drop_path)
-        _check(self.temperature > 0, "model.temperature", "> 0 (it divides the similarities)", self.temperature)
-        _check(self.contrastive_weight >= 0, "model.contrastive_weight", ">= 0", self.contrastive_weight)
-        _check(self.width % self.heads == 0, "model.width", "a multiple of model.heads", self.width)
-        _check(self.decoder_width % self.decoder_heads == 0, "model.decoder_width",
+            expect(getattr(self, key) >= 1, f"model.{key}", ">= 1", getattr(self, key))
+        expect(self.mlp_ratio > 0, "model.mlp_ratio", "> 0", self.mlp_ratio)
+        expect(0.0 <= self.drop_path < 1.0, "model.drop_path", "in [0, 1)", self.drop_path)
+        expect(self.temperature > 0, "model.temperature", "> 0 (it divides the similarities)", self.temperature)
+        expect(self.contrastive_weight >= 0, "model.contrastive_weight", ">= 0", self.contrastive_weight)
+        expect(self.width % self.heads == 0, "model.width", "a multiple of model.heads", self.width)
+        expect(self.decoder_width % self.decoder_heads == 0, "model.decoder_width",
                "a multiple of model.decoder_heads", self.decoder_width)
-        _check(self.audio_mask_mode in ("random", "time", "freq", "tf"), "model.audio_mask_mode",
+        expect(self.audio_mask_mode in ("random", "time", "freq", "tf"), "model.audio_mask_mode",
                "one of random, time, freq, tf", self.audio_mask_mode)
-        _check(self.image_size % self.patch == 0, "model.image_size", "a multiple of model.patch",
+        expect(self.image_size % self.patch == 0, "model.image_size", "a multiple of model.patch",
                self.image_size)
-        _check(self.audio_frames % self.patch == 0 and self.mel_bins % self.patch == 0,
+        expect(self.audio_frames % self.patch == 0 and self.mel_bins % self.patch == 0,
                "model.audio_frames", "audio_frames and mel_bins multiples of model.patch",
                (self.audio_frames, self.mel_bins))
         for key in ("video_mask_ratio", "audio_mask_ratio"):  # 0 masks nothing: nothing to reconstruct
-            _check(0.0 < getattr(self, key) < 1.0, f"model.{key}", "in (0, 1)", getattr(self, key))
-        _check(self.attention_backend in ("auto", "sdpa", "reference"), "model.attention_backend",
-               "one of auto, sdpa, reference", self.attention_backend)
-        _check(self.negatives in ("local", "global"), "model.negatives", "'local' or 'global'",
+            expect(0.0 < getattr(self, key) < 1.0, f"model.{key}", "in (0, 1)", getattr(self, key))
+        expect(self.negatives in ("local", "global"), "model.negatives", "'local' or 'global'",
                self.negatives)
-        if self.arch == "cavmae":
-            self._validate_cavmae()
-        else:
-            self._validate_hicmae()
+        self.validate_family()
 
-    def _validate_cavmae(self) -> None:
-        _check(self.num_frames == 1, "model.num_frames", "1 for arch cavmae (one RGB frame)", self.num_frames)
-        _check(self.encoder_depth >= 1, "model.encoder_depth", ">= 1 modality-specific blocks",
-               self.encoder_depth)
-        _check(self.fusion_depth >= 1, "model.fusion_depth", ">= 1 shared blocks", self.fusion_depth)
-        _check(self.decoder_depth >= 1, "model.decoder_depth", ">= 1", self.decoder_depth)
-        # 2-D sin-cos positions: half the channels per axis, sin and cos halves of each
-        for key in ("width", "decoder_width"):
-            _check(getattr(self, key) % 4 == 0, f"model.{key}", "a multiple of 4 (2-D sin-cos positions)",
-                   getattr(self, key))
+    def validate_family(self) -> None:
+        """The family's own checks (its fields, and what it does not support of the shared ones)."""
 
-    def _validate_hicmae(self) -> None:
-        _check(self.audio_mask_mode == "random", "model.audio_mask_mode", "'random' for arch hicmae",
-               self.audio_mask_mode)
-        _check(self.symmetric_contrastive in (None, True), "model.symmetric_contrastive",
-               "null or true for arch hicmae (its contrastive loss is symmetric)", self.symmetric_contrastive)
-        layers = self.intermediate_layers
-        _check(len(layers) > 0 and all(0 <= i < self.encoder_depth for i in layers)
-               and layers == sorted(set(layers)), "model.intermediate_layers",
-               f"increasing block indices in [0, {self.encoder_depth})", layers)
-        _check(layers[-1] == self.encoder_depth - 1, "model.intermediate_layers",
-               "to end with the last encoder block", layers)
-        _check(self.decoder_depth == len(layers) + 1, "model.decoder_depth",
-               f"len(model.intermediate_layers) + 1 = {len(layers) + 1}", self.decoder_depth)
-        _check(self.num_frames % self.tubelet == 0, "model.num_frames",
-               "a multiple of model.tubelet", self.num_frames)
+    def depth_summary(self) -> str:
+        """'depth E + F': the family's encoder depths, as `convert` prints them."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its depths")
+
+
+def model_families() -> list[str]:
+    """The model families: the sub-packages of hicmae_dist.models with a config.py."""
+    return sorted(p.parent.name for p in Path(__file__).parent.glob(FAMILY_CONFIG_GLOB))
+
+
+def model_config_class(arch: Any, key: str = "model.arch") -> type[ModelConfig]:
+    """hicmae_dist.models.<arch>.config.MODEL_CONFIG, imported by name: this module is the
+    bottom layer and imports nothing from the package statically."""
+    families = model_families()
+    if arch not in families:
+        raise ConfigError(f"{key}: expected one of {', '.join(families)}, got {arch!r}")
+    return importlib.import_module(f"hicmae_dist.models.{arch}.config").MODEL_CONFIG
+
+
+def _default_model() -> ModelConfig:
+    return model_config_class("hicmae")()
 
 
 @dataclass
 class DataConfig:
     """Shard loader and augmentation (SPEC.md 'Inputs')."""
 
-    shards: str = ""  # directory of *.tar shards (set by `pretrain --data`)
+    shards: str = field(default="", metadata={"hashed": False})  # directory of *.tar shards (set by `pretrain --data`)
     batch_size: int = 8  # per rank
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata={"hashed": False})
     shuffle_buffer: int = 256
     multiscale_crop: bool = True
     gain_augment: bool = True
@@ -148,10 +133,10 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # stop the run when more samples than this are unreadable
 
     def validate(self) -> None:
-        _check(self.batch_size >= 1, "data.batch_size", ">= 1", self.batch_size)
-        _check(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
-        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
-        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]",
+        expect(self.batch_size >= 1, "data.batch_size", ">= 1", self.batch_size)
+        expect(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+        expect(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
+        expect(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]",
                self.max_bad_fraction)
 
 
@@ -159,7 +144,7 @@ class DataConfig:
 class TrainConfig:
     """Optimiser, schedule, DeepSpeed engine and checkpoints (SPEC.md 'Pretraining recipe')."""
 
-    steps: int = 300
+    steps: int = field(default=300, metadata={"hashed": False})
     optimizer: str = "adamw"  # "adamw" (HiCMAE) | "adam" (CAV-MAE: L2 decay inside Adam)
     schedule: str = "cosine"  # "cosine": warm-up then cosine to min_lr | "step": x lr_gamma at each milestone
     base_lr: float = 3e-4  # scaled by global batch / 256 when scale_lr
@@ -174,39 +159,39 @@ class TrainConfig:
     zero_stage: int = 2
     bf16: bool = False
     fp16: bool = False  # GPUs without bf16: dynamic loss scaling (DeepSpeed skips overflowing steps)
-    compile: bool = False  # torch.compile the model inside the engine
     grad_clip: float = 0.0  # 0 = off, as in the paper
     grad_accum: int = 1
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    max_nonfinite_in_a_row: int = 5  # skipped non-finite steps in a row before the run stops
+    checkpoint_every: int = field(default=100, metadata={"hashed": False})
+    keep_checkpoints: int = field(default=2, metadata={"hashed": False})
+    log_every: int = field(default=10, metadata={"hashed": False})
+    # skipped non-finite steps in a row before the run stops
+    max_nonfinite_in_a_row: int = field(default=5, metadata={"hashed": False})
     seed: int = 0
 
     def validate(self) -> None:
-        _check(self.steps >= 1, "train.steps", ">= 1", self.steps)
-        _check(self.base_lr > 0, "train.base_lr", "> 0", self.base_lr)
-        _check(0 <= self.min_lr <= self.base_lr, "train.min_lr", "in [0, train.base_lr]", self.min_lr)
-        _check(self.lr_gamma > 0, "train.lr_gamma", "> 0", self.lr_gamma)
-        _check(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
-        _check(self.eps > 0, "train.eps", "> 0", self.eps)
-        _check(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", "in [0, train.steps]",
+        expect(self.steps >= 1, "train.steps", ">= 1", self.steps)
+        expect(self.base_lr > 0, "train.base_lr", "> 0", self.base_lr)
+        expect(0 <= self.min_lr <= self.base_lr, "train.min_lr", "in [0, train.base_lr]", self.min_lr)
+        expect(self.lr_gamma > 0, "train.lr_gamma", "> 0", self.lr_gamma)
+        expect(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        expect(self.eps > 0, "train.eps", "> 0", self.eps)
+        expect(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", "in [0, train.steps]",
                self.warmup_steps)
-        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3", self.zero_stage)
-        _check(self.optimizer in ("adamw", "adam"), "train.optimizer", "'adamw' or 'adam'", self.optimizer)
-        _check(self.schedule in ("cosine", "step"), "train.schedule", "'cosine' or 'step'", self.schedule)
-        _check(self.lr_milestones == sorted(self.lr_milestones), "train.lr_milestones", "increasing steps",
+        expect(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        expect(self.optimizer in ("adamw", "adam"), "train.optimizer", "'adamw' or 'adam'", self.optimizer)
+        expect(self.schedule in ("cosine", "step"), "train.schedule", "'cosine' or 'step'", self.schedule)
+        expect(self.lr_milestones == sorted(self.lr_milestones), "train.lr_milestones", "increasing steps",
                self.lr_milestones)
-        _check(not (self.bf16 and self.fp16), "train.fp16", "not both train.bf16 and train.fp16", self.fp16)
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+        expect(not (self.bf16 and self.fp16), "train.fp16", "not both train.bf16 and train.fp16", self.fp16)
+        expect(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                "two numbers in [0, 1)", self.betas)
-        _check(all(m >= 1 for m in self.lr_milestones), "train.lr_milestones", "steps >= 1", self.lr_milestones)
-        _check(self.grad_clip >= 0, "train.grad_clip", ">= 0", self.grad_clip)
-        _check(self.grad_accum >= 1, "train.grad_accum", ">= 1", self.grad_accum)
-        _check(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
-        _check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
-        _check(self.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", ">= 1",
+        expect(all(m >= 1 for m in self.lr_milestones), "train.lr_milestones", "steps >= 1", self.lr_milestones)
+        expect(self.grad_clip >= 0, "train.grad_clip", ">= 0", self.grad_clip)
+        expect(self.grad_accum >= 1, "train.grad_accum", ">= 1", self.grad_accum)
+        expect(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
+        expect(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        expect(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+        expect(self.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", ">= 1",
                self.max_nonfinite_in_a_row)
 
 
@@ -221,8 +206,8 @@ class TrackingConfig:
     system_metrics_s: float = 10.0  # sampling interval of CPU/GPU/memory metrics; 0 = off
 
     def validate(self) -> None:
-        _check(bool(self.experiment), "tracking.experiment", "a non-empty name", self.experiment)
-        _check(self.system_metrics_s >= 0, "tracking.system_metrics_s", ">= 0 (0 = off)", self.system_metrics_s)
+        expect(bool(self.experiment), "tracking.experiment", "a non-empty name", self.experiment)
+        expect(self.system_metrics_s >= 0, "tracking.system_metrics_s", ">= 0 (0 = off)", self.system_metrics_s)
 
 
 @dataclass
@@ -252,44 +237,69 @@ class FinetuneConfig:
     test_num_crop: int = 2
     val_fraction: float = 0.15  # subjects (or clips) carved from training when a fold has no val.csv
     select_metric: str = ""  # validation metric that picks the epoch; "" = the dataset's first
-    eval_every: int = 1  # epochs between validation passes (the last epoch is always validated)
+    # epochs between validation passes (the last epoch is always validated)
+    eval_every: int = field(default=1, metadata={"hashed": False})
 
     def validate(self) -> None:
-        _check(self.task in ("classification", "regression"), "finetune.task", "'classification' or 'regression'",
+        expect(self.task in ("classification", "regression"), "finetune.task", "'classification' or 'regression'",
                self.task)
-        _check(self.epochs >= 1, "finetune.epochs", ">= 1", self.epochs)
-        _check(0 <= self.warmup_epochs <= self.epochs, "finetune.warmup_epochs", "in [0, finetune.epochs]",
+        expect(self.epochs >= 1, "finetune.epochs", ">= 1", self.epochs)
+        expect(0 <= self.warmup_epochs <= self.epochs, "finetune.warmup_epochs", "in [0, finetune.epochs]",
                self.warmup_epochs)
-        _check(self.num_outputs >= 0, "finetune.num_outputs", ">= 0 (0 = from the dataset)", self.num_outputs)
-        _check(0.0 < self.layer_decay <= 1.0, "finetune.layer_decay", "in (0, 1]", self.layer_decay)
-        _check(self.head_lr_scale > 0, "finetune.head_lr_scale", "> 0", self.head_lr_scale)
-        _check(self.mode in ("multimodal", "audio", "video"), "finetune.mode", "multimodal, audio or video", self.mode)
-        _check(self.regression_loss in ("mse", "ccc"), "finetune.regression_loss", "'mse' or 'ccc'",
+        expect(self.num_outputs >= 0, "finetune.num_outputs", ">= 0 (0 = from the dataset)", self.num_outputs)
+        expect(0.0 < self.layer_decay <= 1.0, "finetune.layer_decay", "in (0, 1]", self.layer_decay)
+        expect(self.head_lr_scale > 0, "finetune.head_lr_scale", "> 0", self.head_lr_scale)
+        expect(self.mode in ("multimodal", "audio", "video"), "finetune.mode", "multimodal, audio or video", self.mode)
+        expect(self.regression_loss in ("mse", "ccc"), "finetune.regression_loss", "'mse' or 'ccc'",
                self.regression_loss)
-        _check(self.head_activation in (None, "sigmoid", "tanh", "relu"), "finetune.head_activation",
+        expect(self.head_activation in (None, "sigmoid", "tanh", "relu"), "finetune.head_activation",
                "null, sigmoid, tanh or relu", self.head_activation)
         for key in ("mixup", "cutmix"):
-            _check(getattr(self, key) >= 0, f"finetune.{key}", ">= 0 (0 = off)", getattr(self, key))
+            expect(getattr(self, key) >= 0, f"finetune.{key}", ">= 0 (0 = off)", getattr(self, key))
         for key in ("mix_prob", "switch_prob", "label_smoothing"):
-            _check(0.0 <= getattr(self, key) <= 1.0, f"finetune.{key}", "in [0, 1]", getattr(self, key))
-        _check(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", "in (0, 1)", self.val_fraction)
-        _check(0.0 < self.crop_scale_min <= 1.0, "finetune.crop_scale_min", "in (0, 1]", self.crop_scale_min)
-        _check(self.test_num_segment >= 1 and self.test_num_crop >= 1, "finetune.test_num_segment",
+            expect(0.0 <= getattr(self, key) <= 1.0, f"finetune.{key}", "in [0, 1]", getattr(self, key))
+        expect(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", "in (0, 1)", self.val_fraction)
+        expect(0.0 < self.crop_scale_min <= 1.0, "finetune.crop_scale_min", "in (0, 1]", self.crop_scale_min)
+        expect(self.test_num_segment >= 1 and self.test_num_crop >= 1, "finetune.test_num_segment",
                "test_num_segment and test_num_crop >= 1", (self.test_num_segment, self.test_num_crop))
-        _check(self.eval_every >= 1, "finetune.eval_every", ">= 1", self.eval_every)
+        expect(self.eval_every >= 1, "finetune.eval_every", ">= 1", self.eval_every)
+
+
+@dataclass
+class ExecutionConfig:
+    """How a run executes, not what it computes: the same maths with any of these, so they are
+    outside the config hash and a resume may change them. The models take them beside their
+    ModelConfig: build_model(cfg.model, cfg.execution)."""
+
+    attention_backend: str = "auto"  # see hicmae_dist.ops.attention
+    # HiCMAE fusion: run the two cross-attentions of a fusion layer (video->audio, audio->video)
+    # as one packed varlen attention launch, and likewise the two self-attentions. CAV-MAE: run
+    # the shared block's three passes (unified [audio, video], audio alone, video alone; same
+    # attention / MLP weights, own LayerNorms) as one packed varlen attention launch per shared
+    # block in pretraining. Same maths either way (drop path draws come in another order)
+    pack_fusion: bool = False
+    # wrap every transformer block call in torch.utils.checkpoint (non-reentrant) in training:
+    # activations recomputed in the backward instead of stored; same maths, less memory
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model inside the engine
+
+    def validate(self) -> None:
+        expect(self.attention_backend in ("auto", "sdpa", "reference"), "execution.attention_backend",
+               "one of auto, sdpa, reference", self.attention_backend)
 
 
 @dataclass
 class Config:
     preset: str = ""
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=_default_model)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"hashed": False})
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # hashed for fine-tuning runs only
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig, metadata={"hashed": False})
 
     def validate(self) -> "Config":
-        for name in ("model", "data", "train", "tracking", "finetune"):
+        for name in ("model", "data", "train", "tracking", "finetune", "execution"):
             _check_finite(getattr(self, name), name)  # first: NaN fails every range check below
             getattr(self, name).validate()
         return self
@@ -311,33 +321,25 @@ class Config:
         walk("", self.to_dict())
         return out
 
-    # Settings that change how a run executes, not what it computes: a resume may change them.
-    NOT_HASHED = {
-        "model": ("attention_backend", "pack_fusion", "activation_checkpointing"),
-        "data": ("shards", "num_workers"),
-        "train": ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite_in_a_row",
-                  "compile"),
-        "finetune": ("eval_every",),
-    }
-
     def hash(self, finetune: bool = False) -> str:
-        """Hash of everything that changes the maths (tracking, step budget and execution
-        settings excluded: NOT_HASHED). The finetune section counts for fine-tuning runs only,
-        so a pretraining checkpoint's hash does not depend on it."""
-        d = self.to_dict()
-        d.pop("tracking")
-        if not finetune:
-            d.pop("finetune")
-        for section, keys in self.NOT_HASHED.items():
-            if section in d:
-                d[section] = {k: v for k, v in d[section].items() if k not in keys}
+        """Hash of everything that changes the maths: every field but those marked
+        metadata={"hashed": False} (tracking, execution, the step budget and logistics). The
+        finetune section counts for fine-tuning runs only, so a pretraining checkpoint's hash
+        does not depend on it."""
+        d = {}
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("hashed", True) or (f.name == "finetune" and not finetune):
+                continue
+            value = getattr(self, f.name)
+            d[f.name] = ({g.name: getattr(value, g.name) for g in dataclasses.fields(value)
+                          if g.metadata.get("hashed", True)} if dataclasses.is_dataclass(value) else value)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+def expect(ok: bool, key: str, expected: str, got: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")
 
@@ -348,11 +350,15 @@ def _check_finite(section: Any, prefix: str) -> None:
         value = getattr(section, f.name)
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, float):
-                _check(math.isfinite(v), f"{prefix}.{f.name}", "a finite number", value)
+                expect(math.isfinite(v), f"{prefix}.{f.name}", "a finite number", value)
+
+
+def _preset_paths() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(Path(__file__).parent.glob(PRESET_GLOB))}
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(_preset_paths())
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -394,7 +400,25 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     return value
 
 
+def _pick_model_family(cfg: Config, dotted: str, value: Any, where: str) -> None:
+    """model.arch picks the model section's class: a new arch rebuilds the section, keeping the
+    values of the fields both families have (the new family's own fields start at its defaults)."""
+    if dotted == "model.arch":
+        arch = value
+    elif dotted == "model" and isinstance(value, dict) and "arch" in value:
+        arch = value["arch"]
+    else:
+        return
+    family = model_config_class(arch, f"model.arch ({where})")
+    if type(cfg.model) is not family:
+        names = {f.name for f in dataclasses.fields(family)} - {"arch"}
+        cfg.model = family(**{f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)
+                              if f.name in names})
+
+
 def _set(obj: Any, dotted: str, value: Any, where: str, prefix: str = "") -> None:
+    if isinstance(obj, Config):
+        _pick_model_family(obj, dotted, value, where)
     parts = dotted.split(".")
     for i, name in enumerate(parts):
         key = prefix + ".".join(parts[: i + 1])
@@ -442,8 +466,8 @@ def load_config(preset: str | Path, overrides: list[str] | None = None) -> Confi
 def _load_preset(preset: str | Path, relative_to: Path | None, chain: tuple[Path, ...]) -> Config:
     path = Path(preset)
     if not path.suffix:
-        path = PRESET_DIR / f"{preset}.yaml"
-        if not path.exists():
+        path = _preset_paths().get(str(preset))
+        if path is None:
             raise ConfigError(f"unknown preset {str(preset)!r}; shipped presets: {', '.join(list_presets())}")
     elif relative_to is not None and not path.is_absolute():
         path = relative_to / path
@@ -481,9 +505,41 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
+# Keys a saved config (a run's config.yaml, a converted weights file) holds from before they
+# moved to the execution section; a family's own renames are its config class's RENAMED_KEYS.
+_MOVED_TO_EXECUTION = {"model": ("attention_backend", "pack_fusion", "activation_checkpointing"),
+                       "train": ("compile",)}
+
+
+def _saved_model_section(d: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any]:
+    d = dict(d)
+    for key in _MOVED_TO_EXECUTION["model"]:
+        if key in d:
+            execution.setdefault(key, d.pop(key))
+    renamed = getattr(model_config_class(d.get("arch"), "saved model.arch"), "RENAMED_KEYS", {})
+    return {renamed.get(k, k): v for k, v in d.items()}
+
+
 def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with to_dict (checkpoints, MLflow artifacts)."""
+    """Rebuild a Config saved with to_dict (checkpoints, MLflow artifacts, run directories)."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    execution = d.setdefault("execution", {})
+    for key in _MOVED_TO_EXECUTION["train"]:
+        if key in d.get("train", {}):
+            execution.setdefault(key, d["train"].pop(key))
+    if "model" in d:
+        d["model"] = _saved_model_section(d["model"], execution)
     cfg = Config()
     for section, values in d.items():
         _set(cfg, section, values, "saved config")
     return cfg.validate()
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """Rebuild a model section saved with dataclasses.asdict (converted weights files); any
+    execution settings it holds are dropped: they are the run's, not the weights'."""
+    cfg = Config()
+    _set(cfg, "model", _saved_model_section(d, {}), "saved model config")
+    _check_finite(cfg.model, "model")
+    cfg.model.validate()
+    return cfg.model

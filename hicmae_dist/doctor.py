@@ -257,11 +257,13 @@ def check_attention(backend: str, device: torch.device) -> Result:
 def _contrastive_problems() -> list[dict]:
     """The models' contrastive losses at each preset's per-GPU batch (+ 256 rows: several
     kernel tiles): rows, dim, temperature, symmetric."""
+    from hicmae_dist.models import get_spec
+
     out = []
     for name in MODELS:
         cfg = _preset_config(name)
         m = cfg.model
-        symmetric = True if m.arch == "hicmae" else bool(m.symmetric_contrastive)  # as the models call it
+        symmetric = get_spec(m.arch).symmetric_contrastive(m)  # as the models call it
         out.append(dict(model=name, rows=cfg.data.batch_size, dim=m.width, temperature=m.temperature,
                         symmetric=symmetric))
     out.append({**out[0], "model": f"{out[0]['model']} x256 rows", "rows": 256})
@@ -471,7 +473,7 @@ def train_run(cfg, device: torch.device, backend: str, *, batch: int, steps: int
     from hicmae_dist.train.engine import build_optimizer, set_lr
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(dataclasses.replace(cfg.model, attention_backend=backend)).to(device).train()
+    model = build_model(cfg.model, dataclasses.replace(cfg.execution, attention_backend=backend)).to(device).train()
     optimizer = build_optimizer(model, cfg)
     set_lr(optimizer, lr)
     losses, times = [], []

@@ -11,7 +11,7 @@ recorded "unavailable" with the reason):
   reference       softmax(q k^T / sqrt(D)) v, fp32 scores
 Cases:
   model:  every distinct call of the shipped models' pretraining forward (kernels/shapes.py):
-          encoder, fusion (dense, or packed varlen with model.pack_fusion) and decoder
+          encoder, fusion (dense, or packed varlen with execution.pack_fusion) and decoder
           attention, at each preset's per-GPU batch; N from 26 to 800, head dim 64 (32 in the
           CAV-MAE decoder).
   anchor: flash-attention's grid: a fixed budget of 16k tokens (batch = 16384 / N), model width

@@ -3,7 +3,7 @@
 `model_calls(models)` runs each shipped model's pretraining forward at batch 1 with the hot ops
 wrapped by recorders (attention replaced by a shape-only stub, the token ops run for real) and
 returns one entry per distinct call with how often one forward makes it. Both fusion layouts
-are traced (model.pack_fusion off: dense calls; on: the packed varlen calls), so every shape a
+are traced (execution.pack_fusion off: dense calls; on: the packed varlen calls), so every shape a
 run can produce is there. Nothing here restates the models' structure: a model change shows up.
 
 Cheap (seconds): the ops' shapes depend on the token counts, heads and widths only, so the
@@ -19,7 +19,7 @@ from unittest import mock
 
 import torch
 
-from hicmae_dist.config import load_config
+from hicmae_dist.config import ExecutionConfig, load_config
 from hicmae_dist.models.info import MODELS, example_inputs
 
 ENC_D, DEC_D = 8, 4
@@ -51,7 +51,9 @@ def model_calls(models: tuple[str, ...]) -> tuple[dict, ...]:
       assemble_decoder_tokens: visible Nv, masked Nm, positions N, width C, grad flags,
       patch_norm: rows R (at batch 1), frames F, pixels S, channels C, frame_diff.
     `count` is per forward; with both fusion layouts traced, the larger of the two."""
-    from hicmae_dist.models import blocks, build_model, cavmae, hicmae, targets
+    from hicmae_dist.models import blocks, build_model, targets
+    from hicmae_dist.models.cavmae import model as cavmae
+    from hicmae_dist.models.hicmae import model as hicmae
 
     out: dict[tuple, dict] = {}
     threads = torch.get_num_threads()
@@ -61,7 +63,7 @@ def model_calls(models: tuple[str, ...]) -> tuple[dict, ...]:
             real = load_config(MODELS[name]).model
             for pack in (False, True):
                 narrow = dataclasses.replace(real, width=real.heads * ENC_D,
-                                             decoder_width=real.decoder_heads * DEC_D, pack_fusion=pack)
+                                             decoder_width=real.decoder_heads * DEC_D)
                 if narrow.width == narrow.decoder_width:
                     raise RuntimeError(f"{name}: the narrow copy cannot tell encoder and decoder widths apart")
                 width = {narrow.width: real.width, narrow.decoder_width: real.decoder_width}
@@ -72,7 +74,7 @@ def model_calls(models: tuple[str, ...]) -> tuple[dict, ...]:
                                                                 head_dim):
                         stack.enter_context(mock.patch.object(module, fn_name, recorder(getattr(module, fn_name))))
                     torch.manual_seed(0)
-                    model = build_model(narrow)
+                    model = build_model(narrow, ExecutionConfig(pack_fusion=pack))
                     video, audio = example_inputs(narrow, 1)
                     model(video, audio, *model.make_masks(1, torch.Generator().manual_seed(0)))
                 counts: dict[tuple, int] = {}

@@ -55,8 +55,8 @@ def test_round_trip_and_hash():
     assert again == cfg and again.hash() == cfg.hash()
     assert load_config("tiny-cpu", ["train.steps=90"]).hash() == cfg.hash()  # the step budget may change
     assert load_config("tiny-cpu", ["model.width=128"]).hash() != cfg.hash()
-    execution_only = ["model.attention_backend=reference", "model.pack_fusion=true", "data.num_workers=0",
-                      "model.activation_checkpointing=true", "train.compile=true"]
+    execution_only = ["execution.attention_backend=reference", "execution.pack_fusion=true", "data.num_workers=0",
+                      "execution.activation_checkpointing=true", "execution.compile=true"]
     assert load_config("tiny-cpu", ["train.steps=70", *execution_only]).hash() == cfg.hash()
     assert cfg.flat()["model.width"] == 64 and "train.steps" in cfg.flat()
     assert Config().model.width == 384  # the dataclass defaults are HiCMAE-S
@@ -156,3 +156,12 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{bad}: not valid YAML \(line \d+, column \d+: ") as err:
         load_config(bad)
     assert "\n" not in str(err.value)
+
+
+def test_execution_section_is_outside_the_hash_and_checked():
+    cfg = load_config("tiny-cpu", ["execution.attention_backend=reference"])
+    assert cfg.execution.attention_backend == "reference" and cfg.hash() == load_config("tiny-cpu").hash()
+    with pytest.raises(ConfigError, match="execution.attention_backend: expected one of auto, sdpa, reference"):
+        load_config("tiny-cpu", ["execution.attention_backend=fast"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.attention_backend'"):
+        load_config("tiny-cpu", ["model.attention_backend=sdpa"])

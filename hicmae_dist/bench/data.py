@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from hicmae_dist.bench.timing import Stopwatch, torch_threads
-from hicmae_dist.config import DataConfig, ModelConfig, load_config
+from hicmae_dist.config import Config, DataConfig, ModelConfig, load_config
 
 GOAL_CLIPS_PER_CORE = 250  # HiCMAE inputs, per CPU core (a GPU eats thousands of clips per second)
 STAGES = ("read tar", "json", "jpeg decode", "crop+resize+normalise", "fbank", "masks", "new batch memory")
@@ -51,7 +51,7 @@ def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_di
             if not (corpus / "labels.csv").exists():
                 write_corpus(corpus, clips, num_classes=4, seed=seed, workers=ncpu, progress=False)
             result["prepare"], stores = _bench_prepare(corpus, root, workers)
-            models = {"hicmae": ModelConfig(), "cavmae": load_config("cavmae-base-vox2").model}
+            models = {"hicmae": Config().model, "cavmae": load_config("cavmae-base-vox2").model}
             result["loader"] = [_loader_row(arch, stores[arch], model_cfg, w, batch_size, batches, seed)
                                 for arch, model_cfg in models.items() for w in [0, *workers]]
             result["profile"] = {arch: profile_decode(stores[arch], cfg, samples=6 if quick else 24)

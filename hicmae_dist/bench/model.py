@@ -10,7 +10,8 @@ import torch
 from hicmae_dist.bench.timing import PeakMemory, sync
 from hicmae_dist.config import ModelConfig
 from hicmae_dist.models import build_model
-from hicmae_dist.models.info import example_inputs, macs
+from hicmae_dist.models.info import example_inputs
+from hicmae_dist.models.macs import macs
 
 
 def bench_model(cfg: ModelConfig, batch: int = 2, steps: int = 5, warmup: int = 1,

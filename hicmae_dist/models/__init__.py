@@ -1,34 +1,54 @@
-"""Models: HiCMAE and CAV-MAE (pretraining and fine-tuning), their blocks, reconstruction
-targets, upstream checkpoint converters (convert) and parameter / compute accounting (info)."""
+"""Models: one sub-package per family (hicmae/, cavmae/: config, model classes, upstream key
+table, MACs count, presets) described by a ModelSpec, plus the shared pieces: blocks,
+reconstruction targets, the upstream checkpoint converter (convert), compute counts (macs) and
+the `info` report.
+
+    spec = get_spec(cfg.model.arch)                  # the family of model.arch
+    model = build_model(cfg.model, cfg.execution)   # its pretraining model
+"""
 from __future__ import annotations
 
-import torch.nn as nn
+import functools
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING
 
-from hicmae_dist.config import ModelConfig
-from hicmae_dist.models.cavmae import CAVMAEFinetune, CAVMAEPretrain
-from hicmae_dist.models.hicmae import HiCMAEFinetune, HiCMAEPretrain
+from hicmae_dist.config import ExecutionConfig, ModelConfig
+from hicmae_dist.models.spec import ModelSpec
 
-ARCHS = ("hicmae", "cavmae")
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The pretraining model named by cfg.arch."""
-    if cfg.arch == "hicmae":
-        return HiCMAEPretrain(cfg)
-    if cfg.arch == "cavmae":
-        return CAVMAEPretrain(cfg)
-    raise ValueError(f"model.arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
-def build_finetune_model(cfg: ModelConfig, num_classes: int, **kwargs) -> nn.Module:
-    """The fine-tuning model named by cfg.arch; kwargs go to its constructor
-    (HiCMAE: head_activation; CAV-MAE: mode)."""
-    if cfg.arch == "hicmae":
-        return HiCMAEFinetune(cfg, num_classes, **kwargs)
-    if cfg.arch == "cavmae":
-        return CAVMAEFinetune(cfg, num_classes, **kwargs)
-    raise ValueError(f"model.arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
+@functools.cache
+def model_specs() -> dict[str, ModelSpec]:
+    """{name: spec} of every sub-package of hicmae_dist.models that defines SPEC."""
+    specs = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.ispkg:
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            if isinstance(getattr(module, "SPEC", None), ModelSpec):
+                specs[module.SPEC.name] = module.SPEC
+    return dict(sorted(specs.items()))
 
 
-__all__ = ["ARCHS", "CAVMAEFinetune", "CAVMAEPretrain", "HiCMAEFinetune", "HiCMAEPretrain",
-           "build_finetune_model", "build_model"]
+def get_spec(arch: str) -> ModelSpec:
+    specs = model_specs()
+    if arch not in specs:
+        raise ValueError(f"model.arch {arch!r}: expected one of {', '.join(specs)}")
+    return specs[arch]
+
+
+def build_model(cfg: ModelConfig, execution: ExecutionConfig | None = None) -> nn.Module:
+    """The pretraining model named by cfg.arch; execution None = the execution defaults."""
+    return get_spec(cfg.arch).pretrain_class(cfg, execution)
+
+
+def build_finetune_model(cfg: ModelConfig, num_classes: int, execution: ExecutionConfig | None = None,
+                         **kwargs) -> nn.Module:
+    """The fine-tuning model named by cfg.arch; kwargs go to its constructor (see the spec's
+    finetune_kwargs)."""
+    return get_spec(cfg.arch).finetune_class(cfg, num_classes, execution=execution, **kwargs)
+
+
+__all__ = ["ModelSpec", "build_finetune_model", "build_model", "get_spec", "model_specs"]

@@ -48,7 +48,7 @@ def init_weights(module: nn.Module) -> None:
 
 def maybe_checkpoint(enabled: bool, module: nn.Module, fn, *args):
     """fn(*args), under torch.utils.checkpoint (non-reentrant) when `enabled` and `module` is
-    training with autograd on (model.activation_checkpointing): the block's activations are
+    training with autograd on (execution.activation_checkpointing): the block's activations are
     recomputed in the backward instead of stored. Same results and gradients; the recompute
     replays the RNG state, so drop path draws the same masks."""
     if enabled and module.training and torch.is_grad_enabled():

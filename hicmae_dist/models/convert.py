@@ -32,66 +32,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hicmae_dist.config import ModelConfig, load_config
+from hicmae_dist.config import ModelConfig, model_config_from_dict
+from hicmae_dist.models import build_finetune_model, build_model, get_spec, model_specs
 
-# (ours, theirs) prefixes; "$" = the whole key. Order matters: specific rows first.
-HICMAE_RENAMES: list[tuple[str, str]] = [
-    ("video_encoder.patch_embed.", "encoder.patch_embed.proj."),
-    ("audio_encoder.patch_embed.", "encoder_audio.patch_embed.proj."),
-    ("video_encoder.", "encoder."),
-    ("audio_encoder.", "encoder_audio."),
-    ("fusion.video_blocks.", "encoder_fusion.blocks."),
-    ("fusion.audio_blocks.", "encoder_fusion.blocks_audio."),
-    ("fusion.video_norm.", "encoder_fusion.norm."),
-    ("fusion.audio_norm.", "encoder_fusion.norm_audio."),
-    ("video_decoder.mask_token$", "mask_token$"),
-    ("audio_decoder.mask_token$", "mask_token_audio$"),
-    ("video_decoder.encoder_to_decoder.", "encoder_to_decoder."),
-    ("audio_decoder.encoder_to_decoder.", "encoder_to_decoder_audio."),
-    ("video_decoder.", "decoder."),
-    ("audio_decoder.", "decoder_audio."),
-    ("video_layer_weights$", "video_layer_weights$"),
-    ("audio_layer_weights$", "audio_layer_weights$"),
-    ("head_norm.", "fc_norm."),
-    ("head.", "head."),
-]
-HICMAE_COMPONENTS: list[tuple[str, str]] = [("cross_norm_q", "cross_norm1"), ("cross_norm_kv", "cross_norm2")]
-
-CAVMAE_RENAMES: list[tuple[str, str]] = [
-    ("audio_encoder.patch_embed.", "patch_embed_a.proj."),
-    ("video_encoder.patch_embed.", "patch_embed_v.proj."),
-    ("audio_encoder.pos_embed$", "pos_embed_a$"),
-    ("video_encoder.pos_embed$", "pos_embed_v$"),
-    ("audio_encoder.modality$", "modality_a$"),
-    ("video_encoder.modality$", "modality_v$"),
-    ("audio_encoder.blocks.", "blocks_a."),
-    ("video_encoder.blocks.", "blocks_v."),
-    ("shared.blocks.", "blocks_u."),
-    ("shared.norm.", "norm."),
-    ("shared.audio_norm.", "norm_a."),
-    ("shared.video_norm.", "norm_v."),
-    ("decoder.encoder_to_decoder.", "decoder_embed."),
-    ("decoder.mask_token$", "mask_token$"),
-    ("decoder.audio_modality$", "decoder_modality_a$"),
-    ("decoder.video_modality$", "decoder_modality_v$"),
-    ("decoder.audio_pos_embed$", "decoder_pos_embed_a$"),
-    ("decoder.video_pos_embed$", "decoder_pos_embed_v$"),
-    ("decoder.blocks.", "decoder_blocks."),
-    ("decoder.norm.", "decoder_norm."),
-    ("decoder.audio_head.", "decoder_pred_a."),
-    ("decoder.video_head.", "decoder_pred_v."),
-    ("head_norm.", "mlp_head.0."),
-    ("head.", "mlp_head.1."),
-]
-CAVMAE_COMPONENTS: list[tuple[str, str]] = [
-    ("audio_norm1", "norm1_a"), ("audio_norm2", "norm2_a"), ("video_norm1", "norm1_v"), ("video_norm2", "norm2_v"),
-]
-
-TABLES = {"hicmae": (HICMAE_RENAMES, HICMAE_COMPONENTS), "cavmae": (CAVMAE_RENAMES, CAVMAE_COMPONENTS)}
 KINDS = ("pretrain", "finetune")
 OURS, THEIRS = 0, 1
-CAVMAE_PRESET = "cavmae-base-vox2"
-HICMAE_PRESETS = {256: "hicmae-t-vox2", 384: "hicmae-s-vox2", 512: "hicmae-b-vox2"}  # by width
 
 
 class ConversionError(ValueError):
@@ -123,7 +68,7 @@ class Converted:
 def _compile(arch: str, side: int) -> list[tuple[re.Pattern, str]]:
     """Row (ours, theirs) -> (regex on `side`, replacement prefix on the other side)."""
     rules = []
-    for row in TABLES[arch][0]:
+    for row in get_spec(arch).upstream.RENAMES:
         src, dst = row[side], row[1 - side]
         exact = src.endswith("$")
         pattern = "^" + re.escape(src.rstrip("$")) + ("$" if exact else "(?P<rest>.*)$")
@@ -133,7 +78,7 @@ def _compile(arch: str, side: int) -> list[tuple[re.Pattern, str]]:
 
 def rename_key(key: str, arch: str, to: str) -> str | None:
     """Our key -> theirs (to="upstream") or theirs -> ours (to="ours"); None if no row matches."""
-    components = TABLES[arch][1]
+    components = get_spec(arch).upstream.COMPONENTS
     side = THEIRS if to == "ours" else OURS
     for pattern, replacement in _compile(arch, side):
         match = pattern.match(key)
@@ -196,24 +141,24 @@ def _first_sentence(text: str) -> str:
 # --- what to build ---------------------------------------------------------------------------------
 
 def detect_arch(state: dict[str, torch.Tensor]) -> str:
-    """From the authors' or our keys."""
-    keys = set(state)
-    if any(k.startswith(("blocks_u.", "shared.blocks.")) for k in keys):
-        return "cavmae"
-    if any(k.startswith(("encoder_fusion.", "fusion.")) for k in keys):
-        return "hicmae"
-    raise ConversionError("cannot tell the model from the keys (neither HiCMAE's fusion encoder nor "
-                          f"CAV-MAE's shared blocks); first keys: {', '.join(sorted(keys)[:8])}")
+    """From the authors' or our keys: the family whose marker prefixes they hold."""
+    for name, spec in model_specs().items():
+        if any(k.startswith(spec.upstream.MARKERS) for k in state):
+            return name
+    markers = "; ".join(f"{name}: {', '.join(spec.upstream.MARKERS)}" for name, spec in model_specs().items())
+    raise ConversionError(f"cannot tell the model from the keys (none of the families' marker prefixes: "
+                          f"{markers}); first keys: {', '.join(sorted(state)[:8])}")
 
 
-def _depth(state: dict[str, torch.Tensor], prefix: str) -> int:
+def key_depth(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many blocks `prefix`0., `prefix`1., ... the keys hold."""
     indices = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     if not indices:
         raise ConversionError(f"no blocks under {prefix!r}")
     return max(indices) + 1
 
 
-def _shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
+def key_shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
     if key not in state:
         raise ConversionError(f"missing key {key!r}, needed to infer the model's size")
     return tuple(state[key].shape)
@@ -223,48 +168,16 @@ def infer(arch: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None = N
           kind: str | None = None) -> tuple[str, ModelConfig, int | None]:
     """(kind, config, num_classes) from a state dict in the authors' naming. A given cfg is
     used as is (only its arch is checked); a given kind is checked against the keys."""
-    if arch == "hicmae":
-        found = "pretrain" if "mask_token" in state or "decoder.head.weight" in state else "finetune"
-        head = "head.weight"
-    else:
-        found = "pretrain" if "decoder_embed.weight" in state else "finetune"
-        head = "mlp_head.1.weight"
+    upstream = get_spec(arch).upstream
+    found = upstream.upstream_kind(state)
     if kind is not None and kind != found:
         raise ConversionError(f"asked for a {kind} model but the keys are those of a {found} model")
-    num_classes = _shape(state, head)[0] if found == "finetune" else None
+    num_classes = key_shape(state, upstream.HEAD_KEY)[0] if found == "finetune" else None
     if cfg is not None:
         if cfg.arch != arch:
             raise ConversionError(f"config arch {cfg.arch!r} but the weights are {arch!r}")
         return found, cfg, num_classes
-    if arch == "hicmae":
-        width, _, tubelet, patch, _ = _shape(state, "encoder.patch_embed.proj.weight")
-        fields = dict(width=width, heads=width // 64, patch=patch, tubelet=tubelet,
-                      encoder_depth=_depth(state, "encoder.blocks."),
-                      fusion_depth=_depth(state, "encoder_fusion.blocks."))
-        if found == "pretrain":
-            decoder_width = _shape(state, "decoder.norm.weight")[0]
-            fields.update(decoder_width=decoder_width, decoder_heads=decoder_width // 64,
-                          decoder_depth=_depth(state, "decoder.blocks."))
-        # the sinusoid tables are not in the file: the spec's token grids; the decoder of a
-        # fine-tune file is unknown: the preset of that width, if any
-        base = load_config(HICMAE_PRESETS[width]).model if width in HICMAE_PRESETS else ModelConfig()
-    else:
-        width, _, patch, _ = _shape(state, "patch_embed_v.proj.weight")
-        base = load_config(CAVMAE_PRESET).model
-        audio_tokens, video_tokens = _shape(state, "pos_embed_a")[1], _shape(state, "pos_embed_v")[1]
-        freq_tokens = base.mel_bins // patch
-        side = int(round(video_tokens ** 0.5))
-        if audio_tokens % freq_tokens or side * side != video_tokens:
-            raise ConversionError(f"token grids: {audio_tokens} audio tokens are not {freq_tokens} frequency rows, "
-                                  f"or {video_tokens} image tokens not a square")
-        fields = dict(width=width, heads=width // 64, patch=patch, encoder_depth=_depth(state, "blocks_a."),
-                      fusion_depth=_depth(state, "blocks_u."), image_size=side * patch,
-                      audio_frames=audio_tokens // freq_tokens * patch)
-        if found == "pretrain":
-            decoder_width = _shape(state, "decoder_embed.weight")[0]
-            fields.update(decoder_width=decoder_width, decoder_heads=decoder_width // 32,
-                          decoder_depth=_depth(state, "decoder_blocks."))
-    cfg = dataclasses.replace(base, **fields)
+    cfg = upstream.infer_config(state, found)
     try:
         cfg.validate()
     except ValueError as err:
@@ -274,8 +187,6 @@ def infer(arch: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None = N
 
 def build(arch: str, kind: str, cfg: ModelConfig, num_classes: int | None = None,
           device: str | torch.device | None = None) -> nn.Module:
-    from hicmae_dist.models import build_finetune_model, build_model
-
     with torch.device(device or "cpu"):
         return build_model(cfg) if kind == "pretrain" else build_finetune_model(cfg, num_classes)
 
@@ -337,7 +248,7 @@ def to_upstream(obj: Any, arch: str | None = None, cfg: ModelConfig | None = Non
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         arch = arch or obj["arch"]
         kind = kind or obj["kind"]
-        cfg = cfg or _config_from_dict(obj["model_config"])
+        cfg = cfg or model_config_from_dict(obj["model_config"])
     state = unwrap(obj)
     found = detect_arch(state)
     if arch is not None and arch != found:
@@ -371,12 +282,6 @@ def _check_ours(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, .
 FORMAT = "hicmae-dist/weights-v1"
 
 
-def _config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    cfg = ModelConfig(**d)
-    cfg.validate()
-    return cfg
-
-
 def ours_file_payload(converted: Converted) -> dict[str, Any]:
     """What save writes for our side: weights plus what is needed to rebuild the model; plain
     types only, so it loads with weights_only=True."""
@@ -386,11 +291,8 @@ def ours_file_payload(converted: Converted) -> dict[str, Any]:
 
 
 def upstream_file_payload(converted: Converted) -> dict[str, Any]:
-    """The layout the authors' code loads: CAV-MAE a DataParallel state dict (`module.` keys, as
-    the released files); HiCMAE {"model": state dict}, as its training checkpoints."""
-    if converted.arch == "cavmae":
-        return {f"module.{k}": v for k, v in converted.state_dict.items()}
-    return {"model": converted.state_dict}
+    """The layout the authors' code loads (the family's upstream_payload)."""
+    return get_spec(converted.arch).upstream.upstream_payload(converted.state_dict)
 
 
 def load_ours(path: str | Path) -> Converted:
@@ -412,7 +314,7 @@ def load_weights(path: str | Path) -> Converted:
 def _ours_from_payload(obj: Any, path: str | Path) -> Converted:
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         raise ConversionError(f"{path}: not a {FORMAT} file")
-    converted = Converted(obj["arch"], obj["kind"], _config_from_dict(obj["model_config"]),
+    converted = Converted(obj["arch"], obj["kind"], model_config_from_dict(obj["model_config"]),
                           obj["num_classes"], obj["state_dict"])
     _check_ours(converted.state_dict, expected_shapes(converted.arch, converted.kind, converted.cfg,
                                                       converted.num_classes), converted.arch)

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from hicmae_dist.config import Config
+from hicmae_dist.models import get_spec
+from hicmae_dist.models.macs import macs
 
 # Dense peak FLOP/s per device, from the vendors' data sheets (no sparsity).
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -27,8 +29,6 @@ GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
 
 
 def model_flops_per_sample(cfg: Config) -> float:
-    from hicmae_dist.models.info import macs
-
     return 3 * 2 * float(sum(macs(cfg.model, "pretrain").values()))
 
 
@@ -73,17 +73,8 @@ def activation_bytes(cfg: Config) -> float:
     """Activations kept for the backward of one micro-batch: per pre-norm transformer block on
     N tokens of width C, about 34 * N * C bytes at 16 bits (Korthikanti et al. 2022, no N^2
     term with fused attention), doubled for fp32; a CSBlock counts as 1.5 blocks."""
-    m = cfg.model
-    if m.arch != "hicmae":
+    token_widths = get_spec(cfg.model.arch).activation_token_widths
+    if token_widths is None:
         return float("nan")
-    nv = (m.num_frames // m.tubelet) * (m.image_size // m.patch) ** 2
-    na = (m.audio_frames // m.patch) * (m.mel_bins // m.patch)
-    vis_v = nv - int(m.video_mask_ratio * (m.image_size // m.patch) ** 2) * (m.num_frames // m.tubelet)
-    vis_a = na - int(m.audio_mask_ratio * na)
-    token_widths = [
-        (m.encoder_depth * (vis_v + vis_a), m.width),
-        (m.fusion_depth * 1.5 * (vis_v + vis_a), m.width),
-        (1.5 * m.decoder_depth * (nv + na), m.decoder_width),
-    ]
     per_elem = 34 * (1 if cfg.train.bf16 else 2)
-    return cfg.data.batch_size * sum(n * c for n, c in token_widths) * per_elem
+    return cfg.data.batch_size * sum(n * c for n, c in token_widths(cfg.model)) * per_elem

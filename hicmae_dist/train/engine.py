@@ -54,7 +54,7 @@ def build_model_for_engine(cfg: Config, world_size: int) -> torch.nn.Module:
 
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size),
                              enabled=cfg.train.zero_stage == 3):
-        return build_model(cfg.model)
+        return build_model(cfg.model, cfg.execution)
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False,
@@ -68,6 +68,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_univ
     args = argparse.Namespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None
     engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=build_optimizer(model, cfg, groups),
                                            config=deepspeed_config(cfg, world_size, load_universal))
-    if cfg.train.compile:
+    if cfg.execution.compile:
         engine.compile()
     return engine

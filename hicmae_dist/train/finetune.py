@@ -40,7 +40,7 @@ from hicmae_dist.data.downstream import (DEFAULT_SUBJECT, DownstreamDataset, Dow
                                          subject_of)
 from hicmae_dist.eval import metrics as M
 from hicmae_dist.eval.datasets import DatasetPreset, get_dataset
-from hicmae_dist.models import build_finetune_model
+from hicmae_dist.models import build_finetune_model, get_spec
 from hicmae_dist.models.convert import Converted
 from hicmae_dist.tracking import Tracker, default_uri, end_status
 from hicmae_dist.train.checkpoint import latest_tag, resume_checkpoint, save_checkpoint
@@ -95,12 +95,10 @@ def resolve_task(cfg: Config) -> Task:
 
 def finetune_model_config(cfg: Config, pretrained: Converted | None) -> ModelConfig:
     """The architecture of the pretrained weights (or cfg.model from scratch) with this run's
-    drop path and execution settings."""
+    drop path (the execution settings are the run's: cfg.execution)."""
     if pretrained is None:
         return cfg.model
-    m = cfg.model
-    return dataclasses.replace(pretrained.cfg, drop_path=m.drop_path, attention_backend=m.attention_backend,
-                               activation_checkpointing=m.activation_checkpointing, pack_fusion=m.pack_fusion)
+    return dataclasses.replace(pretrained.cfg, drop_path=cfg.model.drop_path)
 
 
 # Fine-tune tensors the pretraining model does not have: initialised here, never loaded.
@@ -126,20 +124,10 @@ def load_encoder_weights(model: torch.nn.Module, pretrained: Converted) -> dict[
 def build_finetune(cfg: Config, task: Task, pretrained: Converted | None) -> tuple[torch.nn.Module, list[dict], dict]:
     """(model, optimiser groups, load report)."""
     mcfg = finetune_model_config(cfg, pretrained)
-    ft = cfg.finetune
-    if mcfg.arch == "cavmae":
-        model = build_finetune_model(mcfg, task.num_outputs, mode=ft.mode)
-    else:
-        model = build_finetune_model(mcfg, task.num_outputs, head_activation=ft.head_activation)
+    spec = get_spec(mcfg.arch)
+    model = build_finetune_model(mcfg, task.num_outputs, cfg.execution, **spec.finetune_kwargs(cfg.finetune))
     report = load_encoder_weights(model, pretrained) if pretrained is not None else {"loaded": 0}
-    if mcfg.arch == "cavmae":
-        # the other modes' LayerNorms (and encoder) get no gradient: frozen, out of the optimiser
-        unused = set(model.unused_parameters())
-        for name, param in model.named_parameters():
-            param.requires_grad_(name not in unused)
-        groups = model.param_groups(cfg.train.weight_decay, head_lr_scale=ft.head_lr_scale)
-    else:
-        groups = model.param_groups(cfg.train.weight_decay, layer_decay=ft.layer_decay)
+    groups = spec.finetune_param_groups(model, cfg.train.weight_decay, cfg.finetune)
     return model, [g for g in groups if g["params"]], report
 
 

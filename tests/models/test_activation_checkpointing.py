@@ -5,12 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hicmae_dist.config import Config, ModelConfig
-from hicmae_dist.models import CAVMAEPretrain, HiCMAEPretrain, blocks
+from hicmae_dist.config import Config, ExecutionConfig
+from hicmae_dist.models import blocks
+from hicmae_dist.models.cavmae.config import CAVMAEConfig
+from hicmae_dist.models.cavmae.model import CAVMAEPretrain
+from hicmae_dist.models.hicmae.config import HiCMAEConfig
+from hicmae_dist.models.hicmae.model import HiCMAEPretrain
 
 HICMAE_TINY = dict(width=64, heads=2, encoder_depth=4, intermediate_layers=[1, 2, 3],
                    decoder_width=64, decoder_heads=2, decoder_depth=4)
-CAVMAE_TINY = dict(arch="cavmae", width=64, heads=2, encoder_depth=2, fusion_depth=1, decoder_width=32,
+CAVMAE_TINY = dict(arch="cavmae", width=64, heads=2, modality_depth=2, shared_depth=1, decoder_width=32,
                    decoder_heads=2, decoder_depth=2, num_frames=1, tubelet=1, image_size=48, audio_frames=64,
                    mel_bins=32, video_mask_ratio=0.75, audio_mask_ratio=0.75, temperature=0.05,
                    contrastive_weight=0.01)
@@ -50,8 +54,9 @@ def test_losses_and_gradients_bit_identical(arch, pack, monkeypatch):
     calls = _count_checkpoints(monkeypatch)
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = cls(ModelConfig(**tiny, attention_backend="sdpa", drop_path=0.0, pack_fusion=pack,
-                                activation_checkpointing=ckpt))
+        config_cls = CAVMAEConfig if arch == "cavmae" else HiCMAEConfig
+        model = cls(config_cls(**tiny, drop_path=0.0),
+                    ExecutionConfig(attention_backend="sdpa", pack_fusion=pack, activation_checkpointing=ckpt))
         masks = model.make_masks(2, torch.Generator().manual_seed(1))
         calls.clear()
         out[ckpt] = model(*inputs, *masks)
@@ -73,11 +78,11 @@ def test_losses_and_gradients_bit_identical(arch, pack, monkeypatch):
 
 
 def test_config_key_default_and_hash():
-    assert ModelConfig().activation_checkpointing is False
+    assert ExecutionConfig().activation_checkpointing is False
     cfg = Config()
     explicit = Config()
-    explicit.model.activation_checkpointing = False
+    explicit.execution.activation_checkpointing = False
     assert cfg.hash() == explicit.hash()
     on = Config()
-    on.model.activation_checkpointing = True
+    on.execution.activation_checkpointing = True
     assert on.hash() == cfg.hash()  # the same maths: a resume may switch it on

@@ -17,10 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hicmae_dist.config import ConfigError, ModelConfig, load_config
+from hicmae_dist.config import ConfigError, ExecutionConfig, ModelConfig, load_config
 from hicmae_dist.masking import audio_structured_mask, mae_random_mask, num_visible_mae
-from hicmae_dist.models import CAVMAEFinetune, CAVMAEPretrain, build_finetune_model, build_model
-from hicmae_dist.models.cavmae import masked_mse, patch_target, sincos_2d
+from hicmae_dist.models import build_finetune_model, build_model
+from hicmae_dist.models.cavmae.config import CAVMAEConfig
+from hicmae_dist.models.cavmae.model import CAVMAEFinetune, CAVMAEPretrain, masked_mse, patch_target, sincos_2d
 from hicmae_dist.models.convert import to_upstream
 from tests.support import require
 
@@ -34,7 +35,7 @@ UPSTREAM_COMPONENT = {
     "decoder_embed": "decoder", "decoder_blocks": "decoder", "decoder_norm": "decoder",
     "decoder_pred_a": "decoder", "decoder_pred_v": "decoder", "mlp_head": "head",
 }
-TINY = dict(arch="cavmae", width=64, heads=2, encoder_depth=2, fusion_depth=1, decoder_width=32,
+TINY = dict(arch="cavmae", width=64, heads=2, modality_depth=2, shared_depth=1, decoder_width=32,
             decoder_heads=2, decoder_depth=2, num_frames=1, tubelet=1, image_size=48, audio_frames=64,
             mel_bins=32, video_mask_ratio=0.75, audio_mask_ratio=0.75, temperature=0.05,
             contrastive_weight=0.01)  # 2 x 4 audio tokens, 3 x 3 image tokens
@@ -69,8 +70,8 @@ def base_config(**overrides) -> ModelConfig:
     return dataclasses.replace(load_config("cavmae-base-vox2").model, **overrides)
 
 
-def tiny_config(**overrides) -> ModelConfig:
-    cfg = ModelConfig(**{**TINY, **overrides})
+def tiny_config(**overrides) -> CAVMAEConfig:
+    cfg = CAVMAEConfig(**{**TINY, **overrides})
     cfg.validate()
     return cfg
 
@@ -113,7 +114,7 @@ def test_layout_matches_release(kind, num_classes, total, trainable, key_file):
 
 def test_config_and_presets():
     cfg = load_config("cavmae-base-vox2").model
-    assert (cfg.arch, cfg.width, cfg.heads, cfg.encoder_depth, cfg.fusion_depth) == ("cavmae", 768, 12, 11, 1)
+    assert (cfg.arch, cfg.width, cfg.heads, cfg.modality_depth, cfg.shared_depth) == ("cavmae", 768, 12, 11, 1)
     assert (cfg.decoder_width, cfg.decoder_heads, cfg.decoder_depth) == (512, 16, 8)
     assert (cfg.temperature, cfg.contrastive_weight, cfg.symmetric_contrastive) == (0.05, 0.01, False)
     assert isinstance(build_model(tiny_config()), CAVMAEPretrain)
@@ -379,8 +380,8 @@ def tiny_inputs(batch, seed=0):
 @pytest.mark.parametrize("audio_mode", ["random", "tf"])
 def test_pretrain_matches_the_release_algorithm(audio_mode):
     torch.manual_seed(0)
-    cfg = tiny_config(attention_backend="reference", audio_mask_mode=audio_mode)
-    model = CAVMAEPretrain(cfg)
+    cfg = tiny_config(audio_mask_mode=audio_mode)
+    model = CAVMAEPretrain(cfg, ExecutionConfig(attention_backend="reference"))
     _perturb(model)
     sd = to_upstream(model.state_dict(), "cavmae").state_dict
     image, audio = tiny_inputs(3)
@@ -396,8 +397,8 @@ def test_pretrain_matches_the_release_algorithm(audio_mode):
 @pytest.mark.parametrize("mode", CAVMAEFinetune.MODES)
 def test_finetune_matches_the_release_algorithm(mode):
     torch.manual_seed(0)
-    cfg = tiny_config(attention_backend="reference")
-    model = CAVMAEFinetune(cfg, num_classes=5, mode=mode)
+    cfg = tiny_config()
+    model = CAVMAEFinetune(cfg, num_classes=5, mode=mode, execution=ExecutionConfig(attention_backend="reference"))
     _perturb(model)
     sd = to_upstream(model.state_dict(), "cavmae").state_dict
     image, audio = tiny_inputs(2)
@@ -455,8 +456,8 @@ def test_masked_content_only_moves_reconstruction():
 
 def test_attention_backends_agree():
     torch.manual_seed(0)
-    sdpa = CAVMAEPretrain(tiny_config(attention_backend="sdpa"))
-    reference = CAVMAEPretrain(tiny_config(attention_backend="reference"))
+    sdpa = CAVMAEPretrain(tiny_config(), ExecutionConfig(attention_backend="sdpa"))
+    reference = CAVMAEPretrain(tiny_config(), ExecutionConfig(attention_backend="reference"))
     reference.load_state_dict(sdpa.state_dict())
     masks = sdpa.make_masks(2, torch.Generator().manual_seed(0))
     a, b = sdpa(*tiny_inputs(2), *masks), reference(*tiny_inputs(2), *masks)

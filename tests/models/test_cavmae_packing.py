@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hicmae_dist.config import ModelConfig
-from hicmae_dist.models import CAVMAEFinetune, CAVMAEPretrain, cavmae
-from hicmae_dist.models.cavmae import Block, block_streams_packed
+from hicmae_dist.config import ExecutionConfig
+from hicmae_dist.models.cavmae import model as cavmae
+from hicmae_dist.models.cavmae.config import CAVMAEConfig
+from hicmae_dist.models.cavmae.model import Block, CAVMAEFinetune, CAVMAEPretrain, block_streams_packed
 
 from tests.models.test_cavmae import TINY
 
@@ -69,10 +70,10 @@ def test_block_streams_packed_equals_separate(backend, monkeypatch):
 def test_pretrain_losses_and_gradients_equal_separate_passes(backend, monkeypatch):
     video, audio = _inputs(2)
     torch.manual_seed(0)
-    reference = CAVMAEPretrain(ModelConfig(**TINY, attention_backend=backend))
+    reference = CAVMAEPretrain(CAVMAEConfig(**TINY), ExecutionConfig(attention_backend=backend))
     _perturb_shared_norms(reference)
     models = {False: reference,
-              True: CAVMAEPretrain(ModelConfig(**TINY, attention_backend=backend, pack_fusion=True))}
+              True: CAVMAEPretrain(CAVMAEConfig(**TINY), ExecutionConfig(attention_backend=backend, pack_fusion=True))}
     models[True].load_state_dict(reference.state_dict())
     masks = reference.make_masks(2, torch.Generator().manual_seed(1))
     out, grads = {}, {}
@@ -98,7 +99,8 @@ def test_finetune_logits_equal_with_packing():
     pack_fusion leaves its logits unchanged in every mode."""
     video, audio = _inputs(2, seed=3)
     torch.manual_seed(0)
-    models = {pack: CAVMAEFinetune(ModelConfig(**TINY, attention_backend="sdpa", pack_fusion=pack), 5).eval()
+    models = {pack: CAVMAEFinetune(CAVMAEConfig(**TINY), 5,
+                                   execution=ExecutionConfig(attention_backend="sdpa", pack_fusion=pack)).eval()
               for pack in (False, True)}
     _perturb_shared_norms(models[False])
     models[True].load_state_dict(models[False].state_dict())

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from hicmae_dist.cli import main
-from hicmae_dist.models import CAVMAEFinetune
-from hicmae_dist.models.convert import (HICMAE_RENAMES, ConversionError, load_ours, rename_key, to_ours,
-                                        to_upstream, torch_load_weights, unwrap)
+from hicmae_dist.models.cavmae.model import CAVMAEFinetune
+from hicmae_dist.models.convert import (ConversionError, load_ours, rename_key, to_ours, to_upstream,
+                                        torch_load_weights, unwrap)
+from hicmae_dist.models.hicmae.upstream import RENAMES as HICMAE_RENAMES
 from hicmae_dist.models.info import example_inputs
 from tests.support import require
 
@@ -91,7 +92,7 @@ def test_release_layout_converts_loads_runs_and_round_trips(name, wrapper, expec
     if decoder:
         assert (cfg.decoder_width, cfg.decoder_heads, cfg.decoder_depth) == decoder
     if arch == "cavmae":
-        assert (cfg.encoder_depth, cfg.fusion_depth, cfg.image_size, cfg.audio_frames) == (11, 1, 224, 1024)
+        assert (cfg.modality_depth, cfg.shared_depth, cfg.image_size, cfg.audio_frames) == (11, 1, 224, 1024)
     else:
         assert (cfg.encoder_depth, cfg.fusion_depth, cfg.tubelet, cfg.patch) == (10, 2, 2, 16)
 
@@ -224,11 +225,11 @@ def test_cli_convert_both_ways(tmp_path, capsys):
 
 
 def test_cli_convert_cavmae_module_prefix(tmp_path):
-    from hicmae_dist.config import ModelConfig
+    from hicmae_dist.models.cavmae.config import CAVMAEConfig
 
     # a small CAV-MAE (its size is inferred from the file): 8 x 4 audio and 2 x 2 image tokens
-    cfg = ModelConfig(arch="cavmae", width=128, heads=2, encoder_depth=2, fusion_depth=1, num_frames=1,
-                      image_size=32, audio_frames=64, mel_bins=128)
+    cfg = CAVMAEConfig(arch="cavmae", width=128, heads=2, modality_depth=2, shared_depth=1, num_frames=1,
+                       image_size=32, audio_frames=64, mel_bins=128)
     theirs = to_upstream(CAVMAEFinetune(cfg, num_classes=7).state_dict(), "cavmae").state_dict
     torch.save({f"module.{k}": v for k, v in theirs.items()}, tmp_path / "as.pth")
     assert main(["convert", "--from", "cavmae", str(tmp_path / "as.pth"), str(tmp_path / "ours.pth")]) == 0
@@ -238,7 +239,7 @@ def test_cli_convert_cavmae_module_prefix(tmp_path):
     assert all(k.startswith("module.") for k in back)  # as the released files
     assert all(torch.equal(back[f"module.{k}"], v) for k, v in theirs.items()) and len(back) == len(theirs)
     ours = load_ours(tmp_path / "ours.pth")
-    assert (ours.cfg.width, ours.cfg.heads, ours.cfg.encoder_depth, ours.cfg.image_size, ours.cfg.audio_frames,
+    assert (ours.cfg.width, ours.cfg.heads, ours.cfg.modality_depth, ours.cfg.image_size, ours.cfg.audio_frames,
             ours.num_classes) == (128, 2, 2, 32, 64, 7)
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hicmae_dist.config import Config, ModelConfig
-from hicmae_dist.models import HiCMAEFinetune, HiCMAEPretrain, blocks
+from hicmae_dist.config import Config, ExecutionConfig
+from hicmae_dist.models import blocks
+from hicmae_dist.models.hicmae.config import HiCMAEConfig
+from hicmae_dist.models.hicmae.model import HiCMAEFinetune, HiCMAEPretrain
 from hicmae_dist.models.blocks import CSBlock, cs_block_pair_packed
 
 TINY = dict(width=64, heads=2, encoder_depth=4, intermediate_layers=[1, 2, 3],
@@ -64,7 +66,8 @@ def test_pretrain_losses_and_gradients_equal_separate_launches(backend, monkeypa
     models = {}
     for pack in (False, True):
         torch.manual_seed(0)
-        models[pack] = HiCMAEPretrain(ModelConfig(**TINY, attention_backend=backend, pack_fusion=pack))
+        models[pack] = HiCMAEPretrain(HiCMAEConfig(**TINY),
+                                      ExecutionConfig(attention_backend=backend, pack_fusion=pack))
     masks = models[False].make_masks(2, torch.Generator().manual_seed(1))
     out, grads = {}, {}
     calls = _count_attention_calls(monkeypatch)
@@ -87,14 +90,15 @@ def test_finetune_equal_with_packing():
     logits = {}
     for pack in (False, True):
         torch.manual_seed(0)
-        model = HiCMAEFinetune(ModelConfig(**TINY, attention_backend="sdpa", pack_fusion=pack), 5).eval()
+        model = HiCMAEFinetune(HiCMAEConfig(**TINY), 5, execution=ExecutionConfig(attention_backend="sdpa",
+                                                                    pack_fusion=pack)).eval()
         logits[pack] = model(video, audio)
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-6)
 
 
 def test_config_key_default_and_hash():
-    assert ModelConfig().pack_fusion is False
+    assert ExecutionConfig().pack_fusion is False
     cfg = Config()
     packed = Config()
-    packed.model.pack_fusion = True
+    packed.execution.pack_fusion = True
     assert cfg.hash() == packed.hash()  # one launch or two, the same maths: a resume may switch it

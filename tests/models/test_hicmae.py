@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hicmae_dist.config import ModelConfig
-from hicmae_dist.models import HiCMAEFinetune, HiCMAEPretrain, build_model
+from hicmae_dist.config import ExecutionConfig
+from hicmae_dist.models import build_model
+from hicmae_dist.models.hicmae.config import HiCMAEConfig
+from hicmae_dist.models.hicmae.model import HiCMAEFinetune, HiCMAEPretrain
 from hicmae_dist.models.blocks import Attention, CrossAttention, DropPath, sinusoid_table
 from hicmae_dist.models.targets import IMAGENET_MEAN, IMAGENET_STD, audio_target, video_target
 from tests.support import require
@@ -78,8 +80,8 @@ def read_key_file(name: str) -> tuple[dict[str, tuple[int, ...]], dict[str, int]
     return shapes, per_module
 
 
-def model_config(**overrides) -> ModelConfig:
-    cfg = ModelConfig(**overrides)
+def model_config(**overrides) -> HiCMAEConfig:
+    cfg = HiCMAEConfig(**overrides)
     cfg.validate()
     return cfg
 
@@ -355,8 +357,8 @@ def test_tiny_forward_backward():
 
 def test_attention_backends_agree():
     torch.manual_seed(0)
-    sdpa = HiCMAEPretrain(model_config(**TINY, attention_backend="sdpa"))
-    reference = HiCMAEPretrain(model_config(**TINY, attention_backend="reference"))
+    sdpa = HiCMAEPretrain(model_config(**TINY), ExecutionConfig(attention_backend="sdpa"))
+    reference = HiCMAEPretrain(model_config(**TINY), ExecutionConfig(attention_backend="reference"))
     reference.load_state_dict(sdpa.state_dict())
     video, audio = inputs(2)
     masks = sdpa.make_masks(2, torch.Generator().manual_seed(0))

@@ -6,10 +6,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hicmae_dist.cli import main
-from hicmae_dist.config import ModelConfig
+from hicmae_dist.config import ExecutionConfig
 from hicmae_dist.models import build_finetune_model, build_model
 from hicmae_dist.bench.model import bench_model
-from hicmae_dist.models.info import MODELS, example_inputs, info_report, macs, model_config
+from hicmae_dist.models.cavmae.config import CAVMAEConfig
+from hicmae_dist.models.hicmae.config import HiCMAEConfig
+from hicmae_dist.models.info import MODELS, example_inputs, info_report, model_config
+from hicmae_dist.models.macs import macs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,11 +52,11 @@ def test_finetune_macs_match_the_spec():
 
 
 TINY_HICMAE = dict(width=64, heads=2, encoder_depth=4, intermediate_layers=[1, 2, 3], decoder_width=32,
-                   decoder_heads=2, decoder_depth=4, num_frames=4, image_size=48, audio_frames=64, mel_bins=32,
-                   attention_backend="reference")
-TINY_CAVMAE = dict(arch="cavmae", width=64, heads=2, encoder_depth=2, fusion_depth=2, decoder_width=32,
+                   decoder_heads=2, decoder_depth=4, num_frames=4, image_size=48, audio_frames=64, mel_bins=32)
+TINY_CAVMAE = dict(arch="cavmae", width=64, heads=2, modality_depth=2, shared_depth=2, decoder_width=32,
                    decoder_heads=2, decoder_depth=2, num_frames=1, tubelet=1, image_size=48, audio_frames=64,
-                   mel_bins=32, video_mask_ratio=0.75, audio_mask_ratio=0.5, attention_backend="reference")
+                   mel_bins=32, video_mask_ratio=0.75, audio_mask_ratio=0.5)
+REFERENCE = ExecutionConfig(attention_backend="reference")
 
 
 def _counted_macs(model, cfg, kind, batch=2, mode=None) -> float:
@@ -72,10 +75,10 @@ def _counted_macs(model, cfg, kind, batch=2, mode=None) -> float:
 @pytest.mark.parametrize("arch", ["hicmae", "cavmae"])
 @pytest.mark.parametrize("kind", ["pretrain", "finetune"])
 def test_mac_formula_matches_flop_counter(arch, kind):
-    cfg = ModelConfig(**(TINY_HICMAE if arch == "hicmae" else TINY_CAVMAE))
+    cfg = HiCMAEConfig(**TINY_HICMAE) if arch == "hicmae" else CAVMAEConfig(**TINY_CAVMAE)
     cfg.validate()
     torch.manual_seed(0)
-    model = build_model(cfg) if kind == "pretrain" else build_finetune_model(cfg, 5)
+    model = build_model(cfg, REFERENCE) if kind == "pretrain" else build_finetune_model(cfg, 5, REFERENCE)
     batch = 2
     # the only matmuls the formula leaves out: the contrastive logits, B x B x C per layer and
     # direction (B per sample); ops.info_nce computes each direction's tiles (HiCMAE: symmetric)
@@ -94,7 +97,7 @@ def test_cli_bench_model_runs(capsys):
 
 
 def test_bench_model_result():
-    cfg = ModelConfig(**{**TINY_CAVMAE, "attention_backend": "auto"})
+    cfg = CAVMAEConfig(**TINY_CAVMAE)
     result = bench_model(cfg, batch=2, steps=2, warmup=1)
     assert result["device"] == "cpu" and len(result["forward_backward_ms_all"]) == 2
     assert 0 < result["forward_ms"] < result["forward_backward_ms"]

@@ -165,7 +165,7 @@ def test_cavmae_multimodal_finetune_with_its_head_lr(downstream, cli_env, tmp_pa
                         "finetune-cavmae", "--from-scratch",
                         "finetune.num_outputs=4", "finetune.epochs=1", "finetune.warmup_epochs=0",
                         "data.batch_size=2", "data.num_workers=0", "train.bf16=false", "model.arch=cavmae",
-                        "model.width=64", "model.heads=2", "model.encoder_depth=1", "model.fusion_depth=1",
+                        "model.width=64", "model.heads=2", "model.modality_depth=1", "model.shared_depth=1",
                         "model.decoder_width=32", "model.decoder_heads=2", "model.decoder_depth=1",
                         "model.num_frames=1", "model.image_size=224", "model.audio_frames=1024")
     result = json.loads((run_dir / "fold01" / "results.json").read_text())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hicmae_dist.config import ConfigError, ModelConfig, load_config
+from hicmae_dist.config import ConfigError, load_config
 from hicmae_dist.data import downstream as ds
 from hicmae_dist.eval import metrics as M
 from hicmae_dist.eval.datasets import DATASETS
@@ -182,7 +182,7 @@ def test_encoder_weights_load_and_the_wrong_model_is_named():
     assert torch.equal(model.state_dict()["audio_encoder.blocks.3.mlp.fc1.weight"],
                        pre.state_dict()["audio_encoder.blocks.3.mlp.fc1.weight"])
     assert report["initialised"] == 6 and report["dropped"] == len(pre.state_dict()) - report["loaded"]
-    wider = build_finetune_model(ModelConfig(**{**cfg.__dict__, "width": 128, "heads": 4}), 4)
+    wider = build_finetune_model(type(cfg)(**{**cfg.__dict__, "width": 128, "heads": 4}), 4)
     with pytest.raises(ValueError, match="lack .* backbone tensors"):
         ft.load_encoder_weights(wider, weights)
 

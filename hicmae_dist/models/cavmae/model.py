@@ -7,7 +7,7 @@
                                                   unshuffled) -> audio / visual patches
          audio alone with the audio norms  \\  mean-pooled -> contrastive loss
          video alone with the video norms  /
-       (model.pack_fusion: the three passes share one packed varlen attention launch per shared
+       (execution.pack_fusion: the three passes share one packed varlen attention launch per shared
         block in pretraining, see block_streams_packed)
 
 CAVMAEPretrain is the pretraining model, CAVMAEFinetune the classifier (multimodal, audio-only or
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hicmae_dist.config import ModelConfig
+from hicmae_dist.config import ExecutionConfig, ModelConfig
 from hicmae_dist.masking import audio_structured_mask, mae_random_mask, split_indices_to
 from hicmae_dist.models.blocks import (DropPath, Mlp, _cu_seqlens, _merge_heads, _split_heads, drop_path_rates,
                                        init_weights, maybe_checkpoint)
@@ -152,25 +152,26 @@ def block_streams_packed(block: Block, streams: tuple[str, ...], *xs: torch.Tens
     return tuple(y + block.drop_path(o.reshape(y.shape)) for y, o in zip(ys, mlp_out))
 
 
-def _blocks(cfg: ModelConfig, depth: int, dim: int, heads: int, streams: tuple[str, ...],
+def _blocks(cfg: ModelConfig, backend: str, depth: int, dim: int, heads: int, streams: tuple[str, ...],
             drop_path: float | None = None) -> nn.ModuleList:
     rates = drop_path_rates(cfg.drop_path if drop_path is None else drop_path, depth)
-    return nn.ModuleList(Block(dim, heads, cfg.mlp_ratio, p, cfg.attention_backend, streams) for p in rates)
+    return nn.ModuleList(Block(dim, heads, cfg.mlp_ratio, p, backend, streams) for p in rates)
 
 
 class ModalityEncoder(nn.Module):
     """One modality's stem and specific blocks: 16 x 16 patches (Conv2d), + 2-D sin-cos positions,
-    + a learnable modality vector, then encoder_depth Blocks (unified norms). No final norm: the
+    + a learnable modality vector, then modality_depth Blocks (unified norms). No final norm: the
     shared blocks follow."""
 
-    def __init__(self, cfg: ModelConfig, in_chans: int, grid: tuple[int, int], trainable_pos: bool):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig, in_chans: int, grid: tuple[int, int],
+                 trainable_pos: bool):
         super().__init__()
         self.grid = grid
         self.patch_embed = nn.Conv2d(in_chans, cfg.width, kernel_size=cfg.patch, stride=cfg.patch)
         self.pos_embed = nn.Parameter(sincos_2d(cfg.width, *grid)[None], requires_grad=trainable_pos)  # (1, N, C)
         self.modality = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.blocks = _blocks(cfg, cfg.encoder_depth, cfg.width, cfg.heads, ("unified",))
-        self.checkpointing = cfg.activation_checkpointing
+        self.blocks = _blocks(cfg, execution.attention_backend, cfg.modality_depth, cfg.width, cfg.heads, ("unified",))
+        self.checkpointing = execution.activation_checkpointing
 
     def forward(self, x: torch.Tensor, visible_idx: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, c, rows * p, cols * p); visible_idx (B, Nv) tokens kept, None for all -> (B, Nv, C)."""
@@ -189,13 +190,13 @@ class ModalityEncoder(nn.Module):
 class SharedEncoder(nn.Module):
     """The shared blocks, run on one of three streams, each with its own LayerNorms and final norm."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig):
         super().__init__()
-        self.blocks = _blocks(cfg, cfg.fusion_depth, cfg.width, cfg.heads, STREAMS)
+        self.blocks = _blocks(cfg, execution.attention_backend, cfg.shared_depth, cfg.width, cfg.heads, STREAMS)
         self.norm = nn.LayerNorm(cfg.width, eps=LN_EPS)  # unified
         self.audio_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.video_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
-        self.checkpointing = cfg.activation_checkpointing
+        self.checkpointing = execution.activation_checkpointing
 
     def forward(self, x: torch.Tensor, stream: str) -> torch.Tensor:
         """(B, N, C) -> (B, N, C). (With more than one shared block, the release feeds every block
@@ -218,7 +219,7 @@ class JointDecoder(nn.Module):
     projected 768 -> 512, mask tokens elsewhere, + decoder positions, + decoder modality vectors,
     decoder_depth Blocks, LayerNorm, then per-modality heads on every token."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig):
         super().__init__()
         width = cfg.decoder_width
         self.num_audio = math.prod(audio_grid(cfg))
@@ -228,9 +229,10 @@ class JointDecoder(nn.Module):
         self.video_modality = nn.Parameter(torch.zeros(1, 1, width))
         self.audio_pos_embed = nn.Parameter(sincos_2d(width, *audio_grid(cfg))[None], requires_grad=False)
         self.video_pos_embed = nn.Parameter(sincos_2d(width, *video_grid(cfg))[None], requires_grad=False)
-        self.blocks = _blocks(cfg, cfg.decoder_depth, width, cfg.decoder_heads, ("unified",), drop_path=0.0)
+        self.blocks = _blocks(cfg, execution.attention_backend, cfg.decoder_depth, width, cfg.decoder_heads,
+                              ("unified",), drop_path=0.0)
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
-        self.checkpointing = cfg.activation_checkpointing
+        self.checkpointing = execution.activation_checkpointing
         self.audio_head = nn.Linear(width, cfg.patch ** 2)
         self.video_head = nn.Linear(width, 3 * cfg.patch ** 2)
 
@@ -341,17 +343,19 @@ class CAVMAEPretrain(nn.Module):
     """Contrastive audio-visual masked autoencoder: reconstruction of the masked audio and image
     patches from the unified stream, plus InfoNCE between the mean-pooled audio and video streams."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig | None = None):
         super().__init__()
         if cfg.arch != "cavmae":
             raise ValueError(f"CAVMAEPretrain needs model.arch 'cavmae', got {cfg.arch!r}")
+        execution = execution or ExecutionConfig()  # how it runs; the maths are cfg's
         self.cfg = cfg
+        self.pack_fusion = execution.pack_fusion
         self.num_audio_tokens = math.prod(audio_grid(cfg))
         self.num_video_tokens = math.prod(video_grid(cfg))
-        self.audio_encoder = ModalityEncoder(cfg, 1, audio_grid(cfg), trainable_pos=False)
-        self.video_encoder = ModalityEncoder(cfg, 3, video_grid(cfg), trainable_pos=False)
-        self.shared = SharedEncoder(cfg)
-        self.decoder = JointDecoder(cfg)
+        self.audio_encoder = ModalityEncoder(cfg, execution, 1, audio_grid(cfg), trainable_pos=False)
+        self.video_encoder = ModalityEncoder(cfg, execution, 3, video_grid(cfg), trainable_pos=False)
+        self.shared = SharedEncoder(cfg, execution)
+        self.decoder = JointDecoder(cfg, execution)
         _init(self)
 
     def make_masks(self, batch_size: int, generator: torch.Generator | None = None
@@ -408,7 +412,7 @@ class CAVMAEPretrain(nn.Module):
         audio_tokens = self.audio_encoder(audio, audio_visible)  # (B, Nav, C)
         video_tokens = self.video_encoder(video, video_visible)  # (B, Nvv, C)
         joint = torch.cat([audio_tokens, video_tokens], dim=1)  # (B, Nav + Nvv, C)
-        if cfg.pack_fusion:  # the shared blocks' three passes in one varlen launch per block
+        if self.pack_fusion:  # the shared blocks' three passes in one varlen launch per block
             latent, audio_stream, video_stream = self.shared.forward_packed(
                 (joint, audio_tokens, video_tokens), ("unified", "audio", "video"))
         else:
@@ -417,7 +421,7 @@ class CAVMAEPretrain(nn.Module):
 
         out = {"loss_audio": masked_mse(audio_pred, patch_target(audio, cfg.patch), audio_mask),
                "loss_video": masked_mse(video_pred, patch_target(video, cfg.patch), video_mask)}
-        if not cfg.pack_fusion:  # after the decoder, as before: the same drop path draws
+        if not self.pack_fusion:  # after the decoder, as before: the same drop path draws
             audio_stream, video_stream = self.shared(audio_tokens, "audio"), self.shared(video_tokens, "video")
         out["loss_contrastive"] = self.contrastive_loss(audio_stream, video_stream)
         out["loss"] = out["loss_audio"] + out["loss_video"] + cfg.contrastive_weight * out["loss_contrastive"]
@@ -434,16 +438,18 @@ class CAVMAEFinetune(nn.Module):
 
     MODES = ("multimodal", "audio", "video")
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, mode: str = "multimodal"):
+    def __init__(self, cfg: ModelConfig, num_classes: int, mode: str = "multimodal",
+                 execution: ExecutionConfig | None = None):
         super().__init__()
         if cfg.arch != "cavmae":
             raise ValueError(f"CAVMAEFinetune needs model.arch 'cavmae', got {cfg.arch!r}")
+        execution = execution or ExecutionConfig()  # how it runs; the maths are cfg's
         self._check_mode(mode)
         self.cfg = cfg
         self.mode = mode
-        self.audio_encoder = ModalityEncoder(cfg, 1, audio_grid(cfg), trainable_pos=True)
-        self.video_encoder = ModalityEncoder(cfg, 3, video_grid(cfg), trainable_pos=True)
-        self.shared = SharedEncoder(cfg)
+        self.audio_encoder = ModalityEncoder(cfg, execution, 1, audio_grid(cfg), trainable_pos=True)
+        self.video_encoder = ModalityEncoder(cfg, execution, 3, video_grid(cfg), trainable_pos=True)
+        self.shared = SharedEncoder(cfg, execution)
         self.head_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.head = nn.Linear(cfg.width, num_classes)
         _init(self)

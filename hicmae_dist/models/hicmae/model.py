@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hicmae_dist.config import ModelConfig
+from hicmae_dist.config import ExecutionConfig, ModelConfig
 from hicmae_dist.masking import random_mask, split_indices_to, tube_mask
 from hicmae_dist.models import targets
 from hicmae_dist.models.blocks import (LN_EPS, Block, CSBlock, cs_block_pair_packed, drop_path_rates,
@@ -40,15 +40,15 @@ def audio_grid(cfg: ModelConfig) -> tuple[int, int]:
 class Encoder(nn.Module):
     """One modality's encoder: patch embedding plus fixed sinusoid positions, Blocks, final norm."""
 
-    def __init__(self, cfg: ModelConfig, patch_embed: nn.Module, num_tokens: int):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig, patch_embed: nn.Module, num_tokens: int):
         super().__init__()
         self.patch_embed = patch_embed
         self.register_buffer("pos_embed", sinusoid_table(num_tokens, cfg.width), persistent=False)
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_ratio, p, cfg.attention_backend)
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, p, execution.attention_backend)
             for p in drop_path_rates(cfg.drop_path, cfg.encoder_depth))
         self.norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
-        self.checkpointing = cfg.activation_checkpointing
+        self.checkpointing = execution.activation_checkpointing
 
     def forward(self, x: torch.Tensor, visible_idx: torch.Tensor | None = None) -> list[torch.Tensor]:
         """x: the modality's input; visible_idx: (B, Nv) tokens to keep, None for all of them.
@@ -70,36 +70,36 @@ class Encoder(nn.Module):
         return layers
 
 
-def make_video_encoder(cfg: ModelConfig) -> Encoder:
+def make_video_encoder(cfg: ModelConfig, execution: ExecutionConfig) -> Encoder:
     kernel = (cfg.tubelet, cfg.patch, cfg.patch)
     patch_embed = nn.Conv3d(3, cfg.width, kernel_size=kernel, stride=kernel)
-    return Encoder(cfg, patch_embed, math.prod(video_grid(cfg)))
+    return Encoder(cfg, execution, patch_embed, math.prod(video_grid(cfg)))
 
 
-def make_audio_encoder(cfg: ModelConfig) -> Encoder:
+def make_audio_encoder(cfg: ModelConfig, execution: ExecutionConfig) -> Encoder:
     patch_embed = nn.Conv2d(1, cfg.width, kernel_size=cfg.patch, stride=cfg.patch)
-    return Encoder(cfg, patch_embed, math.prod(audio_grid(cfg)))
+    return Encoder(cfg, execution, patch_embed, math.prod(audio_grid(cfg)))
 
 
 class FusionEncoder(nn.Module):
     """Bidirectional cross-modal fusion: in each layer video attends to audio and audio to video,
     both from the previous layer's outputs; separate final norms per modality. With
-    cfg.pack_fusion the two directions' cross-attentions run as one packed varlen attention
+    execution.pack_fusion the two directions' cross-attentions run as one packed varlen attention
     launch (2B segments: video queries on audio keys, audio queries on video keys), and the two
     self-attentions likewise; the results equal the separate launches. With
-    cfg.activation_checkpointing each layer (both directions, packed or not) runs under
+    execution.activation_checkpointing each layer (both directions, packed or not) runs under
     torch.utils.checkpoint in training."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig):
         super().__init__()
-        self.pack = cfg.pack_fusion
-        self.checkpointing = cfg.activation_checkpointing
+        self.pack = execution.pack_fusion
+        self.checkpointing = execution.activation_checkpointing
         rates = drop_path_rates(cfg.drop_path, cfg.fusion_depth)
         self.video_blocks = nn.ModuleList(
-            CSBlock(cfg.width, cfg.heads, cfg.mlp_ratio, p, cfg.attention_backend) for p in rates)
+            CSBlock(cfg.width, cfg.heads, cfg.mlp_ratio, p, execution.attention_backend) for p in rates)
         self.video_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.audio_blocks = nn.ModuleList(
-            CSBlock(cfg.width, cfg.heads, cfg.mlp_ratio, p, cfg.attention_backend) for p in rates)
+            CSBlock(cfg.width, cfg.heads, cfg.mlp_ratio, p, execution.attention_backend) for p in rates)
         self.audio_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +121,7 @@ class Decoder(nn.Module):
     intermediate encoder feature. Predicts the masked tokens only.
     """
 
-    def __init__(self, cfg: ModelConfig, num_tokens: int, patch_dim: int):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig, num_tokens: int, patch_dim: int):
         super().__init__()
         width = cfg.decoder_width
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -129,11 +129,11 @@ class Decoder(nn.Module):
         self.register_buffer("pos_embed", sinusoid_table(num_tokens, width), persistent=False)
         rates = drop_path_rates(cfg.drop_path, cfg.decoder_depth)
         self.blocks = nn.ModuleList(
-            [Block(width, cfg.decoder_heads, cfg.mlp_ratio, rates[0], cfg.attention_backend)]
-            + [CSBlock(width, cfg.decoder_heads, cfg.mlp_ratio, p, cfg.attention_backend) for p in rates[1:]])
+            [Block(width, cfg.decoder_heads, cfg.mlp_ratio, rates[0], execution.attention_backend)]
+            + [CSBlock(width, cfg.decoder_heads, cfg.mlp_ratio, p, execution.attention_backend) for p in rates[1:]])
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
         self.head = nn.Linear(width, patch_dim)
-        self.checkpointing = cfg.activation_checkpointing
+        self.checkpointing = execution.activation_checkpointing
         # the release truncates at one standard deviation
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
@@ -180,16 +180,17 @@ class HiCMAEPretrain(nn.Module):
     """Masked audio-visual pretraining: reconstruction of the masked video tubelets and audio
     patches plus the hierarchical cross-modal contrastive loss."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig | None = None):
         super().__init__()
+        execution = execution or ExecutionConfig()  # how it runs; the maths are cfg's
         self.cfg = cfg
         self.num_video_tokens = math.prod(video_grid(cfg))
         self.num_audio_tokens = math.prod(audio_grid(cfg))
-        self.video_encoder = make_video_encoder(cfg)
-        self.audio_encoder = make_audio_encoder(cfg)
-        self.fusion = FusionEncoder(cfg)
-        self.video_decoder = Decoder(cfg, self.num_video_tokens, 3 * cfg.tubelet * cfg.patch ** 2)
-        self.audio_decoder = Decoder(cfg, self.num_audio_tokens, cfg.patch ** 2)
+        self.video_encoder = make_video_encoder(cfg, execution)
+        self.audio_encoder = make_audio_encoder(cfg, execution)
+        self.fusion = FusionEncoder(cfg, execution)
+        self.video_decoder = Decoder(cfg, execution, self.num_video_tokens, 3 * cfg.tubelet * cfg.patch ** 2)
+        self.audio_decoder = Decoder(cfg, execution, self.num_audio_tokens, cfg.patch ** 2)
         self.apply(init_weights)
 
     def make_masks(self, batch_size: int, generator: torch.Generator | None = None
@@ -265,17 +266,19 @@ class HiCMAEFinetune(nn.Module):
 
     ACTIVATIONS = {None: nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, head_activation: str | None = None):
+    def __init__(self, cfg: ModelConfig, num_classes: int, head_activation: str | None = None,
+                 execution: ExecutionConfig | None = None):
         super().__init__()
+        execution = execution or ExecutionConfig()  # how it runs; the maths are cfg's
         if head_activation not in self.ACTIVATIONS:
             raise ValueError(f"head_activation {head_activation!r}: expected one of "
                              f"{', '.join(map(str, self.ACTIVATIONS))}")
         self.cfg = cfg
         self.video_layer_weights = nn.Parameter(torch.full((cfg.encoder_depth,), 1 / cfg.encoder_depth))
         self.audio_layer_weights = nn.Parameter(torch.full((cfg.encoder_depth,), 1 / cfg.encoder_depth))
-        self.video_encoder = make_video_encoder(cfg)
-        self.audio_encoder = make_audio_encoder(cfg)
-        self.fusion = FusionEncoder(cfg)
+        self.video_encoder = make_video_encoder(cfg, execution)
+        self.audio_encoder = make_audio_encoder(cfg, execution)
+        self.fusion = FusionEncoder(cfg, execution)
         self.head_norm = nn.LayerNorm(4 * cfg.width, eps=LN_EPS)
         self.head = nn.Linear(4 * cfg.width, num_classes)
         self.head_activation = self.ACTIVATIONS[head_activation]()
