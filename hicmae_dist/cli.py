@@ -248,7 +248,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     find_shards(cfg.data.shards)  # a missing, empty or raw-corpus --data fails now, before any set-up
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
-    from hicmae_dist.train.pretrain import format_summary, install_stop_signals, pretrain
+    from hicmae_dist.train.pretrain import format_summary, pretrain
+    from hicmae_dist.train.runtime import install_stop_signals
 
     install_stop_signals()  # SIGTERM / SIGUSR2: checkpoint at the next step, then exit
     summary = pretrain(cfg, Path(args.run_dir), resume=args.resume, tracking_uri=args.tracking_uri,
@@ -375,7 +376,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--splits {splits}: not a directory (expected split01/{{train,val,test}}.csv ...)")
     folds = _folds(args.folds, splits)
     if args.dry_run:
-        from hicmae_dist.train.finetune import resolve_task
+        from hicmae_dist.train.finetune.task import resolve_task
 
         task = resolve_task(cfg)
         print(cfg.to_yaml().rstrip())
@@ -383,8 +384,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
               f"epoch chosen on validation {task.select_metric}; config hash {cfg.hash(finetune=True)}")
         return 0
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
-    from hicmae_dist.train.finetune import format_table, resolve_task, run_protocol
-    from hicmae_dist.train.pretrain import install_stop_signals
+    from hicmae_dist.train.finetune.protocol import format_table, run_protocol
+    from hicmae_dist.train.finetune.task import resolve_task
+    from hicmae_dist.train.runtime import install_stop_signals
 
     pretrained = _pretrained(args)
     install_stop_signals()
@@ -418,7 +420,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
 def cmd_eval_linear_probe(args: argparse.Namespace) -> int:
     from hicmae_dist.data.downstream import load_fold
-    from hicmae_dist.train.finetune import resolve_task
+    from hicmae_dist.train.finetune.task import resolve_task
     from hicmae_dist.train.probe import linear_probe
 
     cfg = _finetune_config(args)
@@ -604,19 +606,22 @@ def _user() -> str:
 
 def _checkpoint_run(run_dir: Path, cfg, resume: str) -> tuple[str, str | None] | None:
     """(checkpoint name, MLflow run id) when the job will resume; ConfigError when it cannot."""
-    pointer = run_dir / "checkpoints" / "latest"  # train/checkpoint.py's layout (read without DeepSpeed)
-    if not pointer.exists():
+    from hicmae_dist.train.rundir import RunDir
+
+    run = RunDir(run_dir)
+    try:
+        ckpt = run.latest_checkpoint()
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
+    if ckpt is None:
         return None
-    ckpt = pointer.parent / pointer.read_text().strip()
-    if not (ckpt / "state.json").exists():
-        raise ConfigError(f"{pointer} names {ckpt.name}, which has no state.json")
-    if resume == "never":
-        raise ConfigError(f"{run_dir} already holds checkpoint {ckpt.name}; use --resume auto or a new --run-dir")
-    state = json.loads((ckpt / "state.json").read_text())
-    if state.get("config_hash") != cfg.hash():
-        raise ConfigError(f"checkpoint {ckpt} was written with config hash {state.get('config_hash')}, this "
-                          f"config has {cfg.hash()}: the model, data or optimiser settings changed "
-                          f"(compare {run_dir / 'config.yaml'}) - use a new --run-dir")
+    problem = run.refuse_existing(resume)
+    if problem:
+        raise ConfigError(problem)
+    state = RunDir.read_state(ckpt)
+    problem = run.config_change(ckpt, state, cfg.hash())
+    if problem:
+        raise ConfigError(f"{problem} - use a new --run-dir")
     return ckpt.name, state.get("mlflow_run_id")
 
 
@@ -741,11 +746,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_universal(args: argparse.Namespace) -> int:
-    from hicmae_dist.train.checkpoint import latest_checkpoint, to_universal
+    from hicmae_dist.train.checkpoint import to_universal
+    from hicmae_dist.train.rundir import RunDir
 
-    ckpt = latest_checkpoint(Path(args.run_dir))
+    run = RunDir(args.run_dir)
+    ckpt = run.latest_checkpoint()
     if ckpt is None:
-        raise FileNotFoundError(f"{args.run_dir}: no checkpoint (checkpoints/latest is missing)")
+        raise FileNotFoundError(f"{args.run_dir}: no checkpoint ({run.latest_pointer.relative_to(run.path)} is "
+                                f"missing)")
     print(f"universal checkpoint: {to_universal(ckpt)}")
     return 0
 
