@@ -311,7 +311,7 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
         reporter.close()
     if interrupted:
         tracker.finish("KILLED")  # a resume (a requeued job) sets it RUNNING again
-        return {"interrupted": interrupted, "run_dir": str(run_dir), "epoch": state.epoch}
+        return {"interrupted": interrupted, "run_dir": str(run.path), "epoch": state.epoch}
     results = _finish(fold, history, load_report, val_split) if rank0 else {}
     comm.barrier()
     return results

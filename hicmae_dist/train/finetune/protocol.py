@@ -74,15 +74,19 @@ def run_protocol(cfg: Config, split_root: Path, folds: list[int], run_dir: Path,
     summary = summarize(per_fold, task)
     summary.update(run_dir=str(run.path.resolve()), tracking_uri=uri, mlflow_run_id=parent.run_id)
     if rank0:
-        table = format_table(summary, task)
-        run.results_table.write_text(table + "\n")
-        write_json_atomic(run.summary, summary)
-        parent.log_metrics(0, {f"{which}_{k}_{stat}": v for which in ("last", "best")
-                               for k, s in summary[which].items() for stat, v in s.items() if stat in ("mean", "std")})
-        parent.log_artifact(run.results_table)
-        parent.log_artifact(run.summary)
-        parent.finish("FINISHED")
+        _report(run, summary, task, parent)
     return summary
+
+
+def _report(run: RunDir, summary: dict[str, Any], task: Task, parent: Tracker) -> None:
+    """Rank 0: results.md and summary.json, their means and stds to the protocol run, FINISHED."""
+    run.results_table.write_text(format_table(summary, task) + "\n")
+    write_json_atomic(run.summary, summary)
+    parent.log_metrics(0, {f"{which}_{k}_{stat}": v for which in ("last", "best")
+                           for k, s in summary[which].items() for stat, v in s.items() if stat in ("mean", "std")})
+    parent.log_artifact(run.results_table)
+    parent.log_artifact(run.summary)
+    parent.finish("FINISHED")
 
 
 def summarize(per_fold: dict[int, dict], task: Task) -> dict[str, Any]:
