@@ -905,7 +905,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 # Failures whose message says it all, by the module that defines them: a raised one's module is
 # loaded, so looking it up in sys.modules imports nothing (and keeps `--help` fast).
-_FAILURES = [("hicmae_dist.train.pretrain", "ResumeError"), ("hicmae_dist.data.loader", "BadDataError"),
+_FAILURES = [("hicmae_dist.train.checkpoint", "ResumeError"), ("hicmae_dist.data.loader", "BadDataError"),
              ("hicmae_dist.models.convert", "ConversionError"), ("hicmae_dist.train.checkpoint", "DiskFullError"),
              ("hicmae_dist.tracking", "TrackingUnavailable")]
 
