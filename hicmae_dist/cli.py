@@ -302,7 +302,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     find_shards(cfg.data.shards)  # a missing, empty or raw-corpus --data fails now, before any set-up
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
-    from hicmae_dist.train.pretrain import format_summary, install_stop_signals, pretrain
+    from hicmae_dist.train.pretrain import format_summary, pretrain
+    from hicmae_dist.train.runtime import install_stop_signals
 
     install_stop_signals()  # SIGTERM / SIGUSR2: checkpoint at the next step, then exit
     summary = pretrain(cfg, Path(args.run_dir), resume=args.resume, tracking_uri=args.tracking_uri,
@@ -393,7 +394,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     folds = select_folds(args.folds, splits)
     if args.dry_run:
-        from hicmae_dist.train.finetune import resolve_task
+        from hicmae_dist.train.finetune.task import resolve_task
 
         task = resolve_task(cfg)
         print(cfg.to_yaml().rstrip())
@@ -401,8 +402,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
               f"epoch chosen on validation {task.select_metric}; config hash {cfg.hash(finetune=True)}")
         return 0
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
-    from hicmae_dist.train.finetune import format_table, resolve_task, run_protocol
-    from hicmae_dist.train.pretrain import install_stop_signals
+    from hicmae_dist.train.finetune.protocol import format_table, run_protocol
+    from hicmae_dist.train.finetune.task import resolve_task
+    from hicmae_dist.train.runtime import install_stop_signals
 
     pretrained = _pretrained(args)
     install_stop_signals()
@@ -436,7 +438,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
 def cmd_eval_linear_probe(args: argparse.Namespace) -> int:
     from hicmae_dist.data.downstream import load_fold
-    from hicmae_dist.train.finetune import resolve_task
+    from hicmae_dist.train.finetune.task import resolve_task
     from hicmae_dist.train.probe import linear_probe
 
     cfg = _finetune_config(args)
@@ -666,11 +668,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_universal(args: argparse.Namespace) -> int:
-    from hicmae_dist.train.checkpoint import latest_checkpoint, to_universal
+    from hicmae_dist.train.checkpoint import to_universal
+    from hicmae_dist.train.rundir import RunDir
 
-    ckpt = latest_checkpoint(Path(args.run_dir))
+    run = RunDir(args.run_dir)
+    ckpt = run.latest_checkpoint()
     if ckpt is None:
-        raise FileNotFoundError(f"{args.run_dir}: no checkpoint (checkpoints/latest is missing)")
+        raise FileNotFoundError(f"{args.run_dir}: no checkpoint ({run.latest_pointer.relative_to(run.path)} is "
+                                f"missing)")
     print(f"universal checkpoint: {to_universal(ckpt)}")
     return 0
 
@@ -820,7 +825,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 # Failures whose message says it all, by the module that defines them: a raised one's module is
 # loaded, so looking it up in sys.modules imports nothing (and keeps `--help` fast).
-_FAILURES = [("hicmae_dist.train.pretrain", "ResumeError"), ("hicmae_dist.data.loader", "BadDataError"),
+_FAILURES = [("hicmae_dist.train.checkpoint", "ResumeError"), ("hicmae_dist.data.loader", "BadDataError"),
              ("hicmae_dist.models.convert", "ConversionError"), ("hicmae_dist.train.checkpoint", "DiskFullError"),
              ("hicmae_dist.tracking", "TrackingUnavailable")]
 

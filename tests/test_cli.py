@@ -118,7 +118,7 @@ def test_garbage_only_shards_are_bad_data(tmp_path, capsys, monkeypatch):
     """The real loader set-up on a directory whose only shard is random bytes: BadDataError,
     reported in one line (pretrain's engine is not built: its loader is called directly)."""
     from hicmae_dist.data.loader import make_pretrain_loader
-    from hicmae_dist.train import pretrain as pretrain_module
+    from hicmae_dist.train import pretrain as pretrain_module, runtime as runtime_module
 
     data = tmp_path / "shards"
     data.mkdir()
@@ -128,7 +128,7 @@ def test_garbage_only_shards_are_bad_data(tmp_path, capsys, monkeypatch):
         make_pretrain_loader(cfg.data.shards, cfg.data, cfg.model)
 
     monkeypatch.setattr(pretrain_module, "pretrain", fake_pretrain)
-    monkeypatch.setattr(pretrain_module, "install_stop_signals", lambda: None)
+    monkeypatch.setattr(runtime_module, "install_stop_signals", lambda: None)
     code, err = _main(capsys, *_pretrain(tmp_path, data))
     assert code == 1
     _one_line(err, "pretrain", "none of the 1 shards in", "holds a readable sample")

@@ -186,7 +186,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         try:
             self._setup_environment(env, restarts)
             from hicmae_dist.config import config_from_dict
-            from hicmae_dist.train.pretrain import pretrain, request_stop
+            from hicmae_dist.train.pretrain import pretrain
+            from hicmae_dist.train.runtime import request_stop
 
             global _request_stop
             _request_stop = request_stop
@@ -223,7 +224,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         import torch.distributed as dist
 
         from hicmae_dist.train.export import load_pretrained
-        from hicmae_dist.train.finetune import run_protocol
+        from hicmae_dist.train.finetune.protocol import run_protocol
 
         ft = self.finetune
         pretrained = load_pretrained(ft["pretrained"]) if ft.get("pretrained") else None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hicmae_dist.launch.job import read_events
+from hicmae_dist.train.rundir import RunDir
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
                  "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "PREEMPTED", "RESV_DEL_HOLD",
@@ -88,41 +89,6 @@ def slurm_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def run_progress(run_dir: Path) -> dict[str, Any]:
-    """Step, last loss and MLflow run of a run dir, from its files only."""
-    info: dict[str, Any] = {"step": None, "loss": None, "mlflow_run_id": None, "checkpoint_step": None}
-    ckpt_root = run_dir / "checkpoints"
-    latest = ckpt_root / "latest"
-    if latest.exists():
-        state_file = ckpt_root / latest.read_text().strip() / "state.json"
-        if state_file.exists():
-            try:
-                state = json.loads(state_file.read_text())
-                info["checkpoint_step"] = state.get("step")
-                info["mlflow_run_id"] = state.get("mlflow_run_id")
-            except json.JSONDecodeError:
-                pass
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
-        for line in reversed(lines):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            info["step"], info["loss"] = row.get("step"), row.get("loss")
-            break
-    if info["step"] is None:
-        info["step"] = info["checkpoint_step"]
-    summary = run_dir / "summary.json"
-    if info["mlflow_run_id"] is None and summary.exists():
-        try:
-            info["mlflow_run_id"] = json.loads(summary.read_text()).get("mlflow_run_id")
-        except json.JSONDecodeError:
-            pass
-    return info
-
-
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)|submitit\.\S+Error)\b.*")
 
 
@@ -189,7 +155,7 @@ def job_status(row: dict[str, Any], slurm: dict[str, str] | None) -> JobStatus:
     jid = str(row["job_id"])
     folder = Path(row["log_dir"]) / jid
     events = read_events(folder)
-    progress = run_progress(Path(row["run_dir"]))
+    progress = RunDir(row["run_dir"]).progress()
     slurm = slurm or {}
     st = JobStatus(job_id=jid, name=row.get("job_name", ""), state=slurm.get("state") or "UNKNOWN",
                    reason=slurm.get("reason", ""), elapsed=slurm.get("elapsed", ""),

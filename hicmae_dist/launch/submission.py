@@ -10,7 +10,6 @@ host, check the run dir (a checkpoint to resume, no other job on it), then descr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -150,17 +149,20 @@ def _user() -> str:
 
 def _checkpoint_run(run_dir: Path, cfg, resume: str) -> tuple[str, str | None] | None:
     """(checkpoint name, MLflow run id) when the job will resume; ConfigError when it cannot."""
-    pointer = run_dir / "checkpoints" / "latest"  # train/checkpoint.py's layout (read without DeepSpeed)
-    if not pointer.exists():
+    from hicmae_dist.train.rundir import RunDir
+
+    run = RunDir(run_dir)
+    try:
+        ckpt = run.latest_checkpoint()
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
+    if ckpt is None:
         return None
-    ckpt = pointer.parent / pointer.read_text().strip()
-    if not (ckpt / "state.json").exists():
-        raise ConfigError(f"{pointer} names {ckpt.name}, which has no state.json")
-    if resume == "never":
-        raise ConfigError(f"{run_dir} already holds checkpoint {ckpt.name}; use --resume auto or a new --run-dir")
-    state = json.loads((ckpt / "state.json").read_text())
-    if state.get("config_hash") != cfg.hash():
-        raise ConfigError(f"checkpoint {ckpt} was written with config hash {state.get('config_hash')}, this "
-                          f"config has {cfg.hash()}: the model, data or optimiser settings changed "
-                          f"(compare {run_dir / 'config.yaml'}) - use a new --run-dir")
+    problem = run.refuse_existing(resume)
+    if problem:
+        raise ConfigError(problem)
+    state = RunDir.read_state(ckpt)
+    problem = run.config_change(ckpt, state, cfg.hash())
+    if problem:
+        raise ConfigError(f"{problem} - use a new --run-dir")
     return ckpt.name, state.get("mlflow_run_id")

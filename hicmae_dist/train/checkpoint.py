@@ -1,10 +1,7 @@
 """Atomic, verified checkpoints: DeepSpeed's files plus our state.json, made current by a rename.
 
-Layout under <run_dir>/checkpoints/:
-    step00000100/          one complete checkpoint (DeepSpeed files, rng_rank*.pt,
-                           files_rank*.json, state.json)
-    latest                 the tag of the newest complete checkpoint
-    bad/<tag>-<reason>/    checkpoints that failed verification, moved aside (never deleted)
+The format of one checkpoint directory (where they live: train/rundir.py's RunDir):
+    DeepSpeed's files, rng_rank*.pt, files_rank*.json, state.json
 A save writes into `.tmp-<tag>/`, renames it to `<tag>/` when every rank has written, then
 replaces `latest` atomically; a crash at any point leaves the previous checkpoint current, and
 the next start removes the `.tmp-*` it left.
@@ -38,13 +35,10 @@ from typing import Any
 import torch
 
 from hicmae_dist import comm
+from hicmae_dist.train.rundir import STATE_FILE, TMP_PREFIX, RunDir
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-LATEST = "latest"
-BAD_DIR = "bad"
-TMP_PREFIX = ".tmp-"
 MANIFEST_KEY = "file_manifests"  # in state.json: how many files_rank*.json the checkpoint has
 CHUNK = 8 << 20
 # Why a verification fails, in the order the ranks report it (agreed as flags through comm.agree).
@@ -109,10 +103,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -188,7 +178,7 @@ def disk_full_errno(err: BaseException, probe_dir: Path | None = None) -> int | 
 
 def _last_good(run_dir: Path) -> str:
     try:
-        last = latest_checkpoint(run_dir)
+        last = RunDir(run_dir).latest_checkpoint()
     except OSError as err:
         return f"unknown ({err})"
     return str(last) if last is not None else "none (no checkpoint was written yet)"
@@ -203,9 +193,9 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], kee
     """Collective: every rank calls it. Returns the final checkpoint directory.
     Raises DiskFullError (the partial .tmp-<tag> removed) when a write fails for lack of space;
     the launcher (torchrun, srun) then ends the other ranks."""
-    root = checkpoint_root(run_dir)
-    tag = f"step{step:08d}"
-    tmp_tag, final = f"{TMP_PREFIX}{tag}", root / tag
+    run = RunDir(run_dir)
+    root, tag = run.checkpoints, RunDir.tag(step)
+    tmp_tag, final = f"{TMP_PREFIX}{tag}", run.checkpoint(tag)
     tmp = root / tmp_tag
     rank, world_size = comm.world()
     written: list[Path] = []
@@ -227,7 +217,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], kee
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            written.append(root / LATEST)
+            written.append(run.latest_pointer)
             _atomic_write(written[-1], tag)
     except (OSError, RuntimeError) as err:
         code = disk_full_errno(err, root)
@@ -236,32 +226,14 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], kee
         shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint: space back at once
         raise disk_full_error(code, written[-1] if written else tmp, run_dir) from err
     if comm.is_rank0():
-        complete = sorted(p for p in root.glob("step*") if (p / STATE_FILE).exists())
-        for old in complete[:-keep]:
+        for old in run.complete_checkpoints()[:-keep]:
             shutil.rmtree(old)
     comm.barrier()
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint `latest` names, or None when the run has none."""
-    pointer = checkpoint_root(run_dir) / LATEST
-    if not pointer.exists():
-        return None
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which has no {STATE_FILE}: "
-                                f"the checkpoint directory was modified by hand")
-    return path
-
-
 def saved_world_size(path: Path) -> int:
-    return read_state(path).get("world_size", 1)
-
-
-def read_state(path: Path) -> dict[str, Any]:
-    """A checkpoint's state.json (no weights)."""
-    return json.loads((path / STATE_FILE).read_text())
+    return RunDir.read_state(path).get("world_size", 1)
 
 
 # --- verification before a resume ----------------------------------------------------------------
@@ -272,7 +244,7 @@ def verify_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> tuple[s
     index over the ranks (manifest r is checked by rank r % world_size), so a checkpoint written
     at another world size is still checked whole."""
     try:
-        state = read_state(path)
+        state = RunDir.read_state(path)
     except FileNotFoundError:
         return "missing", f"{path / STATE_FILE} is missing"
     except (OSError, ValueError) as err:
@@ -310,8 +282,8 @@ def verify_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> tuple[s
 
 def remove_stale_temporaries(run_dir: Path) -> None:
     """Remove the .tmp-* a crashed or failed save left (rank 0, before any save)."""
-    root = checkpoint_root(run_dir)
-    for parent in (root, root / "universal"):
+    run = RunDir(run_dir)
+    for parent in (run.checkpoints, run.universal_checkpoints):
         for tmp in sorted(parent.glob(f"{TMP_PREFIX}*")) if parent.is_dir() else []:
             log.warning("removing %s, left by an interrupted save", tmp)
             if tmp.is_dir():
@@ -320,14 +292,8 @@ def remove_stale_temporaries(run_dir: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def latest_tag(run_dir: Path) -> str | None:
-    """What `latest` names (unverified), or None when the run has no checkpoint."""
-    pointer = checkpoint_root(run_dir) / LATEST
-    return pointer.read_text().strip() if pointer.exists() else None
-
-
-def _move_aside(path: Path, reason: str) -> Path:
-    bad = path.parent / BAD_DIR
+def _move_aside(run: RunDir, path: Path, reason: str) -> Path:
+    bad = run.bad_checkpoints
     bad.mkdir(exist_ok=True)
     dest, n = bad / f"{path.name}-{reason}", 1
     while dest.exists():
@@ -347,38 +313,39 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     if rank == 0:
         remove_stale_temporaries(run_dir)
     comm.barrier()
-    root, named = checkpoint_root(run_dir), latest_tag(run_dir)
+    run = RunDir(run_dir)
+    named = run.latest_tag()
     if named is None:
         return None
-    candidates = [root / named] + sorted((p for p in root.glob("step*") if p.is_dir() and p.name < named),
-                                         reverse=True)
+    candidates = [run.checkpoint(named)] + run.older_checkpoints(named)
     moved = []
     for ckpt in candidates:
         if not ckpt.is_dir():
-            log.warning("%s names %s, which does not exist; trying the checkpoint before it", root / LATEST, ckpt)
+            log.warning("%s names %s, which does not exist; trying the checkpoint before it", run.latest_pointer,
+                        ckpt)
             continue
         mine = verify_checkpoint(ckpt, rank, world_size)
         if mine is not None:
             log.warning("checkpoint %s is bad: %s", ckpt, mine[1])
         flags = comm.agree([mine is not None and mine[0] == r for r in BAD_REASONS])
         if not any(flags):
-            if MANIFEST_KEY not in read_state(ckpt):
+            if MANIFEST_KEY not in RunDir.read_state(ckpt):
                 log.warning("checkpoint %s was written without file manifests (before checksums were "
                             "recorded): checked that its state.json reads and each .pt is a complete archive",
                             ckpt)
             if ckpt.name != named and rank == 0:
-                _atomic_write(root / LATEST, ckpt.name)
+                _atomic_write(run.latest_pointer, ckpt.name)
                 log.warning("resuming from %s instead of %s", ckpt, named)
             comm.barrier()
             return ckpt
         reason = BAD_REASONS[flags.index(True)]
         comm.barrier()  # every rank is done reading it
         if rank == 0:
-            moved.append(_move_aside(ckpt, reason))
+            moved.append(_move_aside(run, ckpt, reason))
             log.warning("checkpoint %s failed verification (%s%s); moved aside to %s", ckpt, reason,
                         f": {mine[1]}" if mine else " on another rank, see its log", moved[-1])
         comm.barrier()
-    raise ResumeError(f"no checkpoint under {root} verifies (moved aside to {root / BAD_DIR}: "
+    raise ResumeError(f"no checkpoint under {run.checkpoints} verifies (moved aside to {run.bad_checkpoints}: "
                             f"{', '.join(p.name for p in moved) or 'none'}); move one back by hand, or start "
                             f"over with a new --run-dir")
 
@@ -388,7 +355,7 @@ def to_universal(path: Path) -> Path:
     checkpoints/universal/<tag>; done once, atomically (temporary name, then rename)."""
     from deepspeed.checkpoint import ds_to_universal
 
-    out = path.parent / "universal" / path.name
+    out = RunDir(path.parent.parent).universal_checkpoints / path.name
     if (out / STATE_FILE).exists():
         return out
     tmp = out.with_name(f".tmp-{path.name}")
@@ -411,7 +378,7 @@ def load_checkpoint(engine, path: Path) -> dict[str, Any]:
                                               load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-    state = json.loads((path / STATE_FILE).read_text())
+    state = RunDir.read_state(path)
     rank, world_size = comm.world()
     rng = path / _rng_file(rank)
     if rng.exists() and state.get("world_size") == world_size:

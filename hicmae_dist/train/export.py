@@ -8,7 +8,8 @@ import torch
 
 from hicmae_dist.config import config_from_dict
 from hicmae_dist.models.convert import Converted, ours_file_payload, to_upstream, upstream_file_payload
-from hicmae_dist.train.checkpoint import latest_checkpoint, weights_only_loads
+from hicmae_dist.train.checkpoint import weights_only_loads
+from hicmae_dist.train.rundir import RunDir
 
 
 def run_weights(run_dir: Path, checkpoint: Path | None = None) -> Converted:
@@ -17,10 +18,12 @@ def run_weights(run_dir: Path, checkpoint: Path | None = None) -> Converted:
     import yaml
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    ckpt = checkpoint or latest_checkpoint(run_dir)
+    run = RunDir(run_dir)
+    ckpt = checkpoint or run.latest_checkpoint()
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to export (checkpoints/latest is missing)")
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        missing = run.latest_pointer.relative_to(run.path)
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to export ({missing} is missing)")
+    cfg = config_from_dict(yaml.safe_load(run.config.read_text()))
     with weights_only_loads():
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     return Converted(cfg.model.arch, "pretrain", cfg.model, None, {k: v.float() for k, v in state.items()})

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from hicmae_dist.data.downstream import DownstreamDataset, DownstreamItem
 from hicmae_dist.eval import metrics as M
 from hicmae_dist.models.convert import Converted
-from hicmae_dist.train.finetune import Task, build_finetune, score
+from hicmae_dist.train.finetune.evaluate import score
+from hicmae_dist.train.finetune.task import Task, build_finetune
 
 log = logging.getLogger(__name__)
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)

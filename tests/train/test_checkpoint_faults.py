@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hicmae_dist.config import load_config
-from hicmae_dist.train import checkpoint, pretrain as pretrain_mod
+from hicmae_dist.train import checkpoint, pretrain as pretrain_mod, runtime as runtime_mod
 from tests.support import require
 
 TINY = ["model.width=32", "model.decoder_width=32", "data.batch_size=2", "data.num_workers=0",
@@ -117,7 +117,7 @@ def _refuse_loads(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a weight was loaded before the refusal")
 
-    monkeypatch.setattr(pretrain_mod, "load_checkpoint", fail)
+    monkeypatch.setattr(runtime_mod, "load_checkpoint", fail)
     monkeypatch.setattr(pretrain_mod, "build_engine", fail)
     monkeypatch.setattr(pretrain_mod, "to_universal", fail)
 

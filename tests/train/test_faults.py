@@ -7,6 +7,7 @@ import torch
 
 from hicmae_dist.config import load_config
 from hicmae_dist.train import checkpoint, pretrain as pretrain_mod
+from hicmae_dist.train.rundir import RunDir
 from tests.support import run_ranks
 
 TINY = ["model.width=32", "model.decoder_width=32", "data.batch_size=2", "data.num_workers=0"]
@@ -34,7 +35,7 @@ def test_crash_during_save_leaves_previous_checkpoint_current(engine, tmp_path, 
         checkpoint.save_checkpoint(engine, tmp_path, 2, {"config_hash": "h"}, keep=2)
     monkeypatch.undo()
 
-    latest = checkpoint.latest_checkpoint(tmp_path)
+    latest = RunDir(tmp_path).latest_checkpoint()
     assert latest.name == "step00000001"
     assert (tmp_path / "checkpoints" / ".tmp-step00000002").exists()  # the torn save, never current
     state = checkpoint.load_checkpoint(engine, latest)
@@ -90,7 +91,7 @@ def test_nonfinite_loss_is_skipped_and_counted(engine, shards, tmp_path, monkeyp
 def test_nonfinite_losses_in_a_row_stop_the_run_with_a_checkpoint(engine, shards, tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="3 non-finite losses in a row at step 2"):
         _pretrain_with_nans(monkeypatch, shards, tmp_path, bad_calls=[3, 4, 5], steps=6)
-    assert checkpoint.latest_checkpoint(tmp_path).name == "step00000002"
+    assert RunDir(tmp_path).latest_checkpoint().name == "step00000002"
 
 
 def _pretrain_rank(rank: int, world_size: int, port: int, shards: str, run_dir: str, grad_accum: int, bad_calls: list,

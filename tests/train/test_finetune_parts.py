@@ -14,7 +14,10 @@ from hicmae_dist.data import downstream as ds
 from hicmae_dist.eval import metrics as M
 from hicmae_dist.eval.datasets import DATASETS
 from hicmae_dist.models import build_finetune_model
-from hicmae_dist.train import finetune as ft
+from hicmae_dist.train.finetune.mixing import mix_batch, smooth_one_hot
+from hicmae_dist.train.finetune.protocol import format_table, summarize
+from hicmae_dist.train.finetune.sampling import EpochBatches
+from hicmae_dist.train.finetune.task import ccc_loss, load_encoder_weights, resolve_task
 
 
 def _items(subjects_clips: dict[str, int], root: Path, label_of=lambda i: i % 3) -> list[ds.DownstreamItem]:
@@ -92,16 +95,16 @@ def test_mixup_mixes_both_modalities_with_one_lambda():
     video, audio = torch.rand(4, 3, 2, 8, 8), torch.rand(4, 1, 16, 8)
     labels = torch.tensor([0, 1, 2, 1])
     rng = np.random.default_rng(0)
-    v, a, target = ft.mix_batch(video.clone(), audio.clone(), labels, 3, _ft(cutmix=0.0), rng)
+    v, a, target = mix_batch(video.clone(), audio.clone(), labels, 3, _ft(cutmix=0.0), rng)
     lam = float(((v - video.flip(0)) / (video - video.flip(0)))[0, 0, 0, 0, 0])
     assert torch.allclose(v, lam * video + (1 - lam) * video.flip(0), atol=1e-6)
     assert torch.allclose(a, lam * audio + (1 - lam) * audio.flip(0), atol=1e-6)
-    smooth = ft.smooth_one_hot(labels, 3, 0.1)
+    smooth = smooth_one_hot(labels, 3, 0.1)
     assert smooth[0].tolist() == pytest.approx([0.1 / 3 + 0.9, 0.1 / 3, 0.1 / 3])
     assert torch.allclose(target, lam * smooth + (1 - lam) * smooth.flip(0))
     assert torch.allclose(target.sum(1), torch.ones(4))
     # the release's mixing: the audio is left alone
-    v2, a2, _ = ft.mix_batch(video.clone(), audio.clone(), labels, 3, _ft(cutmix=0.0, mix_video_only=True),
+    v2, a2, _ = mix_batch(video.clone(), audio.clone(), labels, 3, _ft(cutmix=0.0, mix_video_only=True),
                              np.random.default_rng(0))
     assert torch.equal(a2, audio) and torch.allclose(v2, v)
 
@@ -109,20 +112,20 @@ def test_mixup_mixes_both_modalities_with_one_lambda():
 def test_cutmix_cuts_the_same_fraction_from_both_modalities():
     for seed in range(5):
         video, audio = torch.rand(2, 3, 2, 40, 40), torch.rand(2, 1, 100, 8)
-        v, a, target = ft.mix_batch(video.clone(), audio.clone(), torch.tensor([0, 1]), 2, _ft(mixup=0.0),
+        v, a, target = mix_batch(video.clone(), audio.clone(), torch.tensor([0, 1]), 2, _ft(mixup=0.0),
                                     np.random.default_rng(seed))
         pasted_v = (v != video)[0, 0, 0].float().mean().item()  # fraction of pixels from the other clip
         pasted_a = (a != audio)[0, 0, :, 0].float().mean().item()  # fraction of audio frames
         lam = 1 - pasted_v
         assert abs(pasted_a - pasted_v) <= 1 / 100 + 1e-9  # the same area, to one frame
-        smooth = ft.smooth_one_hot(torch.tensor([0, 1]), 2, 0.1)
+        smooth = smooth_one_hot(torch.tensor([0, 1]), 2, 0.1)
         assert torch.allclose(target, lam * smooth + (1 - lam) * smooth.flip(0), atol=1e-6)
 
 
 def test_ccc_loss_is_one_minus_lins_ccc():
     rng = np.random.default_rng(1)
     pred, target = rng.normal(size=(32, 2)), rng.normal(size=(32, 2)) + 0.5 * rng.normal(size=(32, 2))
-    loss = ft.ccc_loss(torch.tensor(pred), torch.tensor(target))
+    loss = ccc_loss(torch.tensor(pred), torch.tensor(target))
     assert float(loss) == pytest.approx(1 - M.ccc(pred, target).mean(), abs=1e-6)
 
 
@@ -150,24 +153,24 @@ def test_layer_decay_scales_follow_the_spec():
 
 
 def test_epoch_batches_split_ranks_and_resume_inside_an_epoch():
-    full = list(ft.EpochBatches(22, 2, 0, 1, seed=0, epoch=3))
+    full = list(EpochBatches(22, 2, 0, 1, seed=0, epoch=3))
     assert len(full) == 11 and sorted(sum(full, [])) == list(range(22))
-    r0, r1 = (list(ft.EpochBatches(22, 2, r, 2, seed=0, epoch=3)) for r in (0, 1))
+    r0, r1 = (list(EpochBatches(22, 2, r, 2, seed=0, epoch=3)) for r in (0, 1))
     assert len(r0) == len(r1) == 5 and not set(sum(r0, [])) & set(sum(r1, []))
-    assert list(ft.EpochBatches(22, 2, 0, 1, seed=0, epoch=3, start=4)) == full[4:]
-    assert list(ft.EpochBatches(22, 2, 0, 1, seed=0, epoch=4)) != full
+    assert list(EpochBatches(22, 2, 0, 1, seed=0, epoch=3, start=4)) == full[4:]
+    assert list(EpochBatches(22, 2, 0, 1, seed=0, epoch=4)) != full
 
 
 def test_task_from_preset_and_errors():
-    task = ft.resolve_task(load_config("finetune-tiny-cpu", ["finetune.dataset=crema-d"]))
+    task = resolve_task(load_config("finetune-tiny-cpu", ["finetune.dataset=crema-d"]))
     assert task.num_outputs == 6 and task.select_metric == "uar" and task.names[0] == "anger"
     assert task.paper["uar"] == 84.91
     with pytest.raises(ConfigError, match="finetune.num_outputs"):
-        ft.resolve_task(load_config("finetune-tiny-cpu"))
+        resolve_task(load_config("finetune-tiny-cpu"))
     with pytest.raises(ConfigError, match="finetune.mode"):
         load_config("finetune-tiny-cpu", ["finetune.mode=both"])
     with pytest.raises(ValueError, match="dataset 'nope'"):
-        ft.resolve_task(load_config("finetune-tiny-cpu", ["finetune.dataset=nope"]))
+        resolve_task(load_config("finetune-tiny-cpu", ["finetune.dataset=nope"]))
 
 
 def test_encoder_weights_load_and_the_wrong_model_is_named():
@@ -178,24 +181,24 @@ def test_encoder_weights_load_and_the_wrong_model_is_named():
     pre = build_model(cfg)
     weights = Converted("hicmae", "pretrain", cfg, None, pre.state_dict())
     model = build_finetune_model(cfg, 4)
-    report = ft.load_encoder_weights(model, weights)
+    report = load_encoder_weights(model, weights)
     assert torch.equal(model.state_dict()["audio_encoder.blocks.3.mlp.fc1.weight"],
                        pre.state_dict()["audio_encoder.blocks.3.mlp.fc1.weight"])
     assert report["initialised"] == 6 and report["dropped"] == len(pre.state_dict()) - report["loaded"]
     wider = build_finetune_model(type(cfg)(**{**cfg.__dict__, "width": 128, "heads": 4}), 4)
     with pytest.raises(ValueError, match="lack .* backbone tensors"):
-        ft.load_encoder_weights(wider, weights)
+        load_encoder_weights(wider, weights)
 
 
 def test_protocol_table_has_folds_mean_std_and_the_paper():
-    task = ft.resolve_task(load_config("finetune-tiny-cpu", ["finetune.dataset=crema-d"]))
+    task = resolve_task(load_config("finetune-tiny-cpu", ["finetune.dataset=crema-d"]))
     per_fold = {f: {"best_epoch": f, "last": {"uar": u, "war": w, "weighted_f1": 0.5, "macro_f1": 0.5},
                     "best": {"uar": u + 0.1, "war": w, "weighted_f1": 0.5, "macro_f1": 0.5}}
                 for f, (u, w) in zip((1, 2, 3), ((0.5, 0.6), (0.7, 0.6), (0.6, 0.9)))}
-    summary = ft.summarize(per_fold, task)
+    summary = summarize(per_fold, task)
     assert summary["last"]["uar"]["mean"] == pytest.approx(0.6)
     assert summary["last"]["uar"]["std"] == pytest.approx(np.std([0.5, 0.7, 0.6]))
-    table = ft.format_table(summary, task)
+    table = format_table(summary, task)
     assert "| last epoch | 2 | 70.00 | 60.00 |" in table
     assert "**60.00 ± 8.16**" in table and "**70.00 ± 8.16**" in table  # uar, last and best
     assert "| paper (HiCMAE-B) | | 84.91 | 84.89 |" in table

@@ -83,10 +83,11 @@ def test_two_minute_run_lowers_losses_and_is_tracked(two_minute_run):
 
 
 def _final_weights(run_dir: Path) -> dict:
-    from hicmae_dist.train.checkpoint import latest_checkpoint, weights_only_loads
+    from hicmae_dist.train.checkpoint import weights_only_loads
+    from hicmae_dist.train.rundir import RunDir
 
     with weights_only_loads():
-        return torch.load(latest_checkpoint(run_dir) / "mp_rank_00_model_states.pt")["module"]
+        return torch.load(RunDir(run_dir).latest_checkpoint() / "mp_rank_00_model_states.pt")["module"]
 
 
 @pytest.mark.slow

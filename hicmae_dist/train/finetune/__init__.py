@@ -1,0 +1,25 @@
+"""Fine-tuning and its evaluation protocol (SPEC.md 1 'Fine-tuning model', SPEC.md 2 'Fine-tune'),
+one module per concern:
+
+    task.py       the task (dataset preset or finetune.*), the model and its optimiser groups,
+                  the pretrained encoder weights, the task's loss
+    mixing.py     mixup / cutmix with label smoothing
+    sampling.py   per-epoch batches of each rank (EpochBatches), the loaders
+    evaluate.py   predictions (multi-view: probabilities averaged over chunks x crops), metrics,
+                  the test pass with the last and with the validation-selected weights
+    fold.py       finetune_fold: one fold: the DeepSpeed engine over the training split,
+                  validation every `finetune.eval_every` epochs, the best epoch's weights kept,
+                  then the test pass
+    protocol.py   run_protocol: every fold of a k-fold / leave-one-session-out protocol in its
+                  own run directory and MLflow run (nested under one protocol run), then the
+                  table of per-fold results with mean and std per metric
+
+Unlike the releases (which pick the best epoch on the test fold), the selecting split is never
+the test split: val.csv when the fold has one, else subjects carved from training
+(data.downstream.load_fold), checked disjoint from test clip by clip.
+
+Checkpoints are the pretraining ones (atomic, `--resume auto`, RNG per rank) and carry the
+epoch and the position inside it, so a killed fold resumes at the batch it stopped at; a fold
+whose results.json exists is done and skipped. Evaluation runs on rank 0 (ZeRO 0-2 keep the
+whole model on every rank; stage 3 is refused: fine-tuning models fit one GPU).
+"""

@@ -1,0 +1,77 @@
+"""Evaluation of a fine-tuned model: predictions over a split (multi-view averaged), their
+metrics, and the test pass with the last and the validation-selected weights."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hicmae_dist.config import Config
+from hicmae_dist.eval import metrics as M
+from hicmae_dist.train.finetune.sampling import make_loader
+from hicmae_dist.train.finetune.task import Task
+from hicmae_dist.train.rundir import RunDir
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, task: Task, device, dtype, progress: bool = False,
+            desc: str = "eval") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(targets, outputs, keys) over a val/test loader: class probabilities (N, K) or regression
+    outputs (N, D), averaged over the views of multi-view (test) samples."""
+    was_training = model.training
+    model.eval()
+    targets, outputs, keys = [], [], []
+    for b in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        video, audio = b["video"], b["audio"]
+        multi = audio.dim() == 5  # (B, V, 1, T, F): test views
+        if multi:
+            n, views = video.shape[:2]
+            video, audio = video.flatten(0, 1), audio.flatten(0, 1)
+        out = model(video.to(device, dtype), audio.to(device, dtype)).float()
+        out = out if task.regression else out.softmax(dim=-1)
+        if multi:
+            out = out.view(n, views, -1).mean(dim=1)
+        outputs.append(out.cpu())
+        targets.append(b["label"])
+        keys += list(b["key"])
+    model.train(was_training)
+    return torch.cat(targets).numpy(), torch.cat(outputs).numpy(), keys
+
+
+def score(targets: np.ndarray, outputs: np.ndarray, task: Task) -> dict[str, float]:
+    if task.regression:
+        return M.regression_metrics(targets, outputs, task.names)
+    return M.classification_metrics(targets, outputs)
+
+
+def test_pass(model: torch.nn.Module, dataset, cfg: Config, task: Task, run: RunDir, device, dtype,
+              best_epoch: int, best_score: float, progress: bool) -> dict[str, Any]:
+    """The test split, once with the last weights, once with the validation-selected ones
+    (run.best_weights, of epoch best_epoch)."""
+    loader = make_loader(dataset, cfg, batch_size=max(1, cfg.data.batch_size // max(1, dataset.num_views)))
+    out: dict[str, Any] = {"best_epoch": best_epoch, "best_val": best_score,
+                           "select_metric": task.select_metric, "test_views": dataset.num_views}
+    last = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for which in ("last", "best"):
+        if which == "best":
+            model.load_state_dict(torch.load(run.best_weights, map_location="cpu", weights_only=True))
+        t, o, keys = predict(model, loader, task, device, dtype, progress, desc=f"test ({which})")
+        out[which] = score(t, o, task)
+        if not task.regression:
+            cm = M.confusion_matrix(t, o, task.num_outputs)
+            out[which]["confusion"] = cm.tolist()
+            M.plot_confusion(cm, task.names, run.confusion_plot(which),
+                             f"{run.name} test, {which} epoch")
+        write_predictions(run.predictions(which), keys, t, o)
+    model.load_state_dict(last)
+    return out
+
+
+def write_predictions(path: Path, keys: list[str], targets: np.ndarray, outputs: np.ndarray) -> None:
+    lines = ["key,target,output"]
+    for k, t, o in zip(keys, targets, outputs):
+        lines.append(f"{k},{' '.join(f'{x:.6g}' for x in np.atleast_1d(t))},{' '.join(f'{x:.6g}' for x in o)}")
+    path.write_text("\n".join(lines) + "\n")
