@@ -1,1 +1,1 @@
-"""Launching: the distributed environment (torchrun, Slurm or a single process)."""
+"""Launching: Slurm submission (submitit), the job callable that trains in every task, `jobs` and `cancel`."""
