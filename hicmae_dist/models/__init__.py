@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import pkgutil
 from typing import TYPE_CHECKING
 
@@ -22,13 +23,15 @@ if TYPE_CHECKING:
 
 @functools.cache
 def model_specs() -> dict[str, ModelSpec]:
-    """{name: spec} of every sub-package of hicmae_dist.models that defines SPEC."""
+    """{name: spec} of every sub-package of hicmae_dist.models with a spec module defining SPEC.
+    The spec modules are imported here, on first use: they pull in torch and the model classes,
+    which `load_config` (it imports only a family's config module) does not need."""
     specs = {}
     for info in pkgutil.iter_modules(__path__):
-        if info.ispkg:
-            module = importlib.import_module(f"{__name__}.{info.name}")
-            if isinstance(getattr(module, "SPEC", None), ModelSpec):
-                specs[module.SPEC.name] = module.SPEC
+        if info.ispkg and importlib.util.find_spec(f"{__name__}.{info.name}.spec") is not None:
+            spec = getattr(importlib.import_module(f"{__name__}.{info.name}.spec"), "SPEC", None)
+            if isinstance(spec, ModelSpec):
+                specs[spec.name] = spec
     return dict(sorted(specs.items()))
 
 
