@@ -340,6 +340,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     """convert and info (the models layer's verbs)."""
+    from hicmae_dist.models import model_specs
     from hicmae_dist.models.info import MODELS
 
     s = sub.add_parser("convert", help="convert the authors' HiCMAE / CAV-MAE checkpoints to ours, or back",
@@ -348,7 +349,7 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
                                    "every shape right. The model size is inferred from the keys and shapes. "
                                    "Our files hold the weights plus the model config; upstream CAV-MAE files "
                                    "get the `module.` prefix of the released ones, HiCMAE files {'model': ...}.")
-    s.add_argument("--from", dest="arch", required=True, choices=("hicmae", "cavmae"), help="which model")
+    s.add_argument("--from", dest="arch", required=True, choices=tuple(model_specs()), help="which model")
     s.add_argument("src", metavar="IN.pth", help="checkpoint to read (torch.load weights_only=True)")
     s.add_argument("dst", metavar="OUT", help="file to write")
     s.add_argument("--to", choices=("ours", "upstream"), default="ours",

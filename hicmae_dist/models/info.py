@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 
 from hicmae_dist.config import ModelConfig, load_config
-from hicmae_dist.models import build_finetune_model, build_model, get_spec
+from hicmae_dist.models import build_finetune_model, build_model, get_spec, model_specs
 from hicmae_dist.models.macs import macs
 
-MODELS = {"hicmae-t": "hicmae-t-vox2", "hicmae-s": "hicmae-s-vox2", "hicmae-b": "hicmae-b-vox2",
-          "cavmae-base": "cavmae-base-vox2"}  # name -> preset
-SPEC_FINETUNE_GMACS = {"hicmae-t": 13.8, "hicmae-s": 27.6, "hicmae-b": 46.1}  # SPEC.md 1, 'Sizes'
+# the shipped sizes of every family: {name: preset}, and the paper's fine-tuning GMACs of some
+MODELS = {name: preset for spec in model_specs().values() for name, preset in spec.sizes.items()}
+SPEC_FINETUNE_GMACS = {name: g for spec in model_specs().values() for name, g in spec.paper_finetune_gmacs.items()}
 
 
 def model_config(name: str) -> ModelConfig:

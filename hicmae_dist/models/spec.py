@@ -1,12 +1,12 @@
 """ModelSpec: what the rest of the package needs to know about one model family.
 
 Each family lives in its own sub-package of hicmae_dist.models (hicmae/, cavmae/) whose
-`__init__` exposes `SPEC = ModelSpec(...)` (its spec.py, loaded on first use);
-hicmae_dist.models.get_spec finds it by name, so a third family is one new folder and nothing else.
+spec.py defines `SPEC = ModelSpec(...)`; hicmae_dist.models.get_spec finds it by name (and
+imports it on first use), so a third family is one new folder and nothing else.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable
@@ -40,3 +40,7 @@ class ModelSpec:
     input_shapes: Callable[[ModelConfig, int], tuple[tuple[int, ...], tuple[int, ...]]]
     # (tokens, width) per group of blocks kept for the backward, None where not modelled
     activation_token_widths: Callable[[ModelConfig], list[tuple[float, int]]] | None = None
+    # the shipped sizes, as `info`, `bench model` and kernels/ name them: {name: preset}
+    sizes: dict[str, str] = field(default_factory=dict)
+    # the paper's fine-tuning GMACs per view of those sizes, where it gives them (`info` compares)
+    paper_finetune_gmacs: dict[str, float] = field(default_factory=dict)

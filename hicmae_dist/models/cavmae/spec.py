@@ -36,4 +36,5 @@ SPEC = ModelSpec(
     finetune_param_groups=_finetune_param_groups,
     symmetric_contrastive=lambda cfg: bool(cfg.symmetric_contrastive),  # one direction unless asked
     input_shapes=_input_shapes,
+    sizes={"cavmae-base": "cavmae-base-vox2"},
 )

@@ -46,4 +46,6 @@ SPEC = ModelSpec(
     symmetric_contrastive=lambda cfg: True,  # its loss is always symmetric
     input_shapes=_input_shapes,
     activation_token_widths=_activation_token_widths,
+    sizes={"hicmae-t": "hicmae-t-vox2", "hicmae-s": "hicmae-s-vox2", "hicmae-b": "hicmae-b-vox2"},
+    paper_finetune_gmacs={"hicmae-t": 13.8, "hicmae-s": 27.6, "hicmae-b": 46.1},  # SPEC.md 1, 'Sizes'
 )
