@@ -74,6 +74,11 @@ def default_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
+def run_uri(tracking_uri: str | None, configured: str, run_dir: Path) -> str:
+    """--tracking-uri, else tracking.uri (`configured`), else the run dir's own store."""
+    return tracking_uri or configured or default_uri(run_dir)
+
+
 def bound_http_retries() -> None:
     for k, v in HTTP_ENV.items():
         os.environ.setdefault(k, v)

@@ -18,7 +18,8 @@ from typing import Any
 
 from hicmae_dist.config import Config, ConfigError, load_config
 from hicmae_dist.launch import submit as slurm
-from hicmae_dist.tracking import default_uri
+from hicmae_dist.tracking import run_uri
+from hicmae_dist.train.rundir import RunDir
 
 _SHAPE_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "time", "partition", "account",
                 "qos", "constraint", "signal_delay_s", "max_timeouts")
@@ -53,9 +54,9 @@ def plan_submission(args: argparse.Namespace) -> Submission:
     run_dir = Path(args.run_dir).resolve()
     shape = _job_shape(args)
     job_name = args.job_name or f"hicmae-{run_dir.name}"
-    log_dir = Path(args.log_dir).resolve() if args.log_dir else run_dir / "slurm"
+    log_dir = Path(args.log_dir).resolve() if args.log_dir else RunDir(run_dir).slurm_logs
     params = slurm.slurm_parameters(shape, job_name=job_name, comment=f"hicmae-dist {run_dir}")
-    uri = args.tracking_uri or cfg.tracking.uri or default_uri(run_dir)
+    uri = run_uri(args.tracking_uri, cfg.tracking.uri, run_dir)
     resumes = _checkpoint_run(run_dir, cfg, args.resume)
     mlflow_run = (f"continues run {resumes[1]} (checkpoint {resumes[0]})" if resumes
                   else "a new run, created when the job starts (`hicmae-dist jobs` shows its id)")
@@ -149,8 +150,6 @@ def _user() -> str:
 
 def _checkpoint_run(run_dir: Path, cfg, resume: str) -> tuple[str, str | None] | None:
     """(checkpoint name, MLflow run id) when the job will resume; ConfigError when it cannot."""
-    from hicmae_dist.train.rundir import RunDir
-
     run = RunDir(run_dir)
     try:
         ckpt = run.latest_checkpoint()

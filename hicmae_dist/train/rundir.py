@@ -56,6 +56,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.jsonl")
     summary = property(lambda self: self.path / "summary.json")
     losses_plot = property(lambda self: self.path / "losses.png")
+    slurm_logs = property(lambda self: self.path / "slurm")  # submit's default --log-dir
 
     # --- fine-tuning: the protocol's files and one sub-run-dir per fold ---------------------------
     protocol = property(lambda self: self.path / "protocol.json")

@@ -18,7 +18,7 @@ import torch
 from hicmae_dist import comm
 from hicmae_dist.config import Config, TrainConfig
 from hicmae_dist.data.loader import find_shards
-from hicmae_dist.tracking import Tracker, TrackingUnavailable, check_reachable, default_uri
+from hicmae_dist.tracking import Tracker, TrackingUnavailable, check_reachable, run_uri
 from hicmae_dist.train.checkpoint import ResumeError, load_checkpoint
 from hicmae_dist.train.rundir import RunDir
 
@@ -80,7 +80,7 @@ def seed_everything(seed: int) -> None:
 
 def tracking_uri_of(cfg: Config, run_dir: Path, tracking_uri: str | None) -> str:
     """--tracking-uri, else tracking.uri, else the run dir's own store."""
-    return tracking_uri or cfg.tracking.uri or default_uri(run_dir)
+    return run_uri(tracking_uri, cfg.tracking.uri, run_dir)
 
 
 def check_tracking(cfg: Config, run_dir: Path, tracking_uri: str | None, rank0: bool) -> None:
