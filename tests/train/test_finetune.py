@@ -186,9 +186,13 @@ def test_sigterm_mid_epoch_then_rerun_continues_the_fold(downstream, cli_env, tm
                  "data.batch_size=2", "data.num_workers=0", "finetune.test_num_segment=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
     latest = run_dir / "fold01" / "checkpoints" / "latest"
+    # Epoch 0's history row is written just before its checkpoint, and the stop is agreed at the next
+    # step, after that save: signalling on the row (not on `latest`) keeps the save's time as margin,
+    # so a loaded machine cannot run through epoch 1 before the signal lands.
+    epoch0_done = run_dir / "fold01" / "history.json"
     deadline = time.time() + 600
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:  # epoch 0 saved
-        time.sleep(0.2)
+    while not epoch0_done.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]  # saved, not finished
