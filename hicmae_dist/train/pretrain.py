@@ -23,14 +23,13 @@ from hicmae_dist.tracking import Tracker, end_status
 from hicmae_dist.train.accounting import model_flops_per_sample, peak_flops
 from hicmae_dist.train.checkpoint import (DiskFullError, disk_full_error, disk_full_errno, resume_checkpoint,
                                           save_checkpoint, saved_world_size, to_universal)
-from hicmae_dist.train.engine import build_engine, build_model_for_engine, deepspeed_config, global_batch, set_lr
+from hicmae_dist.train.engine import build_engine, build_model_for_engine, deepspeed_config, global_batch
 from hicmae_dist.train.progress import Progress
 from hicmae_dist.train.rundir import RunDir
 from hicmae_dist.train.runtime import (RunState, check_resume, check_tracking, clear_stop, compute_dtype,
                                        open_tracker, refuse_existing, restore, seed_everything, shard_set_identity,
                                        stop_requested, why_stopped)
-from hicmae_dist.train.schedule import lr_at
-from hicmae_dist.train.step import StepResult, train_step
+from hicmae_dist.train.step import StepResult, scheduled_step
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +176,9 @@ class NonfiniteGuard:
     def __init__(self, limit: int, run: RunDir):
         self.limit, self.run, self.in_a_row = limit, run, 0
 
+    def applied(self) -> None:
+        self.in_a_row = 0
+
     def refused(self, state: RunState) -> None:
         state.nonfinite_skipped += 1
         self.in_a_row += 1
@@ -185,15 +187,6 @@ class NonfiniteGuard:
         if self.in_a_row >= self.limit:
             raise FloatingPointError(f"{self.in_a_row} non-finite losses in a row at step {state.step}; "
                                      f"stopping (last good checkpoint: {self.run.latest_checkpoint()})")
-
-
-def _step(engine, train: TrainConfig, step: int, batch: int, next_batch, forward) -> tuple[StepResult, float]:
-    """One optimizer step at the schedule's learning rate (train_step: agreed across ranks)."""
-    lr = lr_at(step, train, batch)
-    set_lr(engine.optimizer, lr)
-    result = train_step(engine, train.grad_accum, next_batch, forward, stop_requested(),
-                        check_gradients=not train.fp16)
-    return result, lr
 
 
 def _checkpoint_due(result: StepResult, step: int, train: TrainConfig) -> bool:
@@ -236,11 +229,11 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
     # step; the request is cleared when this call ends (the finally below).
     try:
         while state.step < cfg.train.steps:  # a skipped step is tried again on the next batch
-            result, lr = _step(engine, cfg.train, state.step, batch, next_batch, forward)
+            result, lr = scheduled_step(engine, cfg.train, state.step, batch, next_batch, forward, stop_requested())
             if result.nonfinite:  # refused on every rank: nothing of it reaches the weights
                 nonfinite.refused(state)
             else:
-                nonfinite.in_a_row = 0
+                nonfinite.applied()
                 window.add(result, lr)
                 state.step += 1
                 reporter.update(1)

@@ -19,6 +19,9 @@ from typing import Any, Callable
 import torch
 
 from hicmae_dist import comm
+from hicmae_dist.config import TrainConfig
+from hicmae_dist.train.engine import set_lr
+from hicmae_dist.train.schedule import lr_at
 
 
 @dataclass
@@ -87,3 +90,12 @@ def train_step(engine, grad_accum: int, next_batch: Callable[[], Any],
     engine.step()
     applied = engine.was_step_applied()  # DeepSpeed's own skip: from all-reduced norms, so agreed
     return StepResult(applied, check_gradients and not applied, stop, parts, _grad_norm(engine, device), names)
+
+
+def scheduled_step(engine, train: TrainConfig, step: int, batch: int, next_batch: Callable[[], Any],
+                   forward: Callable[[Any], dict[str, torch.Tensor]], stop: bool) -> tuple[StepResult, float]:
+    """train_step at the schedule's learning rate for `step` (global batch `batch`); returns the
+    result and that learning rate. Pretraining and fine-tuning both step through here."""
+    lr = lr_at(step, train, batch)
+    set_lr(engine.optimizer, lr)
+    return train_step(engine, train.grad_accum, next_batch, forward, stop, check_gradients=not train.fp16), lr

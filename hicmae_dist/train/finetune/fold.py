@@ -22,7 +22,7 @@ from hicmae_dist.data.downstream import DownstreamDataset, DownstreamItem
 from hicmae_dist.models.convert import Converted
 from hicmae_dist.tracking import Tracker, end_status
 from hicmae_dist.train.checkpoint import resume_checkpoint, save_checkpoint
-from hicmae_dist.train.engine import build_engine, global_batch, set_lr
+from hicmae_dist.train.engine import build_engine, global_batch
 from hicmae_dist.train.finetune.evaluate import predict, score, test_pass
 from hicmae_dist.train.finetune.mixing import mix_batch
 from hicmae_dist.train.finetune.sampling import EpochBatches, make_loader
@@ -31,8 +31,7 @@ from hicmae_dist.train.progress import Progress
 from hicmae_dist.train.rundir import RunDir
 from hicmae_dist.train.runtime import (clear_stop, compute_dtype, open_tracker, refuse_existing, restore,
                                        seed_everything, stop_requested, why_stopped)
-from hicmae_dist.train.schedule import lr_at
-from hicmae_dist.train.step import train_step
+from hicmae_dist.train.step import scheduled_step
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +205,7 @@ def train_epoch(fold: FoldRun, epoch: int) -> tuple[dict[str, Any] | None, str |
     # the epoch's and the log window's loss sums, on the device: read once per window
     epoch_loss, window_loss, epoch_n, window_n, start = 0.0, 0.0, 0, 0, time.perf_counter()
     for _ in range(len(sampler) // k):
-        lr = lr_at(state.step, cfg.train, fold.batch)
-        set_lr(engine.optimizer, lr)
-        result = train_step(engine, k, next_batch, forward, stop_requested(), check_gradients=not cfg.train.fp16)
+        result, lr = scheduled_step(engine, cfg.train, state.step, fold.batch, next_batch, forward, stop_requested())
         if result.nonfinite:  # refused on every rank; the epoch goes on with the next batches
             state.nonfinite_skipped += 1
             log.warning("step %d: non-finite loss or gradient on some rank, batch skipped on all", state.step)
