@@ -19,9 +19,12 @@ Reads only files (no torch, no DeepSpeed): `submit` and `jobs` use it on the log
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"  # inside a checkpoint: our state besides weights and optimizer
 TMP_PREFIX = ".tmp-"
@@ -141,10 +144,21 @@ class RunDir:
     # --- what `hicmae-dist jobs` shows ------------------------------------------------------------
     def metrics_rows(self, upto_step: int) -> list[dict[str, Any]]:
         """metrics.jsonl rows up to `upto_step` (a resume drops the rows of the lost steps)."""
+        return [r for r in self._metrics_lines() if r["step"] <= upto_step]
+
+    def _metrics_lines(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's rows; a line torn by a crash mid-write is skipped (and logged)."""
         if not self.metrics.exists():
             return []
-        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
-        return [r for r in rows if r["step"] <= upto_step]
+        rows = []
+        for number, line in enumerate(self.metrics.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s line %d is torn (a crash mid-write?): skipped", self.metrics, number)
+        return rows
 
     def progress(self) -> dict[str, Any]:
         """Step, last loss and MLflow run, from the files only (a crash's torn lines skipped)."""
@@ -153,14 +167,9 @@ class RunDir:
         state = _read_json(self.state_file(self.checkpoint(tag))) if tag is not None else None
         if state is not None:
             info["checkpoint_step"], info["mlflow_run_id"] = state.get("step"), state.get("mlflow_run_id")
-        lines = self.metrics.read_text().splitlines() if self.metrics.exists() else []
-        for line in reversed([ln for ln in lines if ln.strip()]):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            info["step"], info["loss"] = row.get("step"), row.get("loss")
-            break
+        rows = self._metrics_lines()
+        if rows:
+            info["step"], info["loss"] = rows[-1].get("step"), rows[-1].get("loss")
         if info["step"] is None:
             info["step"] = info["checkpoint_step"]
         summary = _read_json(self.summary) if info["mlflow_run_id"] is None else None

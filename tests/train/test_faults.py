@@ -161,3 +161,14 @@ def test_losses_reach_the_host_once_per_log_window(engine, shards, tmp_path, mon
     assert summary["steps"] == 20
     assert reads["item"] + reads["__float__"] + reads["__bool__"] <= 3, reads
     assert reads["tolist"] == 20 + 2, reads
+
+
+def test_a_metrics_line_torn_by_a_crash_is_skipped_on_resume_and_by_jobs(tmp_path, caplog):
+    run = RunDir(tmp_path)
+    rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    run.metrics.write_text(text + '{"step": 4, "lo')  # the crash hit the write of step 4's row
+    assert run.metrics_rows(upto_step=2) == rows[:2]
+    assert run.metrics_rows(upto_step=10) == rows
+    assert "line 4 is torn" in caplog.text
+    assert run.progress()["step"] == 3 and run.progress()["loss"] == rows[-1]["loss"]
