@@ -1,4 +1,4 @@
-"""CAV-MAE against SPEC.md section 2 and the authors' state-dict layout (shared/upstream-keys).
+"""CAV-MAE against SPEC.md section 2 and the authors' state-dict layout (tests/models/upstream_keys).
 
 The real-size model (191 M parameters) is built once for this module; everything else runs on a
 tiny CAV-MAE. The module runs torch on one thread: on a shared 2-core machine OpenMP's second
@@ -6,12 +6,9 @@ thread costs far more than it gives.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
-import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +20,7 @@ from hicmae_dist.models import build_finetune_model, build_model
 from hicmae_dist.models.cavmae.config import CAVMAEConfig
 from hicmae_dist.models.cavmae.model import CAVMAEFinetune, CAVMAEPretrain, masked_mse, patch_target, sincos_2d
 from hicmae_dist.models.convert import to_upstream
-from tests.support import require
+from tests.models.upstream import read_key_file
 
 # The release's top-level modules -> ours.
 UPSTREAM_COMPONENT = {
@@ -42,28 +39,6 @@ TINY = dict(arch="cavmae", width=64, heads=2, modality_depth=2, shared_depth=1, 
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def upstream_keys_dir() -> Path:
-    default = Path(__file__).resolve().parents[2].parent / "shared" / "upstream-keys"
-    return Path(os.environ.get("HICMAE_UPSTREAM_KEYS", default))
-
-
-def read_key_file(name: str) -> tuple[dict[str, tuple[int, ...]], dict[str, int], list[str]]:
-    """{key: shape}, the header's per-top-module counts and its frozen parameters."""
-    path = upstream_keys_dir() / f"{name}.txt"
-    if not path.exists():
-        require(f"the authors' key list {path}", False, "set HICMAE_UPSTREAM_KEYS to shared/upstream-keys")
-    shapes, per_module, frozen = {}, {}, []
-    for line in path.read_text().splitlines():
-        if line.startswith("# per-top-module params="):
-            per_module = ast.literal_eval(line.split("=", 1)[1])
-        elif line.startswith("# frozen (requires_grad=False) params:"):
-            frozen = ast.literal_eval(line.split(":", 1)[1].strip())
-        elif line and not line.startswith("#"):
-            key, shape, _dtype = line.split("\t")
-            shapes[key] = tuple(ast.literal_eval(shape))
-    return shapes, per_module, frozen
 
 
 def base_config(**overrides) -> ModelConfig:
@@ -93,7 +68,8 @@ def test_layout_matches_release(kind, num_classes, total, trainable, key_file):
         model = build_model(cfg) if kind == "pretrain" else build_finetune_model(cfg, num_classes)
     assert count(model) == total and count(model, trainable=True) == trainable
     # per component and as a multiset of shapes, the same as the release (so a 1:1 mapping exists)
-    upstream, per_module, frozen = read_key_file(key_file)
+    keys = read_key_file(key_file)
+    upstream, per_module, frozen = keys.shapes, keys.per_module, keys.frozen
     ours = Counter()
     for name, p in model.named_parameters():
         ours[name.split(".")[0].replace("head_norm", "head")] += p.numel()  # mlp_head = [LayerNorm, Linear]

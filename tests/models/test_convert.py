@@ -1,13 +1,9 @@
-"""Checkpoint converters: state dicts with exactly the authors' keys and shapes (shared/upstream-keys),
+"""Checkpoint converters: state dicts with exactly the authors' keys and shapes (tests/models/upstream_keys),
 random values, converted, strictly loaded, run, and round-tripped bit for bit.
 
 Real sizes throughout (up to 191 M parameters, one model at a time), batch 1, one thread.
 """
 from __future__ import annotations
-
-import ast
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,34 +14,16 @@ from hicmae_dist.models.convert import (ConversionError, load_ours, rename_key, 
                                         torch_load_weights, unwrap)
 from hicmae_dist.models.hicmae.upstream import RENAMES as HICMAE_RENAMES
 from hicmae_dist.models.info import example_inputs
-from tests.support import require
+from tests.models.upstream import read_key_file
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def upstream_keys_dir() -> Path:
-    default = Path(__file__).resolve().parents[2].parent / "shared" / "upstream-keys"
-    return Path(os.environ.get("HICMAE_UPSTREAM_KEYS", default))
-
-
-def read_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    path = upstream_keys_dir() / f"{name}.txt"
-    if not path.exists():
-        require(f"the authors' key list {path}", False, "set HICMAE_UPSTREAM_KEYS to shared/upstream-keys")
-    shapes = {}
-    for line in path.read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape, dtype = line.split("\t")
-            assert dtype == "float32"
-            shapes[key] = tuple(ast.literal_eval(shape))
-    return shapes
-
-
 def random_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """The authors' keys and shapes in the file's order, random values (small, so runs stay finite)."""
     g = torch.Generator().manual_seed(seed)
-    return {k: 0.02 * torch.randn(s, generator=g) for k, s in read_shapes(name).items()}
+    return {k: 0.02 * torch.randn(s, generator=g) for k, s in read_key_file(name).shapes.items()}
 
 
 # name, wrapper, expected (arch, kind, num_classes, width, heads, decoder width / heads / depth)
@@ -181,7 +159,7 @@ def test_our_side_errors_and_arch_checks():
 
 def test_rename_table_is_a_bijection_on_the_release_keys():
     for name in ("hicmae_pretrain_base", "hicmae_finetune_base"):
-        keys = read_shapes(name)
+        keys = read_key_file(name).shapes
         ours = {rename_key(k, "hicmae", "ours") for k in keys}
         assert None not in ours and len(ours) == len(keys)
         assert {rename_key(k, "hicmae", "upstream") for k in ours} == set(keys)

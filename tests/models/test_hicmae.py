@@ -1,11 +1,8 @@
-"""HiCMAE against SPEC.md section 1 and the authors' state-dict layout (shared/upstream-keys)."""
+"""HiCMAE against SPEC.md section 1 and the authors' state-dict layout (tests/models/upstream_keys)."""
 from __future__ import annotations
 
-import ast
 import math
-import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from hicmae_dist.models.hicmae.config import HiCMAEConfig
 from hicmae_dist.models.hicmae.model import HiCMAEFinetune, HiCMAEPretrain
 from hicmae_dist.models.blocks import Attention, CrossAttention, DropPath, sinusoid_table
 from hicmae_dist.models.targets import IMAGENET_MEAN, IMAGENET_STD, audio_target, video_target
-from tests.support import require
+from tests.models.upstream import read_key_file
 
 SIZES = {  # width, heads (and decoder width / heads for pretraining), SPEC.md 1 'Sizes'
     "tiny": dict(width=256, heads=4),
@@ -59,27 +56,6 @@ UPSTREAM_COMPONENT = {
 }
 
 
-def upstream_keys_dir() -> Path:
-    """shared/upstream-keys beside the repository (also where CI lays shared/), or $HICMAE_UPSTREAM_KEYS."""
-    default = Path(__file__).resolve().parents[2].parent / "shared" / "upstream-keys"
-    return Path(os.environ.get("HICMAE_UPSTREAM_KEYS", default))
-
-
-def read_key_file(name: str) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """{key: shape} and the header's per-top-module parameter counts."""
-    path = upstream_keys_dir() / f"{name}.txt"
-    if not path.exists():
-        require(f"the authors' key list {path}", False, "set HICMAE_UPSTREAM_KEYS to shared/upstream-keys")
-    shapes, per_module = {}, {}
-    for line in path.read_text().splitlines():
-        if line.startswith("# per-top-module params="):
-            per_module = ast.literal_eval(line.split("=", 1)[1])
-        elif line and not line.startswith("#"):
-            key, shape, _dtype = line.split("\t")
-            shapes[key] = tuple(ast.literal_eval(shape))
-    return shapes, per_module
-
-
 def model_config(**overrides) -> HiCMAEConfig:
     cfg = HiCMAEConfig(**overrides)
     cfg.validate()
@@ -110,7 +86,8 @@ def check_layout(model: torch.nn.Module, counts: dict[str, int], key_file: str) 
     assert not any("pos_embed" in key for key in state)
     assert sum(1 for name, _ in model.named_buffers() if name.endswith("pos_embed")) >= 2
     assert sum(t.numel() for t in state.values()) == counts["total"]
-    upstream, per_module = read_key_file(key_file)
+    keys = read_key_file(key_file)
+    upstream, per_module = keys.shapes, keys.per_module
     upstream_counts = Counter()
     for top, n in per_module.items():
         upstream_counts[UPSTREAM_COMPONENT[top]] += n
