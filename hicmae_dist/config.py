@@ -6,6 +6,7 @@ class is the family's (hicmae_dist/models/<arch>/config.py, imported by name whe
 set; those files import only this one); the presets are found by path in models/*/presets/.
 The execution section (attention backend, packing, activation checkpointing, compile) and the
 fields marked metadata={"hashed": False} stay out of Config.hash: a resume may change them.
+Fields declared with added(default) (new since runs were written) count only when not default.
 
     cfg = load_config("tiny-cpu", ["model.width=128", "train.steps=50"])
 
@@ -332,11 +333,24 @@ class Config:
                 continue
             value = getattr(self, f.name)
             d[f.name] = ({g.name: getattr(value, g.name) for g in dataclasses.fields(value)
-                          if g.metadata.get("hashed", True)} if dataclasses.is_dataclass(value) else value)
+                          if _hashed(g, value)} if dataclasses.is_dataclass(value) else value)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def added(default: Any, **kwargs) -> Any:
+    """A field added after runs were written with this config: it enters Config.hash only when
+    set to something else than its default (the behaviour runs had before it existed), so an
+    upgrade does not refuse to resume every running job."""
+    return field(default=default, metadata={"added": True}, **kwargs)
+
+
+def _hashed(f: dataclasses.Field, section: Any) -> bool:
+    if not f.metadata.get("hashed", True):
+        return False
+    return not (f.metadata.get("added") and getattr(section, f.name) == f.default)
 
 
 def expect(ok: bool, key: str, expected: str, got: Any) -> None:

@@ -1,7 +1,10 @@
 """Typed config: presets load, dotted overrides apply and are type-checked, errors name the key."""
+import dataclasses
+
 import pytest
 
-from hicmae_dist.config import Config, ConfigError, config_from_dict, list_presets, load_config
+from hicmae_dist import config as config_module
+from hicmae_dist.config import Config, ConfigError, added, config_from_dict, list_presets, load_config
 
 
 def test_every_shipped_preset_loads():
@@ -165,3 +168,33 @@ def test_execution_section_is_outside_the_hash_and_checked():
         load_config("tiny-cpu", ["execution.attention_backend=fast"])
     with pytest.raises(ConfigError, match="unknown config key 'model.attention_backend'"):
         load_config("tiny-cpu", ["model.attention_backend=sdpa"])
+
+
+# The hashes of the shipped presets when runs were first written (c1a1ba4). A changed hash makes
+# every running job refuse to resume after an upgrade: new fields use config.added(default).
+RELEASED_HASHES = {  # preset: (pretraining hash, fine-tuning hash)
+    "tiny-cpu": ("7b466b8470341b9b", "dec5a8ed3ca953ce"),
+    "hicmae-b-vox2": ("d3febaeb1c44cd5a", "ca5575320351a06e"),
+    "cavmae-base-vox2": ("422adb925be510fc", "c2511f76443e922d"),
+    "finetune-tiny-cpu": ("0829f72d80ac7104", "3a8caa010f01e041"),
+    "finetune-cavmae": ("6b072bb6710b8681", "46705f1aa0bd1672"),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(RELEASED_HASHES))
+def test_an_upgrade_keeps_the_hashes_of_existing_runs(preset):
+    cfg = load_config(preset)
+    assert (cfg.hash(), cfg.hash(finetune=True)) == RELEASED_HASHES[preset]
+
+
+def test_an_added_field_counts_only_when_it_leaves_its_default():
+    @dataclasses.dataclass
+    class Section:
+        old: int = 1
+        new: str = added("default")
+
+    def hashed(section):
+        return {f.name for f in dataclasses.fields(section) if config_module._hashed(f, section)}
+
+    assert hashed(Section()) == {"old"}
+    assert hashed(Section(new="other")) == {"old", "new"}
