@@ -232,10 +232,10 @@ def _stored_window_into(out: torch.Tensor, sample: dict, meta: dict, first: int,
     stored = _member(sample, "fbank")
     if meta.get("mel_bins") != bins:
         raise ValueError(f"the stored fbank has {meta.get('mel_bins')} mel bins, the model takes {bins}")
-    total = len(stored) // (2 * bins)
-    if total != num_fbank_frames(meta["num_samples"]):
-        raise ValueError(f"the stored fbank has {total} frames, {meta['num_samples']} samples make "
-                         f"{num_fbank_frames(meta['num_samples'])}")
+    total = num_fbank_frames(meta["num_samples"])
+    if len(stored) != 2 * bins * total:
+        raise ValueError(f"the stored fbank has {len(stored)} bytes ({len(stored) / (2 * bins):g} frames), "
+                         f"{meta['num_samples']} samples make {total} frames")
     samples = min(length, meta["num_samples"] - first)
     if samples < FRAME_SAMPLES:
         raise ValueError(f"fbank needs at least {FRAME_SAMPLES} samples (one 25 ms frame), got {max(samples, 0)}")

@@ -171,7 +171,7 @@ def test_bad_fbank_samples_are_replaced_and_counted(fbank_shards, tmp_path, capl
         assert not bad_keys & set(batch["key"]) and batch["audio"].shape[0] == 6
         assert torch.isfinite(batch["audio"]).all()
     assert ld.stats()["bad_samples"] == sum(b["bad_samples"] for b in batches) > 0
-    assert "the stored fbank has 317 frames, 51200 samples make 318" in caplog.text
+    assert "the stored fbank has 81152 bytes (317 frames), 51200 samples make 318 frames" in caplog.text
     assert "has no .fbank member" in caplog.text and "--audio-form fbank" in caplog.text
 
 
