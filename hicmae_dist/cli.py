@@ -71,7 +71,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                                   image_size=args.image_size, full_frame=args.full_frame, frames=args.frames,
                                   jpeg_quality=args.jpeg_quality, max_av_diff_s=args.max_av_diff,
                                   resample=not args.no_resample, shuffle_seed=None if args.no_shuffle else args.seed,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, audio_form=args.audio_form)
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # bad options, no clips, another prepare running
         print(f"hicmae-dist prepare: {err}", file=sys.stderr)
         return 1 if isinstance(err, RuntimeError) else 2
@@ -739,6 +739,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--frames", choices=("stride", "ten"), default="stride",
                    help="stride: every 4th frame (HiCMAE, default); ten: CAV-MAE's 10 frames per clip")
     s.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored frames (default 90)")
+    s.add_argument("--audio-form", choices=("wave", "fbank"), default="wave",
+                   help="wave: the clip's audio as int16 PCM (default); fbank: its 128-bin log-mel fbank as "
+                        "float16, which the loader slices instead of computing it (train with "
+                        "data.audio_form=fbank; see docs/data.md)")
     s.add_argument("--max-av-diff", type=float, default=0.5,
                    help="skip clips whose audio and video durations differ by more seconds (default 0.5)")
     s.add_argument("--no-resample", action="store_true",

@@ -131,12 +131,14 @@ class DataConfig:
     multiscale_crop: bool = True
     gain_augment: bool = True
     roll_augment: bool = False  # the release's roll is a no-op; ours works when enabled
+    audio_form: str = "wave"  # what the shards store: "wave" (int16 PCM) | "fbank" (prepare --audio-form)
     max_bad_fraction: float = 0.01  # stop the run when more samples than this are unreadable
 
     def validate(self) -> None:
         expect(self.batch_size >= 1, "data.batch_size", ">= 1", self.batch_size)
         expect(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
         expect(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
+        expect(self.audio_form in ("wave", "fbank"), "data.audio_form", "'wave' or 'fbank'", self.audio_form)
         expect(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]",
                self.max_bad_fraction)
 

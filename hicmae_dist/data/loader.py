@@ -50,6 +50,8 @@ random, normalised, no augmentation: data.multiscale_crop does not apply; data.g
 does, on the waveform), audio (B, 1, 1024, 128) (fbank of the first 10.24 s,
 (x + 5.081) / 4.4849; with data.roll_augment the U*U/10 noise and a roll in [-1024, 1024)),
 video_mask (B, 196) MAE random, audio_mask (B, 512) per model.audio_mask_mode.
+Audio comes from the stored PCM or, with data.audio_form "fbank", from slices of the stored
+clip fbank (audio.hicmae_audio_into / cavmae_audio_into; docs/data.md).
 Both: label int64 (B,) (-1 unknown), key list[str], index (int, this rank's batch number),
 epoch (int), bad_samples (int, in this batch), start_frame int64 (B,) (the source frame the
 window starts at / the frame taken), crop int64 (B, 4) (top, left, height, width of the crop in
@@ -72,7 +74,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hicmae_dist.config import DataConfig, ModelConfig
+from hicmae_dist.config import ConfigError, DataConfig, ModelConfig
 from hicmae_dist.data import audio, video
 from hicmae_dist.data.shards import ShardIndex, ShardReader, load_index
 from hicmae_dist.masking import audio_structured_mask, mae_random_mask, random_mask, tube_mask
@@ -115,7 +117,9 @@ def make_pretrain_loader(shards_dir: str | Path, data_cfg: DataConfig, model_cfg
     if not indexes:
         raise BadDataError(f"none of the {len(paths)} shards in {shards_dir} holds a readable sample "
                            f"(the warning above names each one and why)")
-    check_stored_form(stored_form(shards_dir, indexes), model_cfg, shards_dir)
+    form = stored_form(shards_dir, indexes)
+    check_stored_form(form, model_cfg, shards_dir)
+    check_audio_form(form, data_cfg, model_cfg, shards_dir)
     stream = PretrainStream(indexes, data_cfg, model_cfg, rank, world_size, seed, start_batch)
     slots = world_size * max(1, data_cfg.num_workers)
     if len(indexes) < slots:
@@ -224,6 +228,7 @@ class StoredForm:
     frames: str  # "stride": every frame_stride-th frame; "ten": CAV-MAE's 10 frames
     image_size: int  # stored frame side: a face crop (160, 192) or the full 224 frame
     frame_stride: int | None
+    audio_form: str = "wave"  # "wave": int16 PCM; "fbank": the clip's float16 log-mel (audio.py)
 
 
 def stored_form(shards_dir: Path, indexes: list[ShardIndex]) -> StoredForm | None:
@@ -233,7 +238,8 @@ def stored_form(shards_dir: Path, indexes: list[ShardIndex]) -> StoredForm | Non
     meta = json.loads(manifest.read_text()) if manifest.exists() else indexes[0].meta
     form = meta.get("form")
     if form:
-        return StoredForm(form["frames"], form["image_size"], form.get("frame_stride"))
+        return StoredForm(form["frames"], form["image_size"], form.get("frame_stride"),
+                          form.get("audio_form", "wave"))
     if "image_size" in meta:  # the first layer's manifests
         return StoredForm("stride", meta["image_size"], meta.get("frame_stride", video.FRAME_STRIDE))
     return None
@@ -258,6 +264,17 @@ def check_stored_form(form: StoredForm | None, model_cfg: ModelConfig, where: Pa
         raise BadDataError(f"{where}: the shards hold {form.image_size}px frames at stride {form.frame_stride}, "
                          f"the model expects {size}px: prepare them with --image-size {size} (or "
                          f"--full-frame, from which the loader cuts the face crop)")
+
+
+def check_audio_form(form: StoredForm | None, data_cfg: DataConfig, model_cfg: ModelConfig, where: Path) -> None:
+    """data.audio_form must be what the shards store; HiCMAE's waveform roll needs the waveform."""
+    if data_cfg.audio_form == "fbank" and data_cfg.roll_augment and model_cfg.arch != "cavmae":
+        raise ConfigError("data.roll_augment=true rolls HiCMAE's waveform, which data.audio_form=fbank does not "
+                          "have: use audio_form wave (shards from `hicmae-dist prepare --audio-form wave`)")
+    if form is not None and form.audio_form != data_cfg.audio_form:
+        raise BadDataError(f"{where}: the shards hold the {form.audio_form!r} audio form, data.audio_form is "
+                           f"{data_cfg.audio_form!r}: set data.audio_form={form.audio_form}, or prepare the "
+                           f"shards with `hicmae-dist prepare --audio-form {data_cfg.audio_form}`")
 
 
 def _slot_shards(shards: list, rank: int, world_size: int, worker: int, num_workers: int) -> list:
@@ -461,12 +478,8 @@ class PretrainStream(IterableDataset):
         seconds_per_stored = meta["frame_stride"] / meta["fps"]
         first = round(start * seconds_per_stored * audio.SAMPLE_RATE)
         length = round(m.num_frames * seconds_per_stored * audio.SAMPLE_RATE)  # 40960 = 2.56 s
-        wave = audio.from_pcm16(sample["pcm"][2 * first:2 * (first + length)])  # (1, <= 40960)
-        if d.gain_augment:
-            wave = audio.random_gain(wave, rng)
-        if d.roll_augment:
-            wave = audio.random_roll(wave, rng)
-        audio.fbank_into(batch["audio"][t, 0], wave[0])
+        audio.hicmae_audio_into(batch["audio"][t, 0], sample, meta, d.audio_form, first, length,
+                                gain=d.gain_augment, roll=d.roll_augment, rng=rng)
 
         batch["video_mask"][t] = tube_mask(m.num_frames // m.tubelet, (m.image_size // m.patch) ** 2,
                                            m.video_mask_ratio, masks)
@@ -483,12 +496,9 @@ class PretrainStream(IterableDataset):
         frame = video.decode_frames_hwc(sample["jpgs"], meta["frame_bytes"], [pick])[0]  # (224, 224, 3)
         video.image_into(batch["video"][t], frame)
 
-        wave = audio.from_pcm16(sample["pcm"])
-        if d.gain_augment:
-            wave = audio.random_gain(wave, rng)
-        feats = audio.cavmae_fbank_into(batch["audio"][t, 0], wave[0])
-        if d.roll_augment:  # CAV-MAE's `noise` switch: U*U/10 noise and a time roll of the fbank
-            audio.cavmae_augment_(feats, rng, masks)
+        # data.roll_augment is CAV-MAE's `noise` switch: U*U/10 noise and a time roll of the fbank
+        audio.cavmae_audio_into(batch["audio"][t, 0], sample, meta, d.audio_form, gain=d.gain_augment,
+                                noise_roll=d.roll_augment, rng=rng, generator=masks)
 
         nv, _ = self.mask_shapes
         batch["video_mask"][t] = mae_random_mask(nv, m.video_mask_ratio, masks)

@@ -6,10 +6,12 @@ audio track. An optional labels.csv (key,...,label) at the source root gives eac
 
 Stored form. One sample per clip, key "<speaker>/<video>/<clip>":
     {key}.jpgs   the kept frames as JPEGs (quality 90 by default), concatenated (sizes in the json)
-    {key}.pcm    the whole clip's audio, 16 kHz mono, little-endian int16
+    {key}.pcm    the whole clip's audio, 16 kHz mono, little-endian int16 (audio form "wave")
+    {key}.fbank  or (audio form "fbank") its log-mel fbank, (frames, 128) little-endian float16
     {key}.json   key, speaker, video, clip, label (-1 if unknown), fps, frames ("stride" | "ten"),
                  frame_stride, frame_indices (source frame of each kept frame), num_frames (kept),
-                 source_frames, image_size, frame_bytes, sample_rate, num_samples
+                 source_frames, image_size, frame_bytes, sample_rate, num_samples, audio_form,
+                 mel_bins (fbank form)
 Two frame choices (`frames`), one image choice (`image_size`):
     stride (default)  every 4th frame: HiCMAE's 16 frames at stride 4 are any 16 kept frames in a
                       row, so the loader decodes exactly the 16 JPEGs it uses. (Window starts are
@@ -24,11 +26,10 @@ Why this form: the loader's cost per clip is the work it must do per sample. H.2
 every frame from the last keyframe decoded (~35 ms of CPU per 2.56 s window here); JPEGs of
 the kept frames decode independently (~0.2 ms per 160 px frame) and only the used ones are
 decoded. Raw uint8 frames would save that ~3 ms but cost 77 kB per 160 px frame (4.2 TB for
-VoxCeleb2 dev at stride 4) against ~5-7 kB as JPEG. Audio stays int16 PCM rather than a fbank:
-any window, the gain and roll augmentations and both models' features (HiCMAE 256 frames,
-CAV-MAE 1024, different normalisations) come from the same bytes, the fbank costs ~1 ms per
-window, and the stored samples are exactly what the loader computes from (tests compare fbanks
-exactly). PCM is 32 kB/s, ~40% of a stride-4 160 px sample; FLAC would halve it at a decode cost.
+VoxCeleb2 dev at stride 4) against ~5-7 kB as JPEG. Audio: int16 PCM by default (any window,
+every augmentation, both models' features from the same bytes; 32 kB/s, ~40% of a stride-4
+160 px sample), or with --audio-form fbank the clip's float16 log-mel (25.6 kB/s), which saves
+the loader the fbank; docs/data.md says what that form changes.
 Bytes: the manifest states bytes per clip, bytes per second of audio and an estimate for the full
 VoxCeleb2 dev set (1,091,581 clips, ~2,360 h); a stride-4 160 px sample is ~75 kB per second
 of clip (synthetic frames, which are noisier than faces: real ones compress better).
@@ -147,19 +148,22 @@ def _read_labels(path: Path) -> dict[str, int]:
     return {row["key"]: int(row["label"]) for row in rows}
 
 
-def store_form(image_size: int = 160, frames: str = "stride", jpeg_quality: int = 90) -> dict:
+def store_form(image_size: int = 160, frames: str = "stride", jpeg_quality: int = 90,
+               audio_form: str = "wave") -> dict:
     """The 'form' record of shard indexes and the manifest (what the loader checks)."""
     if frames not in FRAME_MODES:
         raise ValueError(f"frames must be one of {FRAME_MODES}, got {frames!r}")
+    if audio_form not in audio.AUDIO_FORMS:
+        raise ValueError(f"audio_form must be one of {audio.AUDIO_FORMS}, got {audio_form!r}")
     if image_size not in (160, 192, video.SOURCE_SIZE):
         raise ValueError(f"image_size must be 160, 192 (face crops) or {video.SOURCE_SIZE} (the full frame)")
     return {"frames": frames, "image_size": image_size,
             "frame_stride": video.FRAME_STRIDE if frames == "stride" else None,
-            "jpeg_quality": jpeg_quality, "sample_rate": audio.SAMPLE_RATE}
+            "jpeg_quality": jpeg_quality, "sample_rate": audio.SAMPLE_RATE, "audio_form": audio_form}
 
 
 def encode_clip(clip: ClipSource, image_size: int = 160, jpeg_quality: int = 90, *, frames: str = "stride",
-                max_av_diff_s: float = 0.5, resample: bool = True) -> dict:
+                max_av_diff_s: float = 0.5, resample: bool = True, audio_form: str = "wave") -> dict:
     """Decode one clip and build its shard sample (module docstring); raises SkipClip.
 
     Skipped: unreadable video, frames not 224x224, not 25 fps, fewer than 64 frames (one 16-frame
@@ -206,7 +210,11 @@ def encode_clip(clip: ClipSource, image_size: int = 160, jpeg_quality: int = 90,
         "image_size": image_size, "frame_bytes": frame_bytes, "sample_rate": audio.SAMPLE_RATE,
         "num_samples": int(wave.shape[-1]),
     }
-    return {"__key__": clip.key, "jpgs": jpgs, "pcm": audio.to_pcm16(wave), "json": json.dumps(meta).encode()}
+    if audio_form == "wave":
+        return {"__key__": clip.key, "jpgs": jpgs, "pcm": audio.to_pcm16(wave), "json": json.dumps(meta).encode()}
+    log_mel = audio.clip_fbank(wave)  # (frames, 128)
+    meta.update(audio_form=audio_form, mel_bins=log_mel.shape[1])
+    return {"__key__": clip.key, "jpgs": jpgs, "fbank": audio.to_fbank16(log_mel), "json": json.dumps(meta).encode()}
 
 
 def _decode_audio(clip: ClipSource, resample: bool):
@@ -263,7 +271,7 @@ class _ShardSink:
             self.tmp = self.out_dir / f"shard-{self.index:06d}.tar.tmp"
             self.writer = TarShardWriter(self.tmp)
             self.current = {"shard": f"shard-{self.index:06d}.tar", "index": self.index, "form": self.form,
-                            "clips": 0, "frames": 0, "seconds": 0.0, "jpg_bytes": 0, "pcm_bytes": 0}
+                            "clips": 0, "frames": 0, "seconds": 0.0, "jpg_bytes": 0, _audio_bytes_key(self.form): 0}
         meta = json.loads(sample["json"])
         cur = self.current
         self.writer.write(sample)
@@ -271,7 +279,7 @@ class _ShardSink:
         cur["frames"] += meta["num_frames"]
         cur["seconds"] += meta["num_samples"] / meta["sample_rate"]
         cur["jpg_bytes"] += len(sample["jpgs"])
-        cur["pcm_bytes"] += len(sample["pcm"])
+        cur[_audio_bytes_key(self.form)] += len(sample[_AUDIO_MEMBER[self.form["audio_form"]]])
         if self.writer.boundaries[-1] >= self.max_bytes:
             self.close()
 
@@ -288,6 +296,14 @@ class _ShardSink:
         self.written.append(self.current)
         self.writer, self.pending_skips = None, []
         self.index += 1
+
+
+_AUDIO_MEMBER = {"wave": "pcm", "fbank": "fbank"}
+
+
+def _audio_bytes_key(form: dict) -> str:
+    """'pcm_bytes' or 'fbank_bytes': the index's total of the audio members."""
+    return _AUDIO_MEMBER[form.get("audio_form", "wave")] + "_bytes"
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -321,6 +337,8 @@ def _completed_shards(out_dir: Path, form: dict) -> tuple[list[dict], int]:
                      "frames": 0, "seconds": 0.0, "jpg_bytes": 0, "pcm_bytes": 0, "skipped": []}
         stored = index.get("form") or {"image_size": index.get("image_size")}
         theirs = {k: stored.get(k) for k in ("frames", "image_size", "jpeg_quality") if k in stored}
+        if "form" in index:  # older indexes have no audio_form: they hold PCM
+            theirs["audio_form"] = stored.get("audio_form", "wave")
         if any(form[k] != v for k, v in theirs.items() if v is not None):
             raise ValueError(f"{tar} holds {theirs}, this run makes "
                              f"{ {k: form[k] for k in theirs} }; use another out_dir")
@@ -333,12 +351,14 @@ def prepare_shards(src_dir: str | Path, out_dir: str | Path, *, shard_size: int 
                    shard_size_mb: float | None = None, workers: int = 1, limit: int | None = None,
                    speakers: int | list[str] | None = None, image_size: int = 160, full_frame: bool = False,
                    frames: str = "stride", jpeg_quality: int = 90, max_av_diff_s: float = 0.5,
-                   resample: bool = True, shuffle_seed: int | None = 0, progress: bool = True) -> dict:
+                   resample: bool = True, shuffle_seed: int | None = 0, progress: bool = True,
+                   audio_form: str = "wave") -> dict:
     """Convert the clips under src_dir into shards under out_dir; returns the manifest.
 
     shard_size: bytes per shard (int or '1GB', '200MB'; default ~1 GB); shard_size_mb is the older
     spelling (MiB). speakers / limit select clips (select_clips). full_frame stores the whole
-    224x224 frame (= image_size 224); frames "stride" or "ten" (module docstring). Bad clips are
+    224x224 frame (= image_size 224); frames "stride" or "ten"; audio_form "wave" (int16 PCM) or
+    "fbank" (the clip's float16 log-mel) (module docstring). Bad clips are
     skipped and listed with their reason (encode_clip), never fatal. shuffle_seed orders the
     clips across shards (None: sorted by key). The manifest (also out_dir/manifest.json) has
     clips, frames (stored), seconds, bytes, bytes_per_clip, bytes_per_second, speakers, the
@@ -349,7 +369,7 @@ def prepare_shards(src_dir: str | Path, out_dir: str | Path, *, shard_size: int 
             raise ValueError(f"full_frame stores {video.SOURCE_SIZE}px frames; image_size={image_size} contradicts it")
         image_size = video.SOURCE_SIZE
     max_bytes = _shard_bytes(shard_size, shard_size_mb)
-    form = store_form(image_size, frames, jpeg_quality)
+    form = store_form(image_size, frames, jpeg_quality, audio_form)
     src, out = Path(src_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
@@ -359,7 +379,8 @@ def prepare_shards(src_dir: str | Path, out_dir: str | Path, *, shard_size: int 
         started = time.perf_counter()
         sink = _ShardSink(out, next_number, max_bytes, form)
         encode = functools.partial(_encode_or_skip, image_size=image_size, jpeg_quality=jpeg_quality,
-                                   frames=frames, max_av_diff_s=max_av_diff_s, resample=resample)
+                                   frames=frames, max_av_diff_s=max_av_diff_s, resample=resample,
+                                   audio_form=audio_form)
         skipped_now = _encode_into(sink, todo, encode, workers, progress)
         elapsed = time.perf_counter() - started
 
@@ -455,15 +476,16 @@ def _encoded(clips: list[ClipSource], encode, workers: int) -> Iterator[dict]:
 
 def full_set_estimate(shards: list[dict]) -> dict:
     """Disk for VoxCeleb2 dev in this stored form, from these shards' bytes: what grows with
-    duration (PCM; JPEGs at stride 4) per second, the rest (JPEGs of 'ten', json, tar headers)
+    duration (PCM or fbank; JPEGs at stride 4) per second, the rest (JPEGs of 'ten', json, tar headers)
     per clip."""
     clips = sum(s["clips"] for s in shards)
     seconds = sum(s["seconds"] for s in shards)
-    if not clips or not seconds or not all("pcm_bytes" in s and s.get("jpg_bytes") for s in shards):
+    keys = [_audio_bytes_key(s.get("form") or {}) for s in shards]
+    if not clips or not seconds or not all(k in s and s.get("jpg_bytes") for k, s in zip(keys, shards)):
         return {}
     total = sum(s["bytes"] for s in shards)
-    jpg, pcm = sum(s["jpg_bytes"] for s in shards), sum(s["pcm_bytes"] for s in shards)
-    per_second = (pcm + (jpg if shards[0]["form"]["frames"] == "stride" else 0)) / seconds
+    jpg, sound = sum(s["jpg_bytes"] for s in shards), sum(s[k] for k, s in zip(keys, shards))
+    per_second = (sound + (jpg if shards[0]["form"]["frames"] == "stride" else 0)) / seconds
     per_clip = (total - per_second * seconds) / clips
     dev_seconds = VOX2_DEV_CLIPS * VOX2_MEAN_CLIP_S
     estimate = per_second * dev_seconds + per_clip * VOX2_DEV_CLIPS
@@ -519,7 +541,8 @@ def format_summary(manifest: dict) -> str:
         f"in {len(manifest['shards'])} shards, {_human(manifest['bytes'])}: {_human(manifest['bytes_per_clip'])} "
         f"per clip, {_human(manifest['bytes_per_second'])} per second",
         f"stored form: {form['frames']} frames, {form['image_size']}px, JPEG q{form['jpeg_quality']}, "
-        f"int16 PCM at {form['sample_rate']} Hz",
+        + ("float16 log-mel fbank" if form.get("audio_form") == "fbank" else "int16 PCM")
+        + f" at {form['sample_rate']} Hz",
         f"skipped {manifest['num_skipped']} clips"
         + (": " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["skipped_by_kind"].items())) if manifest["num_skipped"] else ""),
     ]

@@ -86,3 +86,13 @@ def cavmae_shards(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "cavmae_shards"
     prepare_shards(corpus, out, shard_size="150kB", workers=2, full_frame=True, frames="ten", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def fbank_shards(corpus, tmp_path_factory) -> Path:
+    """`shards` with the fbank audio form: the same clips in the same shards (one per shard)."""
+    from hicmae_dist.data.prepare import prepare_shards
+
+    out = tmp_path_factory.mktemp("data") / "fbank_shards"
+    prepare_shards(corpus, out, shard_size="200kB", workers=2, audio_form="fbank", progress=False)
+    return out

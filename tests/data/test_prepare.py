@@ -84,7 +84,7 @@ def test_prepare_skips_bad_clips_and_writes_the_rest(corpus, shards, labels):
     assert _shard_keys(shards) == sorted([*labels, WAV_BESIDE])
 
     assert manifest["form"] == {"frames": "stride", "image_size": 160, "frame_stride": 4, "jpeg_quality": 90,
-                                "sample_rate": 16000}
+                                "sample_rate": 16000, "audio_form": "wave"}
     assert manifest["frames"] == NUM_GOOD * 20  # 80 frames, one in 4 kept
     assert manifest["seconds"] == pytest.approx(NUM_GOOD * 3.2, abs=0.5)
     tars = sorted(shards.glob("shard-*.tar"))
