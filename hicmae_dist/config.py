@@ -39,6 +39,19 @@ class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type or range."""
 
 
+def added(default: Any, **kwargs) -> Any:
+    """A field added after runs were written with this config: it enters Config.hash only when
+    set to something else than its default (the behaviour runs had before it existed), so an
+    upgrade does not refuse to resume every running job."""
+    return field(default=default, metadata={"added": True}, **kwargs)
+
+
+def _hashed(f: dataclasses.Field, section: Any) -> bool:
+    if not f.metadata.get("hashed", True):
+        return False
+    return not (f.metadata.get("added") and getattr(section, f.name) == f.default)
+
+
 @dataclass
 class ModelConfig:
     """The fields every model family has, with the same meaning (defaults are HiCMAE-S's). Each
@@ -131,7 +144,7 @@ class DataConfig:
     multiscale_crop: bool = True
     gain_augment: bool = True
     roll_augment: bool = False  # the release's roll is a no-op; ours works when enabled
-    audio_form: str = "wave"  # what the shards store: "wave" (int16 PCM) | "fbank" (prepare --audio-form)
+    audio_form: str = added("wave")  # what the shards store: "wave" (int16 PCM) | "fbank" (prepare --audio-form)
     max_bad_fraction: float = 0.01  # stop the run when more samples than this are unreadable
 
     def validate(self) -> None:
@@ -340,19 +353,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def added(default: Any, **kwargs) -> Any:
-    """A field added after runs were written with this config: it enters Config.hash only when
-    set to something else than its default (the behaviour runs had before it existed), so an
-    upgrade does not refuse to resume every running job."""
-    return field(default=default, metadata={"added": True}, **kwargs)
-
-
-def _hashed(f: dataclasses.Field, section: Any) -> bool:
-    if not f.metadata.get("hashed", True):
-        return False
-    return not (f.metadata.get("added") and getattr(section, f.name) == f.default)
 
 
 def expect(ok: bool, key: str, expected: str, got: Any) -> None:
