@@ -4,9 +4,10 @@ cores a GPU needs.
 On a synthetic corpus written for the purpose (real mp4/m4a files, 25 fps H.264, GOP 50), one
 run measures, all on one thread per process:
   - prepare: clips/s with 1, 2 and N threads, per stored form;
-  - release (the anchor): the HiCMAE release's per-sample work (see release_clip): open the mp4,
-    decode its 16 frames at stride 4, crop, resize, normalise, read the wav window, fbank, masks;
-    CPU time in the main process gives clips per CPU-second;
+  - release (the anchor): the authors' per-sample work. HiCMAE (release_clip): open the mp4,
+    decode its 16 frames at stride 4, crop, resize, normalise, read the wav window, fbank, masks.
+    CAV-MAE (release_cavmae_clip): one of 10 pre-extracted JPEG frames, the whole wav, fbank,
+    noise and roll. CPU time in the main process gives clips per CPU-second;
   - the loader, per video path (today's float batches, the uint8 ones) and stored audio form:
     clips per CPU-second in the main process (workers=0: one core's work) and clips/s with 1, 2
     and N DataLoader workers (wall clock; per worker = clips/s / workers);
@@ -21,6 +22,7 @@ CPU-time rates much less.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -46,9 +48,11 @@ ARCH_PRESETS = {"hicmae": "hicmae-b-vox2", "cavmae": "cavmae-base-vox2"}  # the 
 LOADER_PATHS = ("float",)  # TODO(merge): ("float", "uint8") once U8 lands (and see _loader_options)
 AUDIO_FORMS = ("wave",)  # TODO(merge): ("wave", "fbank") once FBANK lands (and see _prepare_options, _loader_options)
 GOAL_PATH = "float"  # TODO(merge): "uint8": the goal is the uint8 path's rate
-FLOAT_STAGES = ("read tar", "json", "jpeg decode", "crop+resize+normalise", "fbank", "masks", "new batch memory")
-UINT8_STAGES = ("read tar", "json", "jpeg decode", "crop+resize", "fbank", "masks")  # normalise: device row
+FLOAT_STAGES = ("read tar", "json", "jpeg decode", "crop+resize+normalise", "fbank+augment", "masks",
+                "new batch memory")
+UINT8_STAGES = ("read tar", "json", "jpeg decode", "crop+resize", "fbank+augment", "masks")  # normalise: device row
 RELEASE_STAGES = ("open mp4", "decode frames", "crop+resize+normalise", "read wav", "fbank", "masks")
+CAVMAE_RELEASE_STAGES = ("read jpeg", "jpeg decode", "normalise", "read wav", "fbank+augment")
 
 
 def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_dir: str | Path | None = None,
@@ -75,12 +79,12 @@ def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_di
                 write_corpus(corpus, clips, num_classes=4, seed=seed, workers=ncpu, progress=False)
             result["prepare"], stores = _bench_prepare(corpus, root, workers)
             models = {arch: load_config(preset).model for arch, preset in ARCH_PRESETS.items()}
-            release = release_profile(corpus, root / "release-wav", models["hicmae"], samples, seed)
-            result["loader"] = [_release_row(release)] + [
+            result["profile"] = {arch: {"release": release_profile(list(release_inputs(corpus, root, arch).values()),
+                                                                   m, samples, seed)} for arch, m in models.items()}
+            result["loader"] = [row for arch in models for row in [_release_row(arch, result["profile"][arch])] + [
                 _loader_row(arch, stores[arch, form], models[arch], path, form, w, batch_size, batches, seed)
-                for arch, path, form, w in _loader_settings(workers)]
+                for a, path, form, w in _loader_settings(workers) if a == arch]]
             result["device"] = _device_rows(models, batch_size, repeats=3 if quick else 7)
-            result["profile"] = {arch: {"release": release} if arch == "hicmae" else {} for arch in models}
             for arch, m in models.items():
                 for path in ("float", "uint8"):
                     result["profile"][arch][path] = profile_decode(stores[arch, "wave"], m, path, samples)
@@ -132,9 +136,37 @@ def _prepare_row(form: str, workers: int, manifest: dict, wall: float, cpu: floa
 
 # --- the release's data path ------------------------------------------------------------------------
 
+def release_inputs(corpus: Path, root: Path, arch: str) -> dict[str, tuple]:
+    """{key: the files the release reads per clip}: HiCMAE (mp4, wav), CAV-MAE (its 10 frames'
+    JPEGs, wav). Both releases read 16 kHz wavs and CAV-MAE's JPEG frames extracted beforehand
+    (their preprocessing, not timed); this writes them under root, from prepare's decoders."""
+    wavs = release_wavs(corpus, root / "release-wav")
+    if arch == "hicmae":
+        return wavs
+    return {key: (_release_frames(mp4, root / "release-frames" / key), wav) for key, (mp4, wav) in wavs.items()}
+
+
+def _release_frames(mp4: Path, out: Path) -> list[Path]:
+    """CAV-MAE's 10 frames of a clip as JPEG files (quality 95, OpenCV's default, as its
+    extract_video_frame.py writes them)."""
+    from torchcodec.decoders import VideoDecoder
+
+    from hicmae_dist.data import video
+
+    paths = [out / f"frame_{i}.jpg" for i in range(10)]
+    if not all(p.exists() for p in paths):
+        decoder = VideoDecoder(str(mp4), dimension_order="NCHW")
+        frames = decoder.get_frames_at(video.cavmae_frame_indices(len(decoder), decoder.metadata.average_fps)).data
+        blob, sizes = video.encode_jpegs(frames, quality=95)
+        out.mkdir(parents=True, exist_ok=True)
+        for path, end, size in zip(paths, itertools.accumulate(sizes), sizes):
+            path.write_bytes(blob[end - size:end])
+    return paths
+
+
 def release_wavs(corpus: Path, out: Path) -> dict[str, tuple[Path, Path]]:
-    """{key: (mp4, wav)}: the release reads 16 kHz wavs extracted beforehand from the clips'
-    audio (its preprocessing, not timed); this writes them, from the same decode as prepare's."""
+    """{key: (mp4, wav)}: the clips' audio as 16 kHz wavs (out/<key>.wav), from the same decode as
+    prepare's."""
     from torchcodec.decoders import AudioDecoder
 
     from hicmae_dist.data import audio
@@ -215,22 +247,57 @@ def _read_wav(path: Path, first: int, count: int) -> torch.Tensor:
         return audio.from_pcm16(f.readframes(count))
 
 
-def release_profile(corpus: Path, wav_dir: Path, m: ModelConfig, samples: int, seed: int) -> dict:
-    """CPU ms per clip of each of RELEASE_STAGES over `samples` clips (after an untimed one)."""
-    pairs = list(release_wavs(corpus, wav_dir).values())
+def release_cavmae_clip(frames: list[Path], wav: Path, m: ModelConfig, rng: random.Random,
+                       pick: int | None = None,
+                       noise: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """One clip as the CAV-MAE release's training dataset makes it, with our functions for the
+    shared parts: (video (3, 224, 224), audio (1, 1024, 128), the CPU clock before and after each
+    of CAVMAE_RELEASE_STAGES).
+
+    The release, per sample: frame_{random 0..9}/<id>.jpg opened with PIL, Resize(224, bicubic) and
+    CenterCrop(224) (the identity on 224 px frames), ToTensor, ImageNet normalisation;
+    torchaudio.load of the whole wav, minus its mean, Kaldi fbank cut or padded to 1024 frames,
+    (x + 5.081) / 4.4849, then (its `noise` switch) U*U/10 noise and a roll in [-1024, 1024). Its
+    masks are drawn on the GPU, inside the model. Here: our JPEG decode, image_into, wave-module
+    read (see release_clip), cavmae_fbank_into and cavmae_augment_.
+    """
+    from hicmae_dist.data import audio, video
+
+    ticks = [time.process_time()]
+    data = frames[rng.randrange(len(frames)) if pick is None else pick].read_bytes()
+    ticks.append(time.process_time())
+    frame = video.decode_frames_hwc(data, [len(data)], [0])[0]  # (224, 224, 3)
+    ticks.append(time.process_time())
+    out_v = video.image_into(torch.empty(3, m.image_size, m.image_size), frame)
+    ticks.append(time.process_time())
+    wave_ = _read_wav(wav, 0, 1 << 30)  # (1, S): the whole clip
+    ticks.append(time.process_time())
+    out_a = torch.empty(1, m.audio_frames, m.mel_bins)
+    feats = audio.cavmae_fbank_into(out_a[0], wave_[0])
+    if noise:
+        audio.cavmae_augment_(feats, rng, torch.Generator().manual_seed(rng.randrange(1 << 31)))
+    ticks.append(time.process_time())
+    return out_v, out_a, ticks
+
+
+def release_profile(inputs: list[tuple], m: ModelConfig, samples: int, seed: int) -> dict:
+    """CPU ms per clip of each stage of the release's per-sample work (release_clip for HiCMAE,
+    release_cavmae_clip for CAV-MAE) over `samples` clips (after an untimed one)."""
+    clip, stages = ((release_cavmae_clip, CAVMAE_RELEASE_STAGES) if m.arch == "cavmae"
+                    else (release_clip, RELEASE_STAGES))
     rng = random.Random(seed)
-    ms = dict.fromkeys(RELEASE_STAGES, 0.0)
+    ms = dict.fromkeys(stages, 0.0)
     for n in range(samples + 1):  # the first clip warms caches and is not counted
-        ticks = release_clip(*pairs[n % len(pairs)], m, rng)[2]
+        ticks = clip(*inputs[n % len(inputs)], m, rng)[2]
         if n > 0:
-            for key, t0, t1 in zip(RELEASE_STAGES, ticks, ticks[1:]):
+            for key, t0, t1 in zip(stages, ticks, ticks[1:]):
                 ms[key] += t1 - t0
     return _profile_summary(ms, samples)
 
 
-def _release_row(release: dict) -> dict:
-    return {"arch": "hicmae", "path": "release", "audio": "wav", "workers": 0,
-            "clips_per_cpu_s": release["clips_per_cpu_s"]}
+def _release_row(arch: str, profile: dict) -> dict:
+    return {"arch": arch, "path": "release", "audio": "wav", "workers": 0,
+            "clips_per_cpu_s": profile["release"]["clips_per_cpu_s"]}
 
 
 # --- the loader -----------------------------------------------------------------------------------
@@ -383,8 +450,12 @@ def _decode_one(reader, ref: tuple[int, int], m: ModelConfig, rng: random.Random
     else:
         video.frames_into(out_v, frames, box)
     ticks.append(time.process_time())
+    # The loader rows' audio augmentation: HiCMAE's gain, CAV-MAE's noise and roll of the fbank.
     wave_ = audio.from_pcm16(sample["pcm"] if cav else sample["pcm"][:2 * 40960])[0]
-    (audio.cavmae_fbank_into if cav else audio.fbank_into)(out_a, wave_)  # TODO(merge): a slice for fbank shards
+    if cav:  # TODO(merge): a slice of the stored fbank for fbank shards
+        audio.cavmae_augment_(audio.cavmae_fbank_into(out_a, wave_), rng, gen)
+    else:
+        audio.fbank_into(out_a, audio.random_gain(wave_, rng))
     ticks.append(time.process_time())
     if cav:
         mae_random_mask((m.image_size // m.patch) ** 2, m.video_mask_ratio, gen)
@@ -473,13 +544,13 @@ def format_table(result: dict) -> str:
     lines.append(md_table(["stored form", "workers", "clips/s", "per worker", "clips/CPU-s", "bytes/clip"],
                           [[p["form"], p["workers"], _num(p["clips_per_s"]), _num(p["clips_per_s_per_worker"]),
                             _num(p["clips_per_cpu_s"]), p["bytes_per_clip"]] for p in r["prepare"]]))
-    release = per_core_rates(r["loader"])["hicmae"]["release"]
-    lines += ["", "## loader (release: the authors' per-sample path, decoded from the mp4)", ""]
+    rates = per_core_rates(r["loader"])
+    lines += ["", "## loader (release: the authors' per-sample path; HiCMAE's decodes the mp4)", ""]
     lines.append(md_table(
         ["arch", "path", "audio", "workers", "clips/s", "per worker", "clips/CPU-s", "vs release"],
         [[x["arch"], x["path"], x["audio"], "main" if x["workers"] == 0 else x["workers"], _num(x.get("clips_per_s")),
           _num(x.get("clips_per_s_per_worker")), _num(x.get("clips_per_cpu_s")),
-          f"{x['clips_per_cpu_s'] / release:.1f}x" if x["arch"] == "hicmae" and x.get("clips_per_cpu_s") else ""]
+          f"{x['clips_per_cpu_s'] / rates[x['arch']]['release']:.1f}x" if x.get("clips_per_cpu_s") else ""]
          for x in r["loader"]]))
     lines += ["", "## device: uint8 batch -> normalised float (moved out of the workers)", ""]
     lines.append(md_table(["arch", "device", "threads", "batch", "ms/batch", "clips/s"],

@@ -32,9 +32,10 @@ def test_every_row(quick):
     table, result, _ = quick
     for section in ("## prepare", "## loader", "## device", "## profile", "## capacity", "goal: HiCMAE >= 300"):
         assert section in table
+    # TODO(merge): the uint8 rows (U8) and the fbank audio rows (FBANK) follow each arch's float rows
     assert [(r["arch"], r["path"], r["workers"]) for r in result["loader"]] == [
         ("hicmae", "release", 0), ("hicmae", "float", 0), ("hicmae", "float", 1), ("hicmae", "float", 2),
-        ("cavmae", "float", 0), ("cavmae", "float", 1), ("cavmae", "float", 2)]
+        ("cavmae", "release", 0), ("cavmae", "float", 0), ("cavmae", "float", 1), ("cavmae", "float", 2)]
     assert [r["workers"] for r in result["prepare"]] == [1, 2, 2]
     for row in result["loader"]:
         assert row["clips_per_cpu_s"] > 0 if row["workers"] == 0 else row["clips_per_s_per_worker"] > 0
@@ -42,12 +43,13 @@ def test_every_row(quick):
         assert row["clips_per_s"] > 0 and row["clips_per_s_per_worker"] > 0
     assert [(d["arch"], d["device"]) for d in result["device"]][:2] == [("hicmae", "cpu"), ("cavmae", "cpu")]
     assert all(d["clips_per_s"] > 0 for d in result["device"])
-    for arch, paths in (("hicmae", {"release", "float", "uint8"}), ("cavmae", {"float", "uint8"})):
+    for arch in ("hicmae", "cavmae"):
         prof = result["profile"][arch]
-        assert set(prof) == paths and all(p["total_ms"] > 0 for p in prof.values())
+        assert set(prof) == {"release", "float", "uint8"} and all(p["total_ms"] > 0 for p in prof.values())
         assert "new batch memory" in prof["float"]["ms"] and "new batch memory" not in prof["uint8"]["ms"]
-        assert "jpeg decode" in prof["uint8"]["ms"] and "fbank" in prof["uint8"]["ms"]
+        assert "crop+resize" in prof["uint8"]["ms"] and "fbank+augment" in prof["uint8"]["ms"]
     assert set(result["profile"]["hicmae"]["release"]["ms"]) >= {"open mp4", "decode frames", "read wav", "fbank"}
+    assert set(result["profile"]["cavmae"]["release"]["ms"]) >= {"jpeg decode", "read wav", "fbank+augment"}
 
 
 def test_goal_follows_the_rows(quick):
@@ -73,8 +75,7 @@ def test_capacity_follows_the_formula(quick):
         flops = 6 * sum(macs(cfg, "pretrain").values())  # 3 x (2 FLOPs per MAC) x forward
         gpu = 0.4 * 989.4e12 / flops
         assert c["train_flops"] == flops and c["gpu_clips_per_s"] == pytest.approx(gpu, abs=0.1)
-        paths = {"release", "float"} if cfg.arch == "hicmae" else {"float"}
-        assert set(c["cores_per_gpu"]) == paths
+        assert set(c["cores_per_gpu"]) == {"release", "float"}
         for path, cores in c["cores_per_gpu"].items():
             assert cores == pytest.approx(gpu / rates[cfg.arch, path], abs=0.1)
     s, b = result["capacity"][:2]
@@ -103,6 +104,31 @@ def test_release_clip_matches_the_loader(quick):
         torch.testing.assert_close(audio[:, :254], batch["audio"][t][:, :254], rtol=0, atol=1e-3)
         assert len(ticks) == 7 and ticks == sorted(ticks)
     assert not torch.equal(video, release_clip(*pairs[key], m, random.Random(0), 0, (0, 0, 105, 105))[0])
+
+
+def test_cavmae_release_clip_matches_the_loader(quick):
+    """CAV-MAE's release reads one of the 10 frames as a JPEG of its own (q95) and the whole wav:
+    the same frame within JPEG error, the same fbank (noise and roll off on both sides)."""
+    from torchcodec.decoders import VideoDecoder
+
+    from hicmae_dist.bench.data import ARCH_PRESETS, release_cavmae_clip, release_inputs
+    from hicmae_dist.config import DataConfig, load_config
+    from hicmae_dist.data import video as vid
+    from hicmae_dist.data.loader import make_pretrain_loader
+
+    _, _, work = quick
+    m = load_config(ARCH_PRESETS["cavmae"]).model
+    inputs = release_inputs(work / "corpus", work, "cavmae")
+    data_cfg = DataConfig(batch_size=2, num_workers=0, shuffle_buffer=2, gain_augment=False, roll_augment=False)
+    batch = next(iter(make_pretrain_loader(work / "shards-cavmae-wave-w2", data_cfg, m, seed=0)))
+    for t, key in enumerate(batch["key"]):
+        mp4 = work / "corpus" / "dev" / "mp4" / f"{key}.mp4"
+        source = vid.cavmae_frame_indices(len(VideoDecoder(str(mp4))))
+        pick = source.index(int(batch["start_frame"][t]))
+        video, audio, _ = release_cavmae_clip(*inputs[key], m, random.Random(0), pick=pick, noise=False)
+        assert video.shape == batch["video"][t].shape and audio.shape == batch["audio"][t].shape
+        assert (video - batch["video"][t]).abs().mean() < 0.1
+        torch.testing.assert_close(audio, batch["audio"][t], rtol=0, atol=1e-3)
 
 
 def test_bench_parser_keeps_bench_model():
