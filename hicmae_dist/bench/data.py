@@ -79,11 +79,13 @@ def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_di
                 write_corpus(corpus, clips, num_classes=4, seed=seed, workers=ncpu, progress=False)
             result["prepare"], stores = _bench_prepare(corpus, root, workers)
             models = {arch: load_config(preset).model for arch, preset in ARCH_PRESETS.items()}
-            result["profile"] = {arch: {"release": release_profile(list(release_inputs(corpus, root, arch).values()),
-                                                                   m, samples, seed)} for arch, m in models.items()}
-            result["loader"] = [row for arch in models for row in [_release_row(arch, result["profile"][arch])] + [
-                _loader_row(arch, stores[arch, form], models[arch], path, form, w, batch_size, batches, seed)
-                for a, path, form, w in _loader_settings(workers) if a == arch]]
+            result["loader"], result["profile"] = [], {}
+            for arch, m in models.items():  # the release's row, then the loader's
+                release = release_profile(list(release_inputs(corpus, root, arch).values()), m, samples, seed)
+                result["profile"][arch] = {"release": release}
+                result["loader"].append(_release_row(arch, release))
+                result["loader"] += [_loader_row(arch, stores[arch, form], m, path, form, w, batch_size, batches, seed)
+                                     for path, form, w in _loader_settings(workers)]
             result["device"] = _device_rows(models, batch_size, repeats=3 if quick else 7)
             for arch, m in models.items():
                 for path in ("float", "uint8"):
@@ -295,17 +297,17 @@ def release_profile(inputs: list[tuple], m: ModelConfig, samples: int, seed: int
     return _profile_summary(ms, samples)
 
 
-def _release_row(arch: str, profile: dict) -> dict:
+def _release_row(arch: str, release: dict) -> dict:
     return {"arch": arch, "path": "release", "audio": "wav", "workers": 0,
-            "clips_per_cpu_s": profile["release"]["clips_per_cpu_s"]}
+            "clips_per_cpu_s": release["clips_per_cpu_s"]}
 
 
 # --- the loader -----------------------------------------------------------------------------------
 
-def _loader_settings(workers: list[int]) -> list[tuple[str, str, str, int]]:
-    """(arch, video path, audio form, workers): every path with the wave form in the main process
-    and with each worker count; the other audio forms in the main process (one core's work)."""
-    return [(arch, path, form, w) for arch in ARCH_PRESETS for path in LOADER_PATHS for form in AUDIO_FORMS
+def _loader_settings(workers: list[int]) -> list[tuple[str, str, int]]:
+    """(video path, audio form, workers): every path with the wave form in the main process and
+    with each worker count; the other audio forms in the main process (one core's work)."""
+    return [(path, form, w) for path in LOADER_PATHS for form in AUDIO_FORMS
             for w in ([0, *workers] if form == "wave" else [0])]
 
 
