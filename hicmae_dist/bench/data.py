@@ -1,39 +1,64 @@
-"""`hicmae-dist bench data`: how fast the data layer turns clips into batches.
+"""`hicmae-dist bench data`: clips per CPU core, against the authors' data path, and the CPU
+cores a GPU needs.
 
-On a synthetic corpus written for the purpose (real mp4/m4a files):
-  - prepare: clips/s with 1, 2 and N threads (N = CPUs), HiCMAE's stored form (stride 4, 160 px)
-    and CAV-MAE's (10 full 224 px frames);
-  - the loader: clips/s for HiCMAE inputs and for CAV-MAE inputs, in the main process (one core:
-    its CPU time gives clips per CPU-second, the per-core figure) and with 1, 2 and N DataLoader
-    workers (wall clock; per worker = clips/s / workers);
-  - a profile of one core's work per clip, stage by stage (CPU ms), and the HiCMAE goal of
-    >= 250 clips/s per core.
+On a synthetic corpus written for the purpose (real mp4/m4a files, 25 fps H.264, GOP 50), one
+run measures, all on one thread per process:
+  - prepare: clips/s with 1, 2 and N threads, per stored form;
+  - release (the anchor): the authors' per-sample work. HiCMAE (release_clip): open the mp4,
+    decode its 16 frames at stride 4, crop, resize, normalise, read the wav window, fbank, masks.
+    CAV-MAE (release_cavmae_clip): one of 10 pre-extracted JPEG frames, the whole wav, fbank,
+    noise and roll. CPU time in the main process gives clips per CPU-second;
+  - the loader, per video path (today's float batches, the uint8 ones) and stored audio form:
+    clips per CPU-second in the main process (workers=0: one core's work) and clips/s with 1, 2
+    and N DataLoader workers (wall clock; per worker = clips/s / workers);
+  - device: the uint8 -> normalised float step that moves out of the workers, clips/s on the
+    CPU and, where present, on CUDA;
+  - profile: CPU ms per clip of each stage of one core's work, per path;
+  - capacity: CPU cores per H100 to feed each model at 40% of the H100's dense bf16 peak
+    (capacity_table states the formula);
+  - goal: HiCMAE clips per CPU-second against 300 and against 13x the release.
 Wall-clock rates depend on what else the machine runs (the report prints the load average);
 CPU-time rates much less.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 import shutil
 import tempfile
 import time
+import wave
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from hicmae_dist.bench.timing import Stopwatch, torch_threads
-from hicmae_dist.config import Config, DataConfig, ModelConfig, load_config
+from hicmae_dist.bench.report import machine, md_table
+from hicmae_dist.bench.timing import Stopwatch, time_calls, torch_threads
+from hicmae_dist.config import DataConfig, ModelConfig, load_config
 
-GOAL_CLIPS_PER_CORE = 250  # HiCMAE inputs, per CPU core (a GPU eats thousands of clips per second)
-STAGES = ("read tar", "json", "jpeg decode", "crop+resize+normalise", "fbank", "masks", "new batch memory")
+GOAL_CLIPS_PER_CORE = 300  # HiCMAE inputs per CPU-second (issue #16)
+GOAL_VS_RELEASE = 13  # ... and that many times the release's clips per CPU-second
+H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM datasheet, dense bf16 (no sparsity)
+TARGET_MFU = 0.4  # the training rate a GPU is fed for: 40% of that peak
+CAPACITY_MODELS = ("hicmae-s", "hicmae-b", "cavmae-base")
+ARCH_PRESETS = {"hicmae": "hicmae-b-vox2", "cavmae": "cavmae-base-vox2"}  # the inputs are the same for every size
+LOADER_PATHS = ("float",)  # TODO(merge): ("float", "uint8") once U8 lands (and see _loader_options)
+AUDIO_FORMS = ("wave",)  # TODO(merge): ("wave", "fbank") once FBANK lands (and see _prepare_options, _loader_options)
+GOAL_PATH = "float"  # TODO(merge): "uint8": the goal is the uint8 path's rate
+FLOAT_STAGES = ("read tar", "json", "jpeg decode", "crop+resize+normalise", "fbank+augment", "masks",
+                "new batch memory")
+UINT8_STAGES = ("read tar", "json", "jpeg decode", "crop+resize", "fbank+augment", "masks")  # normalise: device row
+RELEASE_STAGES = ("open mp4", "decode frames", "crop+resize+normalise", "read wav", "fbank", "masks")
+CAVMAE_RELEASE_STAGES = ("read jpeg", "jpeg decode", "normalise", "read wav", "fbank+augment")
 
 
 def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_dir: str | Path | None = None,
                clips: int | None = None, batches: int | None = None, batch_size: int | None = None,
                seed: int = 0) -> dict:
-    """Run the benchmark (module docstring); returns the results (format_table prints them)."""
+    """Run the benchmark (module docstring); returns the results (format_table renders them)."""
     from hicmae_dist.data.synth import write_corpus
 
     ncpu = os.cpu_count() or 1
@@ -41,21 +66,31 @@ def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_di
     clips = clips or (8 if quick else 48)
     batches = batches or (4 if quick else 12)
     batch_size = batch_size or (4 if quick else 8)
+    samples = 6 if quick else 24  # clips per profile / release measurement
     owned = work_dir is None
     root = Path(work_dir or tempfile.mkdtemp(prefix="hicmae-bench-data-"))
     result: dict = {"quick": quick, "cpus": ncpu, "load_average": [round(x, 2) for x in os.getloadavg()],
-                    "clips": clips, "batch_size": batch_size, "batches": batches, "workers": workers}
+                    "machine": machine(torch.device("cpu")), "clips": clips, "batch_size": batch_size,
+                    "batches": batches, "workers": workers}
     try:
         with torch_threads(1):
             corpus = root / "corpus"
             if not (corpus / "labels.csv").exists():
                 write_corpus(corpus, clips, num_classes=4, seed=seed, workers=ncpu, progress=False)
             result["prepare"], stores = _bench_prepare(corpus, root, workers)
-            models = {"hicmae": Config().model, "cavmae": load_config("cavmae-base-vox2").model}
-            result["loader"] = [_loader_row(arch, stores[arch], model_cfg, w, batch_size, batches, seed)
-                                for arch, model_cfg in models.items() for w in [0, *workers]]
-            result["profile"] = {arch: profile_decode(stores[arch], cfg, samples=6 if quick else 24)
-                                 for arch, cfg in models.items()}
+            models = {arch: load_config(preset).model for arch, preset in ARCH_PRESETS.items()}
+            result["loader"], result["profile"] = [], {}
+            for arch, m in models.items():  # the release's row, then the loader's
+                release = release_profile(list(release_inputs(corpus, root, arch).values()), m, samples, seed)
+                result["profile"][arch] = {"release": release}
+                result["loader"].append(_release_row(arch, release))
+                result["loader"] += [_loader_row(arch, stores[arch, form], m, path, form, w, batch_size, batches, seed)
+                                     for path, form, w in _loader_settings(workers)]
+            result["device"] = _device_rows(models, batch_size, repeats=3 if quick else 7)
+            for arch, m in models.items():
+                for path in ("float", "uint8"):
+                    result["profile"][arch][path] = profile_decode(stores[arch, "wave"], m, path, samples)
+        result["capacity"] = capacity_table(per_core_rates(result["loader"]))
         result["goal"] = _goal(result)
         return result
     finally:
@@ -63,33 +98,35 @@ def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_di
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _bench_prepare(corpus: Path, root: Path, workers: list[int]) -> tuple[list[dict], dict[str, Path]]:
-    """Time `prepare` into HiCMAE's form with each worker count, then CAV-MAE's with the most:
-    (rows, {arch: a shard directory of its form})."""
+# --- prepare --------------------------------------------------------------------------------------
+
+def _prepare_options(arch: str, form: str) -> dict:
+    """prepare_shards keywords of an (arch, audio form)'s stored form."""
+    options = {"full_frame": True, "frames": "ten"} if arch == "cavmae" else {}
+    if form != "wave":  # TODO(merge): options["audio_form"] = form (FBANK's prepare_shards keyword)
+        raise ValueError(f"audio form {form!r}: this branch's prepare stores only 'wave'")
+    return options
+
+
+def _bench_prepare(corpus: Path, root: Path, workers: list[int]) -> tuple[list[dict], dict[tuple, Path]]:
+    """Time `prepare` into HiCMAE's form with each worker count, then every other (arch, audio
+    form) with the most: (rows, {(arch, form): a shard directory of that form})."""
     from hicmae_dist.data.prepare import prepare_shards
 
-    forms = [("hicmae", "hicmae: stride 4, 160px", root / f"shards-hicmae-w{w}", w, {}) for w in workers]
-    forms.append(("cavmae", "cavmae: ten frames, 224px", root / "shards-cavmae", max(workers),
-                  {"full_frame": True, "frames": "ten"}))
+    labels = {"hicmae": "hicmae: stride 4, 160px", "cavmae": "cavmae: ten frames, 224px"}
+    forms = [("hicmae", "wave", w) for w in workers]
+    forms += [(arch, form, max(workers)) for arch in ARCH_PRESETS for form in AUDIO_FORMS
+              if (arch, form) != ("hicmae", "wave")]
     rows, stores = [], {}
-    for arch, form, out, w, options in forms:
+    for arch, form, w in forms:
+        out = root / f"shards-{arch}-{form}-w{w}"
         shutil.rmtree(out, ignore_errors=True)
         with Stopwatch() as took:
-            manifest = prepare_shards(corpus, out, shard_size="1MB", workers=w, progress=False, **options)
-        rows.append(_prepare_row(form, w, manifest, took.wall, took.cpu))
-        stores.setdefault(arch, out)
+            manifest = prepare_shards(corpus, out, shard_size="1MB", workers=w, progress=False,
+                                      **_prepare_options(arch, form))
+        rows.append(_prepare_row(f"{labels[arch]}, {form} audio", w, manifest, took.wall, took.cpu))
+        stores.setdefault((arch, form), out)
     return rows, stores
-
-
-def _goal(result: dict) -> dict:
-    """HiCMAE's clips per CPU-second in the main process against the goal, and the two stages
-    that cost the most."""
-    per_core = next(r["clips_per_cpu_s"] for r in result["loader"] if r["arch"] == "hicmae" and r["workers"] == 0)
-    prof = result["profile"]["hicmae"]
-    top = sorted(((v, k) for k, v in prof["ms"].items()), reverse=True)[:2]
-    return {"clips_per_core": GOAL_CLIPS_PER_CORE, "hicmae_clips_per_core": per_core,
-            "met": per_core >= GOAL_CLIPS_PER_CORE,
-            "limited_by": [f"{k} {v:.2f} ms ({100 * v / prof['total_ms']:.0f}%)" for v, k in top]}
 
 
 def _prepare_row(form: str, workers: int, manifest: dict, wall: float, cpu: float) -> dict:
@@ -99,13 +136,196 @@ def _prepare_row(form: str, workers: int, manifest: dict, wall: float, cpu: floa
             "clips_per_cpu_s": round(n / cpu, 2) if cpu > 0 else None, "bytes_per_clip": manifest["bytes_per_clip"]}
 
 
-def _loader_row(arch: str, shards: Path, model_cfg: ModelConfig, workers: int, batch_size: int, batches: int,
-                seed: int) -> dict:
+# --- the release's data path ------------------------------------------------------------------------
+
+def release_inputs(corpus: Path, root: Path, arch: str) -> dict[str, tuple]:
+    """{key: the files the release reads per clip}: HiCMAE (mp4, wav), CAV-MAE (its 10 frames'
+    JPEGs, wav). Both releases read 16 kHz wavs and CAV-MAE's JPEG frames extracted beforehand
+    (their preprocessing, not timed); this writes them under root, from prepare's decoders."""
+    wavs = release_wavs(corpus, root / "release-wav")
+    if arch == "hicmae":
+        return wavs
+    return {key: (_release_frames(mp4, root / "release-frames" / key), wav) for key, (mp4, wav) in wavs.items()}
+
+
+def _release_frames(mp4: Path, out: Path) -> list[Path]:
+    """CAV-MAE's 10 frames of a clip as JPEG files (quality 95, OpenCV's default, as its
+    extract_video_frame.py writes them)."""
+    from torchcodec.decoders import VideoDecoder
+
+    from hicmae_dist.data import video
+
+    paths = [out / f"frame_{i}.jpg" for i in range(10)]
+    if not all(p.exists() for p in paths):
+        decoder = VideoDecoder(str(mp4), dimension_order="NCHW")
+        frames = decoder.get_frames_at(video.cavmae_frame_indices(len(decoder), decoder.metadata.average_fps)).data
+        blob, sizes = video.encode_jpegs(frames, quality=95)
+        out.mkdir(parents=True, exist_ok=True)
+        for path, end, size in zip(paths, itertools.accumulate(sizes), sizes):
+            path.write_bytes(blob[end - size:end])
+    return paths
+
+
+def release_wavs(corpus: Path, out: Path) -> dict[str, tuple[Path, Path]]:
+    """{key: (mp4, wav)}: the clips' audio as 16 kHz wavs (out/<key>.wav), from the same decode as
+    prepare's."""
+    from torchcodec.decoders import AudioDecoder
+
+    from hicmae_dist.data import audio
+    from hicmae_dist.data.prepare import find_clips
+
+    pairs = {}
+    for clip in find_clips(corpus):
+        wav = out / f"{clip.key}.wav"
+        if not wav.exists():
+            samples = AudioDecoder(clip.audio_path, sample_rate=audio.SAMPLE_RATE, num_channels=1).get_all_samples()
+            wav.parent.mkdir(parents=True, exist_ok=True)
+            with wave.open(str(wav), "wb") as f:
+                f.setnchannels(1), f.setsampwidth(2), f.setframerate(audio.SAMPLE_RATE)
+                f.writeframes(audio.to_pcm16(samples.data))
+        pairs[clip.key] = (clip.video_path, wav)
+    return pairs
+
+
+def release_clip(mp4: Path, wav: Path, m: ModelConfig, rng: random.Random, start: int | None = None,
+                 box: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """One clip as the HiCMAE release's pretraining dataset makes it, with our functions for the
+    shared parts: (video (3, 16, S, S), audio (1, 256, 128), the CPU clock before and after each
+    of RELEASE_STAGES).
+
+    The release, per sample: decord.VideoReader(mp4, num_threads=1) (opens and indexes the file);
+    a random start, frames start + 4 i (i < 16), decoded with get_batch (from the keyframe before
+    them, every frame: H.264); rows 0:160, columns 32:192, one PIL image per frame;
+    GroupMultiScaleCrop (PIL crop + bilinear resize), /255, ImageNet normalisation; tube mask; the
+    audio from the start frame's timestamp to the end of frame min(start + 64, n - 1) (2.6 s,
+    41600 samples) read from a 16 kHz wav with torchaudio.load(frame_offset, num_frames); minus its
+    mean, Kaldi fbank, cut or padded to 256 frames, (x - mean) / (2 std); random audio mask. No
+    gain or roll (roll_mag_aug is off by default).
+    Here: torchcodec's VideoDecoder (one ffmpeg thread, exact seek mode: a packet scan, as decord
+    indexes) and our crop/resize/normalise (frames_into), fbank and masks. The wav window is read
+    with the wave module (a seek and a read, as torchaudio's soundfile backend of the release's
+    day did; torchaudio 2.11's load goes through an ffmpeg open, ~8 ms here, which would flatter
+    every comparison with the release).
+    """
+    from torchcodec.decoders import VideoDecoder
+
+    from hicmae_dist.data import audio, video
+    from hicmae_dist.masking import random_mask, tube_mask
+
+    span = m.num_frames * video.FRAME_STRIDE  # 64 source frames
+    ticks = [time.process_time()]
+    decoder = VideoDecoder(str(mp4), dimension_order="NHWC", num_ffmpeg_threads=1)
+    n, fps = len(decoder), decoder.metadata.average_fps
+    ticks.append(time.process_time())
+    start = rng.randrange(n - span + 1) if start is None else start
+    frames = decoder.get_frames_at(list(range(start, start + span, video.FRAME_STRIDE))).data  # (16, 224, 224, 3)
+    ticks.append(time.process_time())
+    box = video.multiscale_crop_box(m.image_size, rng) if box is None else box
+    out_v = torch.empty(3, m.num_frames, m.image_size, m.image_size)
+    video.frames_into(out_v, frames, box, video.face_box(frames.shape[2], m.image_size))
+    ticks.append(time.process_time())
+    end = min(start + span, n - 1) + 1  # the end of the frame after the window (decord's timestamps)
+    first = int(start / fps * audio.SAMPLE_RATE)
+    wave_ = _read_wav(wav, first, int((end - start) / fps * audio.SAMPLE_RATE))  # (1, 41600)
+    ticks.append(time.process_time())
+    out_a = torch.empty(1, m.audio_frames, m.mel_bins)
+    audio.fbank_into(out_a[0], wave_[0])
+    ticks.append(time.process_time())
+    tube_mask(m.num_frames // m.tubelet, (m.image_size // m.patch) ** 2, m.video_mask_ratio)
+    random_mask((m.audio_frames // m.patch) * (m.mel_bins // m.patch), m.audio_mask_ratio)
+    ticks.append(time.process_time())
+    return out_v, out_a, ticks
+
+
+def _read_wav(path: Path, first: int, count: int) -> torch.Tensor:
+    """Samples [first, first + count) of a 16-bit mono wav -> (1, <= count) float32 in [-1, 1)."""
+    from hicmae_dist.data import audio
+
+    with wave.open(str(path), "rb") as f:
+        if (f.getnchannels(), f.getsampwidth()) != (1, 2):
+            raise ValueError(f"{path}: expected 16-bit mono, got {f.getnchannels()} channels of "
+                             f"{8 * f.getsampwidth()} bits")
+        f.setpos(min(first, f.getnframes()))
+        return audio.from_pcm16(f.readframes(count))
+
+
+def release_cavmae_clip(frames: list[Path], wav: Path, m: ModelConfig, rng: random.Random,
+                       pick: int | None = None,
+                       noise: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """One clip as the CAV-MAE release's training dataset makes it, with our functions for the
+    shared parts: (video (3, 224, 224), audio (1, 1024, 128), the CPU clock before and after each
+    of CAVMAE_RELEASE_STAGES).
+
+    The release, per sample: frame_{random 0..9}/<id>.jpg opened with PIL, Resize(224, bicubic) and
+    CenterCrop(224) (the identity on 224 px frames), ToTensor, ImageNet normalisation;
+    torchaudio.load of the whole wav, minus its mean, Kaldi fbank cut or padded to 1024 frames,
+    (x + 5.081) / 4.4849, then (its `noise` switch) U*U/10 noise and a roll in [-1024, 1024). Its
+    masks are drawn on the GPU, inside the model. Here: our JPEG decode, image_into, wave-module
+    read (see release_clip), cavmae_fbank_into and cavmae_augment_.
+    """
+    from hicmae_dist.data import audio, video
+
+    ticks = [time.process_time()]
+    data = frames[rng.randrange(len(frames)) if pick is None else pick].read_bytes()
+    ticks.append(time.process_time())
+    frame = video.decode_frames_hwc(data, [len(data)], [0])[0]  # (224, 224, 3)
+    ticks.append(time.process_time())
+    out_v = video.image_into(torch.empty(3, m.image_size, m.image_size), frame)
+    ticks.append(time.process_time())
+    wave_ = _read_wav(wav, 0, 1 << 30)  # (1, S): the whole clip
+    ticks.append(time.process_time())
+    out_a = torch.empty(1, m.audio_frames, m.mel_bins)
+    feats = audio.cavmae_fbank_into(out_a[0], wave_[0])
+    if noise:
+        audio.cavmae_augment_(feats, rng, torch.Generator().manual_seed(rng.randrange(1 << 31)))
+    ticks.append(time.process_time())
+    return out_v, out_a, ticks
+
+
+def release_profile(inputs: list[tuple], m: ModelConfig, samples: int, seed: int) -> dict:
+    """CPU ms per clip of each stage of the release's per-sample work (release_clip for HiCMAE,
+    release_cavmae_clip for CAV-MAE) over `samples` clips (after an untimed one)."""
+    clip, stages = ((release_cavmae_clip, CAVMAE_RELEASE_STAGES) if m.arch == "cavmae"
+                    else (release_clip, RELEASE_STAGES))
+    rng = random.Random(seed)
+    ms = dict.fromkeys(stages, 0.0)
+    for n in range(samples + 1):  # the first clip warms caches and is not counted
+        ticks = clip(*inputs[n % len(inputs)], m, rng)[2]
+        if n > 0:
+            for key, t0, t1 in zip(stages, ticks, ticks[1:]):
+                ms[key] += t1 - t0
+    return _profile_summary(ms, samples)
+
+
+def _release_row(arch: str, release: dict) -> dict:
+    return {"arch": arch, "path": "release", "audio": "wav", "workers": 0,
+            "clips_per_cpu_s": release["clips_per_cpu_s"]}
+
+
+# --- the loader -----------------------------------------------------------------------------------
+
+def _loader_settings(workers: list[int]) -> list[tuple[str, str, int]]:
+    """(video path, audio form, workers): every path with the wave form in the main process and
+    with each worker count; the other audio forms in the main process (one core's work)."""
+    return [(path, form, w) for path in LOADER_PATHS for form in AUDIO_FORMS
+            for w in ([0, *workers] if form == "wave" else [0])]
+
+
+def _loader_options(path: str, form: str) -> dict:
+    """make_pretrain_loader keywords of a video path (the audio form is the shards' and DataConfig's)."""
+    # TODO(merge): return {"video_out": path} (U8); DataConfig(..., audio_form=form) in _loader_row (FBANK)
+    if (path, form) != ("float", "wave"):
+        raise ValueError(f"loader path {path!r}, {form!r} audio: this branch's loader makes float batches from waves")
+    return {}
+
+
+def _loader_row(arch: str, shards: Path, model_cfg: ModelConfig, path: str, form: str, workers: int,
+                batch_size: int, batches: int, seed: int) -> dict:
     from hicmae_dist.data.loader import make_pretrain_loader
 
     data_cfg = DataConfig(batch_size=batch_size, num_workers=workers, shuffle_buffer=2 * batch_size,
                           multiscale_crop=arch == "hicmae", gain_augment=arch == "hicmae", roll_augment=arch == "cavmae")
-    loader = make_pretrain_loader(shards, data_cfg, model_cfg, seed=seed)
+    loader = make_pretrain_loader(shards, data_cfg, model_cfg, seed=seed, **_loader_options(path, form))
     it = iter(loader)
     for _ in range(max(1, workers)):  # warm-up: worker start, shuffle buffer fill, first batch each
         next(it)
@@ -114,46 +334,105 @@ def _loader_row(arch: str, shards: Path, model_cfg: ModelConfig, workers: int, b
             next(it)
     del it
     n = batches * batch_size
-    row = {"arch": arch, "workers": workers, "clips_per_s": round(n / took.wall, 2),
+    row = {"arch": arch, "path": path, "audio": form, "workers": workers, "clips_per_s": round(n / took.wall, 2),
            "clips_per_s_per_worker": round(n / took.wall / max(1, workers), 2)}
     if workers == 0:
         row["clips_per_cpu_s"] = round(n / took.cpu, 2) if took.cpu > 0 else None  # one core, one thread
     return row
 
 
-def profile_decode(shards: Path, model_cfg: ModelConfig, samples: int = 12) -> dict:
-    """CPU ms per clip of each stage of the loader's decode, one thread, on real shard samples."""
+def per_core_rates(loader_rows: list[dict]) -> dict[str, dict[str, float]]:
+    """{arch: {path label: clips per CPU-second}} from the main-process rows ("uint8", "float",
+    "release"; another audio form than wave is named after the path: "uint8, fbank")."""
+    rates: dict[str, dict[str, float]] = {}
+    for r in loader_rows:
+        if r["workers"] == 0 and r.get("clips_per_cpu_s"):
+            label = r["path"] if r["audio"] in ("wave", "wav") else f"{r['path']}, {r['audio']}"
+            rates.setdefault(r["arch"], {})[label] = r["clips_per_cpu_s"]
+    return rates
+
+
+# --- the device side ------------------------------------------------------------------------------
+
+def normalise_video(u8: torch.Tensor) -> torch.Tensor:
+    """(B, [T,] S, S, 3) uint8 -> (B, 3, [T,] S, S) float32, ImageNet-normalised, on u8's device.
+    TODO(merge): a stand-in for hicmae_dist.data.device.normalise_video (U8); use that instead."""
+    from hicmae_dist.data import video
+
+    shape = (3,) + (1,) * (u8.dim() - 2)
+    mean = torch.tensor(video.IMAGENET_MEAN, device=u8.device).mul_(255).view(shape)
+    std = torch.tensor(video.IMAGENET_STD, device=u8.device).mul_(255).view(shape)
+    x = u8.movedim(-1, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    return x.sub_(mean).div_(std)
+
+
+def _uint8_clip_shape(m: ModelConfig) -> tuple[int, ...]:
+    """A worker's uint8 clip, channels-last: HiCMAE (16, S, S, 3), CAV-MAE (S, S, 3)."""
+    return (m.image_size, m.image_size, 3) if m.arch == "cavmae" else (m.num_frames, m.image_size, m.image_size, 3)
+
+
+def _device_rows(models: dict[str, ModelConfig], batch_size: int, repeats: int) -> list[dict]:
+    """clips/s of normalise_video on a uint8 batch, on the CPU (this process's threads) and on
+    CUDA where present."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for arch, m in models.items():
+        for name in devices:
+            device = torch.device(name)
+            u8 = torch.randint(0, 256, (batch_size, *_uint8_clip_shape(m)), dtype=torch.uint8, device=device)
+            t = time_calls(lambda: normalise_video(u8), device, warmup=2, repeats=repeats, min_time=0.02)
+            rows.append({"arch": arch, "device": name, "threads": torch.get_num_threads() if name == "cpu" else None,
+                         "batch_size": batch_size, "ms_per_batch": round(t["median_ms"], 3),
+                         "clips_per_s": round(1000 * batch_size / t["median_ms"], 1)})
+    return rows
+
+
+# --- one core's work per clip, stage by stage -------------------------------------------------------
+
+def profile_decode(shards: Path, model_cfg: ModelConfig, path: str = "float", samples: int = 12) -> dict:
+    """CPU ms per clip of each stage of the loader's decode on `path` ("float": FLOAT_STAGES,
+    "uint8": UINT8_STAGES), one thread, on real shard samples."""
     from hicmae_dist.data.shards import ShardReader, load_index
 
     indexes = [load_index(p) for p in sorted(Path(shards).glob("shard-*.tar"))]
     refs = [(s, i) for s in range(len(indexes)) for i in range(len(indexes[s]))][:samples]
     reader = ShardReader(indexes)
     m = model_cfg
-    ms = dict.fromkeys(STAGES, 0.0)
+    stages = FLOAT_STAGES if path == "float" else UINT8_STAGES
+    ms = dict.fromkeys(stages, 0.0)
     rng = random.Random(0)
     gen = torch.Generator().manual_seed(0)
-    vshape = (3, m.image_size, m.image_size) if m.arch == "cavmae" else (3, m.num_frames, m.image_size, m.image_size)
-    out_v, out_a = torch.empty(vshape), torch.empty(m.audio_frames, m.mel_bins)
+    if path == "float":
+        vshape = (3, m.image_size, m.image_size) if m.arch == "cavmae" else (3, m.num_frames, m.image_size, m.image_size)
+        out_v = torch.empty(vshape)
+    else:  # one pooled buffer, reused: no new memory per batch
+        out_v = torch.empty(_uint8_clip_shape(m), dtype=torch.uint8)
+    out_a = torch.empty(m.audio_frames, m.mel_bins)
     with torch_threads(1):
         for n, ref in enumerate(refs * 2):  # the first pass warms caches and is not counted
             ticks = _decode_one(reader, ref, m, rng, gen, out_v, out_a)
             if n >= len(refs):
-                for key, t0, t1 in zip(ms, ticks, ticks[1:]):
+                for key, t0, t1 in zip(stages, ticks, ticks[1:]):
                     ms[key] += t1 - t0
     reader.close()
-    ms = {k: round(1000 * v / len(refs), 3) for k, v in ms.items()}
+    return _profile_summary(ms, len(refs))
+
+
+def _profile_summary(seconds: dict[str, float], samples: int) -> dict:
+    ms = {k: round(1000 * v / samples, 3) for k, v in seconds.items()}
     total = sum(ms.values())
-    return {"samples": len(refs), "ms": ms, "total_ms": round(total, 3),
+    return {"samples": samples, "ms": ms, "total_ms": round(total, 3),
             "clips_per_cpu_s": round(1000 / total, 1) if total else None}
 
 
 def _decode_one(reader, ref: tuple[int, int], m: ModelConfig, rng: random.Random, gen: torch.Generator,
                 out_v: torch.Tensor, out_a: torch.Tensor) -> list[float]:
-    """One clip through the loader's decode; the CPU clock before the first stage and after each."""
+    """One clip through the loader's decode into out_v (float: normalised; uint8: the pooled
+    channels-last buffer); the CPU clock before the first stage and after each."""
     from hicmae_dist.data import audio, video
     from hicmae_dist.masking import audio_structured_mask, mae_random_mask, random_mask, tube_mask
 
-    cav = m.arch == "cavmae"
+    cav, u8 = m.arch == "cavmae", out_v.dtype == torch.uint8
     ticks = [time.process_time()]
     sample = reader.read(*ref)
     ticks.append(time.process_time())
@@ -165,13 +444,20 @@ def _decode_one(reader, ref: tuple[int, int], m: ModelConfig, rng: random.Random
         start = video.sample_start(meta["num_frames"], m.num_frames, rng)
         frames = video.decode_frames_hwc(sample["jpgs"], meta["frame_bytes"], range(start, start + m.num_frames))
     ticks.append(time.process_time())
-    if cav:
+    box = None if cav else video.multiscale_crop_box(m.image_size, rng)
+    if u8:
+        _frames_uint8_into(out_v, frames[0] if cav else frames, box)
+    elif cav:
         video.image_into(out_v, frames[0])
     else:
-        video.frames_into(out_v, frames, video.multiscale_crop_box(m.image_size, rng))
+        video.frames_into(out_v, frames, box)
     ticks.append(time.process_time())
-    wave = audio.from_pcm16(sample["pcm"] if cav else sample["pcm"][:2 * 40960])[0]
-    (audio.cavmae_fbank_into if cav else audio.fbank_into)(out_a, wave)
+    # The loader rows' audio augmentation: HiCMAE's gain, CAV-MAE's noise and roll of the fbank.
+    wave_ = audio.from_pcm16(sample["pcm"] if cav else sample["pcm"][:2 * 40960])[0]
+    if cav:  # TODO(merge): a slice of the stored fbank for fbank shards
+        audio.cavmae_augment_(audio.cavmae_fbank_into(out_a, wave_), rng, gen)
+    else:
+        audio.fbank_into(out_a, audio.random_gain(wave_, rng))
     ticks.append(time.process_time())
     if cav:
         mae_random_mask((m.image_size // m.patch) ** 2, m.video_mask_ratio, gen)
@@ -181,33 +467,127 @@ def _decode_one(reader, ref: tuple[int, int], m: ModelConfig, rng: random.Random
         tube_mask(m.num_frames // m.tubelet, (m.image_size // m.patch) ** 2, m.video_mask_ratio, gen)
         random_mask((m.audio_frames // m.patch) * (m.mel_bins // m.patch), m.audio_mask_ratio, gen)
     ticks.append(time.process_time())
-    # Each batch is new memory (it leaves for the main process): the kernel must provide and zero
-    # its pages on first write. (The stages above reuse one buffer.) One clip's share of a fresh
-    # batch of 8, too big for malloc to recycle (> 32 MB: mmap).
-    torch.empty(8, *out_v.shape)[0].fill_(0)
-    torch.empty(8, m.audio_frames, m.mel_bins)[0].fill_(0)
-    ticks.append(time.process_time())
+    if not u8:
+        # Each float batch is new memory (it leaves for the main process): the kernel must provide
+        # and zero its pages on first write. One clip's share of a fresh batch of 8, too big for
+        # malloc to recycle (> 32 MB: mmap). The uint8 path reuses a pool of batches instead.
+        torch.empty(8, *out_v.shape)[0].fill_(0)
+        torch.empty(8, m.audio_frames, m.mel_bins)[0].fill_(0)
+        ticks.append(time.process_time())
     return ticks
 
 
+def _frames_uint8_into(out: torch.Tensor, frames: torch.Tensor, box: tuple[int, int, int, int] | None) -> None:
+    """(T, H, W, 3) or (H, W, 3) uint8 -> out, same layout at the output size: the crop and the
+    bilinear resize, on uint8 (no normalisation: that is the device's).
+    TODO(merge): U8's worker-side function in hicmae_dist/data/video.py replaces this."""
+    if box is not None:
+        top, left, h, w = box
+        frames = frames[..., top:top + h, left:left + w, :]
+    size = out.shape[-2]
+    if frames.shape[-2] != size or frames.shape[-3] != size:
+        x = frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2)  # (T, 3, h, w), channels-last memory
+        frames = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    out.copy_(frames.reshape(out.shape))
+
+
+# --- capacity and goal --------------------------------------------------------------------------------
+
+def capacity_table(rates: dict[str, dict[str, float]]) -> list[dict]:
+    """CPU cores per H100 for each of CAPACITY_MODELS, for every measured path of its inputs.
+
+    GPU clips/s = TARGET_MFU * H100_BF16_DENSE_TFLOPS / training FLOPs per clip, with training
+    FLOPs = 3 x 2 x the pretraining forward's MACs (models.macs, as `hicmae-dist info`: 2 FLOPs
+    per multiply-accumulate; the backward pass costs twice the forward); cores = GPU clips/s /
+    clips per CPU-second of the path.
+    """
+    from hicmae_dist.models.info import model_config
+    from hicmae_dist.models.macs import macs
+
+    rows = []
+    for name in CAPACITY_MODELS:
+        cfg = model_config(name)
+        forward_macs = sum(macs(cfg, "pretrain").values())
+        train_flops = 3 * 2 * forward_macs
+        gpu_rate = TARGET_MFU * H100_BF16_DENSE_TFLOPS * 1e12 / train_flops
+        rows.append({"model": name, "arch": cfg.arch, "forward_macs": forward_macs, "train_flops": train_flops,
+                     "gpu_clips_per_s": round(gpu_rate, 1),
+                     "cores_per_gpu": {path: round(gpu_rate / r, 1) for path, r in rates.get(cfg.arch, {}).items()}})
+    return rows
+
+
+def _goal(result: dict) -> dict:
+    """HiCMAE's clips per CPU-second on GOAL_PATH against GOAL_CLIPS_PER_CORE and against
+    GOAL_VS_RELEASE times the release's, and the two stages that cost the most."""
+    rates = per_core_rates(result["loader"])["hicmae"]
+    per_core, release = rates[GOAL_PATH], rates["release"]
+    prof = result["profile"]["hicmae"][GOAL_PATH]
+    top = sorted(((v, k) for k, v in prof["ms"].items()), reverse=True)[:2]
+    return {"path": GOAL_PATH, "target_clips_per_core": GOAL_CLIPS_PER_CORE, "target_vs_release": GOAL_VS_RELEASE,
+            "hicmae_clips_per_core": per_core, "release_clips_per_core": release,
+            "vs_release": round(per_core / release, 2),
+            "met": per_core >= GOAL_CLIPS_PER_CORE and per_core >= GOAL_VS_RELEASE * release,
+            "limited_by": [f"{k} {v:.2f} ms ({100 * v / prof['total_ms']:.0f}%)" for v, k in top]}
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+def _num(x: float | None, digits: int = 1) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
 def format_table(result: dict) -> str:
-    lines = [f"bench data{' --quick' if result['quick'] else ''}: {result['clips']} synthetic clips, batch "
-             f"{result['batch_size']}, {result['cpus']} CPUs, load average {result['load_average'][0]}", ""]
-    lines.append(f"{'prepare':34s} {'workers':>7s} {'clips/s':>9s} {'per worker':>10s} {'clips/CPU-s':>11s} {'bytes/clip':>10s}")
-    for r in result["prepare"]:
-        lines.append(f"  {r['form']:32s} {r['workers']:7d} {r['clips_per_s']:9.1f} {r['clips_per_s_per_worker']:10.1f} "
-                     f"{r['clips_per_cpu_s'] or 0:11.1f} {r['bytes_per_clip']:10d}")
-    lines += ["", f"{'loader':34s} {'workers':>7s} {'clips/s':>9s} {'per worker':>10s} {'clips/CPU-s':>11s}"]
-    names = {"hicmae": "hicmae: 16x160px, 256x128 fbank", "cavmae": "cavmae: 1x224px, 1024x128 fbank"}
-    for r in result["loader"]:
-        who = "main" if r["workers"] == 0 else str(r["workers"])
-        cpu = f"{r['clips_per_cpu_s']:11.1f}" if r.get("clips_per_cpu_s") else f"{'':11s}"
-        lines.append(f"  {names[r['arch']]:32s} {who:>7s} {r['clips_per_s']:9.1f} {r['clips_per_s_per_worker']:10.1f} {cpu}")
-    for arch, prof in result["profile"].items():
-        stages = ", ".join(f"{k} {v:.2f}" for k, v in prof["ms"].items())
-        lines += ["", f"profile {arch}, CPU ms per clip (one thread): {stages}; total {prof['total_ms']:.2f} ms "
-                      f"= {prof['clips_per_cpu_s']} clips per CPU-second"]
-    g = result["goal"]
-    lines += ["", f"goal: HiCMAE >= {g['clips_per_core']} clips/s per core: {g['hicmae_clips_per_core']} per CPU-second "
-                  f"({'met' if g['met'] else 'not met'}); largest costs: {', '.join(g['limited_by'])}"]
+    """The results as Markdown: prepare, the loader rows beside the release's, the device rows,
+    the per-stage profile, the capacity table and the goal."""
+    r = result
+    lines = [f"# bench data{' --quick' if r['quick'] else ''}", "",
+             f"{r['clips']} synthetic clips, batch {r['batch_size']}, {r['cpus']} CPUs, load average "
+             f"{r['load_average'][0]}; one thread per process", "", "## prepare", ""]
+    lines.append(md_table(["stored form", "workers", "clips/s", "per worker", "clips/CPU-s", "bytes/clip"],
+                          [[p["form"], p["workers"], _num(p["clips_per_s"]), _num(p["clips_per_s_per_worker"]),
+                            _num(p["clips_per_cpu_s"]), p["bytes_per_clip"]] for p in r["prepare"]]))
+    rates = per_core_rates(r["loader"])
+    lines += ["", "## loader (release: the authors' per-sample path; HiCMAE's decodes the mp4)", ""]
+    lines.append(md_table(
+        ["arch", "path", "audio", "workers", "clips/s", "per worker", "clips/CPU-s", "vs release"],
+        [[x["arch"], x["path"], x["audio"], "main" if x["workers"] == 0 else x["workers"], _num(x.get("clips_per_s")),
+          _num(x.get("clips_per_s_per_worker")), _num(x.get("clips_per_cpu_s")),
+          f"{x['clips_per_cpu_s'] / rates[x['arch']]['release']:.1f}x" if x.get("clips_per_cpu_s") else ""]
+         for x in r["loader"]]))
+    lines += ["", "## device: uint8 batch -> normalised float (moved out of the workers)", ""]
+    lines.append(md_table(["arch", "device", "threads", "batch", "ms/batch", "clips/s"],
+                          [[d["arch"], d["device"], d["threads"] or "", d["batch_size"], _num(d["ms_per_batch"], 3),
+                            _num(d["clips_per_s"])] for d in r["device"]]))
+    lines += ["", "## profile: CPU ms per clip, one thread", "", _profile_table(r["profile"]), "",
+              "## capacity: CPU cores per H100", "", _capacity_text(r["capacity"]), "", _goal_line(r["goal"])]
     return "\n".join(lines)
+
+
+def _profile_table(profile: dict) -> str:
+    columns = [(arch, path) for arch, paths in profile.items() for path in paths]
+    stages = list(dict.fromkeys(s for arch, path in columns for s in profile[arch][path]["ms"]))
+    rows = [[s, *(_num(profile[a][p]["ms"].get(s), 2) if s in profile[a][p]["ms"] else "-" for a, p in columns)]
+            for s in stages]
+    rows.append(["total", *(_num(profile[a][p]["total_ms"], 2) for a, p in columns)])
+    rows.append(["clips/CPU-s", *(_num(profile[a][p]["clips_per_cpu_s"]) for a, p in columns)])
+    return md_table(["stage", *(f"{a} {p}" for a, p in columns)], rows)
+
+
+def _capacity_text(capacity: list[dict]) -> str:
+    paths = list(dict.fromkeys(p for c in capacity for p in c["cores_per_gpu"]))
+    table = md_table(["model", "forward GMACs/clip", "train GFLOPs/clip", "GPU clips/s",
+                      *(f"cores ({p})" for p in paths)],
+                     [[c["model"], _num(c["forward_macs"] / 1e9, 2), _num(c["train_flops"] / 1e9),
+                       _num(c["gpu_clips_per_s"]), *(_num(c["cores_per_gpu"].get(p)) or "-" for p in paths)]
+                      for c in capacity])
+    return (f"GPU clips/s = {TARGET_MFU:.0%} x {H100_BF16_DENSE_TFLOPS} TFLOP/s (H100 SXM dense bf16 peak) / "
+            f"train FLOPs per clip; train FLOPs = 3 x 2 x forward MACs of the pretraining step (models.macs, "
+            f"as `hicmae-dist info`); cores = GPU clips/s / the path's clips per CPU-second "
+            f"(main process, one thread).\n\n" + table)
+
+
+def _goal_line(g: dict) -> str:
+    return (f"goal: HiCMAE >= {g['target_clips_per_core']} clips/s per core and >= {g['target_vs_release']}x the "
+            f"release: {g['path']} path {g['hicmae_clips_per_core']} per CPU-second, {g['vs_release']}x the release's "
+            f"{g['release_clips_per_core']} ({'met' if g['met'] else 'not met'}); largest costs: "
+            f"{', '.join(g['limited_by'])}")
