@@ -370,6 +370,9 @@ def _finetune_config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.dataset:
         overrides.append(f"finetune.dataset={args.dataset}")
+    if getattr(args, "eval_modes", None):
+        modes = [m.strip() for m in args.eval_modes.split(",") if m.strip()]
+        overrides.append(f"finetune.eval_modes=[{', '.join(modes)}]")
     return load_config(args.preset, overrides)
 
 
@@ -489,6 +492,9 @@ def _add_finetune_verbs(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--folds", default="1", help="1-5, 1,3 or all (default 1)")
     s.add_argument("--pretrained", help="pretraining run dir, our weights file, or the authors' checkpoint")
     s.add_argument("--from-scratch", action="store_true", help="random initialisation (a baseline)")
+    s.add_argument("--eval-modes", metavar="M1,M2",
+                   help="CAV-MAE: also test in these modes, e.g. audio_missing_video,video_missing_audio "
+                        "(finetune.eval_modes; a model fine-tuned on both modalities tested on one)")
     s.add_argument("--dry-run", action="store_true", help="print the resolved config and task, then exit")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_finetune)
