@@ -75,3 +75,27 @@ def test_average_of_zero2_and_zero3_epoch_checkpoints_is_the_mean(tmp_path):
         assert worst < 1e-6, (stage, epochs, worst)  # the mean, tensor by tensor
         assert moved > 1e-3, (stage, epochs, moved)  # the epochs differ: a wrong pick would show
         assert kept == EPOCHS  # retention kept 1 newest, the averaging range kept the rest
+
+
+def test_range_is_validated_and_a_missing_epoch_is_named(tmp_path):
+    import json
+
+    from hicmae_dist.config import ConfigError, load_config
+    from hicmae_dist.train.finetune.averaging import ends_epoch_in, epoch_checkpoints
+    from hicmae_dist.train.rundir import RunDir
+
+    for bad in ("[2, 1]", "[0, 10]", "[-1, 2]", "[3]"):
+        with pytest.raises(ConfigError, match=r"finetune.weight_average: expected \[\] \(off\) or \[start, end\]"):
+            load_config("finetune-cavmae", ["finetune.epochs=10", f"finetune.weight_average={bad}"]).validate()
+    load_config("finetune-cavmae", ["finetune.epochs=10", "finetune.weight_average=[9, 9]"]).validate()
+    # a checkpoint after epoch e has e + 1 in progress and none of its batches; a stop's closes none
+    assert ends_epoch_in({"epoch": 3, "batch_in_epoch": 0}, [1, 2]) == 2
+    assert ends_epoch_in({"epoch": 3, "batch_in_epoch": 4}, [1, 2]) is None
+    assert ends_epoch_in({"epoch": 1, "batch_in_epoch": 0}, [1, 2]) is None  # closes epoch 0
+    run = RunDir(tmp_path)
+    for step, epoch in ((4, 2), (6, 3)):  # epochs 1 and 2 closed; epoch 0's checkpoint is gone
+        run.checkpoint(RunDir.tag(step)).mkdir(parents=True)
+        run.state_file(run.checkpoint(RunDir.tag(step))).write_text(json.dumps({"epoch": epoch, "batch_in_epoch": 0}))
+    assert [p.name for p in epoch_checkpoints(run, [1, 2])] == ["step00000004", "step00000006"]
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint closes epoch\(s\) \[0\] \(0-based\)"):
+        epoch_checkpoints(run, [0, 2])
