@@ -381,6 +381,9 @@ def _finetune_config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.dataset:
         overrides.append(f"finetune.dataset={args.dataset}")
+    if getattr(args, "eval_modes", None):
+        modes = [m.strip() for m in args.eval_modes.split(",") if m.strip()]
+        overrides.append(f"finetune.eval_modes=[{', '.join(modes)}]")
     return load_config(args.preset, overrides)
 
 
@@ -439,11 +442,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from hicmae_dist.data.downstream import read_annotations
     from hicmae_dist.train.export import load_pretrained
-    from hicmae_dist.train.probe import retrieval_eval
+    from hicmae_dist.train.probe import PAPER_SUBSETS, retrieval_eval, retrieval_subset
 
     items = read_annotations(args.annotations)[:args.limit]
+    size = PAPER_SUBSETS[args.paper_subset] if args.paper_subset else args.subset
+    try:
+        items = retrieval_subset(items, size, args.seed)
+    except ValueError as err:
+        raise ConfigError(f"--subset / --paper-subset: {err} ({args.annotations})") from None
     result = retrieval_eval(load_pretrained(args.weights), items, batch_size=args.batch_size,
                             progress=not args.no_progress)
+    if size is not None:
+        result.update(subset=size, subset_seed=args.seed, subset_of=args.paper_subset or "custom")
     _print_result(result, args.json)
     return 0
 
@@ -500,6 +510,9 @@ def _add_finetune_verbs(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--folds", default="1", help="1-5, 1,3 or all (default 1)")
     s.add_argument("--pretrained", help="pretraining run dir, our weights file, or the authors' checkpoint")
     s.add_argument("--from-scratch", action="store_true", help="random initialisation (a baseline)")
+    s.add_argument("--eval-modes", metavar="M1,M2",
+                   help="CAV-MAE: also test in these modes, e.g. audio_missing_video,video_missing_audio "
+                        "(finetune.eval_modes; a model fine-tuned on both modalities tested on one)")
     s.add_argument("--dry-run", action="store_true", help="print the resolved config and task, then exit")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_finetune)
@@ -515,6 +528,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--weights", required=True, help="pretraining run dir, our weights file, or the authors'")
     r.add_argument("--annotations", required=True, help="annotation file (frame_dir wav_path label ...)")
     r.add_argument("--limit", type=int, default=None, help="only the first N clips")
+    size = r.add_mutually_exclusive_group()
+    size.add_argument("--subset", type=int, metavar="N", help="N clips drawn at random (seeded by --seed)")
+    size.add_argument("--paper-subset", choices=("audioset", "vggsound"),
+                      help="the CAV-MAE paper's subset size: 1725 (AudioSet eval) or 1545 (VGGSound test)")
+    r.add_argument("--seed", type=int, default=0, help="the subset's draw (default 0)")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--json", metavar="FILE", help="also write the result to FILE")
     r.add_argument("--no-progress", action="store_true")

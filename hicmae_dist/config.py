@@ -255,6 +255,11 @@ class FinetuneConfig:
     select_metric: str = ""  # validation metric that picks the epoch; "" = the dataset's first
     # epochs between validation passes (the last epoch is always validated)
     eval_every: int = field(default=1, metadata={"hashed": False})
+    # --- CAV-MAE's own downstream (issue #17 items 1, 4): test-time only, the training unchanged ---
+    # more test passes, one per CAV-MAE mode (e.g. audio_missing_video); [] = the training mode only
+    eval_modes: list[str] = field(default_factory=list, metadata={"hashed": False})
+    # [start, end]: the weights of epochs start..end (0-based, inclusive) averaged and tested; [] = off
+    weight_average: list[int] = field(default_factory=list, metadata={"hashed": False})
 
     def validate(self) -> None:
         expect(self.task in ("classification", "regression"), "finetune.task", "'classification' or 'regression'",
@@ -279,6 +284,11 @@ class FinetuneConfig:
         expect(self.test_num_segment >= 1 and self.test_num_crop >= 1, "finetune.test_num_segment",
                "test_num_segment and test_num_crop >= 1", (self.test_num_segment, self.test_num_crop))
         expect(self.eval_every >= 1, "finetune.eval_every", ">= 1", self.eval_every)
+        expect(len(set(self.eval_modes)) == len(self.eval_modes), "finetune.eval_modes", "no mode twice",
+               self.eval_modes)
+        wa = self.weight_average
+        expect(not wa or (len(wa) == 2 and 0 <= wa[0] <= wa[1] < self.epochs), "finetune.weight_average",
+               f"[] (off) or [start, end], 0-based epochs, 0 <= start <= end < finetune.epochs ({self.epochs})", wa)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import shutil
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -189,8 +189,10 @@ def disk_full_error(code: int, what: Path | str, run_dir: Path) -> DiskFullError
                                f"{_last_good(run_dir)}", str(what))
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory.
+def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], keep: int,
+                    keep_also: Callable[[Path], bool] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory. The newest `keep`
+    checkpoints stay, and the older ones keep_also(path) is True for (fine-tuning's weight average).
     Raises DiskFullError (the partial .tmp-<tag> removed) when a write fails for lack of space;
     the launcher (torchrun, srun) then ends the other ranks."""
     run = RunDir(run_dir)
@@ -227,7 +229,8 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], kee
         raise disk_full_error(code, written[-1] if written else tmp, run_dir) from err
     if comm.is_rank0():
         for old in run.complete_checkpoints()[:-keep]:
-            shutil.rmtree(old)
+            if keep_also is None or not keep_also(old):
+                shutil.rmtree(old)
     comm.barrier()
     return final
 

@@ -2,7 +2,10 @@
 
 Retrieval (SPEC.md 2): cosine similarity of mean-pooled single-modality features (HiCMAE: each
 encoder's normalised last layer over all tokens; CAV-MAE: the shared block's audio / video
-streams), R@1/5/10 and median rank in both directions, clip i's video matching clip i's audio.
+streams with their own norms and final norm_a / norm_v, mean-pooled, then L2-normalised: the
+release's forward_feat and src/retrieval.py), R@1/5/10 and median rank in both directions, clip
+i's video matching clip i's audio; optionally on a seeded random subset of the clips (the paper's
+sizes: PAPER_SUBSETS).
 Linear probe: the fine-tuning model's feature (HiCMAE: hierarchical feature fusion with the
 initial uniform layer weights; CAV-MAE: the pooled fused tokens) from frozen pretrained
 weights, standardised with the training split's statistics; a multinomial logistic regression
@@ -27,6 +30,12 @@ from hicmae_dist.train.finetune.task import Task, build_finetune
 
 log = logging.getLogger(__name__)
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# CAV-MAE (ICLR 2023) retrieval subsets: 1,725 AudioSet eval clips and 1,545 VGGSound test clips
+# (the paper's retrieval experiments; the release's src/retrieval.py reads them from
+# audioset_eval_5_per_class_for_retrieval_cleaned.json and vgg_test_5_per_class_for_retrieval_cleaned.json,
+# "5 samples per class" in its README, unreadable clips dropped; VGGSound: 309 x 5 = 1,545). Ours are
+# drawn at random, not per class: the same size, not the same clips.
+PAPER_SUBSETS = {"audioset": 1725, "vggsound": 1545}
 
 
 @torch.no_grad()
@@ -43,10 +52,22 @@ def _features(fn, items: list[DownstreamItem], cfg, batch_size: int, regression:
     return [np.concatenate(parts) for parts in zip(*outs)], np.concatenate(labels)
 
 
+def retrieval_subset(items: list[DownstreamItem], size: int | None, seed: int = 0) -> list[DownstreamItem]:
+    """`size` clips drawn without replacement by a seeded generator (the same seed, the same
+    clips), in their file order; None: every clip."""
+    if size is None:
+        return items
+    if not 1 <= size <= len(items):
+        raise ValueError(f"retrieval subset of {size} clips: the annotations hold {len(items)}")
+    picked = np.sort(np.random.default_rng(seed).choice(len(items), size, replace=False))
+    return [items[i] for i in picked]
+
+
 def retrieval_eval(weights: Converted, items: list[DownstreamItem], *, batch_size: int = 8,
                    progress: bool = True) -> dict[str, Any]:
     """Video-to-audio (a2b: video queries) and audio-to-video (b2a) retrieval over the clips.
     Chance: R@1 = 1/N, median rank (N + 1) / 2."""
+    log.info("retrieval over %d clips, %s features", len(items), weights.arch)
     model = weights.load_model().eval()
     (video, audio), _ = _features(model.retrieval_features, items, weights.cfg, batch_size, False,
                                   "retrieval features", progress)

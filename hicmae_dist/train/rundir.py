@@ -11,8 +11,8 @@
     <run_dir>/checkpoints/universal/   checkpoints converted for another world size
     <run_dir>/checkpoints/.tmp-*       a save in flight (or one a crash left)
     fine-tuning: <run_dir>/protocol.json, results.md, summary.json and one sub-run-dir per fold,
-    foldNN/ (config.yaml, checkpoints/, history.json, best.pth, results.json, predictions_*.csv,
-    confusion_*.png)
+    foldNN/ (config.yaml, checkpoints/, history.json, best.pth, averaged.pth, results.json,
+    predictions_*.csv, confusion_*.png)
 
 Reads only files (no torch, no DeepSpeed): `submit` and `jobs` use it on the login node.
 """
@@ -67,6 +67,7 @@ class RunDir:
     results = property(lambda self: self.path / "results.json")
     history = property(lambda self: self.path / "history.json")
     best_weights = property(lambda self: self.path / "best.pth")
+    averaged_weights = property(lambda self: self.path / "averaged.pth")  # finetune.weight_average
 
     def fold(self, fold: int) -> RunDir:
         return RunDir(self.path / f"fold{fold:02d}")

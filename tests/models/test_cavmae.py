@@ -328,15 +328,24 @@ def reference_pretrain(sd, cfg, audio, image, mask_a, mask_v, shuffle_seed=0):
 
 
 def reference_finetune(sd, cfg, audio, image, mode):
+    """CAVMAEFT.forward's branches; ours "audio_missing_video" / "video_missing_audio" are the
+    release's missingaudioonly / missingvideoonly."""
     a, v = _ref_embed(sd, audio, image)
     a, v = _ref_stack(sd, "blocks_a", a, cfg.heads), _ref_stack(sd, "blocks_v", v, cfg.heads)
     if mode == "multimodal":
-        x = _ln(sd, "norm", _ref_stack(sd, "blocks_u", torch.cat([a, v], 1), cfg.heads))
+        x = _ln(sd, "norm", _ref_stack(sd, "blocks_u", torch.cat([a, v], 1), cfg.heads)).mean(1)
     elif mode == "audio":
-        x = _ln(sd, "norm_a", _ref_stack(sd, "blocks_u", a, cfg.heads, "_a"))
+        x = _ln(sd, "norm_a", _ref_stack(sd, "blocks_u", a, cfg.heads, "_a")).mean(1)
+    elif mode == "video":
+        x = _ln(sd, "norm_v", _ref_stack(sd, "blocks_u", v, cfg.heads, "_v")).mean(1)
+    elif mode in ("audio_missing_video", "video_missing_audio"):
+        t, suffix = (a, "_a") if mode == "audio_missing_video" else (v, "_v")
+        u = _ln(sd, "norm", _ref_stack(sd, "blocks_u", t, cfg.heads)).mean(1)  # unified norms
+        m = _ln(sd, f"norm{suffix}", _ref_stack(sd, "blocks_u", t, cfg.heads, suffix)).mean(1)  # its own
+        x = (u + m) / 2
     else:
-        x = _ln(sd, "norm_v", _ref_stack(sd, "blocks_u", v, cfg.heads, "_v"))
-    x = _ln(sd, "mlp_head.0", x.mean(1))
+        raise ValueError(mode)
+    x = _ln(sd, "mlp_head.0", x)
     return x @ sd["mlp_head.1.weight"].T + sd["mlp_head.1.bias"]
 
 
@@ -380,7 +389,8 @@ def test_finetune_matches_the_release_algorithm(mode):
     image, audio = tiny_inputs(2)
     expected = reference_finetune(sd, cfg, audio, image, mode)
     torch.testing.assert_close(model(image, audio), expected, atol=2e-5, rtol=2e-5)
-    only = {"audio": (None, audio), "video": (image, None)}.get(mode)
+    only = {"audio": (None, audio), "video": (image, None), "audio_missing_video": (None, audio),
+            "video_missing_audio": (image, None)}.get(mode)
     if only:  # the other modality is not needed
         torch.testing.assert_close(model(*only), expected, atol=2e-5, rtol=2e-5)
     # retrieval features: the pooled audio / video streams
@@ -499,3 +509,12 @@ def test_real_size_forward_backward(real_model):
             assert p.grad is None, name
         else:
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("mode", CAVMAEFinetune.MODES)
+def test_finetune_unused_parameters_are_exactly_those_without_a_gradient(mode):
+    model = CAVMAEFinetune(tiny_config(), num_classes=5, mode=mode)
+    image, audio = tiny_inputs(2)
+    model(image, audio).sum().backward()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+    assert no_grad == set(model.unused_parameters(mode))

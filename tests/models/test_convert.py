@@ -116,6 +116,28 @@ def test_release_and_our_tensors_agree_in_a_forward_pass():
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_missing_modality_modes_on_the_release_527_class_layout():
+    """A model fine-tuned on both modalities, tested on one (the release's missingaudioonly /
+    missingvideoonly): the 527-class release layout, converted, against the release's branch
+    written out on its key names; the absent modality is None."""
+    try:
+        from test_cavmae import reference_finetune
+    except ImportError:
+        from tests.models.test_cavmae import reference_finetune
+
+    theirs = random_state("cavmae_finetune_527", seed=2)
+    converted = to_ours(wrap(theirs, "module."))
+    model = converted.build().eval()
+    model.load_state_dict(converted.state_dict, strict=True)
+    video, audio = example_inputs(converted.cfg, 1)
+    for mode, given in (("audio_missing_video", (None, audio[:, 0])), ("video_missing_audio", (video, None))):
+        with torch.no_grad():
+            ours = model(*given, mode=mode)
+            expected = reference_finetune(theirs, converted.cfg, audio[:, 0], video, mode)
+        assert ours.shape == (1, 527)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 def test_left_over_missing_and_wrong_shape_are_named():

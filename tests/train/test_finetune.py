@@ -14,6 +14,7 @@ import torch
 from hicmae_dist.cli import EXIT_INTERRUPTED
 from hicmae_dist.data import downstream as ds
 from hicmae_dist.data.synth import write_downstream
+from hicmae_dist.train.export import checkpoint_weights
 
 CLI = [sys.executable, "-m", "hicmae_dist.cli"]
 
@@ -171,6 +172,54 @@ def test_cavmae_multimodal_finetune_with_its_head_lr(downstream, cli_env, tmp_pa
     result = json.loads((run_dir / "fold01" / "results.json").read_text())
     assert result["test_views"] == 10  # CAV-MAE's 10-frame test ensemble
     assert summary["folds"] == [1] and len(result["last"]["confusion"]) == 4
+
+
+CAVMAE_TINY = ["--preset", "finetune-cavmae", "--from-scratch", "finetune.num_outputs=4", "finetune.warmup_epochs=0",
+               "data.batch_size=2", "data.num_workers=0", "train.bf16=false", "model.arch=cavmae", "model.width=64",
+               "model.heads=2", "model.modality_depth=1", "model.shared_depth=1", "model.decoder_width=32",
+               "model.decoder_heads=2", "model.decoder_depth=1", "model.num_frames=1", "model.image_size=224",
+               "model.audio_frames=1024"]
+
+
+def test_cavmae_eval_modes_and_weight_average(downstream, cli_env, tmp_path):
+    """3 epochs, one checkpoint kept (train.keep_checkpoints=1) yet epochs 0-1 averaged: their
+    checkpoints outlive the retention; the test split in the training mode and both
+    missing-modality modes, with the last, the selected and the averaged weights."""
+    run_dir = tmp_path / "cav"
+    modes = ("audio_missing_video", "video_missing_audio")
+    summary = _finetune(_small_splits(downstream, tmp_path / "splits"), run_dir, cli_env, *CAVMAE_TINY,
+                        "finetune.epochs=3", "train.keep_checkpoints=1", "finetune.weight_average=[0, 1]",
+                        "--eval-modes", ",".join(modes))
+    fold = run_dir / "fold01"
+    result = json.loads((fold / "results.json").read_text())
+    selections = [f"{w}{m}" for w in ("last", "best", "averaged") for m in ("", *(f"_{m}" for m in modes))]
+    assert result["selections"] == summary["selections"] == selections and result["averaged_epochs"] == [0, 1]
+    for name in selections:
+        assert 0.0 <= result[name]["war"] <= 1.0 and len(result[name]["confusion"]) == 4
+        assert len((fold / f"predictions_{name}.csv").read_text().splitlines()) == 1 + 2  # every test clip
+    # the kept checkpoints: epochs 0 and 1 (averaged) and the newest (epoch 2)
+    states = [json.loads((c / "state.json").read_text()) for c in sorted((fold / "checkpoints").glob("step*"))]
+    assert [(s["epoch"], s["batch_in_epoch"]) for s in states] == [(1, 0), (2, 0), (3, 0)]
+    # stage 0 (the preset's): the module weights of epochs 0 and 1, averaged tensor by tensor
+    epoch0, epoch1 = (checkpoint_weights(c) for c in sorted((fold / "checkpoints").glob("step*"))[:2])
+    averaged = torch.load(fold / "averaged.pth", weights_only=True)
+    assert set(averaged) == set(epoch0) == set(torch.load(fold / "best.pth", weights_only=True))
+    for k, v in averaged.items():
+        torch.testing.assert_close(v, (epoch0[k] + epoch1[k]) / 2, rtol=0, atol=1e-7)
+    assert any(not torch.equal(epoch0[k], epoch1[k]) for k in averaged)  # the epochs trained apart
+    table = (run_dir / "results.md").read_text()
+    assert "| epochs 0-1 averaged | 1 |" in table and "| best val uar, audio_missing_video mode | 1 |" in table
+
+
+def test_eval_modes_are_cavmae_only_and_named():
+    from hicmae_dist.config import ConfigError
+    from hicmae_dist.train.finetune.fold import _check_eval_modes
+
+    with pytest.raises(ConfigError, match="only CAV-MAE has test modes; this model is hicmae"):
+        _check_eval_modes(["audio_missing_video"], "hicmae")
+    with pytest.raises(ConfigError, match=r"unknown mode\(s\) \['audio_only'\]"):
+        _check_eval_modes(["audio_only"], "cavmae")
+    _check_eval_modes([], "hicmae")
 
 
 def test_sigterm_mid_epoch_then_rerun_continues_the_fold(downstream, cli_env, tmp_path):

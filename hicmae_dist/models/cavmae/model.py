@@ -433,10 +433,20 @@ class CAVMAEFinetune(nn.Module):
 
     mode "multimodal": the shared block's unified stream over [audio, video] tokens; "audio" /
     "video": that modality alone through its own stream (the release's audioonly / videoonly).
+    Test-time only, for a model fine-tuned multimodally and given one modality:
+    "audio_missing_video" / "video_missing_audio" (the release's missingaudioonly /
+    missingvideoonly): the modality alone through the shared blocks twice, once with the unified
+    norms (and final `norm`), once with its own (and `audio_norm` / `video_norm`), the two
+    mean-pooled features averaged.
     Position tables are trainable here, as in the release.
     """
 
-    MODES = ("multimodal", "audio", "video")
+    MODES = ("multimodal", "audio", "video", "audio_missing_video", "video_missing_audio")
+    # the modality each mode reads (None: both) and the shared-block streams it runs
+    _INPUT = {"multimodal": None, "audio": "audio", "video": "video",
+              "audio_missing_video": "audio", "video_missing_audio": "video"}
+    _STREAMS = {"multimodal": ("unified",), "audio": ("audio",), "video": ("video",),
+                "audio_missing_video": ("unified", "audio"), "video_missing_audio": ("unified", "video")}
 
     def __init__(self, cfg: ModelConfig, num_classes: int, mode: str = "multimodal",
                  execution: ExecutionConfig | None = None):
@@ -470,13 +480,12 @@ class CAVMAEFinetune(nn.Module):
         mode = mode or self.mode
         self._check_mode(mode)
         names = _unused_norm_parameters(self, skip=("shared.",))
-        used_streams = {"multimodal": ("unified",), "audio": ("audio",), "video": ("video",)}[mode]
         for stream in STREAMS:
-            if stream not in used_streams:
+            if stream not in self._STREAMS[mode]:
                 prefix = _NORM_PREFIX[stream]
                 names += [n for n, _ in self.shared.named_parameters(prefix="shared")
                           if n.split(".")[-2] in (f"{prefix}norm1", f"{prefix}norm2", f"{prefix}norm")]
-        unused_encoder = {"audio": "video_encoder.", "video": "audio_encoder."}.get(mode)
+        unused_encoder = {"audio": "video_encoder.", "video": "audio_encoder.", None: None}[self._INPUT[mode]]
         unused = set(names)
         return [n for n, _ in self.named_parameters()
                 if n in unused or (unused_encoder and n.startswith(unused_encoder))]
@@ -486,16 +495,21 @@ class CAVMAEFinetune(nn.Module):
         """The pooled, normalised-stream feature (B, C) the head classifies."""
         mode = mode or self.mode
         self._check_mode(mode)
-        if mode == "audio":
-            return self.shared(self.audio_encoder(_audio_input(audio)), "audio").mean(dim=1)
-        if mode == "video":
-            return self.shared(self.video_encoder(_video_input(video)), "video").mean(dim=1)
-        tokens = torch.cat([self.audio_encoder(_audio_input(audio)), self.video_encoder(_video_input(video))], dim=1)
-        return self.shared(tokens, "unified").mean(dim=1)
+        modality = self._INPUT[mode]
+        if modality is None:
+            tokens = torch.cat([self.audio_encoder(_audio_input(audio)), self.video_encoder(_video_input(video))],
+                               dim=1)  # (B, Na + Nv, C)
+        elif modality == "audio":
+            tokens = self.audio_encoder(_audio_input(audio))  # (B, Na, C)
+        else:
+            tokens = self.video_encoder(_video_input(video))  # (B, Nv, C)
+        # one stream: its pooled output; two (a missing modality): the mean of both pooled outputs
+        pooled = [self.shared(tokens, stream).mean(dim=1) for stream in self._STREAMS[mode]]  # each (B, C)
+        return sum(pooled) / len(pooled)
 
     def forward(self, video: torch.Tensor | None, audio: torch.Tensor | None, mode: str | None = None) -> torch.Tensor:
         """video (B, 3, H, W), audio (B, 1, T, F) or (B, T, F); the unused one may be None in the
-        single-modality modes. Returns logits (B, num_classes)."""
+        single-modality modes (all but multimodal). Returns logits (B, num_classes)."""
         return self.head(self.head_norm(self.features(video, audio, mode)))
 
     def retrieval_features(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

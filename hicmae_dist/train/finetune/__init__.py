@@ -6,7 +6,9 @@ one module per concern:
     mixing.py     mixup / cutmix with label smoothing
     sampling.py   per-epoch batches of each rank (EpochBatches), the loaders
     evaluate.py   predictions (multi-view: probabilities averaged over chunks x crops), metrics,
-                  the test pass with the last and with the validation-selected weights
+                  the test pass with the last, the validation-selected (and the averaged)
+                  weights, in the training mode and each of finetune.eval_modes (CAV-MAE)
+    averaging.py  finetune.weight_average: the epoch checkpoints of a range averaged
     fold.py       finetune_fold: one fold: the DeepSpeed engine over the training split,
                   validation every `finetune.eval_every` epochs, the best epoch's weights kept,
                   then the test pass

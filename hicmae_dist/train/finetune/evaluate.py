@@ -1,5 +1,6 @@
 """Evaluation of a fine-tuned model: predictions over a split (multi-view averaged), their
-metrics, and the test pass with the last and the validation-selected weights."""
+metrics, and the test pass with the last, the validation-selected and the averaged weights, in
+the training mode and the requested CAV-MAE eval modes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,9 +19,10 @@ from hicmae_dist.train.rundir import RunDir
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, task: Task, device, dtype, progress: bool = False,
-            desc: str = "eval") -> tuple[np.ndarray, np.ndarray, list[str]]:
+            desc: str = "eval", mode: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(targets, outputs, keys) over a val/test loader: class probabilities (N, K) or regression
-    outputs (N, D), averaged over the views of multi-view (test) samples."""
+    outputs (N, D), averaged over the views of multi-view (test) samples. mode: a CAV-MAE mode
+    other than the model's own (None: its own)."""
     was_training = model.training
     model.eval()
     targets, outputs, keys = [], [], []
@@ -30,7 +32,8 @@ def predict(model: torch.nn.Module, loader, task: Task, device, dtype, progress:
         if multi:
             n, views = video.shape[:2]
             video, audio = video.flatten(0, 1), audio.flatten(0, 1)
-        out = model(video.to(device, dtype), audio.to(device, dtype)).float()
+        inputs = (video.to(device, dtype), audio.to(device, dtype))
+        out = (model(*inputs) if mode is None else model(*inputs, mode)).float()
         out = out if task.regression else out.softmax(dim=-1)
         if multi:
             out = out.view(n, views, -1).mean(dim=1)
@@ -49,23 +52,35 @@ def score(targets: np.ndarray, outputs: np.ndarray, task: Task) -> dict[str, flo
 
 def test_pass(model: torch.nn.Module, dataset, cfg: Config, task: Task, run: RunDir, device, dtype,
               best_epoch: int, best_score: float, progress: bool) -> dict[str, Any]:
-    """The test split, once with the last weights, once with the validation-selected ones
-    (run.best_weights, of epoch best_epoch)."""
+    """The test split with each set of weights: the last, the validation-selected ones
+    (run.best_weights, of epoch best_epoch) and with finetune.weight_average the averaged ones
+    (run.averaged_weights); each in the training mode, then in every finetune.eval_modes mode.
+    out[selection] per pass, selections listed in out["selections"]: "last", "best", "averaged",
+    with "_<mode>" appended for an eval mode (e.g. "best_audio_missing_video")."""
+    ft = cfg.finetune
     loader = make_loader(dataset, cfg, batch_size=max(1, cfg.data.batch_size // max(1, dataset.num_views)))
-    out: dict[str, Any] = {"best_epoch": best_epoch, "best_val": best_score,
-                           "select_metric": task.select_metric, "test_views": dataset.num_views}
+    out: dict[str, Any] = {"best_epoch": best_epoch, "best_val": best_score, "select_metric": task.select_metric,
+                           "test_views": dataset.num_views, "selections": []}
+    weights = {"last": None, "best": run.best_weights}
+    if ft.weight_average:
+        weights["averaged"] = run.averaged_weights
+        out["averaged_epochs"] = list(ft.weight_average)
+    modes = [None] + [m for m in ft.eval_modes if m != ft.mode]  # the training mode's pass is the plain one
     last = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for which in ("last", "best"):
-        if which == "best":
-            model.load_state_dict(torch.load(run.best_weights, map_location="cpu", weights_only=True))
-        t, o, keys = predict(model, loader, task, device, dtype, progress, desc=f"test ({which})")
-        out[which] = score(t, o, task)
-        if not task.regression:
-            cm = M.confusion_matrix(t, o, task.num_outputs)
-            out[which]["confusion"] = cm.tolist()
-            M.plot_confusion(cm, task.names, run.confusion_plot(which),
-                             f"{run.name} test, {which} epoch")
-        write_predictions(run.predictions(which), keys, t, o)
+    for which, path in weights.items():
+        if path is not None:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        for mode in modes:
+            name = which if mode is None else f"{which}_{mode}"
+            t, o, keys = predict(model, loader, task, device, dtype, progress, desc=f"test ({name})", mode=mode)
+            out[name] = score(t, o, task)
+            if not task.regression:
+                cm = M.confusion_matrix(t, o, task.num_outputs)
+                out[name]["confusion"] = cm.tolist()
+                title = f"{run.name} test, {which} weights" + (f", {mode} mode" if mode else "")
+                M.plot_confusion(cm, task.names, run.confusion_plot(name), title)
+            write_predictions(run.predictions(name), keys, t, o)
+            out["selections"].append(name)
     model.load_state_dict(last)
     return out
 

@@ -1,6 +1,7 @@
 """One fold: the DeepSpeed engine over the training split, validation every finetune.eval_every
-epochs (the best epoch's weights kept), then the test split once with the last and once with
-the selected weights. finetune_fold() is the loop over epochs; FoldRun holds what its steps
+epochs (the best epoch's weights kept), then the test split once with the last, once with the
+selected and (finetune.weight_average) once with the averaged weights, each in the training mode
+and every finetune.eval_modes mode. finetune_fold() is the loop over epochs; FoldRun holds what its steps
 share (train_epoch, validate, _finish)."""
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ import torch
 from hicmae_dist import comm
 from hicmae_dist.config import Config, ConfigError, ModelConfig
 from hicmae_dist.data.downstream import DownstreamDataset, DownstreamItem
+from hicmae_dist.models.cavmae.model import CAVMAEFinetune
 from hicmae_dist.models.convert import Converted
 from hicmae_dist.tracking import Tracker, end_status
 from hicmae_dist.train.checkpoint import resume_checkpoint, save_checkpoint
 from hicmae_dist.train.engine import build_engine, global_batch
+from hicmae_dist.train.finetune.averaging import keeps_for_average, write_average
 from hicmae_dist.train.finetune.evaluate import predict, score, test_pass
 from hicmae_dist.train.finetune.mixing import mix_batch
 from hicmae_dist.train.finetune.sampling import EpochBatches, make_loader
@@ -109,6 +112,7 @@ def _prepare(cfg: Config, splits: dict[str, list[DownstreamItem]], task: Task, p
         raise ConfigError("train.zero_stage: fine-tuning supports stages 0-2 (evaluation needs the whole model "
                           "on rank 0; the fine-tuning models fit one GPU)")
     mcfg = finetune_model_config(cfg, pretrained)
+    _check_eval_modes(ft.eval_modes, mcfg.arch)
     datasets = {name: DownstreamDataset(items, mcfg, name, regression=task.regression, seed=cfg.train.seed,
                                         test_num_segment=ft.test_num_segment, test_num_crop=ft.test_num_crop,
                                         crop_scale=(ft.crop_scale_min, 1.0))
@@ -125,6 +129,23 @@ def _prepare(cfg: Config, splits: dict[str, list[DownstreamItem]], task: Task, p
     cfg.train.warmup_steps = ft.warmup_epochs * steps_per_epoch
     cfg.validate()
     return datasets, mcfg, steps_per_epoch
+
+
+def _check_eval_modes(modes: list[str], arch: str) -> None:
+    if modes and arch != "cavmae":
+        raise ConfigError(f"finetune.eval_modes {modes}: only CAV-MAE has test modes; this model is {arch}")
+    unknown = [m for m in modes if m not in CAVMAEFinetune.MODES]
+    if unknown:
+        raise ConfigError(f"finetune.eval_modes: unknown mode(s) {unknown}; expected some of "
+                          f"{', '.join(CAVMAEFinetune.MODES)}")
+
+
+def _save(fold: FoldRun) -> None:
+    """Collective: the fold's checkpoint; those finetune.weight_average needs outlive the
+    train.keep_checkpoints newest."""
+    wa = fold.cfg.finetune.weight_average
+    save_checkpoint(fold.engine, fold.run.path, fold.state.step, vars(fold.state), fold.cfg.train.keep_checkpoints,
+                    keep_also=keeps_for_average(wa) if wa else None)
 
 
 def _start(cfg: Config, task: Task, pretrained: Converted | None, run: RunDir, resume: str,
@@ -222,7 +243,7 @@ def train_epoch(fold: FoldRun, epoch: int) -> tuple[dict[str, Any] | None, str |
             window_loss, window_n = 0.0, 0
         if result.stop:
             interrupted = why_stopped()
-            save_checkpoint(engine, fold.run.path, state.step, vars(state), cfg.train.keep_checkpoints)
+            _save(fold)
             log.warning("stopping in epoch %d at step %d (%s); checkpoint saved", epoch, state.step, interrupted)
             return None, interrupted
     return {"epoch": epoch, "step": state.step, "train_loss": float(epoch_loss / epoch_n) if epoch_n else None,
@@ -250,13 +271,16 @@ def validate(fold: FoldRun, epoch: int, row: dict[str, Any]) -> None:
 
 
 def _finish(fold: FoldRun, history: list[dict[str, Any]], load_report: dict, val_split: str) -> dict[str, Any]:
-    """Rank 0: the test pass, results.json, the confusion plots to MLflow; the run FINISHED."""
+    """Rank 0: the weight average (finetune.weight_average), the test pass, results.json, the
+    confusion plots to MLflow; the run FINISHED."""
     ft, tracker, run = fold.cfg.finetune, fold.tracker, fold.run
+    if ft.weight_average:
+        write_average(run, ft.weight_average)
     results = test_pass(fold.engine.module, fold.datasets["test"], fold.cfg, fold.task, run, fold.engine.device,
                         fold.dtype, fold.state.best_epoch, fold.state.best_score, fold.eval_bars)
     results.update(fold_dir=str(run.path.resolve()), mlflow_run_id=tracker.run_id, load_report=load_report,
                    val_split=val_split, epochs=ft.epochs, history=history)
-    tracker.log_metrics(ft.epochs, {f"test_{which}_{k}": v for which in ("last", "best")
+    tracker.log_metrics(ft.epochs, {f"test_{which}_{k}": v for which in results["selections"]
                                     for k, v in results[which].items() if k != "confusion"})
     for png in run.confusion_plots():
         tracker.log_artifact(png)
@@ -299,7 +323,7 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
                 history.append(row)
                 run.history.write_text(json.dumps(history, indent=1))
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            save_checkpoint(engine, run.path, state.step, vars(state), cfg.train.keep_checkpoints)
+            _save(fold)
     except BaseException as err:
         tracker.finish(end_status(err))
         raise

@@ -82,7 +82,7 @@ def _report(run: RunDir, summary: dict[str, Any], task: Task, parent: Tracker) -
     """Rank 0: results.md and summary.json, their means and stds to the protocol run, FINISHED."""
     run.results_table.write_text(format_table(summary, task) + "\n")
     write_json_atomic(run.summary, summary)
-    parent.log_metrics(0, {f"{which}_{k}_{stat}": v for which in ("last", "best")
+    parent.log_metrics(0, {f"{which}_{k}_{stat}": v for which in summary["selections"]
                            for k, s in summary[which].items() for stat, v in s.items() if stat in ("mean", "std")})
     parent.log_artifact(run.results_table)
     parent.log_artifact(run.summary)
@@ -90,11 +90,16 @@ def _report(run: RunDir, summary: dict[str, Any], task: Task, parent: Tracker) -
 
 
 def summarize(per_fold: dict[int, dict], task: Task) -> dict[str, Any]:
-    """Per metric and selection (last / best): the per-fold values, their mean and std
-    (population std, as a spread over the folds; 0 for one fold)."""
+    """Per metric and selection (last / best / averaged, each per eval mode: the folds' results'
+    "selections"): the per-fold values, their mean and std (population std, as a spread over the
+    folds; 0 for one fold)."""
+    first = per_fold[min(per_fold)]
     out: dict[str, Any] = {"folds": sorted(per_fold), "select_metric": task.select_metric,
-                           "best_epochs": [per_fold[f]["best_epoch"] for f in sorted(per_fold)]}
-    for which in ("last", "best"):
+                           "best_epochs": [per_fold[f]["best_epoch"] for f in sorted(per_fold)],
+                           "selections": first.get("selections", ["last", "best"])}  # older results: these two
+    if "averaged_epochs" in first:
+        out["averaged_epochs"] = first["averaged_epochs"]
+    for which in out["selections"]:
         keys = [k for k in per_fold[min(per_fold)][which] if k != "confusion"]
         out[which] = {}
         for k in keys:
@@ -111,8 +116,8 @@ def format_table(summary: dict[str, Any], task: Task) -> str:
         metrics += [f"ccc_{n}" for n in task.names if f"ccc_{n}" in summary["last"]]
     head = "| selection | fold | " + " | ".join(metrics) + " |"
     lines = [head, "|" + "---|" * (len(metrics) + 2)]
-    for which in ("last", "best"):
-        label = "last epoch" if which == "last" else f"best val {summary['select_metric']}"
+    for which in summary.get("selections", ["last", "best"]):
+        label = _selection_label(which, summary)
         for i, fold in enumerate(summary["folds"]):
             vals = " | ".join(f"{100 * summary[which][m]['per_fold'][i]:.2f}" for m in metrics)
             lines.append(f"| {label} | {fold} | {vals} |")
@@ -124,3 +129,11 @@ def format_table(summary: dict[str, Any], task: Task) -> str:
                                                           for m in metrics) + " |")
     lines.append(f"\nbest epochs per fold (on validation, never on test): {summary['best_epochs']}")
     return "\n".join(lines)
+
+
+def _selection_label(which: str, summary: dict[str, Any]) -> str:
+    """"best_audio_missing_video" -> "best val uar, audio_missing_video mode"."""
+    weights, _, mode = which.partition("_")
+    label = {"last": "last epoch", "best": f"best val {summary['select_metric']}",
+             "averaged": "epochs {}-{} averaged".format(*summary.get("averaged_epochs", ("?", "?")))}[weights]
+    return f"{label}, {mode} mode" if mode else label
