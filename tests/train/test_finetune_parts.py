@@ -2,6 +2,7 @@
 dataset presets, the fold sampler and the protocol table."""
 from __future__ import annotations
 
+import os
 import types
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hicmae_dist.train.finetune.mixing import mix_batch, smooth_one_hot
 from hicmae_dist.train.finetune.protocol import format_table, summarize
 from hicmae_dist.train.finetune.sampling import EpochBatches
 from hicmae_dist.train.finetune.task import ccc_loss, load_encoder_weights, resolve_task
+from tests.support import run_ranks
 
 
 def _items(subjects_clips: dict[str, int], root: Path, label_of=lambda i: i % 3) -> list[ds.DownstreamItem]:
@@ -203,3 +205,27 @@ def test_protocol_table_has_folds_mean_std_and_the_paper():
     assert "| last epoch | 2 | 70.00 | 60.00 |" in table
     assert "**60.00 ± 8.16**" in table and "**70.00 ± 8.16**" in table  # uar, last and best
     assert "| paper (HiCMAE-B) | | 84.91 | 84.89 |" in table
+
+
+def _finish_rank(rank: int, world_size: int, port: int, queue) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from hicmae_dist import comm
+    from hicmae_dist.train.finetune import fold as fold_mod
+
+    def fail(*args):
+        raise FileNotFoundError("no checkpoint closes epoch(s) [1]")
+
+    comm.init_distributed()
+    fold_mod._finish = fail  # rank 0's part of the fold's end fails
+    fold = types.SimpleNamespace(rank0=rank == 0, engine=types.SimpleNamespace(device=torch.device("cpu")))
+    try:
+        fold_mod._finish_agreed(fold, [], {}, "")
+        queue.put((rank, "returned"))
+    except Exception as err:
+        queue.put((rank, type(err).__name__))
+
+
+def test_a_failure_in_rank_0s_end_of_fold_ends_every_rank_instead_of_a_hang():
+    outcomes = dict(run_ranks(_finish_rank, 2, (), expect=2, timeout_s=120))
+    assert outcomes == {0: "FileNotFoundError", 1: "RuntimeError"}

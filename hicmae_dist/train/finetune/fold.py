@@ -333,6 +333,21 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
     if interrupted:
         tracker.finish("KILLED")  # a resume (a requeued job) sets it RUNNING again
         return {"interrupted": interrupted, "run_dir": str(run.path), "epoch": state.epoch}
-    results = _finish(fold, history, load_report, val_split) if rank0 else {}
-    comm.barrier()
+    return _finish_agreed(fold, history, load_report, val_split)
+
+
+def _finish_agreed(fold: FoldRun, history: list[dict[str, Any]], load_report: dict, val_split: str) -> dict[str, Any]:
+    """_finish on rank 0, its outcome agreed by all ranks: a failure there (a missing checkpoint
+    for the average, a full disk) ends every rank with an error instead of leaving the others
+    waiting at a barrier until the collective timeout."""
+    results, failure = {}, None
+    if fold.rank0:
+        try:
+            results = _finish(fold, history, load_report, val_split)
+        except Exception as err:  # raised below, after the other ranks have heard of it
+            failure = err
+    if comm.agree([failure is not None], fold.engine.device)[0]:
+        if failure is not None:
+            raise failure
+        raise RuntimeError("rank 0 failed to finish the fold (its log says why)")
     return results
