@@ -118,7 +118,7 @@ def prepare_clip(item: VideoInput, recipe, options: dict, detector, short: str) 
     result.start_s = np.array([w.start / V.FPS for w in windows])
     result.end_s = np.minimum(result.start_s + recipe.span_frames / V.FPS, clip.num_frames / V.FPS)
     result.window_status = [_window_status(w, found) for w in windows]
-    _window_problems(result, clip.num_frames, recipe)
+    _window_problems(result, clip.num_frames, recipe, found)
     if clip.audio_cut:
         result.problems.append(Problem(item.id, str(item.path), "audio_cut", clip.audio_cut))
         result.status = "audio_cut" if result.status == "ok" else f"{result.status},audio_cut"
@@ -131,7 +131,7 @@ def _window_status(window, found: set[int] | None) -> str:
     return ",".join(flags) or "ok"
 
 
-def _window_problems(result: ClipResult, num_frames: int, recipe) -> None:
+def _window_problems(result: ClipResult, num_frames: int, recipe, found: set[int] | None) -> None:
     """One problem line per kind met in the windows, and the video's status."""
     kinds = [k for k in ("padded", "no_face") if any(k in s.split(",") for s in result.window_status)]
     for kind in kinds:
@@ -141,7 +141,8 @@ def _window_problems(result: ClipResult, num_frames: int, recipe) -> None:
         else:
             hit = [f"{s:.2f}-{e:.2f} s" for s, e, st in zip(result.start_s, result.end_s, result.window_status)
                    if "no_face" in st]
-            message = f"no face found in {len(hit)} window(s) ({', '.join(hit[:5])}): the track's nearest box used"
+            used = "the track's nearest boxes used" if found else "no face in the video: centre crop used"
+            message = f"no face found in {len(hit)} window(s) ({', '.join(hit[:5])}): {used}"
         result.problems.append(Problem(result.id, result.path, kind, message))
     result.status = ",".join(kinds) or "ok"
 
