@@ -64,6 +64,37 @@ def test_embed_equals_the_evaluation_path(downstream, tiny_weights, tmp_path):
     assert starts.tolist() == [0.0, 0.64]
 
 
+def test_cavmae_embed_equals_its_ten_frame_test_views(downstream, tmp_path):
+    """CAV-MAE (narrow, random): a 3.2 s clip is one padded 10.24 s window whose 10 frames and
+    fbank are the test pass's 10 views; features and probabilities equal the evaluation path's."""
+    from hicmae_dist.config import load_config
+    from hicmae_dist.infer.model import InferenceModel, Loaded
+    from hicmae_dist.models import build_finetune_model
+    from hicmae_dist.train.finetune.task import Task
+
+    cfg = load_config("finetune-cavmae", ["model.arch=cavmae", "model.width=64", "model.heads=2",
+                                          "model.modality_depth=1", "model.shared_depth=1", "model.decoder_width=32",
+                                          "model.decoder_heads=2", "model.decoder_depth=1", "model.num_frames=1",
+                                          "model.image_size=224", "model.audio_frames=1024"]).model
+    torch.manual_seed(0)
+    net = build_finetune_model(cfg, 3)
+    model = InferenceModel(Loaded(net, cfg, Task("classification", 3, ("a", "b", "c"), "", (), None, {}), "test"),
+                           "cpu")
+    item = ds.read_annotations(downstream / "splits" / "split02" / "test.csv")[0]
+    path = lossless_video(item.frame_dir, item.wav_path, tmp_path / "clip.mkv")
+    reference = ds.DownstreamDataset([item], cfg, "test")[0]  # (10, 3, 224, 224), (10, 1, 1024, 128)
+    with torch.no_grad():
+        expected_v, expected_a = net.retrieval_features(reference["video"], reference["audio"])
+        expected_p = net(reference["video"], reference["audio"]).softmax(-1).mean(0)
+    embedded = model.embed(path, feature="encoders")
+    assert embedded.status == "padded" and embedded.window_status == ["padded"]
+    torch.testing.assert_close(embedded.pooled["video"], expected_v.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(embedded.pooled["audio"], expected_a.mean(0), atol=1e-5, rtol=0)
+    predicted = model.predict(path)
+    assert predicted.names == ("a", "b", "c")
+    torch.testing.assert_close(predicted.pooled["output"], expected_p, atol=1e-5, rtol=0)
+
+
 def _test_videos(downstream: Path, split: Path, out: Path) -> tuple[list[str], list[int]]:
     """The split's clips as lossless videos named by clip, a CSV list of them; (ids, labels)."""
     items = ds.read_annotations(split)
