@@ -3,6 +3,7 @@ validation-selected weights), a pretraining run (its latest checkpoint), our wei
 authors' checkpoint. Pretraining weights become the fine-tuning model's backbone (features only)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,16 +70,51 @@ def _load_fold(run: RunDir) -> Loaded:
 
     cfg = config_from_dict(yaml.safe_load(run.config.read_text()))
     task = resolve_task(cfg)
-    net = build_finetune_model(cfg.model, task.num_outputs, **get_spec(cfg.model.arch).finetune_kwargs(cfg.finetune))
     state = torch.load(run.best_weights, map_location="cpu", weights_only=True)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as err:
-        raise ConversionError(f"{run.best_weights} does not fit the model of {run.config} (model section): "
-                              f"{str(err).splitlines()[0]}") from None
-    log.info("loaded %s: %s fine-tuned, %s with %d outputs (%s)", run.best_weights, cfg.model.arch, task.kind,
+    mcfg = _fold_model_config(cfg.model, state, run)
+    net = build_finetune_model(mcfg, task.num_outputs, **get_spec(mcfg.arch).finetune_kwargs(cfg.finetune))
+    net.load_state_dict(state)
+    log.info("loaded %s: %s fine-tuned, %s with %d outputs (%s)", run.best_weights, mcfg.arch, task.kind,
              task.num_outputs, ", ".join(task.names))
-    return Loaded(net, cfg.model, task, str(run.best_weights))
+    return Loaded(net, mcfg, task, str(run.best_weights))
+
+
+def _fold_model_config(saved: ModelConfig, state: dict[str, torch.Tensor], run: RunDir) -> ModelConfig:
+    """The fold's model: config.yaml's model section, which holds the preset's model even when
+    the weights fine-tuned were of another size; then each field the weights' shapes decide
+    (width, depths ...) read from best.pth, said in the log. Heads show in no shape: kept (unless
+    that config is not valid: then the converter's own inference, heads at head_dim 64)."""
+    from hicmae_dist.models.convert import expected_shapes, rename_key
+
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    head = shapes.get("head.weight", (0,))[0]
+
+    def fits(cfg: ModelConfig) -> dict:
+        return expected_shapes(cfg.arch, "finetune", cfg, head)
+
+    if shapes == fits(saved):
+        return saved
+    theirs = {rename_key(k, saved.arch, "upstream"): v for k, v in state.items()}
+    try:
+        inferred = get_spec(saved.arch).upstream.infer_config(theirs, "finetune")
+        changed = {f.name: getattr(inferred, f.name) for f in dataclasses.fields(saved)
+                   if getattr(inferred, f.name) != getattr(saved, f.name)
+                   and fits(dataclasses.replace(saved, **{f.name: getattr(inferred, f.name)})) != fits(saved)}
+        merged = dataclasses.replace(saved, **changed)
+        try:
+            merged.validate()
+        except ValueError:  # e.g. the preset's intermediate_layers for another depth: the converter's whole guess
+            merged, changed = inferred, {"all": "as the converter infers it (heads at head_dim 64)"}
+            merged.validate()
+    except (ConversionError, ValueError, KeyError) as err:
+        raise ConversionError(f"{run.best_weights} does not fit the model section of {run.config}, and its size "
+                              f"cannot be read from its shapes: {err}") from None
+    if fits(merged) != shapes:
+        raise ConversionError(f"{run.best_weights} does not fit the model section of {run.config} "
+                              f"(read from the weights: {changed})")
+    log.warning("%s: the model section of %s does not fit its weights; read from them: %s", run.best_weights,
+                run.config, changed)
+    return merged
 
 
 def _from_converted(weights: Converted, source: str, dataset: str | None) -> Loaded:

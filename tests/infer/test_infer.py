@@ -210,3 +210,35 @@ def test_predict_from_pretraining_weights_is_a_clear_error(tmp_path, cli_env_inf
     r = subprocess.run(CLI + ["embed", "--weights", str(path), str(tmp_path / "a.mp4"), "--out",
                               str(tmp_path / "e.csv")], capture_output=True, text=True, env=cli_env_infer)
     assert r.returncode == 2 and ".parquet or .npz" in r.stderr
+
+
+def test_a_fold_fine_tuned_from_another_size_loads_by_its_shapes(tmp_path, caplog):
+    """A fold's config.yaml holds the preset's model section even when the weights it fine-tuned
+    were of another size: the loader reads the size from best.pth and says so (a wider tiny: its
+    width; the authors' HiCMAE-T: the converter's whole inference)."""
+    import dataclasses
+    import logging
+
+    from hicmae_dist.config import load_config
+    from hicmae_dist.models import build_finetune_model
+
+    cfg = load_config("finetune-tiny-cpu", ["finetune.num_outputs=4"])
+    fold = tmp_path / "ft" / "fold01"
+    fold.mkdir(parents=True)
+    (fold / "config.yaml").write_text(cfg.to_yaml())
+    torch.save(build_finetune_model(dataclasses.replace(cfg.model, width=128, heads=2), 4).state_dict(),
+               fold / "best.pth")
+    with caplog.at_level(logging.WARNING):
+        model = hicmae_dist.load(tmp_path / "ft", device="cpu")
+    assert (model.cfg.width, model.cfg.heads, model.names) == (128, 2, ("0", "1", "2", "3"))
+    assert "does not fit its weights" in caplog.text
+    # an authors' HiCMAE-T fine-tune saved under the tiny preset's section: the converter's size
+    from tests.models.test_convert import random_state
+    from hicmae_dist.models.convert import to_ours
+
+    authors = to_ours({"model": random_state("hicmae_finetune_tiny")})
+    torch.save(authors.state_dict, fold / "best.pth")
+    cfg = load_config("finetune-tiny-cpu", ["finetune.num_outputs=6"])
+    (fold / "config.yaml").write_text(cfg.to_yaml())
+    model = hicmae_dist.load(tmp_path / "ft", device="cpu")
+    assert model.cfg == authors.cfg and model.cfg.width == 256 and len(model.names) == 6
