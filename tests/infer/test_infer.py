@@ -194,7 +194,8 @@ def test_odd_videos_are_reported_and_the_rest_goes_on(tiny_weights, cli_env_infe
     assert "5 videos" in r.stdout
 
 
-def test_predict_from_pretraining_weights_is_a_clear_error(tmp_path, cli_env_infer):
+def test_predict_from_pretraining_weights_is_a_clear_error(tmp_path, capsys):
+    from hicmae_dist.cli import main
     from hicmae_dist.config import load_config
     from hicmae_dist.models import build_model
     from hicmae_dist.models.convert import Converted, ours_file_payload
@@ -203,13 +204,12 @@ def test_predict_from_pretraining_weights_is_a_clear_error(tmp_path, cli_env_inf
     path = tmp_path / "pre.pth"
     torch.save(ours_file_payload(Converted("hicmae", "pretrain", cfg, None, build_model(cfg).state_dict())), path)
     (tmp_path / "a.mp4").write_bytes(b"")
-    r = subprocess.run(CLI + ["predict", "--weights", str(path), str(tmp_path / "a.mp4"), "--out",
-                              str(tmp_path / "p.csv")], capture_output=True, text=True, env=cli_env_infer)
-    assert r.returncode == 2 and "no head to predict with" in r.stderr and "Traceback" not in r.stderr
-    # embed works from pretraining weights (the backbone); a bad --out suffix is named
-    r = subprocess.run(CLI + ["embed", "--weights", str(path), str(tmp_path / "a.mp4"), "--out",
-                              str(tmp_path / "e.csv")], capture_output=True, text=True, env=cli_env_infer)
-    assert r.returncode == 2 and ".parquet or .npz" in r.stderr
+    code = main(["predict", "--weights", str(path), str(tmp_path / "a.mp4"), "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no head to predict with" in err and "Traceback" not in err
+    # a bad --out suffix is named before anything is loaded
+    code = main(["embed", "--weights", str(path), str(tmp_path / "a.mp4"), "--out", str(tmp_path / "e.csv")])
+    assert code == 2 and ".parquet or .npz" in capsys.readouterr().err
 
 
 def test_a_fold_fine_tuned_from_another_size_loads_by_its_shapes(tmp_path, caplog):
