@@ -29,7 +29,7 @@ SHORT = ("pad", "skip")
 class Problem:
     video_id: str
     path: str
-    kind: str  # sources.SKIP_KINDS, "padded", "no_face" or "audio_cut"
+    kind: str  # sources.SKIP_KINDS, "failed" (anything else), "padded", "no_face" or "audio_cut"
     message: str
 
 
@@ -111,9 +111,13 @@ def prepare_clip(item: VideoInput, recipe, options: dict, detector, short: str) 
         boxes, found = (F.track_faces(clip, sorted({i for w in windows for i in w.frames()}), recipe.image_size,
                                       detector) if detector else (None, None))
         pairs = [window_inputs(clip, w, recipe, boxes) for w in windows]
-    except SkipVideo as exn:
-        result.status = exn.kind
-        result.problems.append(Problem(item.id, str(item.path), exn.kind, str(exn)))
+    except Exception as exn:  # noqa: BLE001  one video's failure is its row, not the run's end
+        kind = exn.kind if isinstance(exn, SkipVideo) else "failed"
+        if kind == "failed":
+            log.debug("%s failed", item.path, exc_info=True)  # -v shows the traceback
+        result.status = kind
+        result.problems.append(Problem(item.id, str(item.path), kind, str(exn) if kind != "failed" else
+                                       f"{type(exn).__name__}: {exn}"))
         return _Prepared(result)
     result.start_s = np.array([w.start / V.FPS for w in windows])
     result.end_s = np.minimum(result.start_s + recipe.span_frames / V.FPS, clip.num_frames / V.FPS)

@@ -242,3 +242,23 @@ def test_a_fold_fine_tuned_from_another_size_loads_by_its_shapes(tmp_path, caplo
     (fold / "config.yaml").write_text(cfg.to_yaml())
     model = hicmae_dist.load(tmp_path / "ft", device="cpu")
     assert model.cfg == authors.cfg and model.cfg.width == 256 and len(model.names) == 6
+
+
+def test_an_unexpected_error_is_that_videos_status(monkeypatch, tmp_path):
+    from hicmae_dist.config import load_config
+    from hicmae_dist.infer import run
+    from hicmae_dist.infer.sources import VideoInput
+    from hicmae_dist.infer.windows import Recipe
+
+    path = tmp_path / "v.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=25", "-f", "lavfi", "-i", "sine=sample_rate=16000",
+           "-t", "1", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(run, "window_inputs", boom)
+    prepared = run.prepare_clip(VideoInput("v", path), Recipe.of(load_config("finetune-tiny-cpu").model),
+                                {"hop": None, "segments": None, "crops": 1}, None, "pad")
+    assert prepared.result.status == "failed" and prepared.video is None
+    assert [(p.kind, p.message) for p in prepared.result.problems] == [("failed", "RuntimeError: boom")]
