@@ -62,6 +62,14 @@ def test_embed_equals_the_evaluation_path(downstream, tiny_weights, tmp_path):
     video, audio, starts = model.preprocess(frames, read_wav(item.wav_path), segments=2)
     assert torch.equal(video[:, 0], reference["video"]) and torch.equal(audio[:, 0], reference["audio"])
     assert starts.tolist() == [0.0, 0.64]
+    # the .npz form: the window rows, then the video row (the mean)
+    from hicmae_dist.infer.output import write_embeddings
+
+    write_embeddings([by_segments], tmp_path / "e.npz")
+    npz = np.load(tmp_path / "e.npz")
+    assert npz["level"].tolist() == ["window", "window", "video"] and npz["start_s"].tolist() == [0.0, 0.64, 0.0]
+    np.testing.assert_allclose(npz["fusion"], torch.cat([expected, expected.mean(0, keepdim=True)]).numpy(),
+                               atol=1e-5)
 
 
 def test_cavmae_embed_equals_its_ten_frame_test_views(downstream, tmp_path):
@@ -93,6 +101,12 @@ def test_cavmae_embed_equals_its_ten_frame_test_views(downstream, tmp_path):
     predicted = model.predict(path)
     assert predicted.names == ("a", "b", "c")
     torch.testing.assert_close(predicted.pooled["output"], expected_p, atol=1e-5, rtol=0)
+    from hicmae_dist.infer.output import write_predictions
+
+    write_predictions([predicted], tmp_path / "p.json", predicted.names, regression=False)
+    (video,) = json.loads((tmp_path / "p.json").read_text())["videos"]
+    assert video["predicted"] == "abc"[int(expected_p.argmax())] and video["status"] == "padded"
+    assert video["windows"][0]["end_s"] == pytest.approx(3.2) and "shorter than one 10.24 s" in video["problems"][0]
 
 
 def _test_videos(downstream: Path, split: Path, out: Path) -> tuple[list[str], list[int]]:
