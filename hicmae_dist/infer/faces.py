@@ -35,6 +35,9 @@ def _cascade():
     except ImportError as exn:
         raise ConfigError("--faces detect needs the `opencv-python-headless` package (pip install "
                           "'hicmae-dist[faces]', or `make setup`)") from exn
+    if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
+        raise ConfigError(f"--faces detect needs opencv-python-headless 4.x (its Haar cascades); OpenCV "
+                          f"{cv2.__version__} has none: pip install 'hicmae-dist[faces]'")
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + CASCADE)
     if cascade.empty():
         raise RuntimeError(f"OpenCV could not load {cv2.data.haarcascades + CASCADE}")
