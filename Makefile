@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev,faces]"
 	$(BIN)/python -c "from hicmae_dist.ops import gather as g; assert g.native_available(), 'hicmae_dist._C did not build'; \
 	  print('hicmae_dist._C built', 'with CUDA kernels' if g.native_built_with_cuda() else 'CPU kernels only')"
 	touch $@

@@ -555,6 +555,63 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_eval_datasets)
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    """embed / predict: the work is hicmae_dist.infer.output.infer_files."""
+    from hicmae_dist.infer.output import infer_files
+
+    options = dict(faces=args.faces, hop_s=args.hop, segments=args.segments, crops=args.crops, short=args.short,
+                   workers=args.workers, progress=not args.no_progress)
+    if args.verb == "embed":
+        options["feature"] = args.feature
+    summary = infer_files(args.weights, args.inputs, Path(args.out), args.verb, fold=args.fold,
+                          dataset=getattr(args, "dataset", None), device=args.device, batch_size=args.batch_size,
+                          **options)
+    print(f"{summary['videos']} videos ({summary['skipped']} skipped), {summary['windows']} windows on "
+          f"{summary['device']} -> {summary['out']}")
+    print(f"{summary['problems']} problem(s) -> {summary['problems_file']}")
+    return EXIT_OK
+
+
+def _add_infer_verbs(sub: argparse._SubParsersAction) -> None:
+    for verb, help_, out_help in (
+            ("embed", "features of your videos, per window and per video (Parquet or .npz)",
+             "output file: .parquet or .npz"),
+            ("predict", "class probabilities (or regression outputs) of your videos, per window and per video",
+             "output file: .csv or .json")):
+        s = sub.add_parser(verb, help=help_, description=f"{help_[0].upper()}{help_[1:]}. Videos are resampled "
+                           "to 25 fps and 16 kHz mono and cut into the model's windows (HiCMAE 2.56 s, CAV-MAE "
+                           "10.24 s); a video that cannot be used is a line in OUT's problems report "
+                           "(<out stem>.problems.csv) and its status column, and the others go on.")
+        s.add_argument("--weights", required=True, help="fine-tuning run dir (or one foldNN), pretraining run dir, "
+                                                        "our weights file, or the authors' checkpoint")
+        s.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders of them, or .csv/.txt "
+                                                                 "lists (a `path` and optional `id` column)")
+        s.add_argument("--out", required=True, help=out_help)
+        if verb == "embed":
+            s.add_argument("--feature", choices=("fusion", "encoders"), default="fusion",
+                           help="fusion: the fine-tuning feature before the head; encoders: each encoder's pooled "
+                                "output (video, audio)")
+        else:
+            s.add_argument("--dataset", help="dataset preset naming the classes of a fine-tuned weights file")
+        s.add_argument("--faces", choices=("none", "detect"), default="none",
+                       help="detect: track and crop the largest face (needs opencv-python-headless); none: "
+                            "frames as they are, centre crop (face-track videos)")
+        s.add_argument("--hop", type=float, default=None, metavar="SECONDS",
+                       help="window hop (default: one window span, back to back)")
+        s.add_argument("--segments", type=int, default=None,
+                       help="instead of --hop: N windows spread over each video, as the fine-tuning test pass")
+        s.add_argument("--crops", type=int, default=1, help="spatial crops per window along the long side, "
+                                                             "averaged (the test pass's test_num_crop)")
+        s.add_argument("--short", choices=("pad", "skip"), default="pad",
+                       help="a video shorter than one window: pad (flagged 'padded') or skip")
+        s.add_argument("--fold", type=int, default=None, help="fold of a fine-tuning run (default: the first)")
+        s.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+        s.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+        s.add_argument("--workers", type=int, default=2, help="videos decoded in parallel")
+        s.add_argument("--no-progress", action="store_true")
+        s.set_defaults(func=cmd_infer)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from hicmae_dist.launch.submission import dry_run_text, plan_submission, submit_planned, submitted_text
     from hicmae_dist.launch.submit import SubmitError
@@ -717,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "is one line without it)")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add_verbs in (_add_synth, _add_prepare, _add_pretrain, _add_weights_verbs, _add_model_verbs,
-                      _add_bench_verbs, _add_finetune_verbs, _add_doctor, _add_sync,
+                      _add_bench_verbs, _add_finetune_verbs, _add_infer_verbs, _add_doctor, _add_sync,
                       _add_slurm_verbs):
         add_verbs(sub)
     _add_global_flags(p)

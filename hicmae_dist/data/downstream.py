@@ -341,7 +341,15 @@ def load_crop(path: Path, box: tuple[float, float, float, float], size: int, *, 
             img.draft("RGB", (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
         img = img.convert("RGB")
         sx, sy = img.size[0] / full_w, img.size[1] / full_h
-        out = img.resize((size, size), resample, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+        return crop_resize(img, (left * sx, top * sy, (left + w) * sx, (top + h) * sy), size, flip=flip,
+                           resample=resample)
+
+
+def crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: int, *, flip: bool = False,
+                resample=Image.BILINEAR) -> np.ndarray:
+    """The corners (left, top, right, bottom in img's pixels) of an RGB image resized to
+    size x size, (size, size, 3) uint8; infer crops decoded video frames with it too."""
+    out = img.resize((size, size), resample, box=box)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.array(out)  # writable (torch.from_numpy wants it)
