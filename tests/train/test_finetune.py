@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from hicmae_dist.cli import EXIT_INTERRUPTED
 from hicmae_dist.data import downstream as ds
@@ -62,6 +63,8 @@ def test_finetune_from_an_authors_format_checkpoint(downstream, cli_env, tmp_pat
         tensors = len(build_finetune_model(weights.cfg, 4).state_dict())
     assert result["load_report"] == {"loaded": tensors - 2, "initialised": 2, "dropped": 2}  # head weight, bias
     assert 0.0 <= summary["best"]["war"]["mean"] <= 1.0 and len(result["best"]["confusion"]) == 4
+    fold_model = yaml.safe_load((run_dir / "fold01" / "config.yaml").read_text())["model"]
+    assert (fold_model["width"], fold_model["heads"]) == (256, 4)  # the model trained, not the preset's
 
 
 def _small_splits(downstream: Path, out: Path, folds=(1,), train: int = 4, val: int = 2, test: int = 2) -> Path:

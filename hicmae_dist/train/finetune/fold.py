@@ -5,6 +5,7 @@ and every finetune.eval_modes mode. finetune_fold() is the loop over epochs; Fol
 share (train_epoch, validate, _finish)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -302,8 +303,10 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
     task = task or resolve_task(cfg)
     datasets, mcfg, steps_per_epoch = _prepare(cfg, splits, task, pretrained, dist_env.world_size)
     engine, state, load_report = _start(cfg, task, pretrained, run, resume, allow_config_change, dist_env.world_size)
-    tracker = _open_run(cfg, run, tracking_uri, rank0, state, _fold_params(splits, task, load_report, mcfg), tags,
-                        parent_run_id)
+    # config.yaml and the params record the model trained (the pretrained weights' sizes); the hash
+    # stays the requested config's, so runs written before this keep resuming
+    tracker = _open_run(dataclasses.replace(cfg, model=mcfg), run, tracking_uri, rank0, state,
+                        _fold_params(splits, task, load_report, mcfg), tags, parent_run_id)
     log.info("fine-tuning %s (%s, %d outputs): %d train / %d val / %d test clips, %d epochs x %d steps, "
              "pretrained tensors loaded: %s", mcfg.arch, task.kind, task.num_outputs, len(splits["train"]),
              len(splits["val"]), len(splits["test"]), ft.epochs, steps_per_epoch, load_report)
