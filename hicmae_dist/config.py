@@ -131,9 +131,14 @@ class DataConfig:
     gain_augment: bool = True
     roll_augment: bool = False  # the release's roll is a no-op; ours works when enabled
     max_bad_fraction: float = 0.01  # stop the run when more samples than this are unreadable
+    # where the pretraining loader's JPEGs are decoded: "cpu" (workers) | "cuda" (the trainer's GPU,
+    # nvJPEG; the workers only slice bytes). Not hashed: a decoder's rounding (~1 grey level), not
+    # the recipe, as num_workers; a run may resume on the other decoder.
+    decode_on: str = field(default="cpu", metadata={"hashed": False})
 
     def validate(self) -> None:
         expect(self.batch_size >= 1, "data.batch_size", ">= 1", self.batch_size)
+        expect(self.decode_on in ("cpu", "cuda"), "data.decode_on", "'cpu' or 'cuda'", self.decode_on)
         expect(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
         expect(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
         expect(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]",
