@@ -15,12 +15,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from hicmae_dist.config import ConfigError, DataConfig
 from hicmae_dist.data import video
 
 log = logging.getLogger(__name__)
 
 INPUTS = ("video", "audio")  # what the model reads on the device; the masks stay on the host (their counts are read there)
 _logged: set[tuple[str, str]] = set()
+
+
+def check_decode_on(data_cfg: DataConfig) -> None:
+    """data.decode_on=cuda needs a GPU here: a ConfigError at start-up, never a silent CPU decode."""
+    if data_cfg.decode_on == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("data.decode_on=cuda decodes the JPEGs on the training GPU, but no CUDA device is "
+                          "available here (torch.cuda.is_available() is False): set data.decode_on=cpu")
 
 
 def normalise_video(u8: torch.Tensor) -> torch.Tensor:

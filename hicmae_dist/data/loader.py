@@ -81,6 +81,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hicmae_dist.config import DataConfig, ModelConfig
 from hicmae_dist.data import audio, video
+from hicmae_dist.data.device import check_decode_on
 from hicmae_dist.data.shards import ShardIndex, ShardReader, load_index
 from hicmae_dist.masking import audio_structured_mask, mae_random_mask, random_mask, tube_mask
 
@@ -106,10 +107,8 @@ def make_pretrain_loader(shards_dir: str | Path, data_cfg: DataConfig, model_cfg
     video_out: None = from data.decode_on ("uint8", or "jpeg" for "cuda", which needs a GPU);
     "float" is the path before the uint8 contract (module docstring)."""
     if video_out is None:
+        check_decode_on(data_cfg)
         video_out = "jpeg" if data_cfg.decode_on == "cuda" else "uint8"
-        if video_out == "jpeg" and not torch.cuda.is_available():
-            raise RuntimeError("data.decode_on=cuda decodes the JPEGs on the training GPU, but no CUDA device "
-                               "is available here (torch.cuda.is_available() is False): set data.decode_on=cpu")
     if video_out not in VIDEO_OUTS:
         raise ValueError(f"video_out must be one of {VIDEO_OUTS}, got {video_out!r}")
     shards_dir = Path(shards_dir)

@@ -96,7 +96,7 @@ def test_decode_on_cuda_needs_a_gpu(shards):
         DataConfig(decode_on="gpu").validate()
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    with pytest.raises(RuntimeError, match="data.decode_on=cuda .* no CUDA device"):
+    with pytest.raises(ConfigError, match="data.decode_on=cuda .* no CUDA device"):
         loader.make_pretrain_loader(shards, DataConfig(decode_on="cuda", num_workers=0), ModelConfig())
 
 
