@@ -20,7 +20,8 @@ from hicmae_dist.data import video
 
 log = logging.getLogger(__name__)
 
-INPUTS = ("video", "audio")  # what the model reads on the device; the masks stay on the host (their counts are read there)
+# what the model reads on the device; the masks stay on the host (the model reads their counts there)
+INPUTS = ("video", "audio")
 _logged: set[tuple[str, str]] = set()
 
 

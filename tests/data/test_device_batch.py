@@ -176,3 +176,27 @@ def test_worker_memory_does_not_grow(shards):
             rss[n] = sum(_rss_kib(p) for p in [os.getpid(), *workers])
     assert len(workers) >= 2
     assert rss[200] < 1.3 * rss[50], rss
+
+
+def test_jpeg_path_replaces_bad_samples(shards, tmp_path):
+    """A sample whose JPEG bytes are garbage is caught in the worker on the jpeg path too (no
+    decode there): replaced by a good one, counted; every batch then decodes."""
+    import shutil
+
+    from hicmae_dist.data.shards import ShardReader, TarShardWriter, load_index
+
+    indexes = [load_index(p) for p in sorted(shards.glob("shard-*.tar"))]
+    reader = ShardReader(indexes)
+    samples = [{k: v for k, v in reader.read(n, 0).items() if k != "__url__"} for n in range(4)]
+    reader.close()
+    samples[1]["jpgs"] = b"\x00" * len(samples[1]["jpgs"])
+    with TarShardWriter(tmp_path / "shard-000000.tar") as w:
+        for s in samples:
+            w.write(s)
+    shutil.copy(shards / "manifest.json", tmp_path)
+    data_cfg = DataConfig(batch_size=4, num_workers=0, shuffle_buffer=2, max_bad_fraction=1.0)
+    it = iter(loader.make_pretrain_loader(tmp_path, data_cfg, ModelConfig(), video_out="jpeg"))
+    for _ in range(2):
+        b = next(it)
+        assert b["bad_samples"] == 1 and samples[1]["__key__"] not in b["key"] and len(b["key"]) == 4
+        assert device.decode_video(b, torch.device("cpu")).shape == (4, 16, 160, 160, 3)
