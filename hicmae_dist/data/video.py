@@ -28,6 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # (x / 255 - mean) / std as one multiply-add: x * _NORM_SCALE + _NORM_SHIFT, per channel
 _NORM_SCALE = 1 / (255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 _NORM_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+_NORM_ON: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (scale, shift) on each device used
 MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
 # The 13 fixed crop positions of VideoMAE's GroupMultiScaleCrop, as (x, y) in quarter steps of
 # the free room: 4 corners, centre, 4 edge centres, 4 quarter points.
@@ -114,8 +115,10 @@ def normalise_(x: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
     path and the device-side normalisation (data/device.py) give the same bits."""
     shape = [1] * x.dim()
     shape[channel_dim] = 3
-    scale, shift = _NORM_SCALE.to(x.device).view(shape), _NORM_SHIFT.to(x.device).view(shape)
-    return x.mul_(scale).add_(shift)
+    if x.device not in _NORM_ON:  # once per device: a host-to-GPU copy per batch would wait on the GPU
+        _NORM_ON[x.device] = _NORM_SCALE.to(x.device).view(3), _NORM_SHIFT.to(x.device).view(3)
+    scale, shift = _NORM_ON[x.device]
+    return x.mul_(scale.view(shape)).add_(shift.view(shape))
 
 
 def frames_u8_into(out: torch.Tensor, frames: torch.Tensor, box: tuple[int, int, int, int] | None,
