@@ -146,9 +146,14 @@ class DataConfig:
     roll_augment: bool = False  # the release's roll is a no-op; ours works when enabled
     audio_form: str = added("wave")  # what the shards store: "wave" (int16 PCM) | "fbank" (prepare --audio-form)
     max_bad_fraction: float = 0.01  # stop the run when more samples than this are unreadable
+    # where the pretraining loader's JPEGs are decoded: "cpu" (workers) | "cuda" (the trainer's GPU,
+    # nvJPEG; the workers only slice bytes). Not hashed: a decoder's rounding (~1 grey level), not
+    # the recipe, as num_workers; a run may resume on the other decoder.
+    decode_on: str = field(default="cpu", metadata={"hashed": False})
 
     def validate(self) -> None:
         expect(self.batch_size >= 1, "data.batch_size", ">= 1", self.batch_size)
+        expect(self.decode_on in ("cpu", "cuda"), "data.decode_on", "'cpu' or 'cuda'", self.decode_on)
         expect(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
         expect(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
         expect(self.audio_form in ("wave", "fbank"), "data.audio_form", "'wave' or 'fbank'", self.audio_form)

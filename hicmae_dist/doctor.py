@@ -23,6 +23,10 @@ xformers) and the GPUs, then runs every check this machine can run:
   zero             DeepSpeed ZeRO-2 and ZeRO-3 over 2 NCCL ranks equal to 1 rank, fp32, with global
                    negatives (2+ GPUs).
   bench-kernels    `hicmae-dist bench kernels --quick` in a child process (CUDA).
+  jpeg_decode      data.decode_on cuda: nvJPEG against the CPU decoder on the same JPEG frames, raw
+                   and through to_device (face crop, crop box, resize, normalise), in grey levels:
+                   mean |difference| <= JPEG_MEAN_TOL, max <= JPEG_MAX_TOL (decoders may differ
+                   in their IDCT and chroma upsampling; a wrong colour order or frame does not pass).
 
 Each check gives one record: name, backend, device ("cpu": runs everywhere; "cuda": needs a GPU),
 status ("pass" | "fail" | "error": it raised | "not run": reason says why), reason, summary,
@@ -87,6 +91,10 @@ ZERO_STAGES, ZERO_GLOBAL_BATCH, ZERO_STEPS, ZERO_LR = (2, 3), 4, 3, 1e-3
 # gradient; 1e-3 keeps 100x headroom while a lost or doubled shard moves the loss by a whole update
 ZERO_RTOL, ZERO_ATOL = 1e-3, 1e-5
 SPAWN_TIMEOUT_S, BENCH_TIMEOUT_S = 300, 300
+# nvJPEG vs libjpeg-turbo on q90 frames, in grey levels: IDCT and chroma upsampling may differ by a
+# level or two (and the device resize rounds its float result: 1 more); a swapped channel, frame
+# or crop differs by tens
+JPEG_MEAN_TOL, JPEG_MAX_TOL = 2.0, 32
 
 
 class NotRun(Exception):
@@ -557,6 +565,60 @@ def check_train_bf16(model: str, backend: str, device: torch.device, cache: dict
 
 
 # ----------------------------------------------------------------------------------------------
+# GPU JPEG decode (data.decode_on cuda)
+# ----------------------------------------------------------------------------------------------
+def _jpeg_batch(clips: int = 2, frames: int = 4) -> dict:
+    """A data.decode_on=cuda batch (data/loader.py's docstring) by hand: whole 224 frames of
+    shapes on gradients with noise, JPEG q90, the 160 face crop, one box resized and one not."""
+    from hicmae_dist.data import video
+
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(224.0), torch.arange(224.0), indexing="ij")
+    jpegs, offsets, sizes, at = [], [], [], 0
+    for n in range(clips * frames):
+        cy, cx = 60 + 5 * n, 90 + 3 * n
+        disc = (((yy - cy) ** 2 + (xx - cx) ** 2) < 900).float()
+        rgb = torch.stack([xx, yy, 224 - xx]) + 120 * disc * torch.tensor([1.0, -0.5, 0.3]).view(3, 1, 1)
+        rgb = (rgb + 6 * torch.randn(3, 224, 224, generator=g)).clamp(0, 255).to(torch.uint8)
+        blob, (size,) = video.encode_jpegs(rgb[None], quality=90)
+        jpegs.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+        offsets.append(at), sizes.append(size)
+        at += size
+    return {"jpeg": torch.cat(jpegs), "jpeg_offsets": torch.tensor(offsets).view(clips, frames),
+            "jpeg_sizes": torch.tensor(sizes).view(clips, frames),
+            "face": torch.tensor([video.face_box(224, 160)] * clips),
+            "crop": torch.tensor([[10, 20, 120, 105], [0, 0, 160, 160]] * clips)[:clips]}
+
+
+def _grey_diff(name: str, got: torch.Tensor, ref: torch.Tensor) -> tuple[dict, list[str]]:
+    d = (got.double().cpu() - ref.double().cpu()).abs()
+    row = {"case": name, "max": round(d.max().item(), 3), "mean": round(d.mean().item(), 4)}
+    bad = [f"{name}: |GPU - CPU| mean {row['mean']} > {JPEG_MEAN_TOL} or max {row['max']} > {JPEG_MAX_TOL} "
+           f"grey levels"] if row["mean"] > JPEG_MEAN_TOL or row["max"] > JPEG_MAX_TOL else []
+    return row, bad
+
+
+def check_jpeg_decode(device: torch.device) -> Result:
+    """device.decode_jpegs and to_device on `device` against the CPU decoder, same bytes."""
+    from hicmae_dist.data import video
+    from hicmae_dist.data.device import decode_jpegs, to_device
+
+    batch = _jpeg_batch()
+    flat = batch["jpeg"]
+    jpegs = [flat[o:o + n] for o, n in zip(batch["jpeg_offsets"].flatten().tolist(),
+                                          batch["jpeg_sizes"].flatten().tolist())]
+    raw_row, failures = _grey_diff("decode", torch.stack(decode_jpegs(jpegs, device)),
+                                   torch.stack(decode_jpegs(jpegs, torch.device("cpu"))))
+    std = torch.tensor(video.IMAGENET_STD).view(1, 3, 1, 1, 1) * 255  # normalised -> grey levels
+    got, ref = (to_device(batch, d, keys=("video",))["video"].cpu() * std for d in (device, torch.device("cpu")))
+    batch_row, bad = _grey_diff("to_device", got, ref)
+    rows = [raw_row, batch_row]
+    return Result(f"{len(jpegs)} JPEG frames (224px, q90), GPU vs CPU decoder, grey levels: "
+                  + "; ".join(f"{r['case']} mean {r['mean']}, max {r['max']}" for r in rows)
+                  + f" (<= {JPEG_MEAN_TOL}, {JPEG_MAX_TOL})", {"cases": rows}, failures + bad)
+
+
+# ----------------------------------------------------------------------------------------------
 # ZeRO over NCCL
 # ----------------------------------------------------------------------------------------------
 def _zero_worker(rank: int, world: int, port: int, preset: str, out_dir: str) -> None:
@@ -700,6 +762,7 @@ def plan(out: Path) -> list[Check]:
                Check("info_nce.global", "triton", "cuda", partial(check_info_nce_global, "triton", gpu)),
                Check("csrc", "native", "cpu", check_csrc_cpu),
                Check("csrc", "native", "cuda", partial(check_csrc_cuda, gpu)),
+               Check("jpeg_decode", "nvjpeg", "cuda", partial(check_jpeg_decode, gpu)),
                Check(f"train.fp32.{CPU_TRAIN_PRESET}", "sdpa", "cpu", check_train_cpu)]
     for model in MODELS:
         checks.append(Check(f"train.fp32.{model}", "sdpa", "cuda", partial(check_train_fp32, model, gpu, cache)))

@@ -20,7 +20,7 @@ CPU_CHECKS = {("attention", "sdpa"), ("info_nce.local", "torch"), ("info_nce.glo
 GPU_CHECKS = ({("attention", b) for b in doctor.ATTENTION_BACKENDS}
               | {("info_nce.local", "triton"), ("info_nce.global", "triton"), ("csrc", "native")}
               | {(f"train.bf16.{m}", b) for m in doctor.MODELS for b in doctor.ATTENTION_BACKENDS}
-              | {("zero", "nccl"), ("bench-kernels", None)})
+              | {("zero", "nccl"), ("bench-kernels", None), ("jpeg_decode", "nvjpeg")})
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,11 @@ def test_imports_without_the_packages_the_gpu_image_lacks():
             "assert args.func is hicmae_dist.cli.cmd_doctor and args.skip == ['zero']\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_jpeg_decode_check_runs_its_comparison_on_the_cpu():
+    """The GPU decode check's plumbing (hand-made JPEG batch, to_device, grey-level differences),
+    run with the CPU on both sides: every difference is zero."""
+    r = doctor.check_jpeg_decode(torch.device("cpu"))
+    assert not r.failures and [c["case"] for c in r.metrics["cases"]] == ["decode", "to_device"]
+    assert all(c["max"] == 0 for c in r.metrics["cases"])

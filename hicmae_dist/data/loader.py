@@ -41,12 +41,13 @@ positions. batch["bad_samples"] counts them; loader.stats() sums them; the run s
 BadDataError once more than data.max_bad_fraction of the samples read were bad (judged after
 MIN_READS_BEFORE_BAD_CHECK), or when every sample of a batch is bad.
 
-Batch, HiCMAE (model.arch "hicmae", SPEC.md 1): video float32 (B, 3, 16, S, S) (16 stored frames
-in a row = one in 4 of the source, multi-scale crop, ImageNet-normalised), audio float32
+Batch, HiCMAE (model.arch "hicmae", SPEC.md 1): video uint8 (B, 16, S, S, 3) (16 stored frames in
+a row = one in 4 of the source, multi-scale crop, resized, channels-last as decoded; data/device.py
+to_device makes the model's float (B, 3, 16, S, S), ImageNet-normalised, on the device), audio float32
 (B, 1, 256, 128) (the fbank of the 2.56 s under those frames; gain and roll augmentation), video
 tube mask bool (B, 800), audio random mask bool (B, 128) (True = masked).
-CAV-MAE (model.arch "cavmae", SPEC.md 2): video (B, 3, 224, 224) (one of the clip's 10 frames at
-random, normalised, no augmentation: data.multiscale_crop does not apply; data.gain_augment
+CAV-MAE (model.arch "cavmae", SPEC.md 2): video uint8 (B, 224, 224, 3) (one of the clip's 10 frames
+at random, no augmentation: data.multiscale_crop does not apply; data.gain_augment
 does, on the waveform), audio (B, 1, 1024, 128) (fbank of the first 10.24 s,
 (x + 5.081) / 4.4849; with data.roll_augment the U*U/10 noise and a roll in [-1024, 1024)),
 video_mask (B, 196) MAE random, audio_mask (B, 512) per model.audio_mask_mode.
@@ -56,7 +57,13 @@ Both: label int64 (B,) (-1 unknown), key list[str], index (int, this rank's batc
 epoch (int), bad_samples (int, in this batch), start_frame int64 (B,) (the source frame the
 window starts at / the frame taken), crop int64 (B, 4) (top, left, height, width of the crop in
 face-crop pixels). Tensors are pinned when CUDA is available; in worker processes the batch is
-built directly in shared memory (no copy when it crosses to the main process).
+built directly in shared memory, in buffers reused from a small pool (PretrainLoader: how long a
+batch stays valid). With data.decode_on "cuda" the workers do not decode: video is replaced by
+jpeg uint8 (N,) (the batch's JPEGs back to back), jpeg_offsets / jpeg_sizes int64 (B, 16) or (B,)
+and face int64 (B, 4) (the face crop in stored pixels); to_device decodes on the GPU.
+video_out="float" (PretrainStream, make_pretrain_loader) is the path before the uint8 contract:
+float32 video normalised in the worker, new memory every batch; kept as the benchmark's
+comparison row and for the equality test.
 """
 from __future__ import annotations
 
@@ -76,6 +83,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hicmae_dist.config import ConfigError, DataConfig, ModelConfig
 from hicmae_dist.data import audio, video
+from hicmae_dist.data.device import check_decode_on
 from hicmae_dist.data.shards import ShardIndex, ShardReader, load_index
 from hicmae_dist.masking import audio_structured_mask, mae_random_mask, random_mask, tube_mask
 
@@ -83,6 +91,9 @@ log = logging.getLogger(__name__)
 
 MIN_READS_BEFORE_BAD_CHECK = 200  # judge the bad fraction on a sample big enough to mean something
 MAX_BAD_LOGS = 20  # per worker: warnings for the first bad samples, then one in 100
+PREFETCH = 2  # batches each DataLoader worker may run ahead (the DataLoader's prefetch_factor)
+HELD = 2  # batches a consumer may hold at once (PretrainLoader docstring)
+VIDEO_OUTS = ("uint8", "float", "jpeg")  # what the batch's video is: module docstring
 
 
 class BadDataError(RuntimeError):
@@ -91,10 +102,17 @@ class BadDataError(RuntimeError):
 
 def make_pretrain_loader(shards_dir: str | Path, data_cfg: DataConfig, model_cfg: ModelConfig, *,
                          rank: int = 0, world_size: int = 1, seed: int = 0,
-                         start_batch: int = 0) -> "PretrainLoader":
+                         start_batch: int = 0, video_out: str | None = None) -> "PretrainLoader":
     """This rank's endless stream of pretraining batches (module docstring), from batch
     start_batch on: the stream with (seed, start_batch=k) yields exactly batches k, k+1, ... of
-    the stream with (seed, start_batch=0), without decoding the batches before k."""
+    the stream with (seed, start_batch=0), without decoding the batches before k.
+    video_out: None = from data.decode_on ("uint8", or "jpeg" for "cuda", which needs a GPU);
+    "float" is the path before the uint8 contract (module docstring)."""
+    if video_out is None:
+        check_decode_on(data_cfg)
+        video_out = "jpeg" if data_cfg.decode_on == "cuda" else "uint8"
+    if video_out not in VIDEO_OUTS:
+        raise ValueError(f"video_out must be one of {VIDEO_OUTS}, got {video_out!r}")
     shards_dir = Path(shards_dir)
     paths = find_shards(shards_dir)
     if not 0 <= rank < world_size:
@@ -120,7 +138,10 @@ def make_pretrain_loader(shards_dir: str | Path, data_cfg: DataConfig, model_cfg
     form = stored_form(shards_dir, indexes)
     check_stored_form(form, model_cfg, shards_dir)
     check_audio_form(form, data_cfg, model_cfg, shards_dir)
-    stream = PretrainStream(indexes, data_cfg, model_cfg, rank, world_size, seed, start_batch)
+    stream = PretrainStream(indexes, data_cfg, model_cfg, rank, world_size, seed, start_batch, video_out)
+    log.info("pretraining loader: video as %s (%s), audio as %s", video_out, {
+        "uint8": "normalised on the device by data.device.to_device", "float": "normalised in the workers",
+        "jpeg": "JPEG bytes, decoded on the device by data.device.to_device"}[video_out], data_cfg.audio_form)
     slots = world_size * max(1, data_cfg.num_workers)
     if len(indexes) < slots:
         log.warning("%d shards for %d (rank, worker) slots: some slots share shards, so an epoch can "
@@ -167,6 +188,17 @@ class PretrainLoader:
     Iterating starts at stream.start_batch every time. stats() counts what this iterator has
     yielded so far: batches, samples, bad samples (replaced), the bad fraction, the next batch
     index and its epoch.
+
+    Lifetime of a batch (uint8 and jpeg video): its tensors are buffers the workers reuse. Batch k
+    stays valid until the consumer asks for batch k + HELD (2): a consumer may hold the batch it
+    works on and the one before (the trainer holds one: a micro-batch is done, forward and
+    backward, before the next is fetched); copy what must live longer (`.clone()`, or
+    to_device's copy). Why: each of the W workers fills its PREFETCH + HELD buffers in turn, and
+    the DataLoader issues one task (in worker turn) per batch it returns, PREFETCH per worker
+    ahead: batch k + (PREFETCH + HELD) * W, the next to use batch k's buffers, is issued when
+    batch k + HELD * W is returned. In the main process (num_workers 0) HELD buffers, the next
+    batch made when asked for. With pin_memory the pin thread copies each batch out before the
+    consumer sees it. video_out="float" batches are new memory each time.
     """
 
     def __init__(self, stream: "PretrainStream"):
@@ -177,7 +209,8 @@ class PretrainLoader:
         self.batches_per_epoch = stream.batches_per_epoch
         self.start_batch = stream.start_batch
         self.dataloader = DataLoader(stream, batch_size=None, num_workers=d.num_workers,
-                                     pin_memory=torch.cuda.is_available())
+                                     pin_memory=torch.cuda.is_available(),
+                                     prefetch_factor=PREFETCH if d.num_workers else None)
         self._reset()
 
     def _reset(self) -> None:
@@ -298,25 +331,33 @@ def _seeds(text: str) -> tuple[int, int]:
 
 
 class PretrainStream(IterableDataset):
-    """One rank's batches (module docstring); iterated by the DataLoader in each worker."""
+    """One rank's batches (module docstring); iterated by the DataLoader in each worker.
+    video_out: "uint8" (the contract), "jpeg" (data.decode_on cuda), or "float": today's path
+    before the uint8 contract, kept as the benchmark's comparison row and for the equality test
+    (normalised in the worker, new batch memory every batch)."""
 
     def __init__(self, shards: list[ShardIndex], data_cfg: DataConfig, model_cfg: ModelConfig,
-                 rank: int, world_size: int, seed: int, start_batch: int = 0):
+                 rank: int, world_size: int, seed: int, start_batch: int = 0, video_out: str = "uint8"):
+        if video_out not in VIDEO_OUTS:
+            raise ValueError(f"video_out must be one of {VIDEO_OUTS}, got {video_out!r}")
         self.shards, self.data_cfg, self.model_cfg = shards, data_cfg, model_cfg
         self.rank, self.world_size, self.seed, self.start_batch = rank, world_size, seed, start_batch
+        self.video_out = video_out
         self.num_samples = sum(len(s) for s in shards)
         self.batches_per_epoch = max(1, self.num_samples // (world_size * data_cfg.batch_size))
         self.num_workers = max(1, data_cfg.num_workers)  # virtual workers: one stream each
         m = model_cfg
+        S = m.image_size
         if m.arch == "cavmae":
-            self.video_shape = (3, m.image_size, m.image_size)
+            self.frames_shape = ()  # one frame per clip
             freq, time = m.mel_bins // m.patch, m.audio_frames // m.patch
             self.mask_shapes = ((m.image_size // m.patch) ** 2, freq * time)
         else:
-            self.video_shape = (3, m.num_frames, m.image_size, m.image_size)
+            self.frames_shape = (m.num_frames,)
             spatial = (m.image_size // m.patch) ** 2
             self.mask_shapes = ((m.num_frames // m.tubelet) * spatial,
                                 (m.audio_frames // m.patch) * (m.mel_bins // m.patch))
+        self.video_shape = (3, *self.frames_shape, S, S) if video_out == "float" else (*self.frames_shape, S, S, 3)
         self.audio_shape = (1, m.audio_frames, m.mel_bins)
         self._bad_logged = 0
 
@@ -382,6 +423,8 @@ class PretrainStream(IterableDataset):
         v = (self.start_batch + w) % W  # rotation: DataLoader worker w makes batch start_batch + w first
         local = (self.start_batch + w) // W
         shared = info is not None
+        # the workers' buffers: PREFETCH batches ahead of the consumer, HELD held by it
+        pool = None if self.video_out == "float" else BatchPool(PREFETCH + HELD if shared else HELD, shared)
         reader = ShardReader(self.shards)
         try:
             while True:
@@ -390,23 +433,38 @@ class PretrainStream(IterableDataset):
                 samples = self._epoch_samples(epoch, v, (local - first) * B, reader)
                 for p in range(local - first, end - first):
                     items = [next(samples) for _ in range(B)]
-                    yield self._batch(items, epoch, v, p, local * W + v, shared)
+                    yield self._batch(items, epoch, v, p, local * W + v, pool)
                     local += 1
         finally:
             reader.close()
 
-    def _batch(self, items: list[tuple], epoch: int, v: int, p: int, index: int, shared: bool) -> dict:
-        B = len(items)
+    def tensor_specs(self, B: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each tensor of a batch of B (the JPEG bytes aside: their size varies)."""
         nv, na = self.mask_shapes
-        batch = {
-            "video": _empty((B, *self.video_shape), torch.float32, shared),
-            "audio": _empty((B, *self.audio_shape), torch.float32, shared),
-            "video_mask": _empty((B, nv), torch.bool, shared),
-            "audio_mask": _empty((B, na), torch.bool, shared),
-            "label": _empty((B,), torch.int64, shared),
-            "start_frame": _empty((B,), torch.int64, shared),
-            "crop": _empty((B, 4), torch.int64, shared),
+        specs = {
+            "audio": ((B, *self.audio_shape), torch.float32),
+            "video_mask": ((B, nv), torch.bool),
+            "audio_mask": ((B, na), torch.bool),
+            "label": ((B,), torch.int64),
+            "start_frame": ((B,), torch.int64),
+            "crop": ((B, 4), torch.int64),
         }
+        if self.video_out == "jpeg":
+            specs.update(jpeg_offsets=((B, *self.frames_shape), torch.int64),
+                         jpeg_sizes=((B, *self.frames_shape), torch.int64), face=((B, 4), torch.int64))
+        else:
+            specs["video"] = ((B, *self.video_shape), torch.uint8 if self.video_out == "uint8" else torch.float32)
+        return specs
+
+    def _batch(self, items: list[tuple], epoch: int, v: int, p: int, index: int, pool: "BatchPool | None") -> dict:
+        B = len(items)
+        specs = self.tensor_specs(B)
+        if pool is None:  # the float path: new memory every batch, as before the pool
+            batch = {k: _empty(shape, dtype, get_worker_info() is not None) for k, (shape, dtype) in specs.items()}
+        else:
+            batch = pool.take(specs)
+        if self.video_out == "jpeg":
+            batch["jpeg"] = [None] * B  # each row's JPEG slices until _pack_jpegs
         keys: list[str | None] = [None] * B
         tag = self._tag(epoch, v)
         bad = []
@@ -434,6 +492,8 @@ class PretrainStream(IterableDataset):
             else:
                 raise BadDataError(f"no sample of batch {index} (rank {self.rank}) could stand in for "
                                    f"its {len(bad)} unreadable ones")
+        if self.video_out == "jpeg":
+            _pack_jpegs(batch, pool)
         batch.update(key=keys, index=index, epoch=epoch, bad_samples=len(bad))
         return batch
 
@@ -468,11 +528,17 @@ class PretrainStream(IterableDataset):
         if meta.get("frames", "stride") != "stride":
             raise ValueError(f"stored frames are {meta['frames']!r}, HiCMAE needs 'stride'")
         start = video.sample_start(meta["num_frames"], m.num_frames, rng)
-        frames = video.decode_frames_hwc(sample["jpgs"], meta["frame_bytes"],
-                                         range(start, start + m.num_frames))  # (16, h, w, 3) uint8
-        face = None if frames.shape[2] == m.image_size else video.face_box(frames.shape[2], m.image_size)
-        box = video.multiscale_crop_box(m.image_size, rng) if d.multiscale_crop else None
-        video.frames_into(batch["video"][t], frames, box, face)
+        window = range(start, start + m.num_frames)
+        if self.video_out == "jpeg":  # the trainer's GPU decodes: keep the bytes and the face crop
+            batch["jpeg"][t] = _checked_jpegs(video.jpeg_slices(sample["jpgs"], meta["frame_bytes"], window))
+            batch["face"][t] = torch.tensor(video.face_box(_stored_size(meta), m.image_size))
+            box = video.multiscale_crop_box(m.image_size, rng) if d.multiscale_crop else None
+        else:
+            frames = video.decode_frames_hwc(sample["jpgs"], meta["frame_bytes"], window)  # (16, h, w, 3) uint8
+            face = None if frames.shape[2] == m.image_size else video.face_box(frames.shape[2], m.image_size)
+            box = video.multiscale_crop_box(m.image_size, rng) if d.multiscale_crop else None
+            into = video.frames_into if self.video_out == "float" else video.frames_u8_into
+            into(batch["video"][t], frames, box, face)
 
         # The audio under those frames: stored frame i is source frame i * frame_stride.
         seconds_per_stored = meta["frame_stride"] / meta["fps"]
@@ -493,8 +559,14 @@ class PretrainStream(IterableDataset):
         stored = meta.get("frame_indices") or [i * meta["frame_stride"] for i in range(meta["num_frames"])]
         wanted = video.cavmae_frame_indices(meta["source_frames"], meta["fps"])[rng.randrange(10)]
         pick = min(range(len(stored)), key=lambda i: abs(stored[i] - wanted))  # exact for "ten"
-        frame = video.decode_frames_hwc(sample["jpgs"], meta["frame_bytes"], [pick])[0]  # (224, 224, 3)
-        video.image_into(batch["video"][t], frame)
+        if self.video_out == "jpeg":  # decoded on the trainer's GPU
+            if _stored_size(meta) != m.image_size:
+                raise ValueError(f"stored frames are {_stored_size(meta)}px, CAV-MAE takes {m.image_size}px")
+            batch["jpeg"][t] = _checked_jpegs(video.jpeg_slices(sample["jpgs"], meta["frame_bytes"], [pick]))
+            batch["face"][t] = torch.tensor((0, 0, m.image_size, m.image_size))
+        else:
+            frame = video.decode_frames_hwc(sample["jpgs"], meta["frame_bytes"], [pick])[0]  # (224, 224, 3)
+            (video.image_into if self.video_out == "float" else video.image_u8_into)(batch["video"][t], frame)
 
         # data.roll_augment is CAV-MAE's `noise` switch: U*U/10 noise and a time roll of the fbank
         audio.cavmae_audio_into(batch["audio"][t, 0], sample, meta, d.audio_form, gain=d.gain_augment,
@@ -513,6 +585,65 @@ def _read(reader: ShardReader, ref: tuple[int, int]):
         return reader.read(*ref)
     except Exception as exn:  # judged (counted, logged) when its turn to be decoded comes
         return exn
+
+
+def _stored_size(meta: dict) -> int:
+    """The stored frames' side, from the sample's json (the jpeg path does not decode them)."""
+    if "image_size" not in meta:
+        raise ValueError("the sample's json has no image_size (needed by data.decode_on=cuda: shards from "
+                         "an older prepare; decode on the cpu or prepare them again)")
+    return int(meta["image_size"])
+
+
+def _checked_jpegs(jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The JPEGs the GPU will decode: each must start with SOI and end with EOI (a truncated or
+    overwritten frame is a bad sample here, in the worker, not a failed decode in the trainer)."""
+    for n, jpg in enumerate(jpegs):
+        if jpg.numel() < 4 or jpg[:2].tolist() != [0xFF, 0xD8] or jpg[-2:].tolist() != [0xFF, 0xD9]:
+            raise ValueError(f"frame {n} of the window is not a whole JPEG ({jpg.numel()} bytes, no SOI/EOI marker)")
+    return jpegs
+
+
+def _pack_jpegs(batch: dict, pool: "BatchPool") -> None:
+    """batch["jpeg"], each row's list of JPEG slices -> one flat uint8 tensor in the pool's byte
+    buffer, with each frame's offset and size in jpeg_offsets / jpeg_sizes."""
+    rows = batch["jpeg"]
+    offsets, sizes = batch["jpeg_offsets"].view(len(rows), -1), batch["jpeg_sizes"].view(len(rows), -1)
+    flat = pool.bytes(sum(j.numel() for row in rows for j in row))
+    at = 0
+    for t, row in enumerate(rows):
+        for f, jpg in enumerate(row):
+            flat[at:at + jpg.numel()] = jpg
+            offsets[t, f], sizes[t, f] = at, jpg.numel()
+            at += jpg.numel()
+    batch["jpeg"] = flat
+
+
+class BatchPool:
+    """`slots` batches' tensors, handed out in turn and reused (PretrainLoader: lifetimes); in
+    shared memory inside a DataLoader worker. A slot's tensors are made on its first use."""
+
+    def __init__(self, slots: int, shared: bool):
+        self.shared = shared
+        self._slots: list[dict[str, torch.Tensor] | None] = [None] * slots
+        self._bytes: list[torch.Tensor | None] = [None] * slots
+        self._next = 0
+        self._current = 0
+
+    def take(self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+        """The next slot's tensors, as a new dict (the batch's other keys go there)."""
+        i = self._current = self._next
+        self._next = (i + 1) % len(self._slots)
+        if self._slots[i] is None:
+            self._slots[i] = {k: _empty(shape, dtype, self.shared) for k, (shape, dtype) in specs.items()}
+        return dict(self._slots[i])
+
+    def bytes(self, n: int) -> torch.Tensor:
+        """n bytes of the slot last taken (a view of its byte buffer, grown by half when short)."""
+        buf = self._bytes[self._current]
+        if buf is None or buf.numel() < n:
+            buf = self._bytes[self._current] = _empty((n + n // 2,), torch.uint8, self.shared)
+        return buf[:n]
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:

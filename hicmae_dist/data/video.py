@@ -2,10 +2,11 @@
 augmentation (SPEC.md 1, 'Inputs', video).
 
 Frames are (T, 3, H, W) uint8 tensors until to_model_input makes the (3, T, S, S) float32 input.
-The loader's fast path (decode_frames_hwc + frames_into) keeps them channels-last, (T, H, W, 3)
+The loader's fast path (decode_frames_hwc + crop_resize) keeps them channels-last, (T, H, W, 3)
 as the JPEG decoder produces them: bilinear resizing of channels-last uint8 has a vectorised
-kernel in torch (4x faster than NCHW here), and the normalised result is written straight into
-the batch tensor, so a clip's pixels are converted to float once and copied nowhere else.
+kernel in torch (4x faster than NCHW here). The batch carries them as uint8 (frames_u8_into);
+normalise_ turns them to float on the training device (data/device.py), or in the worker on the
+float path (frames_into).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # (x / 255 - mean) / std as one multiply-add: x * _NORM_SCALE + _NORM_SHIFT, per channel
 _NORM_SCALE = 1 / (255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 _NORM_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+_NORM_ON: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (scale, shift) on each device used
 MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
 # The 13 fixed crop positions of VideoMAE's GroupMultiScaleCrop, as (x, y) in quarter steps of
 # the free room: 4 corners, centre, 4 edge centres, 4 quarter points.
@@ -87,15 +89,14 @@ def face_box(stored_size: int, size: int) -> tuple[int, int, int, int]:
     return 0, (SOURCE_SIZE - size) // 2, size, size
 
 
-def frames_into(out: torch.Tensor, frames: torch.Tensor, box: tuple[int, int, int, int] | None,
-                face: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> out (3, T, S, S) float32, ImageNet-normalised, written in place.
+def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, int] | None,
+                face: tuple[int, int, int, int] | None, size: int) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, S, S) uint8, channels-last memory (a view when no resize).
 
     `face` (top, left, h, w) is cut first (see face_box); `box` is a crop inside it (multi-scale
-    crop, in face-crop pixels) resized back to S, bilinear on uint8 as PIL does in the release.
-    The same values as to_model_input up to the resize kernel's rounding (at most 1 grey level).
+    crop, in face-crop pixels) resized back to S, bilinear on uint8 as PIL does in the release
+    (torch rounds the result to uint8: the batch's grey levels are integers).
     """
-    size = out.shape[-1]
     if face is not None:
         top, left, h, w = face
         frames = frames[:, top:top + h, left:left + w]
@@ -105,16 +106,52 @@ def frames_into(out: torch.Tensor, frames: torch.Tensor, box: tuple[int, int, in
     x = frames.permute(0, 3, 1, 2)  # (T, 3, h, w) view, channels-last memory
     if tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    out.copy_(x.permute(1, 0, 2, 3))  # uint8 -> float32, (3, T, S, S)
-    return out.mul_(_NORM_SCALE.view(3, 1, 1, 1)).add_(_NORM_SHIFT.view(3, 1, 1, 1))
+    return x
+
+
+def normalise_(x: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
+    """ImageNet normalisation of grey levels in place, float32: x * _NORM_SCALE + _NORM_SHIFT per
+    channel (channels along channel_dim). The one copy of this arithmetic: the loader's float
+    path and the device-side normalisation (data/device.py) give the same bits."""
+    shape = [1] * x.dim()
+    shape[channel_dim] = 3
+    if x.device not in _NORM_ON:  # once per device: a host-to-GPU copy per batch would wait on the GPU
+        _NORM_ON[x.device] = _NORM_SCALE.to(x.device).view(3), _NORM_SHIFT.to(x.device).view(3)
+    scale, shift = _NORM_ON[x.device]
+    return x.mul_(scale.view(shape)).add_(shift.view(shape))
+
+
+def frames_u8_into(out: torch.Tensor, frames: torch.Tensor, box: tuple[int, int, int, int] | None,
+                   face: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> out (T, S, S, 3) uint8: crop_resize, channels-last as decoded."""
+    return out.copy_(crop_resize(frames, box, face, out.shape[-2]).permute(0, 2, 3, 1))
+
+
+def frames_into(out: torch.Tensor, frames: torch.Tensor, box: tuple[int, int, int, int] | None,
+                face: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> out (3, T, S, S) float32, ImageNet-normalised, written in place:
+    crop_resize, then normalise_. The same values as to_model_input up to the resize kernel's
+    rounding (at most 1 grey level)."""
+    out.copy_(crop_resize(frames, box, face, out.shape[-1]).permute(1, 0, 2, 3))  # uint8 -> float32
+    return normalise_(out)
+
+
+def _check_image_size(frame: torch.Tensor, size: tuple[int, ...]) -> None:
+    if tuple(frame.shape[:2]) != tuple(size):
+        raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, expected {size[1]}x{size[0]}")
+
+
+def image_u8_into(out: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 of the output size -> out (H, W, 3) uint8."""
+    _check_image_size(frame, out.shape[:2])
+    return out.copy_(frame)
 
 
 def image_into(out: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
     """(H, W, 3) uint8 of the output size -> out (3, H, W) float32, ImageNet-normalised, in place."""
-    if tuple(frame.shape[:2]) != tuple(out.shape[-2:]):
-        raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, expected {out.shape[-1]}x{out.shape[-2]}")
+    _check_image_size(frame, out.shape[-2:])
     out.copy_(frame.permute(2, 0, 1))
-    return out.mul_(_NORM_SCALE.view(3, 1, 1)).add_(_NORM_SHIFT.view(3, 1, 1))
+    return normalise_(out)
 
 
 def cavmae_frame_indices(total: int, fps: float = FPS, count: int = 10) -> list[int]:

@@ -18,6 +18,7 @@ import torch
 
 from hicmae_dist import comm
 from hicmae_dist.config import Config, TrainConfig
+from hicmae_dist.data.device import check_decode_on, to_device
 from hicmae_dist.data.loader import make_pretrain_loader
 from hicmae_dist.tracking import Tracker, end_status
 from hicmae_dist.train.accounting import model_flops_per_sample, peak_flops
@@ -82,10 +83,10 @@ def _batch_source(cfg: Config, engine, state: RunState, rank: int, world_size: i
         state.bad_samples += int(b["bad_samples"])
         return b
 
-    def forward(b):  # pinned host batches, copied while the device works; cast on the device
+    def forward(b):  # pinned host batches, copied while the device works; normalised and cast there
         # the masks stay on the host: the model reads their counts there (masking.split_indices_to)
-        return engine(*(b[k].to(device, non_blocking=True).to(dtype) for k in ("video", "audio")),
-                      b["video_mask"], b["audio_mask"])
+        x = to_device(b, device, dtype)
+        return engine(x["video"], x["audio"], b["video_mask"], b["audio_mask"])
 
     return next_batch, forward
 
@@ -213,6 +214,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
     run = RunDir(run_dir).create()
     if not cfg.data.shards:
         raise ValueError("data.shards is empty: pass --data DIR (a directory of .tar shards)")
+    check_decode_on(cfg.data)  # before minutes of engine set-up
     check_tracking(cfg, run.path, tracking_uri, rank0)
     engine, state = _start(cfg, run, resume, allow_config_change, world_size, rank0)
     start_step, batch = state.step, global_batch(cfg, world_size)

@@ -16,6 +16,7 @@ import torchaudio.compliance.kaldi as kaldi
 
 from hicmae_dist.config import DataConfig, ModelConfig, load_config
 from hicmae_dist.data import audio, loader, video
+from hicmae_dist.data.device import to_device
 from hicmae_dist.data.prepare import prepare_shards
 from hicmae_dist.data.shards import ShardReader, TarShardWriter, load_index
 from tests.data.conftest import NUM_GOOD, WAV_BESIDE
@@ -34,8 +35,14 @@ def _cavmae_model() -> ModelConfig:
 
 
 def _take(shards_dir: Path, batches: int, data_cfg: DataConfig, model_cfg: ModelConfig, **kw) -> list[dict]:
+    """The batches as the model sees them (to_device: float video), copied out of the loader's
+    reused buffers so that all of them can be held."""
     it = iter(loader.make_pretrain_loader(shards_dir, data_cfg, model_cfg, **kw))
-    return [next(it) for _ in range(batches)]
+    return [_kept(to_device(next(it), "cpu")) for _ in range(batches)]
+
+
+def _kept(batch: dict) -> dict:
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _same(a: list[dict], b: list[dict]) -> None:
@@ -209,7 +216,7 @@ def test_exact_resume_with_two_workers(shards, monkeypatch):
     assert len(decoded) == 2  # one batch of 2, not 6
     monkeypatch.undo()
     ld = loader.make_pretrain_loader(shards, data_cfg, model_cfg, seed=3)
-    _same(one[3:6], list(ld.epoch(1)))  # one epoch, as a finite pass
+    _same(one[3:6], [_kept(to_device(b, "cpu")) for b in ld.epoch(1)])  # one epoch, as a finite pass
     other = _take(shards, 2, data_cfg, model_cfg, seed=4)
     assert [b["key"] for b in other] != [b["key"] for b in one[:2]] or \
         not torch.equal(other[0]["video_mask"], one[0]["video_mask"])
