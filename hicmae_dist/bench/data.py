@@ -33,7 +33,6 @@ import wave
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from hicmae_dist.bench.report import machine, md_table
 from hicmae_dist.bench.timing import Stopwatch, time_calls, torch_threads
@@ -45,9 +44,9 @@ H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM datasheet, dense bf16 (no sparsity)
 TARGET_MFU = 0.4  # the training rate a GPU is fed for: 40% of that peak
 CAPACITY_MODELS = ("hicmae-s", "hicmae-b", "cavmae-base")
 ARCH_PRESETS = {"hicmae": "hicmae-b-vox2", "cavmae": "cavmae-base-vox2"}  # the inputs are the same for every size
-LOADER_PATHS = ("float",)  # TODO(merge): ("float", "uint8") once U8 lands (and see _loader_options)
-AUDIO_FORMS = ("wave",)  # TODO(merge): ("wave", "fbank") once FBANK lands (and see _prepare_options, _loader_options)
-GOAL_PATH = "float"  # TODO(merge): "uint8": the goal is the uint8 path's rate
+LOADER_PATHS = ("float", "uint8")  # today's float batches; the uint8 ones normalised on the device
+AUDIO_FORMS = ("wave", "fbank")  # the stored audio forms (prepare --audio-form)
+GOAL_PATH = "uint8, fbank"  # the goal's path: uint8 batches from shards with the stored fbank
 FLOAT_STAGES = ("read tar", "json", "jpeg decode", "crop+resize+normalise", "fbank+augment", "masks",
                 "new batch memory")
 UINT8_STAGES = ("read tar", "json", "jpeg decode", "crop+resize", "fbank+augment", "masks")  # normalise: device row
@@ -88,8 +87,9 @@ def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_di
                                      for path, form, w in _loader_settings(workers)]
             result["device"] = _device_rows(models, batch_size, repeats=3 if quick else 7)
             for arch, m in models.items():
-                for path in ("float", "uint8"):
-                    result["profile"][arch][path] = profile_decode(stores[arch, "wave"], m, path, samples)
+                for path, form in (("float", "wave"), ("uint8", "wave"), ("uint8", "fbank")):
+                    label = path if form == "wave" else f"{path}, {form}"
+                    result["profile"][arch][label] = profile_decode(stores[arch, form], m, path, samples)
         result["capacity"] = capacity_table(per_core_rates(result["loader"]))
         result["goal"] = _goal(result)
         return result
@@ -103,8 +103,7 @@ def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_di
 def _prepare_options(arch: str, form: str) -> dict:
     """prepare_shards keywords of an (arch, audio form)'s stored form."""
     options = {"full_frame": True, "frames": "ten"} if arch == "cavmae" else {}
-    if form != "wave":  # TODO(merge): options["audio_form"] = form (FBANK's prepare_shards keyword)
-        raise ValueError(f"audio form {form!r}: this branch's prepare stores only 'wave'")
+    options["audio_form"] = form
     return options
 
 
@@ -313,10 +312,7 @@ def _loader_settings(workers: list[int]) -> list[tuple[str, str, int]]:
 
 def _loader_options(path: str, form: str) -> dict:
     """make_pretrain_loader keywords of a video path (the audio form is the shards' and DataConfig's)."""
-    # TODO(merge): return {"video_out": path} (U8); DataConfig(..., audio_form=form) in _loader_row (FBANK)
-    if (path, form) != ("float", "wave"):
-        raise ValueError(f"loader path {path!r}, {form!r} audio: this branch's loader makes float batches from waves")
-    return {}
+    return {"video_out": path}
 
 
 def _loader_row(arch: str, shards: Path, model_cfg: ModelConfig, path: str, form: str, workers: int,
@@ -324,7 +320,8 @@ def _loader_row(arch: str, shards: Path, model_cfg: ModelConfig, path: str, form
     from hicmae_dist.data.loader import make_pretrain_loader
 
     data_cfg = DataConfig(batch_size=batch_size, num_workers=workers, shuffle_buffer=2 * batch_size,
-                          multiscale_crop=arch == "hicmae", gain_augment=arch == "hicmae", roll_augment=arch == "cavmae")
+                          multiscale_crop=arch == "hicmae", gain_augment=arch == "hicmae", roll_augment=arch == "cavmae",
+                          audio_form=form)
     loader = make_pretrain_loader(shards, data_cfg, model_cfg, seed=seed, **_loader_options(path, form))
     it = iter(loader)
     for _ in range(max(1, workers)):  # warm-up: worker start, shuffle buffer fill, first batch each
@@ -354,18 +351,6 @@ def per_core_rates(loader_rows: list[dict]) -> dict[str, dict[str, float]]:
 
 # --- the device side ------------------------------------------------------------------------------
 
-def normalise_video(u8: torch.Tensor) -> torch.Tensor:
-    """(B, [T,] S, S, 3) uint8 -> (B, 3, [T,] S, S) float32, ImageNet-normalised, on u8's device.
-    TODO(merge): a stand-in for hicmae_dist.data.device.normalise_video (U8); use that instead."""
-    from hicmae_dist.data import video
-
-    shape = (3,) + (1,) * (u8.dim() - 2)
-    mean = torch.tensor(video.IMAGENET_MEAN, device=u8.device).mul_(255).view(shape)
-    std = torch.tensor(video.IMAGENET_STD, device=u8.device).mul_(255).view(shape)
-    x = u8.movedim(-1, 1).to(torch.float32, memory_format=torch.contiguous_format)
-    return x.sub_(mean).div_(std)
-
-
 def _uint8_clip_shape(m: ModelConfig) -> tuple[int, ...]:
     """A worker's uint8 clip, channels-last: HiCMAE (16, S, S, 3), CAV-MAE (S, S, 3)."""
     return (m.image_size, m.image_size, 3) if m.arch == "cavmae" else (m.num_frames, m.image_size, m.image_size, 3)
@@ -374,6 +359,8 @@ def _uint8_clip_shape(m: ModelConfig) -> tuple[int, ...]:
 def _device_rows(models: dict[str, ModelConfig], batch_size: int, repeats: int) -> list[dict]:
     """clips/s of normalise_video on a uint8 batch, on the CPU (this process's threads) and on
     CUDA where present."""
+    from hicmae_dist.data.device import normalise_video
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for arch, m in models.items():
@@ -445,19 +432,24 @@ def _decode_one(reader, ref: tuple[int, int], m: ModelConfig, rng: random.Random
         frames = video.decode_frames_hwc(sample["jpgs"], meta["frame_bytes"], range(start, start + m.num_frames))
     ticks.append(time.process_time())
     box = None if cav else video.multiscale_crop_box(m.image_size, rng)
-    if u8:
-        _frames_uint8_into(out_v, frames[0] if cav else frames, box)
+    if u8 and cav:
+        video.image_u8_into(out_v, frames[0])
+    elif u8:
+        video.frames_u8_into(out_v, frames, box)
     elif cav:
         video.image_into(out_v, frames[0])
     else:
         video.frames_into(out_v, frames, box)
     ticks.append(time.process_time())
-    # The loader rows' audio augmentation: HiCMAE's gain, CAV-MAE's noise and roll of the fbank.
-    wave_ = audio.from_pcm16(sample["pcm"] if cav else sample["pcm"][:2 * 40960])[0]
-    if cav:  # TODO(merge): a slice of the stored fbank for fbank shards
-        audio.cavmae_augment_(audio.cavmae_fbank_into(out_a, wave_), rng, gen)
+    # The loader's audio with the loader rows' augmentation (HiCMAE's gain, CAV-MAE's noise and
+    # roll), from the shards' stored form.
+    form = meta.get("audio_form", "wave")
+    if cav:
+        audio.cavmae_audio_into(out_a, sample, meta, form, gain=False, noise_roll=True, rng=rng, generator=gen)
     else:
-        audio.fbank_into(out_a, audio.random_gain(wave_, rng))
+        per_stored = meta["frame_stride"] / meta["fps"] * audio.SAMPLE_RATE  # samples per stored frame
+        audio.hicmae_audio_into(out_a, sample, meta, form, round(start * per_stored),
+                                round(m.num_frames * per_stored), gain=True, roll=False, rng=rng)
     ticks.append(time.process_time())
     if cav:
         mae_random_mask((m.image_size // m.patch) ** 2, m.video_mask_ratio, gen)
@@ -475,20 +467,6 @@ def _decode_one(reader, ref: tuple[int, int], m: ModelConfig, rng: random.Random
         torch.empty(8, m.audio_frames, m.mel_bins)[0].fill_(0)
         ticks.append(time.process_time())
     return ticks
-
-
-def _frames_uint8_into(out: torch.Tensor, frames: torch.Tensor, box: tuple[int, int, int, int] | None) -> None:
-    """(T, H, W, 3) or (H, W, 3) uint8 -> out, same layout at the output size: the crop and the
-    bilinear resize, on uint8 (no normalisation: that is the device's).
-    TODO(merge): U8's worker-side function in hicmae_dist/data/video.py replaces this."""
-    if box is not None:
-        top, left, h, w = box
-        frames = frames[..., top:top + h, left:left + w, :]
-    size = out.shape[-2]
-    if frames.shape[-2] != size or frames.shape[-3] != size:
-        x = frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2)  # (T, 3, h, w), channels-last memory
-        frames = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
-    out.copy_(frames.reshape(out.shape))
 
 
 # --- capacity and goal --------------------------------------------------------------------------------
@@ -525,7 +503,7 @@ def _goal(result: dict) -> dict:
     top = sorted(((v, k) for k, v in prof["ms"].items()), reverse=True)[:2]
     return {"path": GOAL_PATH, "target_clips_per_core": GOAL_CLIPS_PER_CORE, "target_vs_release": GOAL_VS_RELEASE,
             "hicmae_clips_per_core": per_core, "release_clips_per_core": release,
-            "vs_release": round(per_core / release, 2),
+            "vs_release": round(per_core / release, 2), "clips_per_core_by_path": rates,
             "met": per_core >= GOAL_CLIPS_PER_CORE and per_core >= GOAL_VS_RELEASE * release,
             "limited_by": [f"{k} {v:.2f} ms ({100 * v / prof['total_ms']:.0f}%)" for v, k in top]}
 

@@ -32,11 +32,11 @@ def test_every_row(quick):
     table, result, _ = quick
     for section in ("## prepare", "## loader", "## device", "## profile", "## capacity", "goal: HiCMAE >= 300"):
         assert section in table
-    # TODO(merge): the uint8 rows (U8) and the fbank audio rows (FBANK) follow each arch's float rows
-    assert [(r["arch"], r["path"], r["workers"]) for r in result["loader"]] == [
-        ("hicmae", "release", 0), ("hicmae", "float", 0), ("hicmae", "float", 1), ("hicmae", "float", 2),
-        ("cavmae", "release", 0), ("cavmae", "float", 0), ("cavmae", "float", 1), ("cavmae", "float", 2)]
-    assert [r["workers"] for r in result["prepare"]] == [1, 2, 2]
+    rows = [("release", "wav", 0)] + [(path, form, w) for path in ("float", "uint8") for form, workers in
+                                       (("wave", (0, 1, 2)), ("fbank", (0,))) for w in workers]
+    assert [(r["arch"], r["path"], r["audio"], r["workers"]) for r in result["loader"]] == [
+        (arch, *row) for arch in ("hicmae", "cavmae") for row in rows]
+    assert [r["workers"] for r in result["prepare"]] == [1, 2, 2, 2, 2]
     for row in result["loader"]:
         assert row["clips_per_cpu_s"] > 0 if row["workers"] == 0 else row["clips_per_s_per_worker"] > 0
     for row in result["prepare"]:
@@ -45,7 +45,7 @@ def test_every_row(quick):
     assert all(d["clips_per_s"] > 0 for d in result["device"])
     for arch in ("hicmae", "cavmae"):
         prof = result["profile"][arch]
-        assert set(prof) == {"release", "float", "uint8"} and all(p["total_ms"] > 0 for p in prof.values())
+        assert set(prof) == {"release", "float", "uint8", "uint8, fbank"} and all(p["total_ms"] > 0 for p in prof.values())
         assert "new batch memory" in prof["float"]["ms"] and "new batch memory" not in prof["uint8"]["ms"]
         assert "crop+resize" in prof["uint8"]["ms"] and "fbank+augment" in prof["uint8"]["ms"]
     assert set(result["profile"]["hicmae"]["release"]["ms"]) >= {"open mp4", "decode frames", "read wav", "fbank"}
@@ -55,7 +55,8 @@ def test_every_row(quick):
 def test_goal_follows_the_rows(quick):
     _, result, _ = quick
     g = result["goal"]
-    main_rows = {r["path"]: r for r in result["loader"] if r["arch"] == "hicmae" and r["workers"] == 0}
+    main_rows = {r["path"] if r["audio"] in ("wave", "wav") else f"{r['path']}, {r['audio']}": r
+                 for r in result["loader"] if r["arch"] == "hicmae" and r["workers"] == 0}
     assert g["target_clips_per_core"] == 300 and g["target_vs_release"] == 13
     assert g["hicmae_clips_per_core"] == main_rows[g["path"]]["clips_per_cpu_s"] > 0
     assert g["release_clips_per_core"] == main_rows["release"]["clips_per_cpu_s"] > 0
@@ -68,14 +69,15 @@ def test_capacity_follows_the_formula(quick):
     from hicmae_dist.models.macs import macs
 
     _, result, _ = quick
-    rates = {(r["arch"], r["path"]): r["clips_per_cpu_s"] for r in result["loader"] if r["workers"] == 0}
+    rates = {(r["arch"], r["path"] if r["audio"] in ("wave", "wav") else f"{r['path']}, {r['audio']}"):
+             r["clips_per_cpu_s"] for r in result["loader"] if r["workers"] == 0}
     assert [c["model"] for c in result["capacity"]] == ["hicmae-s", "hicmae-b", "cavmae-base"]
     for c in result["capacity"]:
         cfg = model_config(c["model"])
         flops = 6 * sum(macs(cfg, "pretrain").values())  # 3 x (2 FLOPs per MAC) x forward
         gpu = 0.4 * 989.4e12 / flops
         assert c["train_flops"] == flops and c["gpu_clips_per_s"] == pytest.approx(gpu, abs=0.1)
-        assert set(c["cores_per_gpu"]) == {"release", "float"}
+        assert set(c["cores_per_gpu"]) == {"release", "float", "uint8", "float, fbank", "uint8, fbank"}
         for path, cores in c["cores_per_gpu"].items():
             assert cores == pytest.approx(gpu / rates[cfg.arch, path], abs=0.1)
     s, b = result["capacity"][:2]
@@ -88,13 +90,14 @@ def test_release_clip_matches_the_loader(quick):
     2.6 s, so its last two fbank frames are audio where ours are padding)."""
     from hicmae_dist.bench.data import ARCH_PRESETS, release_clip, release_wavs
     from hicmae_dist.config import DataConfig, load_config
+    from hicmae_dist.data.device import to_device
     from hicmae_dist.data.loader import make_pretrain_loader
 
     _, _, work = quick
     m = load_config(ARCH_PRESETS["hicmae"]).model
     pairs = release_wavs(work / "corpus", work / "release-wav")
     data_cfg = DataConfig(batch_size=2, num_workers=0, shuffle_buffer=2, multiscale_crop=True, gain_augment=False)
-    batch = next(iter(make_pretrain_loader(work / "shards-hicmae-wave-w1", data_cfg, m, seed=0)))
+    batch = to_device(next(iter(make_pretrain_loader(work / "shards-hicmae-wave-w1", data_cfg, m, seed=0))), "cpu")
     for t, key in enumerate(batch["key"]):
         box = tuple(batch["crop"][t].tolist())
         video, audio, ticks = release_clip(*pairs[key], m, random.Random(0), int(batch["start_frame"][t]), box)
@@ -114,13 +117,14 @@ def test_cavmae_release_clip_matches_the_loader(quick):
     from hicmae_dist.bench.data import ARCH_PRESETS, release_cavmae_clip, release_inputs
     from hicmae_dist.config import DataConfig, load_config
     from hicmae_dist.data import video as vid
+    from hicmae_dist.data.device import to_device
     from hicmae_dist.data.loader import make_pretrain_loader
 
     _, _, work = quick
     m = load_config(ARCH_PRESETS["cavmae"]).model
     inputs = release_inputs(work / "corpus", work, "cavmae")
     data_cfg = DataConfig(batch_size=2, num_workers=0, shuffle_buffer=2, gain_augment=False, roll_augment=False)
-    batch = next(iter(make_pretrain_loader(work / "shards-cavmae-wave-w2", data_cfg, m, seed=0)))
+    batch = to_device(next(iter(make_pretrain_loader(work / "shards-cavmae-wave-w2", data_cfg, m, seed=0))), "cpu")
     for t, key in enumerate(batch["key"]):
         mp4 = work / "corpus" / "dev" / "mp4" / f"{key}.mp4"
         source = vid.cavmae_frame_indices(len(VideoDecoder(str(mp4))))
