@@ -44,9 +44,12 @@ H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM datasheet, dense bf16 (no sparsity)
 TARGET_MFU = 0.4  # the training rate a GPU is fed for: 40% of that peak
 CAPACITY_MODELS = ("hicmae-s", "hicmae-b", "cavmae-base")
 ARCH_PRESETS = {"hicmae": "hicmae-b-vox2", "cavmae": "cavmae-base-vox2"}  # the inputs are the same for every size
-LOADER_PATHS = ("float", "uint8")  # today's float batches; the uint8 ones normalised on the device
+# today's float batches; the uint8 ones normalised on the device; "jpeg": the workers' side of
+# data.decode_on=cuda (they slice JPEG bytes, the GPU decodes), measurable on the CPU alone
+LOADER_PATHS = ("float", "uint8", "jpeg")
 AUDIO_FORMS = ("wave", "fbank")  # the stored audio forms (prepare --audio-form)
 GOAL_PATH = "uint8, fbank"  # the goal's path: uint8 batches from shards with the stored fbank
+GPU_DECODE_PATH = "jpeg, fbank"  # beside it: the same with decode_on=cuda (no JPEG decode in the workers)
 FLOAT_STAGES = ("read tar", "json", "jpeg decode", "crop+resize+normalise", "fbank+augment", "masks",
                 "new batch memory")
 UINT8_STAGES = ("read tar", "json", "jpeg decode", "crop+resize", "fbank+augment", "masks")  # normalise: device row
@@ -304,10 +307,11 @@ def _release_row(arch: str, release: dict) -> dict:
 # --- the loader -----------------------------------------------------------------------------------
 
 def _loader_settings(workers: list[int]) -> list[tuple[str, str, int]]:
-    """(video path, audio form, workers): every path with the wave form in the main process and
-    with each worker count; the other audio forms in the main process (one core's work)."""
+    """(video path, audio form, workers): the CPU-decode paths with the wave form in the main
+    process and with each worker count; the other forms and the jpeg path in the main process
+    (one core's work)."""
     return [(path, form, w) for path in LOADER_PATHS for form in AUDIO_FORMS
-            for w in ([0, *workers] if form == "wave" else [0])]
+            for w in ([0, *workers] if form == "wave" and path != "jpeg" else [0])]
 
 
 def _loader_options(path: str, form: str) -> dict:
@@ -504,6 +508,8 @@ def _goal(result: dict) -> dict:
     return {"path": GOAL_PATH, "target_clips_per_core": GOAL_CLIPS_PER_CORE, "target_vs_release": GOAL_VS_RELEASE,
             "hicmae_clips_per_core": per_core, "release_clips_per_core": release,
             "vs_release": round(per_core / release, 2), "clips_per_core_by_path": rates,
+            "gpu_decode": {"path": GPU_DECODE_PATH, "hicmae_clips_per_core": rates.get(GPU_DECODE_PATH),
+                           "vs_release": round(rates[GPU_DECODE_PATH] / release, 2) if GPU_DECODE_PATH in rates else None},
             "met": per_core >= GOAL_CLIPS_PER_CORE and per_core >= GOAL_VS_RELEASE * release,
             "limited_by": [f"{k} {v:.2f} ms ({100 * v / prof['total_ms']:.0f}%)" for v, k in top]}
 
@@ -568,4 +574,5 @@ def _goal_line(g: dict) -> str:
     return (f"goal: HiCMAE >= {g['target_clips_per_core']} clips/s per core and >= {g['target_vs_release']}x the "
             f"release: {g['path']} path {g['hicmae_clips_per_core']} per CPU-second, {g['vs_release']}x the release's "
             f"{g['release_clips_per_core']} ({'met' if g['met'] else 'not met'}); largest costs: "
-            f"{', '.join(g['limited_by'])}")
+            f"{', '.join(g['limited_by'])}. With data.decode_on=cuda ({g['gpu_decode']['path']} path, the GPU "
+            f"decodes): {g['gpu_decode']['hicmae_clips_per_core']} per CPU-second, {g['gpu_decode']['vs_release']}x")

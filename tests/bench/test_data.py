@@ -34,6 +34,7 @@ def test_every_row(quick):
         assert section in table
     rows = [("release", "wav", 0)] + [(path, form, w) for path in ("float", "uint8") for form, workers in
                                        (("wave", (0, 1, 2)), ("fbank", (0,))) for w in workers]
+    rows += [("jpeg", "wave", 0), ("jpeg", "fbank", 0)]  # the workers' side of decode_on=cuda
     assert [(r["arch"], r["path"], r["audio"], r["workers"]) for r in result["loader"]] == [
         (arch, *row) for arch in ("hicmae", "cavmae") for row in rows]
     assert [r["workers"] for r in result["prepare"]] == [1, 2, 2, 2, 2]
@@ -62,6 +63,9 @@ def test_goal_follows_the_rows(quick):
     assert g["release_clips_per_core"] == main_rows["release"]["clips_per_cpu_s"] > 0
     assert g["vs_release"] == pytest.approx(g["hicmae_clips_per_core"] / g["release_clips_per_core"], abs=0.01)
     assert g["met"] == (g["hicmae_clips_per_core"] >= 300 and g["vs_release"] >= 13) and g["limited_by"]
+    gpu = g["gpu_decode"]
+    assert gpu["hicmae_clips_per_core"] == main_rows["jpeg, fbank"]["clips_per_cpu_s"] > 0
+    assert gpu["vs_release"] == pytest.approx(gpu["hicmae_clips_per_core"] / g["release_clips_per_core"], abs=0.01)
 
 
 def test_capacity_follows_the_formula(quick):
@@ -77,7 +81,8 @@ def test_capacity_follows_the_formula(quick):
         flops = 6 * sum(macs(cfg, "pretrain").values())  # 3 x (2 FLOPs per MAC) x forward
         gpu = 0.4 * 989.4e12 / flops
         assert c["train_flops"] == flops and c["gpu_clips_per_s"] == pytest.approx(gpu, abs=0.1)
-        assert set(c["cores_per_gpu"]) == {"release", "float", "uint8", "float, fbank", "uint8, fbank"}
+        assert set(c["cores_per_gpu"]) == {"release", "float", "uint8", "float, fbank", "uint8, fbank", "jpeg",
+                                           "jpeg, fbank"}
         for path, cores in c["cores_per_gpu"].items():
             assert cores == pytest.approx(gpu / rates[cfg.arch, path], abs=0.1)
     s, b = result["capacity"][:2]
