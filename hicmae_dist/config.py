@@ -217,7 +217,7 @@ class FinetuneConfig:
     train.steps and train.warmup_steps are set from the epochs and the training split's size."""
 
     dataset: str = ""  # a preset of hicmae_dist.eval.datasets; "" = task / num_outputs below
-    task: str = "classification"  # "classification" | "regression" (overridden by the dataset)
+    task: str = "classification"  # "classification" | "multilabel" | "regression" (overridden by the dataset)
     num_outputs: int = 0  # classes or regression dimensions; 0 = from the dataset preset
     epochs: int = 50
     warmup_epochs: int = 5
@@ -239,10 +239,23 @@ class FinetuneConfig:
     select_metric: str = ""  # validation metric that picks the epoch; "" = the dataset's first
     # epochs between validation passes (the last epoch is always validated)
     eval_every: int = field(default=1, metadata={"hashed": False})
+    # --- multi-label sets and the CAV-MAE release's recipes (AudioSet, VGGSound) ---
+    # draw each epoch's clips with replacement, clip weight = sum over its labels of
+    # 1000 / (label count + 0.01) (the release's --bal and gen_weight_file.py)
+    balanced_sampling: bool = False
+    # class_labels_indices.csv (index,mid,display_name) of the release's JSON datafiles;
+    # "" = the one found in the fold's split directory or in --splits
+    label_csv: str = ""
+    # epochs (0-based) at which train.schedule "step" multiplies the LR by train.lr_gamma;
+    # converted to train.lr_milestones (steps) once the epoch's length is known
+    lr_milestone_epochs: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
-        expect(self.task in ("classification", "regression"), "finetune.task", "'classification' or 'regression'",
-               self.task)
+        expect(self.task in ("classification", "multilabel", "regression"), "finetune.task",
+               "'classification', 'multilabel' or 'regression'", self.task)
+        expect(self.lr_milestone_epochs == sorted(self.lr_milestone_epochs)
+               and all(0 < e < self.epochs for e in self.lr_milestone_epochs), "finetune.lr_milestone_epochs",
+               "increasing epochs in (0, finetune.epochs)", self.lr_milestone_epochs)
         expect(self.epochs >= 1, "finetune.epochs", ">= 1", self.epochs)
         expect(0 <= self.warmup_epochs <= self.epochs, "finetune.warmup_epochs", "in [0, finetune.epochs]",
                self.warmup_epochs)
@@ -302,6 +315,8 @@ class Config:
         for name in ("model", "data", "train", "tracking", "finetune", "execution"):
             _check_finite(getattr(self, name), name)  # first: NaN fails every range check below
             getattr(self, name).validate()
+        expect(not self.finetune.lr_milestone_epochs or self.train.schedule == "step", "finetune.lr_milestone_epochs",
+               "train.schedule: step (the milestones are the step schedule's)", self.train.schedule)
         return self
 
     def to_dict(self) -> dict[str, Any]:

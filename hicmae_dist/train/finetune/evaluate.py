@@ -19,8 +19,9 @@ from hicmae_dist.train.rundir import RunDir
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, task: Task, device, dtype, progress: bool = False,
             desc: str = "eval") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(targets, outputs, keys) over a val/test loader: class probabilities (N, K) or regression
-    outputs (N, D), averaged over the views of multi-view (test) samples."""
+    """(targets, outputs, keys) over a val/test loader: class probabilities (N, K) (softmax, or
+    per-class sigmoids for a multi-label task) or regression outputs (N, D), averaged over the
+    views of multi-view (test) samples (the release averages the sigmoids of its 10 frames)."""
     was_training = model.training
     model.eval()
     targets, outputs, keys = [], [], []
@@ -31,7 +32,7 @@ def predict(model: torch.nn.Module, loader, task: Task, device, dtype, progress:
             n, views = video.shape[:2]
             video, audio = video.flatten(0, 1), audio.flatten(0, 1)
         out = model(video.to(device, dtype), audio.to(device, dtype)).float()
-        out = out if task.regression else out.softmax(dim=-1)
+        out = out if task.regression else out.sigmoid() if task.multilabel else out.softmax(dim=-1)
         if multi:
             out = out.view(n, views, -1).mean(dim=1)
         outputs.append(out.cpu())
@@ -44,6 +45,8 @@ def predict(model: torch.nn.Module, loader, task: Task, device, dtype, progress:
 def score(targets: np.ndarray, outputs: np.ndarray, task: Task) -> dict[str, float]:
     if task.regression:
         return M.regression_metrics(targets, outputs, task.names)
+    if task.multilabel:
+        return M.multilabel_metrics(targets, outputs)
     return M.classification_metrics(targets, outputs)
 
 
@@ -60,7 +63,7 @@ def test_pass(model: torch.nn.Module, dataset, cfg: Config, task: Task, run: Run
             model.load_state_dict(torch.load(run.best_weights, map_location="cpu", weights_only=True))
         t, o, keys = predict(model, loader, task, device, dtype, progress, desc=f"test ({which})")
         out[which] = score(t, o, task)
-        if not task.regression:
+        if task.kind == "classification":
             cm = M.confusion_matrix(t, o, task.num_outputs)
             out[which]["confusion"] = cm.tolist()
             M.plot_confusion(cm, task.names, run.confusion_plot(which),
