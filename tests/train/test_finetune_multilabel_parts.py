@@ -112,3 +112,25 @@ def test_cavmae_dataset_presets_and_recipes():
         resolve_task(cfg, ("a", "b", "c"))
     with pytest.raises(ConfigError, match="train.schedule: step"):
         load_config("finetune-cavmae", ["finetune.lr_milestone_epochs=[2]"])
+
+
+def test_finetune_dataset_flag_applies_the_recipe_and_reads_the_class_names(tmp_path, capsys):
+    """`finetune --dataset audioset-20k --dry-run` over release-style split files: the recipe
+    printed and applied under the command line's overrides, the names from the csv."""
+    from hicmae_dist import cli
+
+    split = tmp_path / "splits" / "split01"
+    split.mkdir(parents=True)
+    for name in ("train", "test"):
+        (split / f"{name}.json").write_text('{"data": []}')
+    rows = ["index,mid,display_name"] + [f"{i},/m/x{i},sound {i}" for i in range(527)]
+    (tmp_path / "splits" / "class_labels_indices.csv").write_text("\n".join(rows) + "\n")
+    code = cli.main(["finetune", "--preset", "finetune-cavmae", "--dataset", "audioset-20k", "--splits",
+                     str(tmp_path / "splits"), "--run-dir", str(tmp_path / "run"), "--dry-run",
+                     "finetune.head_lr_scale=7"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "dataset audioset-20k: the authors' recipe applied" in err and "train.base_lr=5e-05" in err
+    assert "finetune.head_lr_scale" not in err and "weight_average_epochs" in err  # yours win; pending listed
+    assert "head_lr_scale: 7.0" in out and "balanced_sampling: false" in out
+    assert "# task multilabel, 527 outputs (sound 0, sound 1," in out and "validation map" in out
