@@ -377,14 +377,14 @@ def write_multilabel(out_dir: str | Path, num_clips: int, *, num_classes: int = 
                      progress: bool = True) -> dict:
     """A synthetic multi-label set in the CAV-MAE release's layout (data.downstream's docstring):
 
-        out/frames/frame_{i}/<video_id>.jpg           i = 0..9, the frame at int(i n / 10) (224 px)
+        out/frames/frame_{i}/<video_id>.jpg           i = 0..9, frame int(i n / 10), the 160 px face crop
         out/audio/<video_id>.wav                      16 kHz mono int16
         out/splits/class_labels_indices.csv           index,mid,display_name (mid /m/synthK)
         out/splits/split01/{train,val,test}.json      subject-independent folds, the release's datafiles
 
     Each clip carries 1-3 of the K classes (chances 0.4, 0.4, 0.2): its sound is the sum of the
-    classes' voices (each gated by its own beat) and its picture overlays their shapes, each at
-    its own place. Subjects set background and timbre.
+    classes' voices (each gated by its own beat) and its picture overlays their shapes, each
+    class at its own place on a ring around the centre. Subjects set background and timbre.
     """
     from hicmae_dist.data.downstream import make_folds
 
@@ -420,6 +420,14 @@ def write_multilabel(out_dir: str | Path, num_clips: int, *, num_classes: int = 
             "fold_sizes": [{name: len(idx) for name, idx in fold.items()} for fold in split_of]}
 
 
+def _slot(k: int, num_classes: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The (x, y) ranges of class k's shape centre in a multi-label clip: its own place on a
+    ring around the face crop's centre (+- 6 px), so that two or three shapes are all seen."""
+    angle = 2 * np.pi * k / num_classes
+    x, y = 112 + 42 * np.cos(angle), 80 + 42 * np.sin(angle)  # around the face crop's centre
+    return (x - 6, x + 6), (y - 6, y + 6)
+
+
 def _class_name(k: int, num_classes: int) -> str:
     style = _class_style(k, num_classes)
     return f"{style.shape} {style.f0:.0f} Hz"
@@ -436,15 +444,15 @@ def _write_multilabel_clip(plan: _ClipPlan, labels: tuple[int, ...], *, out: Pat
         style = _class_style(k, num_classes)
         beat = _beat(style, rng.uniform(0, 2 * np.pi))
         voices.append(_render_audio(style, timbre, beat, n_frames / FPS, rng).astype(np.float32))
-        # smaller shapes over the whole face crop, so that two or three are all seen
-        shapes.append((style, beat, _placement(rng, centre=((64, 160), (32, 128)), radius=(10, 14), amp=(5, 10))))
+        shapes.append((style, beat, _placement(rng, centre=_slot(k, num_classes), radius=(16, 20), amp=(3, 6))))
     pcm = np.clip(sum(voices) / np.sqrt(len(voices)), -32768, 32767).astype(np.int16)
     frames = _render_frames(shapes, background, n_frames, rng)
+    crops = face_crop(torch.from_numpy(frames).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     video_id = f"syn{plan.index:05d}"
     for i in range(10):  # the release's extract_video_frame.py: frame int(i * n / 10)
         path = out / "frames" / f"frame_{i}" / f"{video_id}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(frames[int(i * n_frames / 10)]).save(path, quality=90)
+        Image.fromarray(crops[int(i * n_frames / 10)]).save(path, quality=90)
     wav = out / "audio" / f"{video_id}.wav"
     _write_wav(pcm, wav)
     return {"video_id": video_id, "wav": str(wav.resolve()), "video_path": str((out / "frames").resolve()),

@@ -20,9 +20,10 @@ CLI = [sys.executable, "-m", "hicmae_dist.cli"]
 
 @pytest.fixture(scope="module")
 def multilabel_set(tmp_path_factory) -> Path:
-    """48 clips of 1-3 of 5 classes from 12 subjects in 4 folds (24 train / 12 val / 12 test)."""
+    """72 clips of 1-3 of 5 classes from 18 subjects in 6 folds (48 train / 12 val / 12 test):
+    with 24 training clips the tiny model does not learn five detectors in a few epochs."""
     out = tmp_path_factory.mktemp("multilabel") / "set"
-    write_downstream(out, 48, num_classes=5, num_subjects=12, folds=4, seed=1, duration_s=2.8, multilabel=True,
+    write_downstream(out, 72, num_classes=5, num_subjects=18, folds=6, seed=1, duration_s=2.8, multilabel=True,
                      workers=2, progress=False)
     return out
 
@@ -41,12 +42,15 @@ def _frequency_baseline(splits: dict[str, list[ds.DownstreamItem]], k: int) -> f
 
 
 def test_multilabel_finetune_beats_the_label_frequency_baseline(two_minute_run, multilabel_set, cli_env, tmp_path):
+    """Fold 1, 6 epochs of 12 steps (batch 4; one LR for the whole model, no label smoothing: the
+    set is small). Measured: test mAP 0.70 (AUC 0.73) against the baseline's 0.4."""
     run_dir, r = two_minute_run
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "ft"
     cmd = ["finetune", "--preset", "finetune-tiny-cpu", "--pretrained", str(run_dir), "--splits",
            str(multilabel_set / "splits"), "--run-dir", str(out), "--no-progress", "finetune.task=multilabel",
-           "finetune.balanced_sampling=true", "finetune.epochs=3", "finetune.test_num_segment=1",
+           "finetune.balanced_sampling=true", "finetune.epochs=6", "finetune.test_num_segment=1",
+           "data.batch_size=4", "finetune.layer_decay=1.0", "train.base_lr=6.4e-2", "finetune.label_smoothing=0",
            "data.num_workers=0"]
     p = subprocess.run(CLI + cmd, capture_output=True, text=True, env=cli_env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -47,15 +47,15 @@ def resolve_task(cfg: Config, class_names: Sequence[str] = ()) -> Task:
     preset: DatasetPreset | None = get_dataset(ft.dataset) if ft.dataset else None
     kind = preset.task if preset else ft.task
     names = tuple(class_names) or ((preset.dimensions if kind == "regression" else preset.classes) if preset else ())
-    expected = preset.num_outputs if preset else 0
-    if class_names and expected and len(names) != expected:
-        raise ConfigError(f"the class csv has {len(names)} classes, dataset {ft.dataset} {expected}")
-    num = ft.num_outputs or len(names) or expected
+    if class_names and preset and len(class_names) != preset.num_outputs:
+        raise ConfigError(f"the class csv has {len(class_names)} classes, dataset {ft.dataset} {preset.num_outputs}")
+    expected = len(names) or (preset.num_outputs if preset else 0)  # what the dataset or csv says
+    num = ft.num_outputs or expected
     if num < 1:
         raise ConfigError("finetune.num_outputs: expected the number of classes (or regression dimensions) "
                           "when finetune.dataset is not set")
-    if (names or expected) and num != (len(names) or expected):
-        raise ConfigError(f"finetune.num_outputs: {num}, but dataset {ft.dataset or 'csv'} has {len(names) or expected}")
+    if expected and num != expected:
+        raise ConfigError(f"finetune.num_outputs: {num}, but dataset {ft.dataset or '(class csv)'} has {expected}")
     names = names or tuple(f"d{i}" if kind == "regression" else str(i) for i in range(num))
     report = preset.metrics if preset else _DEFAULT_REPORT[kind]
     select = ft.select_metric or report[0]
