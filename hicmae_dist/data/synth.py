@@ -14,7 +14,8 @@ by hidden class rises above chance. Speakers set the background colour and the v
 Everything is drawn from `seed`: the same seed gives the same classes, metadata and pixels.
 
 write_downstream renders the same kind of clips as a fine-tuning set: face-frame folders, 16 kHz
-wavs and the authors' annotation files in subject-independent k folds (see its docstring).
+wavs and the authors' annotation files in subject-independent k folds (see its docstring);
+write_multilabel a multi-label set (1-3 classes a clip) in the CAV-MAE release's JSON layout.
 """
 from __future__ import annotations
 
