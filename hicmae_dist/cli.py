@@ -42,7 +42,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         if args.downstream:
             summary = write_downstream(Path(args.out), args.clips, num_classes=args.classes,
                                        num_subjects=args.speakers, folds=args.folds, seed=args.seed,
-                                       duration_s=args.duration, regression=args.regression, workers=args.workers)
+                                       duration_s=args.duration, regression=args.regression,
+                                       multilabel=args.multilabel, workers=args.workers)
         else:
             summary = write_corpus(Path(args.out), args.clips, num_classes=args.classes, num_speakers=args.speakers,
                                    seed=args.seed, duration_s=args.duration, workers=args.workers)
@@ -378,13 +379,27 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
 
 
 def _finetune_config(args: argparse.Namespace):
+    """--preset, then the dataset's recipe (the authors' fine-tuning settings, where the preset
+    has one), then the command line's overrides."""
     overrides = list(args.overrides)
+    recipe: list[str] = []
     if args.dataset:
+        from hicmae_dist.eval.datasets import get_dataset, recipe_overrides
+
+        try:
+            recipe, applied = recipe_overrides(args.dataset, overrides)
+        except ValueError as err:
+            raise ConfigError(f"--dataset: {err}") from None
+        pending = get_dataset(args.dataset).recipe_pending
+        if (applied or pending) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"dataset {args.dataset}: the authors' recipe applied (command-line overrides win): "
+                  f"{', '.join(recipe) or 'nothing'}" + (f"; not applied: {pending}" if pending else ""),
+                  file=sys.stderr)
         overrides.append(f"finetune.dataset={args.dataset}")
     if getattr(args, "eval_modes", None):
         modes = [m.strip() for m in args.eval_modes.split(",") if m.strip()]
         overrides.append(f"finetune.eval_modes=[{', '.join(modes)}]")
-    return load_config(args.preset, overrides)
+    return load_config(args.preset, recipe + overrides)
 
 
 def _pretrained(args: argparse.Namespace):
@@ -404,21 +419,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _finetune_config(args)
     splits = Path(args.splits)
     if not splits.is_dir():
-        raise ConfigError(f"--splits {splits}: not a directory (expected split01/{{train,val,test}}.csv ...)")
+        raise ConfigError(f"--splits {splits}: not a directory (expected split01/{{train,val,test}}.csv or .json ...)")
     from hicmae_dist.data.downstream import select_folds
 
     folds = select_folds(args.folds, splits)
     if args.dry_run:
-        from hicmae_dist.train.finetune.task import resolve_task
+        from hicmae_dist.train.finetune.protocol import protocol_task
 
-        task = resolve_task(cfg)
+        task = protocol_task(cfg, splits, folds[0])
         print(cfg.to_yaml().rstrip())
-        print(f"# task {task.kind}, {task.num_outputs} outputs ({', '.join(task.names)}); folds {folds}; "
+        names = ", ".join(task.names[:12]) + (", ..." if task.num_outputs > 12 else "")
+        print(f"# task {task.kind}, {task.num_outputs} outputs ({names}); folds {folds}; "
               f"epoch chosen on validation {task.select_metric}; config hash {cfg.hash(finetune=True)}")
         return 0
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_cache_dir() / "torch_extensions"))
-    from hicmae_dist.train.finetune.protocol import format_table, run_protocol
-    from hicmae_dist.train.finetune.task import resolve_task
+    from hicmae_dist.train.finetune.protocol import format_table, protocol_task, run_protocol
     from hicmae_dist.train.runtime import install_stop_signals
 
     pretrained = _pretrained(args)
@@ -433,7 +448,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                   f"resume")
         return EXIT_INTERRUPTED
     if rank0:
-        print(format_table(summary, resolve_task(cfg)))
+        print(format_table(summary, protocol_task(cfg, splits, folds[0])))
         print(f"\nresults   {args.run_dir}/results.md, summary.json, foldNN/results.json + confusion PNGs")
         print(f"mlflow    {summary['tracking_uri']} (protocol run {summary['mlflow_run_id']}, folds nested)")
     return EXIT_OK
@@ -505,7 +520,10 @@ def _add_finetune_verbs(sub: argparse._SubParsersAction) -> None:
                                    "--splits crema-d/splits --folds 1-5 --pretrained runs/pretrain --run-dir "
                                    "runs/ft-cremad`.",
                        epilog=EXIT_STATUS_HELP)
-    s.add_argument("--splits", required=True, help="directory of split01/, split02/ ... annotation files")
+    s.add_argument("--splits", required=True,
+                   help="directory of split01/, split02/ ... annotation files ({train,val,test}.csv), or the CAV-MAE "
+                        "release's JSON datafiles ({train,val,test}.json) with class_labels_indices.csv beside them "
+                        "or in this directory (or finetune.label_csv=PATH)")
     s.add_argument("--dataset", help="dataset preset (`hicmae-dist eval datasets`): classes, metrics, subjects")
     s.add_argument("--folds", default="1", help="1-5, 1,3 or all (default 1)")
     s.add_argument("--pretrained", help="pretraining run dir, our weights file, or the authors' checkpoint")
@@ -800,6 +818,10 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--folds", type=int, default=5, help="with --downstream: folds (default 5)")
     s.add_argument("--regression", action="store_true",
                    help="with --downstream: two float labels (valence, arousal) per clip instead of the class")
+    s.add_argument("--multilabel", action="store_true",
+                   help="with --downstream: 1-3 of the classes per clip (sounds summed, shapes overlaid), in the "
+                        "CAV-MAE release's layout: OUT/frames/frame_{0..9}/ID.jpg, OUT/audio/ID.wav, "
+                        "OUT/splits/class_labels_indices.csv, OUT/splits/splitNN/{train,val,test}.json")
     s.set_defaults(func=cmd_synth)
 
 

@@ -39,7 +39,7 @@ class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type or range."""
 
 
-def added(default: Any, **kwargs) -> Any:
+def added(default: Any = dataclasses.MISSING, **kwargs) -> Any:
     """A field added after runs were written with this config: it enters Config.hash only when
     set to something else than its default (the behaviour runs had before it existed), so an
     upgrade does not refuse to resume every running job."""
@@ -49,7 +49,10 @@ def added(default: Any, **kwargs) -> Any:
 def _hashed(f: dataclasses.Field, section: Any) -> bool:
     if not f.metadata.get("hashed", True):
         return False
-    return not (f.metadata.get("added") and getattr(section, f.name) == f.default)
+    if not f.metadata.get("added"):
+        return True
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return getattr(section, f.name) != default
 
 
 @dataclass
@@ -238,7 +241,7 @@ class FinetuneConfig:
     train.steps and train.warmup_steps are set from the epochs and the training split's size."""
 
     dataset: str = ""  # a preset of hicmae_dist.eval.datasets; "" = task / num_outputs below
-    task: str = "classification"  # "classification" | "regression" (overridden by the dataset)
+    task: str = "classification"  # "classification" | "multilabel" | "regression" (overridden by the dataset)
     num_outputs: int = 0  # classes or regression dimensions; 0 = from the dataset preset
     epochs: int = 50
     warmup_epochs: int = 5
@@ -265,10 +268,23 @@ class FinetuneConfig:
     eval_modes: list[str] = field(default_factory=list, metadata={"hashed": False})
     # [start, end]: the weights of epochs start..end (0-based, inclusive) averaged and tested; [] = off
     weight_average: list[int] = field(default_factory=list, metadata={"hashed": False})
+    # --- multi-label sets and the CAV-MAE release's recipes (AudioSet, VGGSound) ---
+    # draw each epoch's clips with replacement, clip weight = sum over its labels of
+    # 1000 / (label count + 0.01) (the release's --bal and gen_weight_file.py)
+    balanced_sampling: bool = added(False)
+    # class_labels_indices.csv (index,mid,display_name) of the release's JSON datafiles;
+    # "" = the one found in the fold's split directory or in --splits
+    label_csv: str = field(default="", metadata={"hashed": False})
+    # epochs (0-based) at which train.schedule "step" multiplies the LR by train.lr_gamma;
+    # converted to train.lr_milestones (steps) once the epoch's length is known
+    lr_milestone_epochs: list[int] = added(default_factory=list)
 
     def validate(self) -> None:
-        expect(self.task in ("classification", "regression"), "finetune.task", "'classification' or 'regression'",
-               self.task)
+        expect(self.task in ("classification", "multilabel", "regression"), "finetune.task",
+               "'classification', 'multilabel' or 'regression'", self.task)
+        expect(self.lr_milestone_epochs == sorted(self.lr_milestone_epochs)
+               and all(0 < e < self.epochs for e in self.lr_milestone_epochs), "finetune.lr_milestone_epochs",
+               "increasing epochs in (0, finetune.epochs)", self.lr_milestone_epochs)
         expect(self.epochs >= 1, "finetune.epochs", ">= 1", self.epochs)
         expect(0 <= self.warmup_epochs <= self.epochs, "finetune.warmup_epochs", "in [0, finetune.epochs]",
                self.warmup_epochs)
@@ -333,6 +349,8 @@ class Config:
         for name in ("model", "data", "train", "tracking", "finetune", "execution"):
             _check_finite(getattr(self, name), name)  # first: NaN fails every range check below
             getattr(self, name).validate()
+        expect(not self.finetune.lr_milestone_epochs or self.train.schedule == "step", "finetune.lr_milestone_epochs",
+               "train.schedule: step (the milestones are the step schedule's)", self.train.schedule)
         return self
 
     def to_dict(self) -> dict[str, Any]:

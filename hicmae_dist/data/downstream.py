@@ -13,7 +13,16 @@ wav (int16 PCM is read directly; anything else through torchcodec, resampled to 
 Relative paths are taken from `root` (default: the annotation file's directory). Labels are ints
 (classification) unless regression=True or a label is not an integer (then float32 vectors).
 
-Split files: <split_root>/split01/{train,val,test}.csv ... one directory per fold. The release
+Multi-label sets list every class of a clip: `frame_dir wav_path 0 7 12` (DownstreamDataset
+with multi_hot=K returns them as a (K,) multi-hot vector).
+
+The CAV-MAE release's JSON datafiles are read too (read_release_json): {"data": [{"video_id",
+"wav", "video_path", "labels": "/m/09x0r,/m/05zppz"}]}, the label ids mapped to 0..K-1 by
+class_labels_indices.csv (columns index,mid,display_name); a clip's 10 frames are
+video_path/frame_{i}/{video_id}.jpg, i = 0..9 (the release's extract_video_frame.py).
+
+Split files: <split_root>/split01/{train,val,test}.csv ... one directory per fold (.json: the
+release's datafiles, with the csv in the split directory, in split_root, or finetune.label_csv). The release
 has train and test only and picks the best epoch on test; here val is a separate subject group
 (make_folds), so model selection never sees the test fold.
 
@@ -39,6 +48,8 @@ All randomness comes from (seed, epoch, index): call set_epoch(e) each epoch.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 import random
 import wave as wavmod
@@ -58,11 +69,16 @@ SPLITS = ("train", "val", "test")
 MODES = ("train", "val", "test")
 
 
+RELEASE_FRAMES = 10  # frame_0 ... frame_9
+LABEL_CSV = "class_labels_indices.csv"
+
+
 @dataclass(frozen=True)
 class DownstreamItem:
-    frame_dir: Path
+    frame_dir: Path  # the clip's frame folder; for the release's layout only its key
     wav_path: Path
-    label: tuple  # ints (classification) or floats (regression)
+    label: tuple  # ints (classification, multi-label) or floats (regression)
+    frames: tuple[Path, ...] = ()  # the release's layout: the clip's frame files, else listed from frame_dir
 
 
 def read_annotations(path: str | Path, *, root: str | Path | None = None,
@@ -89,6 +105,94 @@ def read_annotations(path: str | Path, *, root: str | Path | None = None,
             raise ValueError(f"{path}:{n}: labels must be numbers, got {parts[2:]}") from None
         items.append(DownstreamItem(_resolve(parts[0], base), _resolve(parts[1], base), label))
     return items
+
+
+def read_label_csv(path: str | Path) -> tuple[dict[str, int], tuple[str, ...]]:
+    """class_labels_indices.csv (header index,mid,display_name) -> ({mid: index}, names in
+    index order). The indices must be 0..K-1."""
+    import csv
+
+    path = Path(path)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected a csv with the columns index,mid,display_name")
+    try:
+        index = {r["mid"]: int(r["index"]) for r in rows}
+    except ValueError:
+        raise ValueError(f"{path}: the index column must hold integers") from None
+    if sorted(index.values()) != list(range(len(rows))):
+        raise ValueError(f"{path}: expected the indices 0..{len(rows) - 1}, once each")
+    names = [""] * len(rows)
+    for r in rows:
+        names[int(r["index"])] = r["display_name"]
+    return index, tuple(names)
+
+
+def read_release_json(path: str | Path, label_csv: str | Path) -> list[DownstreamItem]:
+    """The release's datafile (module docstring) -> items whose label is the tuple of class
+    indices. Checked here, naming the entry: its wav exists, every frame_i folder of its
+    video_path exists, every label id is in the csv. (A missing single frame file is named
+    when the clip is loaded: checking 10 files per clip here would cost minutes on AS-2M.)"""
+    path = Path(path)
+    index, _ = read_label_csv(label_csv)
+    try:
+        entries = json.loads(path.read_text())["data"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: expected the release's datafile {{\"data\": [...]}} ({err})") from None
+    checked: set[str] = set()  # video_path folders already seen
+    items = []
+    for n, e in enumerate(entries):
+        where = f"{path}: entry {n} (video_id {e.get('video_id')!r})"
+        missing_keys = [k for k in ("video_id", "wav", "video_path", "labels") if k not in e]
+        if missing_keys:
+            raise ValueError(f"{where}: missing {', '.join(missing_keys)}")
+        wav = _resolve(e["wav"], path.parent)
+        if not wav.is_file():
+            raise FileNotFoundError(f"{where}: no wav at {wav}")
+        video_path = _resolve(e["video_path"], path.parent)
+        if str(video_path) not in checked:
+            absent = [f"frame_{i}" for i in range(RELEASE_FRAMES) if not (video_path / f"frame_{i}").is_dir()]
+            if absent:
+                raise FileNotFoundError(f"{where}: no frame folder {video_path}/{absent[0]} (expected "
+                                        f"frame_0 ... frame_{RELEASE_FRAMES - 1} holding <video_id>.jpg)")
+            checked.add(str(video_path))
+        unknown = [m for m in e["labels"].split(",") if m not in index]
+        if unknown:
+            raise ValueError(f"{where}: label id {unknown[0]!r} is not in {label_csv}")
+        labels = tuple(sorted({index[m] for m in e["labels"].split(",")}))
+        frames = tuple(video_path / f"frame_{i}" / f"{e['video_id']}.jpg" for i in range(RELEASE_FRAMES))
+        items.append(DownstreamItem(video_path / e["video_id"], wav, labels, frames))
+    return items
+
+
+def find_label_csv(split_file: Path, split_root: Path, explicit: str = "") -> Path:
+    """The class csv of a release datafile: finetune.label_csv, else class_labels_indices.csv in
+    the split's directory, else in split_root."""
+    if explicit:
+        if not Path(explicit).is_file():
+            raise FileNotFoundError(f"finetune.label_csv: no file {explicit}")
+        return Path(explicit)
+    for d in (split_file.parent, split_root):
+        if (d / LABEL_CSV).is_file():
+            return d / LABEL_CSV
+    raise FileNotFoundError(f"{split_file}: the release's datafiles need {LABEL_CSV} (index,mid,display_name): "
+                            f"put it in {split_file.parent} or {split_root}, or set finetune.label_csv")
+
+
+def read_split(path: Path, split_root: Path, *, regression: bool | None = None,
+               label_csv: str = "") -> list[DownstreamItem]:
+    """An annotation file (.csv) or the release's datafile (.json)."""
+    if path.suffix != ".json":
+        return read_annotations(path, regression=regression)
+    return read_release_json(path, find_label_csv(path, split_root, label_csv))
+
+
+def split_class_names(split_root: str | Path, fold: int, label_csv: str = "") -> tuple[str, ...]:
+    """The display names of the fold's class csv (find_label_csv) when its splits are the
+    release's JSON datafiles; () otherwise."""
+    train = fold_files(split_root, fold)["train"]
+    return read_label_csv(find_label_csv(train, Path(split_root), label_csv))[1] if train.suffix == ".json" else ()
 
 
 def _is_int(text: str) -> bool:
@@ -144,15 +248,21 @@ def write_folds(split_root: str | Path, folds: list[dict]) -> list[dict[str, Pat
 
 
 def fold_files(split_root: str | Path, fold: int) -> dict[str, Path]:
-    """The annotation files of fold `fold` (1-based, as split01): train and test, and val when
-    the fold has one."""
+    """The split files of fold `fold` (1-based, as split01): train and test, and val when the
+    fold has one; each <name>.csv (annotation format) or <name>.json (the release's), not both."""
     d = Path(split_root) / f"split{fold:02d}"
-    files = {name: d / f"{name}.csv" for name in SPLITS}
-    missing = [str(files[name]) for name in ("train", "test") if not files[name].exists()]
+    files = {}
+    for name in SPLITS:
+        found = [d / f"{name}{ext}" for ext in (".csv", ".json") if (d / f"{name}{ext}").exists()]
+        if len(found) > 1:
+            raise ValueError(f"fold {fold}: both {found[0]} and {found[1]}; keep one")
+        if found:
+            files[name] = found[0]
+    missing = [f"{d}/{name}.csv" for name in ("train", "test") if name not in files]
     if missing:
-        raise FileNotFoundError(f"fold {fold}: missing {', '.join(missing)} (expected {d}/{{train,val,test}}.csv, "
-                                f"val optional)")
-    return {name: path for name, path in files.items() if path.exists()}
+        raise FileNotFoundError(f"fold {fold}: missing {', '.join(missing)} (expected {d}/{{train,val,test}}.csv "
+                                f"or .json, val optional)")
+    return files
 
 
 DEFAULT_SUBJECT = r"([^/]+)/[^/]+/?$"  # the directory above the clip's frame_dir
@@ -204,13 +314,16 @@ def check_disjoint(splits: dict[str, list[DownstreamItem]], files: dict[str, Pat
 
 
 def load_fold(split_root: str | Path, fold: int, *, regression: bool | None = None, val_fraction: float = 0.15,
-              subject: str | None = DEFAULT_SUBJECT, seed: int = 0) -> tuple[dict[str, list[DownstreamItem]], str]:
-    """The train / val / test clips of fold `fold` (1-based): val.csv when the fold has one,
-    else carved from train (carve_validation); checked disjoint. Returns (splits, how val was made)."""
+              subject: str | None = DEFAULT_SUBJECT, seed: int = 0,
+              label_csv: str = "") -> tuple[dict[str, list[DownstreamItem]], str]:
+    """The train / val / test clips of fold `fold` (1-based): val.csv (.json) when the fold has
+    one, else carved from train (carve_validation); checked disjoint. Returns (splits, how val
+    was made)."""
     files = fold_files(split_root, fold)
-    splits = {name: read_annotations(files[name], regression=regression) for name in ("train", "test")}
+    read = functools.partial(read_split, split_root=Path(split_root), regression=regression, label_csv=label_csv)
+    splits = {name: read(files[name]) for name in ("train", "test")}
     if "val" in files:
-        splits["val"] = read_annotations(files["val"], regression=regression)
+        splits["val"] = read(files["val"])
         how = f"{files['val']}"
     else:
         splits["train"], splits["val"], how = carve_validation(splits["train"], val_fraction, subject=subject,
@@ -357,12 +470,13 @@ def crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: 
 
 class DownstreamDataset(Dataset):
     """Fine-tuning samples for model_cfg.arch (module docstring). Items: video, audio, label
-    (int64 scalar or float32 vector), index, key (the frame directory)."""
+    (int64 scalar, float32 regression vector, or with multi_hot=K a (K,) float32 multi-hot
+    vector of the clip's classes), index, key (the frame directory)."""
 
     def __init__(self, annotation: str | Path | list[DownstreamItem], model_cfg: ModelConfig, mode: str = "train",
                  *, root: str | Path | None = None, regression: bool | None = None, frame_stride: int = 4,
                  test_num_segment: int = 2, test_num_crop: int = 2, fps: float = video.FPS, seed: int = 0,
-                 crop_scale: tuple[float, float] = (0.08, 1.0)):
+                 crop_scale: tuple[float, float] = (0.08, 1.0), multi_hot: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.items = annotation if isinstance(annotation, list) else \
@@ -372,7 +486,7 @@ class DownstreamDataset(Dataset):
         self.cfg, self.mode = model_cfg, mode
         self.frame_stride, self.fps, self.seed = frame_stride, fps, seed
         self.test_num_segment, self.test_num_crop = test_num_segment, test_num_crop
-        self.crop_scale = crop_scale
+        self.crop_scale, self.multi_hot = crop_scale, multi_hot
         self.regression = isinstance(self.items[0].label[0], float)
         self.epoch = 0
 
@@ -391,7 +505,7 @@ class DownstreamDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
         rng = random.Random(f"hicmae-dist/finetune/{self.seed}/{self.epoch}/{index}")
-        frames = list_frames(item.frame_dir)
+        frames = list(item.frames) or list_frames(item.frame_dir)
         wave = read_wav(item.wav_path)
         if self.cfg.arch == "cavmae":
             vid, aud = self._cavmae(frames, wave, rng)
@@ -399,8 +513,12 @@ class DownstreamDataset(Dataset):
             vid, aud = self._hicmae(frames, wave, rng)
         if self.mode != "test":
             vid, aud = vid[0], aud[0]
-        label = torch.tensor(item.label, dtype=torch.float32) if self.regression else \
-            torch.tensor(item.label[0], dtype=torch.int64)
+        if self.multi_hot:
+            label = torch.zeros(self.multi_hot).index_fill_(0, torch.tensor(item.label), 1.0)
+        elif self.regression:
+            label = torch.tensor(item.label, dtype=torch.float32)
+        else:
+            label = torch.tensor(item.label[0], dtype=torch.int64)
         return {"video": vid, "audio": aud, "label": label, "index": index, "key": str(item.frame_dir)}
 
     # --- HiCMAE -----------------------------------------------------------------------------------

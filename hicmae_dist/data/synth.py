@@ -14,13 +14,15 @@ by hidden class rises above chance. Speakers set the background colour and the v
 Everything is drawn from `seed`: the same seed gives the same classes, metadata and pixels.
 
 write_downstream renders the same kind of clips as a fine-tuning set: face-frame folders, 16 kHz
-wavs and the authors' annotation files in subject-independent k folds (see its docstring).
+wavs and the authors' annotation files in subject-independent k folds (see its docstring);
+write_multilabel a multi-label set (1-3 classes a clip) in the CAV-MAE release's JSON layout.
 """
 from __future__ import annotations
 
 import colorsys
 import csv
 import functools
+import json
 import subprocess
 import wave
 from concurrent.futures import ThreadPoolExecutor
@@ -138,19 +140,25 @@ def _class_style(label: int, num_classes: int) -> _ClassStyle:
 def _render_clip(plan: _ClipPlan, num_classes: int, seed: int, duration_s: float) -> tuple[np.ndarray, np.ndarray]:
     """(frames (n, 224, 224, 3) uint8 at 25 fps, pcm (S,) int16 at 16 kHz) of one clip."""
     style = _class_style(plan.label, num_classes)
-    spk = np.random.default_rng((seed, 1, int(plan.speaker[2:])))
-    background = spk.uniform(30, 200, 3).astype(np.float32)  # (3,)
-    timbre = spk.uniform(0.7, 2.0)  # harmonic k has weight 1 / k**timbre
+    background, timbre = _speaker_look(plan.speaker, seed)
     rng = np.random.default_rng((seed, 2, plan.index))
-    beat_phase = rng.uniform(0, 2 * np.pi)  # shared by sound and picture: they are one event
-
-    def beat(t: np.ndarray) -> np.ndarray:  # envelope in [0, 1]
-        return (0.5 - 0.5 * np.cos(2 * np.pi * style.beat_hz * t + beat_phase)) ** 2
-
+    beat = _beat(style, rng.uniform(0, 2 * np.pi))  # phase shared by sound and picture: they are one event
     n_frames = _num_frames(duration_s)
     pcm = _render_audio(style, timbre, beat, n_frames / FPS, rng)
-    frames = _render_frames(style, background, beat, n_frames, rng)
+    frames = _render_frames([(style, beat, _placement(rng))], background, n_frames, rng)
     return frames, pcm
+
+
+def _speaker_look(speaker: str, seed: int) -> tuple[np.ndarray, float]:
+    """(background (3,) float32, timbre): harmonic k of the voice has weight 1 / k**timbre."""
+    spk = np.random.default_rng((seed, 1, int(speaker[2:])))
+    return spk.uniform(30, 200, 3).astype(np.float32), spk.uniform(0.7, 2.0)
+
+
+def _beat(style: _ClassStyle, phase: float):
+    def beat(t: np.ndarray) -> np.ndarray:  # envelope in [0, 1]
+        return (0.5 - 0.5 * np.cos(2 * np.pi * style.beat_hz * t + phase)) ** 2
+    return beat
 
 
 def _write_clip(out: Path, plan: _ClipPlan, num_classes: int, seed: int, duration_s: float) -> int:
@@ -190,36 +198,54 @@ def _render_audio(style: _ClassStyle, timbre: float, beat, seconds: float,
     return (np.clip(wave, -1, 1) * 32767).astype(np.int16)
 
 
-def _render_frames(style: _ClassStyle, background: np.ndarray, beat, n_frames: int,
-                   rng: np.random.Generator) -> np.ndarray:
-    """(n_frames, 224, 224, 3) uint8: the class shape moving and pulsing over a speaker background.
+@dataclass(frozen=True)
+class _Placement:
+    cx: float  # centre of the motion
+    cy: float
+    amp: float
+    phase: float
+    radius: float
 
-    The shape stays inside the face crop the data layer keeps (rows 0:160, cols 32:192).
+
+def _placement(rng: np.random.Generator, centre=((92, 132), (62, 100)), radius=(18, 26),
+               amp=(10, 20)) -> _Placement:
+    cx, cy = rng.uniform(*centre[0]), rng.uniform(*centre[1])
+    a, phase = rng.uniform(*amp), rng.uniform(0, 2 * np.pi)
+    return _Placement(cx, cy, a, phase, rng.uniform(*radius))
+
+
+def _render_frames(shapes: list[tuple[_ClassStyle, object, _Placement]], background: np.ndarray, n_frames: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """(n_frames, 224, 224, 3) uint8: each (style, beat, placement) shape moving and pulsing over
+    a speaker background, painted in order.
+
+    The shapes stay inside the face crop the data layer keeps (rows 0:160, cols 32:192).
     """
-    cx, cy = rng.uniform(92, 132), rng.uniform(62, 100)  # centre of the motion
-    amp, phase = rng.uniform(10, 20), rng.uniform(0, 2 * np.pi)
-    radius = rng.uniform(18, 26)
     noise_std = rng.uniform(1, 3)
-    # The shape (at most 1.2 r across from its centre, times the 1.3 beat pulse) never leaves
-    # this box, so only the box is drawn.
-    half = int(amp + 1.6 * radius) + 2
-    top, bottom = max(0, int(cy) - half), min(SOURCE_SIZE, int(cy) + half)
-    left, right = max(0, int(cx) - half), min(SOURCE_SIZE, int(cx) + half)
-    yy, xx = np.mgrid[top:bottom, left:right].astype(np.float32)
+    boxes = []
+    for style, beat, at in shapes:
+        # A shape (at most 1.2 r across from its centre, times the 1.3 beat pulse) never
+        # leaves this box, so only the box is drawn.
+        half = int(at.amp + 1.6 * at.radius) + 2
+        top, bottom = max(0, int(at.cy) - half), min(SOURCE_SIZE, int(at.cy) + half)
+        left, right = max(0, int(at.cx) - half), min(SOURCE_SIZE, int(at.cx) + half)
+        yy, xx = np.mgrid[top:bottom, left:right].astype(np.float32)
+        boxes.append((top, bottom, left, right, yy, xx))
     rows = np.arange(SOURCE_SIZE, dtype=np.float32)[:, None, None]
     texture = rng.normal(0, 8, (SOURCE_SIZE, SOURCE_SIZE, 3)).astype(np.float32)  # static per clip
     base = background * (0.75 + 0.25 * rows / SOURCE_SIZE) + texture  # vertical gradient
     frames = np.empty((n_frames, SOURCE_SIZE, SOURCE_SIZE, 3), np.uint8)
     for f in range(n_frames):
         t = f / FPS
-        angle = 2 * np.pi * style.motion_hz * t + phase
-        s, c = amp * np.sin(angle), amp * np.cos(angle)
-        dx, dy = ((s, 0.0), (0.0, s), (s, c))[style.motion]
-        r = radius * (1 + 0.3 * beat(np.array(t)))
-        inside = _shape_mask(style.shape, xx - (cx + dx), yy - (cy + dy), r)[..., None]
         frame = base.copy()
-        box = frame[top:bottom, left:right]
-        box += (style.colour - box) * inside
+        for (style, beat, at), (top, bottom, left, right, yy, xx) in zip(shapes, boxes):
+            angle = 2 * np.pi * style.motion_hz * t + at.phase
+            s, c = at.amp * np.sin(angle), at.amp * np.cos(angle)
+            dx, dy = ((s, 0.0), (0.0, s), (s, c))[style.motion]
+            r = at.radius * (1 + 0.3 * beat(np.array(t)))
+            inside = _shape_mask(style.shape, xx - (at.cx + dx), yy - (at.cy + dy), r)[..., None]
+            box = frame[top:bottom, left:right]
+            box += (style.colour - box) * inside
         luma_noise = rng.standard_normal((SOURCE_SIZE, SOURCE_SIZE, 1), dtype=np.float32)
         frame += noise_std * luma_noise
         frames[f] = np.clip(frame, 0, 255)
@@ -246,7 +272,7 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
 
 def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 4, num_subjects: int | None = None,
                      folds: int = 5, seed: int = 0, duration_s: float = 3.2, regression: bool = False,
-                     workers: int = 1, progress: bool = True) -> dict:
+                     multilabel: bool = False, workers: int = 1, progress: bool = True) -> dict:
     """A synthetic fine-tuning set in the downstream format (hicmae_dist.data.downstream):
 
         out/frames/<subject>/<clip>/00001.jpg ...   the clip's face crop (JPEG q90), 25 fps
@@ -260,12 +286,18 @@ def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 
     emotion sets ship face crops aligned like VoxCeleb2's. regression=True writes two
     float labels per clip instead of the class: valence = 2 * class / (K - 1) - 1 and arousal
     = the beat rate scaled to [0, 1], each with a little per-clip noise. Files are written under
-    a temporary name and renamed; the split files are written last.
+    a temporary name and renamed; the split files are written last. multilabel=True writes the
+    CAV-MAE release's layout instead (write_multilabel).
     """
     from hicmae_dist.data.downstream import make_folds, write_folds
 
     if num_clips < 1 or num_classes < 1:
         raise ValueError(f"num_clips and num_classes must be >= 1, got {num_clips}, {num_classes}")
+    if multilabel:
+        if regression:
+            raise ValueError("a set is multi-label or regression, not both")
+        return write_multilabel(out_dir, num_clips, num_classes=num_classes, num_subjects=num_subjects,
+                                folds=folds, seed=seed, duration_s=duration_s, workers=workers, progress=progress)
     out = Path(out_dir)
     num_subjects = min(num_subjects or max(folds, num_clips // 4), num_clips)
     if num_subjects < folds:
@@ -339,6 +371,93 @@ def _downstream_labels(plan: _ClipPlan, num_classes: int, seed: int, regression:
     valence = 2 * plan.label / max(1, num_classes - 1) - 1 + noise[0]
     arousal = (style.beat_hz - 2.0) / 3.0 + noise[1]
     return (round(float(valence), 4), round(float(arousal), 4))
+
+
+def write_multilabel(out_dir: str | Path, num_clips: int, *, num_classes: int = 5, num_subjects: int | None = None,
+                     folds: int = 3, seed: int = 0, duration_s: float = 3.2, workers: int = 1,
+                     progress: bool = True) -> dict:
+    """A synthetic multi-label set in the CAV-MAE release's layout (data.downstream's docstring):
+
+        out/frames/frame_{i}/<video_id>.jpg           i = 0..9, frame int(i n / 10), the 160 px face crop
+        out/audio/<video_id>.wav                      16 kHz mono int16
+        out/splits/class_labels_indices.csv           index,mid,display_name (mid /m/synthK)
+        out/splits/split01/{train,val,test}.json      subject-independent folds, the release's datafiles
+
+    Each clip carries 1-3 of the K classes (chances 0.4, 0.4, 0.2): its sound is the sum of the
+    classes' voices (each gated by its own beat) and its picture overlays their shapes, each
+    class at its own place on a ring around the centre. Subjects set background and timbre.
+    """
+    from hicmae_dist.data.downstream import make_folds
+
+    if num_classes < 3:
+        raise ValueError(f"a multi-label set of 1-3 classes per clip needs num_classes >= 3, got {num_classes}")
+    out = Path(out_dir)
+    num_subjects = min(num_subjects or max(folds, num_clips // 4), num_clips)
+    plans = _plan(num_clips, num_subjects, num_classes, seed)
+    rng = np.random.default_rng((seed, 5))
+    labels = [tuple(sorted(int(k) for k in rng.choice(num_classes, rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]),
+                                                        replace=False))) for _ in plans]
+    subjects = [p.speaker for p in plans]
+    split_of = make_folds(list(range(num_clips)), subjects, folds, seed)  # checks before any clip is written
+    write = functools.partial(_write_multilabel_clip, out=out, num_classes=num_classes, seed=seed,
+                              duration_s=duration_s)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        entries = list(tqdm(pool.map(write, plans, labels), total=len(plans), desc="synth multi-label",
+                            unit="clip", disable=not progress))
+    (out / "splits").mkdir(parents=True, exist_ok=True)
+    with open(out / "splits" / "class_labels_indices.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "mid", "display_name"])
+        writer.writerows([k, f"/m/synth{k}", _class_name(k, num_classes)] for k in range(num_classes))
+    for f, fold in enumerate(split_of):
+        for name, indices in fold.items():
+            path = out / "splits" / f"split{f + 1:02d}" / f"{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"data": [entries[i] for i in indices]}, indent=1))
+    counts = np.bincount([k for ls in labels for k in ls], minlength=num_classes)
+    return {"out_dir": str(out), "clips": num_clips, "subjects": len(set(subjects)), "classes": num_classes,
+            "folds": folds, "multilabel": True, "labels_per_clip": float(np.mean([len(ls) for ls in labels])),
+            "class_counts": counts.tolist(), "splits": str(out / "splits"),
+            "fold_sizes": [{name: len(idx) for name, idx in fold.items()} for fold in split_of]}
+
+
+def _slot(k: int, num_classes: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The (x, y) ranges of class k's shape centre in a multi-label clip: its own place on a
+    ring around the face crop's centre (+- 6 px), so that two or three shapes are all seen."""
+    angle = 2 * np.pi * k / num_classes
+    x, y = 112 + 42 * np.cos(angle), 80 + 42 * np.sin(angle)  # around the face crop's centre
+    return (x - 6, x + 6), (y - 6, y + 6)
+
+
+def _class_name(k: int, num_classes: int) -> str:
+    style = _class_style(k, num_classes)
+    return f"{style.shape} {style.f0:.0f} Hz"
+
+
+def _write_multilabel_clip(plan: _ClipPlan, labels: tuple[int, ...], *, out: Path, num_classes: int, seed: int,
+                           duration_s: float) -> dict:
+    """Render one multi-label clip, write its 10 frames and its wav; returns its datafile entry."""
+    background, timbre = _speaker_look(plan.speaker, seed)
+    rng = np.random.default_rng((seed, 4, plan.index))
+    n_frames = _num_frames(duration_s)
+    voices, shapes = [], []
+    for k in labels:
+        style = _class_style(k, num_classes)
+        beat = _beat(style, rng.uniform(0, 2 * np.pi))
+        voices.append(_render_audio(style, timbre, beat, n_frames / FPS, rng).astype(np.float32))
+        shapes.append((style, beat, _placement(rng, centre=_slot(k, num_classes), radius=(16, 20), amp=(3, 6))))
+    pcm = np.clip(sum(voices) / np.sqrt(len(voices)), -32768, 32767).astype(np.int16)
+    frames = _render_frames(shapes, background, n_frames, rng)
+    crops = face_crop(torch.from_numpy(frames).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    video_id = f"syn{plan.index:05d}"
+    for i in range(10):  # the release's extract_video_frame.py: frame int(i * n / 10)
+        path = out / "frames" / f"frame_{i}" / f"{video_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(crops[int(i * n_frames / 10)]).save(path, quality=90)
+    wav = out / "audio" / f"{video_id}.wav"
+    _write_wav(pcm, wav)
+    return {"video_id": video_id, "wav": str(wav.resolve()), "video_path": str((out / "frames").resolve()),
+            "labels": ",".join(f"/m/synth{k}" for k in labels)}
 
 
 def _ffmpeg(args: list[str], stdin: bytes, target: Path) -> None:

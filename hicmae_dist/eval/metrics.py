@@ -10,6 +10,13 @@ The degenerate cases are defined, not NaN: PCC with a constant input is 0 (no li
 can be measured); CCC is 0 when one input is constant and the other is not, 1 when both are
 the same constant; a class absent from y_true is left out of UAR and of weighted F1 (weight 0),
 and a class never predicted has recall 0 where it occurs.
+
+Multi-label: y_true (N, K) in {0, 1}, scores (N, K) (sigmoid probabilities or logits: both
+metrics depend on the ranking only). mAP averages the per-class average precision over the
+classes with a positive in y_true; macro AUC over the classes with both a positive and a
+negative. The others are left out and counted (`unscored_classes`), where the release's
+calculate_stats keeps them in its means (AP 0 or NaN, AUC -1); on AudioSet's eval set every
+class has positives, so the figures agree there.
 """
 from __future__ import annotations
 
@@ -130,15 +137,37 @@ def average_precision(y_true, scores) -> float:
 
 
 def mean_average_precision(y_true, scores) -> float:
-    """mAP for multi-label targets (N, K) in {0, 1} against scores (N, K): the mean of the
+    """mAP of multi-label targets (N, K) in {0, 1} against scores (N, K): the mean of the
     per-class average precision over the classes with at least one positive."""
-    t, s = _np(y_true), _np(scores, np.float64)
+    return multilabel_metrics(y_true, scores)["map"]
+
+
+def roc_auc(y_true, scores) -> float:
+    """Area under the ROC curve of one class (sklearn's roc_auc_score): the chance a random
+    positive scores above a random negative, ties counting 1/2; NaN without both classes."""
+    t, s = _np(y_true).astype(bool).reshape(-1), _np(scores, np.float64).reshape(-1)
+    pos, neg = int(t.sum()), int((~t).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    mid_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based average rank of each distinct score
+    ranks = mid_rank[inverse]
+    return float((ranks[t].sum() - pos * (pos + 1) / 2) / (pos * neg))  # Mann-Whitney U / (P N)
+
+
+def multilabel_metrics(y_true, scores) -> dict[str, float]:
+    """mAP and macro AUC of multi-label scores (module docstring), with the number of classes
+    left out of them for want of a positive (map) or of a positive and a negative (auc)."""
+    t, s = _np(y_true, np.float64), _np(scores, np.float64)
     if t.shape != s.shape or t.ndim != 2:
         raise ValueError(f"expected y_true and scores of the same (N, K) shape, got {t.shape} and {s.shape}")
-    aps = [average_precision(t[:, k], s[:, k]) for k in range(t.shape[1]) if t[:, k].any()]
-    if not aps:
+    t = t > 0.5
+    aps = np.array([average_precision(t[:, k], s[:, k]) for k in range(t.shape[1])])
+    aucs = np.array([roc_auc(t[:, k], s[:, k]) for k in range(t.shape[1])])
+    if np.isnan(aps).all():
         raise ValueError("no class has a positive sample")
-    return float(np.mean(aps))
+    auc = float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")  # no class has both
+    return {"map": float(np.nanmean(aps)), "auc": auc, "unscored_classes": int(np.isnan(aps).sum())}
 
 
 def retrieval(similarity) -> dict[str, float]:

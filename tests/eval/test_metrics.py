@@ -92,3 +92,26 @@ def test_retrieval_ranks_both_directions():
 def test_confusion_png(tmp_path):
     out = M.plot_confusion(np.array([[3, 1], [0, 2]]), ["calm", "angry"], tmp_path / "cm.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+
+
+def test_multilabel_map_and_auc_match_sklearn():
+    """Random multi-label scores with ties (rounded) against sklearn's per-class average
+    precision and ROC AUC; a class without positives and one without negatives are left out
+    of the means they cannot enter, and counted."""
+    rng = np.random.default_rng(0)
+    t = (rng.random((40, 6)) < 0.3).astype(int)
+    t[:, 4] = 0  # no positive: out of mAP and AUC
+    t[:, 5] = 1  # no negative: in mAP (AP 1), out of AUC
+    s = np.round(rng.random((40, 6)) + 0.5 * t, 1)  # ties on purpose
+    m = M.multilabel_metrics(t, s)
+    try:
+        from sklearn.metrics import average_precision_score, roc_auc_score
+    except ImportError:  # the hand-computed case of test_average_precision_and_map still holds
+        pytest.skip("sklearn not installed")
+    aps = [average_precision_score(t[:, k], s[:, k]) for k in (0, 1, 2, 3, 5)]
+    aucs = [roc_auc_score(t[:, k], s[:, k]) for k in (0, 1, 2, 3)]
+    assert m["map"] == pytest.approx(np.mean(aps), abs=1e-12)
+    assert m["auc"] == pytest.approx(np.mean(aucs), abs=1e-12)
+    assert m["unscored_classes"] == 1 and M.mean_average_precision(t, s) == m["map"]
+    # the hand-computed case: positive at 0.9 above negatives 0.5, 0.5 and a tie with a positive at 0.5
+    assert M.roc_auc([1, 0, 1, 0], [0.9, 0.5, 0.5, 0.1]) == pytest.approx((2 + 1.5) / 4)

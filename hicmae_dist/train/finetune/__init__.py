@@ -3,8 +3,9 @@ one module per concern:
 
     task.py       the task (dataset preset or finetune.*), the model and its optimiser groups,
                   the pretrained encoder weights, the task's loss
-    mixing.py     mixup / cutmix with label smoothing
-    sampling.py   per-epoch batches of each rank (EpochBatches), the loaders
+    mixing.py     mixup / cutmix with label smoothing (one-hot, or the release's multi-hot)
+    sampling.py   per-epoch batches of each rank (EpochBatches: shuffled, or balanced draws
+                  with replacement), the loaders
     evaluate.py   predictions (multi-view: probabilities averaged over chunks x crops), metrics,
                   the test pass with the last, the validation-selected (and the averaged)
                   weights, in the training mode and each of finetune.eval_modes (CAV-MAE)

@@ -20,9 +20,10 @@ from hicmae_dist.train.rundir import RunDir
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, task: Task, device, dtype, progress: bool = False,
             desc: str = "eval", mode: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(targets, outputs, keys) over a val/test loader: class probabilities (N, K) or regression
-    outputs (N, D), averaged over the views of multi-view (test) samples. mode: a CAV-MAE mode
-    other than the model's own (None: its own)."""
+    """(targets, outputs, keys) over a val/test loader: class probabilities (N, K) (softmax, or
+    per-class sigmoids for a multi-label task) or regression outputs (N, D), averaged over the
+    views of multi-view (test) samples (the release averages the sigmoids of its 10 frames).
+    mode: a CAV-MAE mode other than the model's own (None: its own)."""
     was_training = model.training
     model.eval()
     targets, outputs, keys = [], [], []
@@ -34,7 +35,7 @@ def predict(model: torch.nn.Module, loader, task: Task, device, dtype, progress:
             video, audio = video.flatten(0, 1), audio.flatten(0, 1)
         inputs = (video.to(device, dtype), audio.to(device, dtype))
         out = (model(*inputs) if mode is None else model(*inputs, mode)).float()
-        out = out if task.regression else out.softmax(dim=-1)
+        out = out if task.regression else out.sigmoid() if task.multilabel else out.softmax(dim=-1)
         if multi:
             out = out.view(n, views, -1).mean(dim=1)
         outputs.append(out.cpu())
@@ -47,6 +48,8 @@ def predict(model: torch.nn.Module, loader, task: Task, device, dtype, progress:
 def score(targets: np.ndarray, outputs: np.ndarray, task: Task) -> dict[str, float]:
     if task.regression:
         return M.regression_metrics(targets, outputs, task.names)
+    if task.multilabel:
+        return M.multilabel_metrics(targets, outputs)
     return M.classification_metrics(targets, outputs)
 
 
@@ -74,7 +77,7 @@ def test_pass(model: torch.nn.Module, dataset, cfg: Config, task: Task, run: Run
             name = which if mode is None else f"{which}_{mode}"
             t, o, keys = predict(model, loader, task, device, dtype, progress, desc=f"test ({name})", mode=mode)
             out[name] = score(t, o, task)
-            if not task.regression:
+            if task.kind == "classification":
                 cm = M.confusion_matrix(t, o, task.num_outputs)
                 out[name]["confusion"] = cm.tolist()
                 title = f"{run.name} test, {which} weights" + (f", {mode} mode" if mode else "")

@@ -29,7 +29,7 @@ from hicmae_dist.train.engine import build_engine, global_batch
 from hicmae_dist.train.finetune.averaging import keeps_for_average, write_average
 from hicmae_dist.train.finetune.evaluate import predict, score, test_pass
 from hicmae_dist.train.finetune.mixing import mix_batch
-from hicmae_dist.train.finetune.sampling import EpochBatches, make_loader
+from hicmae_dist.train.finetune.sampling import EpochBatches, balanced_weights, make_loader
 from hicmae_dist.train.finetune.task import Task, build_finetune, finetune_model_config, resolve_task, task_loss
 from hicmae_dist.train.progress import Progress
 from hicmae_dist.train.rundir import RunDir
@@ -70,6 +70,7 @@ class FoldRun:
     rank: int
     world_size: int
     batch: int  # global batch
+    weights: torch.Tensor | None = None  # finetune.balanced_sampling's clip weights
 
     @property
     def rank0(self) -> bool:
@@ -104,6 +105,19 @@ def _broadcast_best(epoch: int, best: float, device) -> tuple[int, float]:
 
 # --- set-up ----------------------------------------------------------------------------------------
 
+def _classes(item: DownstreamItem, task: Task) -> tuple[int, ...]:
+    """The classes of a clip: all its labels in a multi-label set, the first otherwise."""
+    return tuple(item.label) if task.multilabel else tuple(item.label[:1])
+
+
+def sampling_weights(train: list[DownstreamItem], task: Task) -> torch.Tensor:
+    """finetune.balanced_sampling's clip weights (sampling.balanced_weights) of the training split."""
+    multi_hot = np.zeros((len(train), task.num_outputs))
+    for row, item in enumerate(train):
+        multi_hot[row, list(_classes(item, task))] = 1.0
+    return balanced_weights(multi_hot)
+
+
 def _prepare(cfg: Config, splits: dict[str, list[DownstreamItem]], task: Task, pretrained: Converted | None,
              world_size: int) -> tuple[dict[str, DownstreamDataset], ModelConfig, int]:
     """(datasets, model config, steps per epoch), after the checks; sets train.steps and
@@ -112,22 +126,30 @@ def _prepare(cfg: Config, splits: dict[str, list[DownstreamItem]], task: Task, p
     if cfg.train.zero_stage == 3:
         raise ConfigError("train.zero_stage: fine-tuning supports stages 0-2 (evaluation needs the whole model "
                           "on rank 0; the fine-tuning models fit one GPU)")
+    if ft.balanced_sampling and task.regression:
+        raise ConfigError("finetune.balanced_sampling: weights come from class counts; a regression task has none")
     mcfg = finetune_model_config(cfg, pretrained)
     _check_eval_modes(ft.eval_modes, mcfg.arch)
     datasets = {name: DownstreamDataset(items, mcfg, name, regression=task.regression, seed=cfg.train.seed,
                                         test_num_segment=ft.test_num_segment, test_num_crop=ft.test_num_crop,
-                                        crop_scale=(ft.crop_scale_min, 1.0))
+                                        crop_scale=(ft.crop_scale_min, 1.0),
+                                        multi_hot=task.num_outputs if task.multilabel else 0)
                 for name, items in splits.items()}
     batch = global_batch(cfg, world_size)
     steps_per_epoch = len(datasets["train"]) // batch
     if steps_per_epoch < 1:
         raise ConfigError(f"data.batch_size: {len(datasets['train'])} training clips make no whole global batch of "
                           f"{batch}; lower data.batch_size")
-    if not task.regression and any(not 0 <= i.label[0] < task.num_outputs for i in splits["train"]):
-        raise ValueError(f"training labels outside [0, {task.num_outputs}): finetune.num_outputs or the dataset "
-                         f"preset does not match the annotation files")
+    if not task.regression:
+        for name, items in splits.items():
+            bad = next((i for i in items if not all(0 <= c < task.num_outputs for c in _classes(i, task))), None)
+            if bad is not None:
+                raise ValueError(f"{name} clip {bad.frame_dir}: labels {bad.label} outside [0, {task.num_outputs}): "
+                                 f"finetune.num_outputs or the dataset preset does not match the split files")
     cfg.train.steps = ft.epochs * steps_per_epoch
     cfg.train.warmup_steps = ft.warmup_epochs * steps_per_epoch
+    if ft.lr_milestone_epochs:
+        cfg.train.lr_milestones = [e * steps_per_epoch for e in ft.lr_milestone_epochs]
     cfg.validate()
     return datasets, mcfg, steps_per_epoch
 
@@ -222,7 +244,7 @@ def train_epoch(fold: FoldRun, epoch: int) -> tuple[dict[str, Any] | None, str |
     fold.datasets["train"].set_epoch(epoch)
     # batch_in_epoch counts micro-batches: a resume skips them unread
     sampler = EpochBatches(len(fold.datasets["train"]), cfg.data.batch_size, fold.rank, fold.world_size,
-                           cfg.train.seed, epoch, state.batch_in_epoch)
+                           cfg.train.seed, epoch, state.batch_in_epoch, weights=fold.weights)
     next_batch, forward = _batch_source(fold, iter(make_loader(fold.datasets["train"], cfg, batch_sampler=sampler)))
     # the epoch's and the log window's loss sums, on the device: read once per window
     epoch_loss, window_loss, epoch_n, window_n, start = 0.0, 0.0, 0, 0, time.perf_counter()
@@ -313,8 +335,12 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
     history = json.loads(run.history.read_text()) if rank0 and run.history.exists() else []
     history = [h for h in history if h["epoch"] < state.epoch]  # epochs finished before the checkpoint
     reporter = Progress(cfg.train.steps, state.step, f"finetune {run.name}", enabled=rank0, bar=progress)
+    weights = sampling_weights(splits["train"], task) if ft.balanced_sampling else None
+    if weights is not None:
+        log.info("balanced sampling: clip weights %.3g .. %.3g, drawn with replacement each epoch",
+                 float(weights.min()), float(weights.max()))
     fold = FoldRun(cfg, task, run, engine, state, datasets, tracker, reporter, dist_env.rank, dist_env.world_size,
-                   global_batch(cfg, dist_env.world_size))
+                   global_batch(cfg, dist_env.world_size), weights)
     interrupted = None
     try:
         while state.epoch < ft.epochs and interrupted is None:

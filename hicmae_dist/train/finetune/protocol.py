@@ -13,7 +13,7 @@ import numpy as np
 
 from hicmae_dist import comm
 from hicmae_dist.config import Config
-from hicmae_dist.data.downstream import count_folds, load_fold
+from hicmae_dist.data.downstream import count_folds, load_fold, split_class_names
 from hicmae_dist.models.convert import Converted
 from hicmae_dist.tracking import Tracker, end_status
 from hicmae_dist.train.finetune.fold import finetune_fold, write_json_atomic
@@ -24,13 +24,18 @@ from hicmae_dist.train.runtime import tracking_uri_of
 log = logging.getLogger(__name__)
 
 
+def protocol_task(cfg: Config, split_root: Path, fold: int) -> Task:
+    """The task, with the class names of the release's class csv when the splits are its datafiles."""
+    return resolve_task(cfg, split_class_names(split_root, fold, cfg.finetune.label_csv))
+
+
 def run_protocol(cfg: Config, split_root: Path, folds: list[int], run_dir: Path, *, pretrained: Converted | None,
                  resume: str = "auto", tracking_uri: str | None = None, progress: bool = True,
                  allow_config_change: bool = False) -> dict[str, Any]:
     """Every fold in run_dir/foldNN (done folds skipped), then the table (summary())."""
     dist_env = comm.init_distributed()
     rank0 = dist_env.rank == 0
-    task = resolve_task(cfg)
+    task = protocol_task(cfg, split_root, folds[0])
     run = RunDir(run_dir).create()
     available = count_folds(split_root)
     if available and max(folds) > available:
@@ -55,7 +60,8 @@ def run_protocol(cfg: Config, split_root: Path, folds: list[int], run_dir: Path,
                 per_fold[fold] = json.loads(done.read_text())
                 continue
             splits, how = load_fold(split_root, fold, regression=task.regression,
-                                    val_fraction=cfg.finetune.val_fraction, subject=task.subject, seed=cfg.train.seed)
+                                    val_fraction=cfg.finetune.val_fraction, subject=task.subject, seed=cfg.train.seed,
+                                    label_csv=cfg.finetune.label_csv)
             log.info("fold %d: validation split: %s", fold, how)
             fold_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train),
                                            tracking=dataclasses.replace(cfg.tracking,
@@ -125,8 +131,8 @@ def format_table(summary: dict[str, Any], task: Task) -> str:
                           for m in metrics)
         lines.append(f"| {label} | mean ± std | {mean} |")
     if task.paper:
-        lines.append("| paper (HiCMAE-B) | | " + " | ".join(f"{task.paper[m]:.2f}" if m in task.paper else ""
-                                                          for m in metrics) + " |")
+        lines.append(f"| paper ({task.paper_model or 'HiCMAE-B'}) | | "
+                     + " | ".join(f"{task.paper[m]:.2f}" if m in task.paper else "" for m in metrics) + " |")
     lines.append(f"\nbest epochs per fold (on validation, never on test): {summary['best_epochs']}")
     return "\n".join(lines)
 

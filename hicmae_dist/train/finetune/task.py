@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,37 +18,49 @@ from hicmae_dist.models.convert import Converted
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "classification" | "regression"
+    kind: str  # "classification" | "multilabel" | "regression"
     num_outputs: int
     names: tuple[str, ...]  # class names or regression dimensions
     select_metric: str  # validation metric that picks the epoch (higher is better)
     report: tuple[str, ...]  # metrics of the results table
     subject: str | None  # subject-id pattern for carving validation
     paper: dict[str, float]
+    paper_model: str = ""  # whose figures `paper` holds
 
     @property
     def regression(self) -> bool:
         return self.kind == "regression"
 
+    @property
+    def multilabel(self) -> bool:
+        return self.kind == "multilabel"
 
-def resolve_task(cfg: Config) -> Task:
-    """From the dataset preset (finetune.dataset) or finetune.task / num_outputs."""
+
+_DEFAULT_REPORT = {"classification": ("uar", "war", "weighted_f1"), "multilabel": ("map", "auc"),
+                   "regression": ("ccc", "pcc")}
+
+
+def resolve_task(cfg: Config, class_names: Sequence[str] = ()) -> Task:
+    """From the dataset preset (finetune.dataset) or finetune.task / num_outputs. class_names:
+    from the split's class_labels_indices.csv, for presets that ship only the class count."""
     ft = cfg.finetune
     preset: DatasetPreset | None = get_dataset(ft.dataset) if ft.dataset else None
     kind = preset.task if preset else ft.task
-    names = (preset.classes if kind == "classification" else preset.dimensions) if preset else ()
-    num = ft.num_outputs or len(names)
+    names = tuple(class_names) or ((preset.dimensions if kind == "regression" else preset.classes) if preset else ())
+    if class_names and preset and len(class_names) != preset.num_outputs:
+        raise ConfigError(f"the class csv has {len(class_names)} classes, dataset {ft.dataset} {preset.num_outputs}")
+    expected = len(names) or (preset.num_outputs if preset else 0)  # what the dataset or csv says
+    num = ft.num_outputs or expected
     if num < 1:
         raise ConfigError("finetune.num_outputs: expected the number of classes (or regression dimensions) "
                           "when finetune.dataset is not set")
-    if names and num != len(names):
-        raise ConfigError(f"finetune.num_outputs: {num}, but dataset {ft.dataset} has {len(names)}")
-    names = names or tuple(str(i) if kind == "classification" else f"d{i}" for i in range(num))
-    report = preset.metrics if preset else (("uar", "war", "weighted_f1") if kind == "classification"
-                                            else ("ccc", "pcc"))
+    if expected and num != expected:
+        raise ConfigError(f"finetune.num_outputs: {num}, but dataset {ft.dataset or '(class csv)'} has {expected}")
+    names = names or tuple(f"d{i}" if kind == "regression" else str(i) for i in range(num))
+    report = preset.metrics if preset else _DEFAULT_REPORT[kind]
     select = ft.select_metric or report[0]
     return Task(kind, num, tuple(names), select, tuple(report), preset.subject if preset else DEFAULT_SUBJECT,
-                dict(preset.paper) if preset else {})
+                dict(preset.paper) if preset else {}, preset.paper_model if preset else "")
 
 
 def finetune_model_config(cfg: Config, pretrained: Converted | None) -> ModelConfig:
@@ -99,7 +112,11 @@ def ccc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def task_loss(output: torch.Tensor, target: torch.Tensor, task: Task, ft) -> torch.Tensor:
-    """Classification: cross-entropy against soft targets (B, K); regression: MSE or 1 - CCC."""
+    """Classification: cross-entropy against soft targets (B, K); multi-label: binary
+    cross-entropy with logits against soft multi-hot targets (B, K), the mean over B x K (the
+    release's BCEWithLogitsLoss); regression: MSE or 1 - CCC."""
+    if task.multilabel:
+        return F.binary_cross_entropy_with_logits(output.float(), target)
     if not task.regression:
         return torch.sum(-target * F.log_softmax(output.float(), dim=-1), dim=-1).mean()
     if ft.regression_loss == "ccc":
