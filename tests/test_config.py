@@ -177,7 +177,10 @@ RELEASED_HASHES = {  # preset: (pretraining hash, fine-tuning hash)
     "hicmae-b-vox2": ("d3febaeb1c44cd5a", "ca5575320351a06e"),
     "cavmae-base-vox2": ("422adb925be510fc", "c2511f76443e922d"),
     "finetune-tiny-cpu": ("0829f72d80ac7104", "3a8caa010f01e041"),
-    "finetune-cavmae": ("6b072bb6710b8681", "46705f1aa0bd1672"),
+    # 2026-12-06: changed on purpose (a CAV-MAE model from scratch, not HiCMAE-S's defaults; the
+    # release's mixup: lambda ~ Beta(10, 10) on half the clips), so a fold running on the old
+    # preset refuses to resume with it: resume with --allow-config-change or the old values
+    "finetune-cavmae": ("0fba9f851274035e", "0680b2c218267cba"),
 }
 
 
