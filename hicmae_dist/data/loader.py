@@ -8,62 +8,14 @@
 
 The stream is a pure function of (shards, seed, rank, world_size, data.num_workers,
 data.batch_size, data.shuffle_buffer): batch k is the same tensors whichever batch the stream
-started at, so a restarted job that passes start_batch=k neither repeats nor skips data.
+started at, so a restarted job that passes start_batch=k neither repeats nor skips data. Shards
+are dealt per epoch to the (rank, virtual worker) slots, samples pass a shuffle buffer undecoded,
+and each is decoded late with random numbers of its own position; a bad sample is replaced within
+its batch and counted (BadDataError past data.max_bad_fraction). The arithmetic, the resume and
+the bad-sample rules: docs/design.md, "The loader's stream".
 
-How one rank's stream is built. A DataLoader worker w of W is "virtual worker" v and makes the
-rank's batches k with k % W == v (the DataLoader takes batches from its workers in turn). Per
-epoch e (batches_per_epoch batches per rank, the same on every rank):
-  - shards: all shards, permuted with a seed of (seed, e) common to every rank, dealt out round
-    robin to the world_size * W (rank, virtual worker) slots: within an epoch no two slots read
-    the same shard (when there are at least as many shards as slots); the deal changes every
-    epoch. A slot reads its shards front to back, then again in a new order if it needs more.
-    (Resampled per epoch without replacement, rather than webdataset's draws with replacement:
-    every rank still has an endless stream and the same batches per epoch, which is what
-    resampling is for, and each clip is seen about once an epoch instead of Poisson(1) times.)
-  - samples: the shards' samples, undecoded (bytes), through a shuffle buffer of
-    data.shuffle_buffer samples (reservoir: each new sample replaces a random one, which goes
-    out); the buffer starts empty every epoch.
-  - decode late: the sample at position j of the slot's epoch stream is decoded with random
-    numbers seeded by (seed, world_size, W, e, rank, v, j) alone, so what a sample becomes does
-    not depend on what was decoded before it, and skipping needs no decoding.
-  - batches: positions [p * B, (p + 1) * B) make the slot's batch p of the epoch.
-Resuming at batch k: each worker finds its first batch's epoch and position, replays the shard
-order and the shuffle buffer's random draws on (shard, sample) numbers only (no reads), reads
-the buffer's samples with seeks (shard-NNNNNN.json holds each sample's byte range) and goes on.
-Workers are rotated (DataLoader worker w plays virtual worker (k + w) % W) so that batch k comes
-first. The stream depends on data.num_workers: resuming with another number gives another
-(equally random) stream, not the continuation.
-
-A sample that cannot be read (truncated shard, corrupt tar) or decoded (corrupt JPEG, wrong
-sample rate) is logged and counted; its place in the batch goes to another sample of the same
-batch, decoded again with fresh augmentation, so batches keep their size and the stream its
-positions. batch["bad_samples"] counts them; loader.stats() sums them; the run stops with
-BadDataError once more than data.max_bad_fraction of the samples read were bad (judged after
-MIN_READS_BEFORE_BAD_CHECK), or when every sample of a batch is bad.
-
-Batch, HiCMAE (model.arch "hicmae", SPEC.md 1): video uint8 (B, 16, S, S, 3) (16 stored frames in
-a row = one in 4 of the source, multi-scale crop, resized, channels-last as decoded; data/device.py
-to_device makes the model's float (B, 3, 16, S, S), ImageNet-normalised, on the device), audio float32
-(B, 1, 256, 128) (the fbank of the 2.56 s under those frames; gain and roll augmentation), video
-tube mask bool (B, 800), audio random mask bool (B, 128) (True = masked).
-CAV-MAE (model.arch "cavmae", SPEC.md 2): video uint8 (B, 224, 224, 3) (one of the clip's 10 frames
-at random, no augmentation: data.multiscale_crop does not apply; data.gain_augment
-does, on the waveform), audio (B, 1, 1024, 128) (fbank of the first 10.24 s,
-(x + 5.081) / 4.4849; with data.roll_augment the U*U/10 noise and a roll in [-1024, 1024)),
-video_mask (B, 196) MAE random, audio_mask (B, 512) per model.audio_mask_mode.
-Audio comes from the stored PCM or, with data.audio_form "fbank", from slices of the stored
-clip fbank (audio.hicmae_audio_into / cavmae_audio_into; docs/data.md).
-Both: label int64 (B,) (-1 unknown), key list[str], index (int, this rank's batch number),
-epoch (int), bad_samples (int, in this batch), start_frame int64 (B,) (the source frame the
-window starts at / the frame taken), crop int64 (B, 4) (top, left, height, width of the crop in
-face-crop pixels). Tensors are pinned when CUDA is available; in worker processes the batch is
-built directly in shared memory, in buffers reused from a small pool (PretrainLoader: how long a
-batch stays valid). With data.decode_on "cuda" the workers do not decode: video is replaced by
-jpeg uint8 (N,) (the batch's JPEGs back to back), jpeg_offsets / jpeg_sizes int64 (B, 16) or (B,)
-and face int64 (B, 4) (the face crop in stored pixels); to_device decodes on the GPU.
-video_out="float" (PretrainStream, make_pretrain_loader) is the path before the uint8 contract:
-float32 video normalised in the worker, new memory every batch; kept as the benchmark's
-comparison row and for the equality test.
+The batch (keys, dtypes, shapes for HiCMAE and CAV-MAE, decode_on, buffer lifetimes: how long a
+batch stays valid): docs/data.md, "The batch".
 """
 from __future__ import annotations
 

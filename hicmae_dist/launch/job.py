@@ -3,40 +3,13 @@
 `hicmae-dist submit` pickles a TrainJob (the resolved config, the run dir, the requeue
 budget) with submitit; `srun` starts one task per rank, each unpickles it and calls it.
 
-Signals, checkpoints and requeues
----------------------------------
-Slurm sends USR2 `signal_delay_s` seconds before the time limit, and at once when a job of a
-higher-priority partition preempts this one (PreemptMode=REQUEUE with
-preempt_send_user_signal; a real cluster's GraceTime then gives the job time to save).
-submitit's own handler would call `checkpoint()` and requeue right inside the signal handler:
-in the middle of a step, on rank 0 only, with no way to save a DeepSpeed checkpoint (a
-collective: every rank must take part, between steps). So __call__ replaces it (submitit
-installs its handlers before it calls us) with the trainer's stop request:
-
-1. USR2 / SIGTERM on any rank -> `request_stop()` (just sets a flag, safe in a handler).
-2. The training loop all-reduces the flag after every step, so all ranks agree to stop after
-   the same step; they save a checkpoint together (collective, atomic) and pretrain() returns
-   with summary["interrupted"] set. The MLflow run is marked KILLED (the resume sets it
-   RUNNING again).
-3. Rank 0 asks Slurm why: PreemptTime set -> preemption; little time left -> time limit.
-   Preemption (or a USR2 sent by hand) always requeues; a time limit requeues while fewer
-   than `max_timeouts` have been used. SIGTERM alone (scancel, `scontrol requeue`, the hard
-   limit) never requeues from here: Slurm already decided.
-4. To requeue, rank 0 writes this callable back into submitit's pickle with the updated
-   counters and runs `scontrol requeue`; then every rank exits. The requeued job (same id,
-   same log folder) starts from the pickle, pretrain(resume="auto") loads the checkpoint,
-   whose state holds the MLflow run id, so metrics continue in the same run, no step lost
-   or repeated (the trainer drops metric rows newer than the checkpoint).
-5. Otherwise every rank raises UncompletedJobError: the job ends FAILED with the reason in
-   its log and in `hicmae-dist jobs`, the MLflow run is marked KILLED; the checkpoint is there
-   for a resubmit with the same run dir (which continues that run).
-
-A signal that arrives before __call__ installs its handler (while Python imports) reaches
-submitit's handler, which calls `checkpoint()` (submitit's default: requeue self): nothing
-has been trained in this attempt yet, so requeueing without a save loses nothing.
-
-Exceptions are not caught for a retry: a job that fails fails once (FAILED, error in its log).
-Only rank 0 writes (the trainer's files, the events file of the job folder, the pickle).
+USR2 (before the time limit, or on preemption) and SIGTERM become the trainer's stop request, not
+submitit's requeue-inside-the-handler: all ranks agree to stop after the same step and save a
+checkpoint together; then rank 0 asks Slurm why (PreemptTime set: preemption, which always
+requeues; little time left: a time limit, requeued while fewer than `max_timeouts` were used;
+SIGTERM alone never requeues) and requeues with `scontrol requeue`, or every rank raises
+UncompletedJobError. The requeued job resumes the checkpoint and the same MLflow run. The steps
+and why: docs/design.md, "Stopping: signals, and the Slurm job". Only rank 0 writes.
 """
 from __future__ import annotations
 

@@ -8,46 +8,17 @@ logits = a @ b.T / temperature, the pairs (a[i], b[i]) the positives.
   symmetric=False: CE(a b^T / t, i)   (cross-entropy over the rows of a b^T)
 temperature: a positive float, or a tensor (0-d or one element; learnable: it gets a gradient).
 
-Negatives
----------
-"local": the other samples of this batch (B x B logits, conceptually).
-"global": the features of every rank of `group` (default: the default process group) are
-gathered *with gradients* (hicmae_dist.comm.all_gather_with_grad), and this rank's
-rows are scored against all N = sum_r B_r columns (open_clip's "local loss" layout); for the
-symmetric loss the column direction is the same computation with the roles swapped: this
-rank's b rows against all N gathered a rows. Without an initialised process group (or with one
-rank) "global" is "local".
+negatives="local": the other samples of this batch. "global": every rank's features gathered
+with gradients (comm.all_gather_with_grad), this rank's rows scored against all columns (open_clip's
+local-loss layout); rank r returns (W / N) * S_r so that the mean over ranks, and the gradients
+under the engine's average, are the single-process loss's. Never B_local x B_global logits: a
+streaming log-sum-exp over column tiles, recomputed in the backward. The scaling argument and the
+memory: docs/design.md, "The contrastive loss across ranks".
 
-Scaling of the global loss (the choice, and why it is right): let S_r be the sum of the
-per-row cross-entropies of rank r's rows (both directions averaged when symmetric) and J the
-single-process loss over the whole global batch, J = (1/N) sum_r S_r. Rank r returns
-        L_r = (W / N) * S_r          (W = world size; = the mean over its own rows when all
-                                      ranks hold B = N / W rows)
-so that mean_r L_r = J (all-reduce-mean the logged value to see J), and the gradients come
-out right under DDP / DeepSpeed's *average* over ranks: the gather's backward sums every
-rank's gradient for rank r's features (rank r's features receive sum_s dL_s/dx_r =
-W * dJ/dx_r), and the engine's 1/W average of the parameter gradients turns that into exactly
-dJ/dtheta. A learnable temperature (replicated on every rank) gets dL_r/dt on rank r, whose
-average over ranks is dJ/dt. tests/ops/test_info_nce.py checks all of this in a 2-process
-gloo group against one process holding the whole batch.
-
-Memory: never B_local x B_global logits. Per direction, the forward streams column tiles with
-a running max / sum (log-sum-exp) and keeps lse (B_local,) only; the backward recomputes the
-probabilities tile by tile. Memory is O(B_global * D) (the gathered features and their
-gradient) plus one tile.
-
-Backends
---------
-  - "triton": hicmae_dist/ops/triton/info_nce.py (forward and backward kernels), float16 /
-    bfloat16 / float32; CUDA (compute capability 8.0+), or CPU tensors under the Triton
-    interpreter (TRITON_INTERPRET=1; the tests).
-  - "torch": the same blockwise algorithm in PyTorch, chunk x chunk tiles (rows and columns),
-    any float dtype, accumulation in fp32 (fp64 for fp64 inputs).
-  - "auto": CUDA -> triton; CPU -> torch (triton under the interpreter). The pick is logged
-    once per (device type, pick); on CUDA an input triton cannot take (fp64, an old GPU, no
-    triton) runs torch with a warning naming the reason, logged once per reason.
-Both run through the torch.library ops `hicmae_dist::info_nce_fwd` / `info_nce_bwd` (fake
-implementations and the autograd formula registered: torch.compile, opcheck).
+Backends (hicmae_dist.ops.backends): "triton" (ops/triton/info_nce.py; fp16 / bf16 / fp32, CUDA
+8.0+ or the Triton interpreter), "torch" (the same blockwise algorithm, chunk x chunk tiles, fp32
+accumulation), "auto" (triton where it can run, else torch; a fall-back on CUDA is a warning naming
+the reason). Both run through the torch.library ops `hicmae_dist::info_nce_fwd` / `info_nce_bwd`.
 `info_nce_reference` is the naive full-logits loss (the tests' ground truth).
 """
 from __future__ import annotations
