@@ -138,7 +138,7 @@ def _default_model() -> ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Shard loader and augmentation (SPEC.md 'Inputs')."""
+    """Shard loader and augmentation (docs/models.md, HiCMAE inputs and CAV-MAE inputs)."""
 
     shards: str = field(default="", metadata={"hashed": False})  # directory of *.tar shards (set by `pretrain --data`)
     batch_size: int = 8  # per rank
@@ -166,7 +166,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimiser, schedule, DeepSpeed engine and checkpoints (SPEC.md 'Pretraining recipe')."""
+    """Optimiser, schedule, DeepSpeed engine and checkpoints (docs/models.md, the pretraining recipes)."""
 
     steps: int = field(default=300, metadata={"hashed": False})
     optimizer: str = "adamw"  # "adamw" (HiCMAE) | "adam" (CAV-MAE: L2 decay inside Adam)
@@ -236,7 +236,7 @@ class TrackingConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning recipe and protocol (SPEC.md 1 'Fine-tuning model', SPEC.md 2 'Fine-tune'),
+    """Fine-tuning recipe and protocol (docs/models.md, HiCMAE fine-tuning model and CAV-MAE fine-tuning),
     read by `hicmae-dist finetune` only. The optimiser, LR and batch come from `train` and `data`;
     train.steps and train.warmup_steps are set from the epochs and the training split's size."""
 

@@ -1,4 +1,4 @@
-"""Token masks for masked autoencoding (SPEC.md 1, 'Pretraining forward' step 1).
+"""Token masks for masked autoencoding (docs/models.md, HiCMAE pretraining forward, step 1).
 
 A mask is a bool tensor over the flat token index, True where the token is MASKED (hidden from
 the encoder). Every sample of a batch masks the same number of tokens, so the visible tokens of
@@ -48,7 +48,7 @@ def split_indices_to(mask: torch.Tensor, device: torch.device) -> tuple[torch.Te
     return visible.to(device, non_blocking=True), masked.to(device, non_blocking=True)
 
 
-# --- CAV-MAE (SPEC.md 2, 'Masking'): MAE-style masks, per sample --------------------------------
+# --- CAV-MAE (docs/models.md, CAV-MAE masking): MAE-style masks, per sample ---------------------
 
 AUDIO_MASK_MODES = ("random", "time", "freq", "tf")
 

@@ -1,4 +1,4 @@
-"""Audio features and augmentation (SPEC.md 1 and 2, 'Inputs', audio).
+"""Audio features and augmentation (docs/models.md, HiCMAE inputs and CAV-MAE inputs, audio).
 
 Waveforms are (1, S) float32 tensors at 16 kHz in [-1, 1]. Shards store each clip's audio in
 one of two forms (data.audio_form, `prepare --audio-form`; docs/data.md): "wave", int16 PCM, from
@@ -102,7 +102,7 @@ def fbank_into(out: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
 
 
 def cavmae_fbank_into(out: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
-    """CAV-MAE's fbank (SPEC.md 2): the same Kaldi fbank of the mean-subtracted (S,) waveform,
+    """CAV-MAE's fbank (docs/models.md, CAV-MAE inputs): the same Kaldi fbank of the mean-subtracted (S,) waveform,
     zero-padded or cut to out's 1024 frames, then (x + 5.081) / 4.4849; written into out."""
     return _cavmae_normalise_(_padded_fbank_into(out, wave))
 
@@ -178,7 +178,7 @@ def to_fbank16(log_mel: torch.Tensor) -> bytes:
 
 def hicmae_audio_into(out: torch.Tensor, sample: dict, meta: dict, form: str, first: int, length: int, *,
                       gain: bool, roll: bool, rng: random.Random) -> torch.Tensor:
-    """HiCMAE's audio (SPEC.md 1) into out (256, bins): the normalised fbank of the clip's samples
+    """HiCMAE's audio (docs/models.md, HiCMAE inputs) into out (256, bins): the normalised fbank of the clip's samples
     [first, first + length), with the gain (and, wave form only, roll) augmentations."""
     if form == "wave":
         wave = from_pcm16(_member(sample, "pcm")[2 * first:2 * (first + length)])  # (1, <= length)
@@ -195,7 +195,7 @@ def hicmae_audio_into(out: torch.Tensor, sample: dict, meta: dict, form: str, fi
 
 def cavmae_audio_into(out: torch.Tensor, sample: dict, meta: dict, form: str, *, gain: bool, noise_roll: bool,
                       rng: random.Random, generator: torch.Generator) -> torch.Tensor:
-    """CAV-MAE's audio (SPEC.md 2) into out (1024, bins): the normalised fbank of the clip's first
+    """CAV-MAE's audio (docs/models.md, CAV-MAE inputs) into out (1024, bins): the normalised fbank of the clip's first
     10.24 s, gain on the waveform; noise_roll: cavmae_augment_ (exact on either form)."""
     if form == "wave":
         wave = from_pcm16(_member(sample, "pcm"))

@@ -1,6 +1,6 @@
 """Downstream (fine-tuning) data: face-frame folders plus 16 kHz wav, in the authors' annotation
-format, with k-fold split files and the spec's fine-tuning sampling (SPEC.md 1, 'Fine-tuning
-model'; SPEC.md 2 for CAV-MAE).
+format, with k-fold split files and the spec's fine-tuning sampling (docs/models.md, HiCMAE
+fine-tuning recipe and CAV-MAE fine-tuning).
 
 Annotation file: one clip per line, space separated, no header, as the HiCMAE release reads them
 (pandas, delimiter ' '):

@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 10**9  # ~1 GB: ~1,500 clips; big enough to stream, small enough to spread
 FRAME_MODES = ("stride", "ten")
-VOX2_DEV_CLIPS = 1_091_581  # usable clips of VoxCeleb2 dev (SPEC.md 1)
+VOX2_DEV_CLIPS = 1_091_581  # usable clips of VoxCeleb2 dev (docs/models.md, HiCMAE pretraining recipe)
 VOX2_MEAN_CLIP_S = 2442 * 3600 / 1_128_246  # 7.79 s: the paper's 2,442 h over its 1,128,246 clips
 SKIP_KINDS = ("unreadable", "frame_size", "fps", "too_short", "no_audio", "sample_rate", "av_mismatch")
 

@@ -1,5 +1,5 @@
 """Video frames: the stored face crop, JPEG packing, frame sampling and the pretraining
-augmentation (SPEC.md 1, 'Inputs', video).
+augmentation (docs/models.md, HiCMAE inputs, video).
 
 Frames are (T, 3, H, W) uint8 tensors until to_model_input makes the (3, T, S, S) float32 input.
 The loader's fast path (decode_frames_hwc + crop_resize) keeps them channels-last, (T, H, W, 3)

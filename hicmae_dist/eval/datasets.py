@@ -1,4 +1,4 @@
-"""The paper's downstream datasets (SPEC.md 1, 'Downstream datasets and metrics'): what a user
+"""The paper's downstream datasets (docs/models.md, HiCMAE downstream datasets): what a user
 needs to point `hicmae-dist finetune --dataset NAME --splits DIR` at their own copy.
 
 Labels in the annotation files are the integers 0..K-1 in the order of `classes` (the names
@@ -104,7 +104,7 @@ DATASETS = {p.name: p for p in (
     DatasetPreset("avcaffe-valence", "classification", ("1", "2", "3", "4", "5"),
                   folds=1, protocol="train / test (the dataset's split)", metrics=("weighted_f1", "uar", "war")),
     # CAV-MAE's downstream sets; figures: the CAV-MAE paper (Gong et al., ICLR 2023), Table 1,
-    # audio-visual CAV-MAE (SPEC.md 2)
+    # audio-visual CAV-MAE (docs/models.md, CAV-MAE fine-tuning)
     DatasetPreset("audioset-20k", "multilabel", num_classes=527, folds=1,
                   protocol="AS-20K balanced train / AudioSet eval", metrics=("map", "auc"), subject=None,
                   paper={"map": 42.0}, paper_model="CAV-MAE", recipe=_AS20K[0], recipe_pending=_AS20K[1]),

@@ -1,4 +1,4 @@
-"""Transformer pieces shared by the HiCMAE encoders, fusion layers and decoders (SPEC.md 1, 'Blocks').
+"""Transformer pieces shared by the HiCMAE encoders, fusion layers and decoders (docs/models.md, HiCMAE blocks).
 
 Pre-norm blocks, LayerNorm eps 1e-6, GELU MLP. Every attention projects q, k, v with one weight
 matrix and no bias, then adds the learnable q_bias and v_bias (k has none), and calls

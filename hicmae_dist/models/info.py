@@ -1,7 +1,7 @@
 """Parameter and compute accounting, and example inputs, for the shipped models (`bench model`,
 the timing, lives in hicmae_dist/bench/model.py).
 
-MACs come from hicmae_dist.models.macs (each family's count, by formula). Against SPEC.md's
+MACs come from hicmae_dist.models.macs (each family's count, by formula). Against the paper's
 "about 13.8 / 27.6 / 46.1 G MACs per fine-tune view" for HiCMAE T / S / B, it gives
 13.81 / 27.65 / 46.11 G: the same quantity (the video encoder is about 70% of it); the
 differences are rounding plus the classifier head (12 k MACs).

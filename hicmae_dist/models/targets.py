@@ -1,4 +1,4 @@
-"""Reconstruction targets (SPEC.md 1, 'Losses'): what the decoders predict for each token.
+"""Reconstruction targets (docs/models.md, HiCMAE losses): what the decoders predict for each token.
 
 Computed without gradient from the model's own inputs, in float32, one row per token in the
 encoders' flat token order, so the rows of the masked tokens are `gather_visible(target, masked_idx)`.

@@ -1,6 +1,6 @@
 """Frozen-encoder evaluations of pretrained weights: audio-visual retrieval and the linear probe.
 
-Retrieval (SPEC.md 2): cosine similarity of mean-pooled single-modality features (HiCMAE: each
+Retrieval (docs/models.md, CAV-MAE fine-tuning): cosine similarity of mean-pooled single-modality features (HiCMAE: each
 encoder's normalised last layer over all tokens; CAV-MAE: the shared block's audio / video
 streams with their own norms and final norm_a / norm_v, mean-pooled, then L2-normalised: the
 release's forward_feat and src/retrieval.py), R@1/5/10 and median rank in both directions, clip

@@ -1,4 +1,4 @@
-"""CAV-MAE against SPEC.md section 2 and the authors' state-dict layout (tests/models/upstream_keys).
+"""CAV-MAE against docs/models.md#cav-mae and the authors' state-dict layout (tests/models/upstream_keys).
 
 The real-size model (191 M parameters) is built once for this module; everything else runs on a
 tiny CAV-MAE. The module runs torch on one thread: on a shared 2-core machine OpenMP's second

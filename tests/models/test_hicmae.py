@@ -1,4 +1,4 @@
-"""HiCMAE against SPEC.md section 1 and the authors' state-dict layout (tests/models/upstream_keys)."""
+"""HiCMAE against docs/models.md#hicmae and the authors' state-dict layout (tests/models/upstream_keys)."""
 from __future__ import annotations
 
 import math
@@ -15,7 +15,7 @@ from hicmae_dist.models.blocks import Attention, CrossAttention, DropPath, sinus
 from hicmae_dist.models.targets import IMAGENET_MEAN, IMAGENET_STD, audio_target, video_target
 from tests.models.upstream import read_key_file
 
-SIZES = {  # width, heads (and decoder width / heads for pretraining), SPEC.md 1 'Sizes'
+SIZES = {  # width, heads (and decoder width / heads for pretraining), docs/models.md, sizes
     "tiny": dict(width=256, heads=4),
     "small": dict(width=384, heads=6, decoder_width=192, decoder_heads=3),
     "base": dict(width=512, heads=8, decoder_width=384, decoder_heads=6),

@@ -1,4 +1,4 @@
-"""CAV-MAE (SPEC.md section 2): modality-specific blocks, shared blocks, a joint decoder.
+"""CAV-MAE (docs/models.md#cav-mae): modality-specific blocks, shared blocks, a joint decoder.
 
 config.py holds the family's model section (hicmae_dist.config imports it by name, so this
 package's __init__ imports nothing), model.py the model classes, upstream.py the authors' key

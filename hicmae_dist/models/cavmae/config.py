@@ -1,4 +1,4 @@
-"""CAV-MAE's model section (SPEC.md section 2; the preset cavmae-base-vox2 holds its values:
+"""CAV-MAE's model section (docs/models.md#cav-mae; the preset cavmae-base-vox2 holds its values:
 num_frames 1, image_size 224, audio_frames 1024, decoder_* the joint decoder). Imports nothing
 from hicmae_dist but hicmae_dist.config."""
 from __future__ import annotations

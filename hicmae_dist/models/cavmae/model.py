@@ -1,4 +1,4 @@
-"""CAV-MAE (Gong et al., ICLR 2023), SPEC.md section 2.
+"""CAV-MAE (Gong et al., ICLR 2023), docs/models.md#cav-mae.
 
     audio (B, 1, 1024, 128) -> (B, 1, 128, 1024) -> audio_encoder: 11 blocks on the visible patches -+
     video (B, 3, 224, 224)  -> video_encoder: 11 blocks on the visible patches ----------------------+

@@ -1,4 +1,4 @@
-"""HiCMAE (SPEC.md section 1): per-modality encoders, cross-attention fusion, hierarchical
+"""HiCMAE (docs/models.md#hicmae): per-modality encoders, cross-attention fusion, hierarchical
 decoders.
 
 config.py holds the family's model section (hicmae_dist.config imports it by name, so this

@@ -1,4 +1,4 @@
-"""HiCMAE's model section (SPEC.md section 1; defaults are HiCMAE-S). Imports nothing from
+"""HiCMAE's model section (docs/models.md#hicmae; defaults are HiCMAE-S). Imports nothing from
 hicmae_dist but hicmae_dist.config."""
 from __future__ import annotations
 

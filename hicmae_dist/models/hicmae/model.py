@@ -1,4 +1,4 @@
-"""HiCMAE (Sun et al., Information Fusion 2024), SPEC.md section 1.
+"""HiCMAE (Sun et al., Information Fusion 2024), docs/models.md#hicmae.
 
     video (B, 3, 16, 160, 160) -> video_encoder (visible tubelets) -+-> fusion -> video_decoder -> masked
     audio (B, 1, 256, 128)     -> audio_encoder (visible patches)  -+-> fusion -> audio_decoder -> masked
@@ -115,7 +115,8 @@ class FusionEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """One modality's decoder with hierarchical skip connections (SPEC.md 1, steps 5 to 7).
+    """One modality's decoder with hierarchical skip connections (docs/models.md, HiCMAE
+    pretraining forward, steps 5 to 7).
 
     Block 1 is plain; block k >= 2 is a CSBlock that cross-attends to the (k-1)-th deepest
     intermediate encoder feature. Predicts the masked tokens only.
@@ -301,7 +302,7 @@ class HiCMAEFinetune(nn.Module):
         return [groups[k] for k in sorted(groups)]
 
     def layer_id(self, name: str) -> int:
-        """Layer-decay depth of a parameter (SPEC.md 1, fine-tuning recipe): 0 for the patch
+        """Layer-decay depth of a parameter (docs/models.md, HiCMAE fine-tuning recipe): 0 for the patch
         embeddings, encoder block i -> i + 1 (the encoders share ids), fusion block j ->
         encoder_depth + j + 1, everything else on top."""
         parts = name.split(".")

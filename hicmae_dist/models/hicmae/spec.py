@@ -47,5 +47,5 @@ SPEC = ModelSpec(
     input_shapes=_input_shapes,
     activation_token_widths=_activation_token_widths,
     sizes={"hicmae-t": "hicmae-t-vox2", "hicmae-s": "hicmae-s-vox2", "hicmae-b": "hicmae-b-vox2"},
-    paper_finetune_gmacs={"hicmae-t": 13.8, "hicmae-s": 27.6, "hicmae-b": 46.1},  # SPEC.md 1, 'Sizes'
+    paper_finetune_gmacs={"hicmae-t": 13.8, "hicmae-s": 27.6, "hicmae-b": 46.1},  # docs/models.md, sizes
 )

@@ -1,4 +1,4 @@
-"""Fine-tuning and its evaluation protocol (SPEC.md 1 'Fine-tuning model', SPEC.md 2 'Fine-tune'),
+"""Fine-tuning and its evaluation protocol (docs/models.md, HiCMAE fine-tuning model and CAV-MAE fine-tuning),
 one module per concern:
 
     task.py       the task (dataset preset or finetune.*), the model and its optimiser groups,
