@@ -2,49 +2,13 @@
 format, with k-fold split files and the spec's fine-tuning sampling (docs/models.md, HiCMAE
 fine-tuning recipe and CAV-MAE fine-tuning).
 
-Annotation file: one clip per line, space separated, no header, as the HiCMAE release reads them
-(pandas, delimiter ' '):
+    /data/mafw/frames/00025 /data/mafw/audio/00025.wav 5        (frame_dir wav_path label...)
 
-    /data/mafw/frames/00025 /data/mafw/audio/00025.wav 5
-    /data/werewolf/frames/a12 /data/werewolf/audio/a12.wav 0.31 -0.12 0.55     (regression)
-
-frame_dir holds the clip's face frames (*.jpg, *.jpeg or *.png, in name order); wav_path a 16 kHz
-wav (int16 PCM is read directly; anything else through torchcodec, resampled to 16 kHz, mono).
-Relative paths are taken from `root` (default: the annotation file's directory). Labels are ints
-(classification) unless regression=True or a label is not an integer (then float32 vectors).
-
-Multi-label sets list every class of a clip: `frame_dir wav_path 0 7 12` (DownstreamDataset
-with multi_hot=K returns them as a (K,) multi-hot vector).
-
-The CAV-MAE release's JSON datafiles are read too (read_release_json): {"data": [{"video_id",
-"wav", "video_path", "labels": "/m/09x0r,/m/05zppz"}]}, the label ids mapped to 0..K-1 by
-class_labels_indices.csv (columns index,mid,display_name); a clip's 10 frames are
-video_path/frame_{i}/{video_id}.jpg, i = 0..9 (the release's extract_video_frame.py).
-
-Split files: <split_root>/split01/{train,val,test}.csv ... one directory per fold (.json: the
-release's datafiles, with the csv in the split directory, in split_root, or finetune.label_csv). The release
-has train and test only and picks the best epoch on test; here val is a separate subject group
-(make_folds), so model selection never sees the test fold.
-
-Sampling, HiCMAE (16 frames at frame_stride 4, image_size S, VideoMAE's fine-tuning code):
-  train  a random 64-frame span, 16 indices linspace'd over it (clips of <= 64 frames: spread
-         over the clip and padded with the last frame); RandomResizedCrop to S (scale
-         crop_scale, default (0.08, 1), ratio (3/4, 4/3)) and a horizontal flip with p 0.5. (RandAugment and random
-         erasing of the release are not applied; mixup / cutmix belong to the trainer.)
-  val    the centre span, short side resized to S, centre crop (deterministic).
-  test   test_num_segment temporal chunks x test_num_crop spatial crops: every frame_stride-th
-         frame, chunk c starts at int(c * (n - 16) / (segments - 1)); short side resized to S,
-         crop k starts at int(k * (long - S) / (crops - 1)) along the long side. Returned
-         stacked: video (V, 3, 16, S, S), audio (V, 1, 256, 128), V = segments * crops; average
-         the softmax over V.
-  audio  the 2.56 s (256 fbank frames) from the time of the first sampled frame (frame i of n
-         is at i / n of the wav), HiCMAE's fbank and normalisation, zero-padded.
-CAV-MAE (one 224 frame, 1024-frame fbank): train a random one of the 10 frames at
-int(i * n / 10) (first 10 s at `fps`), val the middle frame, test all 10 (V = 10); the frame's
-short side resized to 224 bicubic and centre-cropped; audio the fbank of the first 10.24 s,
-normalised (x + 5.081) / 4.4849, with the U*U/10 noise and time roll in training.
-Frames larger than twice what is needed are decoded at 1/2, 1/4 or 1/8 scale (JPEG draft mode).
-All randomness comes from (seed, epoch, index): call set_epoch(e) each epoch.
+Also the CAV-MAE release's JSON datafiles (read_release_json) and multi-label lines. Split files:
+<split_root>/split01/{train,val,test}.csv ..., one directory per fold; validation is a separate
+subject group (make_folds), never the test fold. Train / val / test sampling for each family
+(frames, crops, views, audio window); all randomness from (seed, epoch, index): call
+set_epoch(e) each epoch. The formats and the sampling: docs/data.md, "Fine-tuning data".
 """
 from __future__ import annotations
 

@@ -1,47 +1,12 @@
 """VoxCeleb2-layout clips -> tar shards for pretraining, decoded once.
 
-Source layout (VoxCeleb2's): <split>/mp4/<speaker>/<video>/<clip>.mp4, with the audio in
-<split>/aac/<speaker>/<video>/<clip>.m4a, or a <clip>.wav beside the mp4, or else the mp4's own
-audio track. An optional labels.csv (key,...,label) at the source root gives each clip a label.
-
-Stored form. One sample per clip, key "<speaker>/<video>/<clip>":
-    {key}.jpgs   the kept frames as JPEGs (quality 90 by default), concatenated (sizes in the json)
-    {key}.pcm    the whole clip's audio, 16 kHz mono, little-endian int16 (audio form "wave")
-    {key}.fbank  or (audio form "fbank") its log-mel fbank, (frames, 128) little-endian float16
-    {key}.json   key, speaker, video, clip, label (-1 if unknown), fps, frames ("stride" | "ten"),
-                 frame_stride, frame_indices (source frame of each kept frame), num_frames (kept),
-                 source_frames, image_size, frame_bytes, sample_rate, num_samples, audio_form,
-                 mel_bins (fbank form)
-Two frame choices (`frames`), one image choice (`image_size`):
-    stride (default)  every 4th frame: HiCMAE's 16 frames at stride 4 are any 16 kept frames in a
-                      row, so the loader decodes exactly the 16 JPEGs it uses. (Window starts are
-                      quantised to 4 source frames, 160 ms; the audio window follows the frames.)
-    ten               CAV-MAE's 10 frames, int(i * n / 10) of the first 10 s (see
-                      video.cavmae_frame_indices): all its loader ever picks from.
-    image_size 160    the spec's face crop (rows 0:160, columns 32:192 of the 224 track); 192 the
-                      192 crop; 224 (--full-frame) the whole frame: CAV-MAE's input (its resize +
-                      centre crop is the identity on 224 tracks), and HiCMAE can still use it
-                      (the loader cuts the face crop, decoding ~2x the pixels).
-Why this form: the loader's cost per clip is the work it must do per sample. H.264 would need
-every frame from the last keyframe decoded (~35 ms of CPU per 2.56 s window here); JPEGs of
-the kept frames decode independently (~0.2 ms per 160 px frame) and only the used ones are
-decoded. Raw uint8 frames would save that ~3 ms but cost 77 kB per 160 px frame (4.2 TB for
-VoxCeleb2 dev at stride 4) against ~5-7 kB as JPEG. Audio: int16 PCM by default (any window,
-every augmentation, both models' features from the same bytes; 32 kB/s, ~40% of a stride-4
-160 px sample), or with --audio-form fbank the clip's float16 log-mel (25.6 kB/s), which saves
-the loader the fbank; docs/data.md says what that form changes.
-Bytes: the manifest states bytes per clip, bytes per second of audio and an estimate for the full
-VoxCeleb2 dev set (1,091,581 clips, ~2,360 h); a stride-4 160 px sample is ~75 kB per second
-of clip (synthetic frames, which are noisier than faces: real ones compress better).
-
-out_dir gets shard-%06d.tar and beside each shard-%06d.json, its index (keys, byte
-boundaries of each sample for the loader's seeks, totals, the clips skipped while it was filled),
-then manifest.json. A shard is written as shard-%06d.tar.tmp, fsynced, indexed, and renamed
-only once complete, so a killed run (even SIGKILL) never leaves a partial shard under a final
-name. Running again on the same out_dir resumes: clips already in a complete shard, or skipped
-while one was filled, are not redone; leftovers (.tmp files, orphan indexes) are removed.
-Clips are written in a seeded shuffled order (shuffle_seed), so every shard mixes speakers and
-the loader's shuffle buffer sees a varied stream.
+Source: <split>/mp4/<speaker>/<video>/<clip>.mp4 with the audio in <split>/aac/.../<clip>.m4a, a
+<clip>.wav beside the mp4, or the mp4's own track; an optional labels.csv at the root. One sample
+per clip: {key}.jpgs (the kept frames as JPEGs: every 4th frame, or CAV-MAE's ten), {key}.pcm or
+{key}.fbank (the audio form), {key}.json (the metadata). Each shard is written as a .tmp, fsynced,
+indexed (shard-NNNNNN.json: the samples' byte ranges for the loader's seeks) and renamed when
+complete; manifest.json last. A rerun on the same out_dir resumes. Bad clips are skipped and
+listed. The format, the frame and image choices and why JPEG: docs/data.md, "The shards".
 """
 from __future__ import annotations
 
