@@ -1,32 +1,10 @@
 """`hicmae-dist doctor`: one command that proves a machine.
 
-It records the versions (Python, torch, CUDA runtime, driver, NCCL, cuDNN, Triton, DeepSpeed,
-xformers) and the GPUs, then runs every check this machine can run:
-
-  attention        each backend (triton, sdpa, xformers) over the models' attention calls
-                   (kernels/shapes.py at batch SHAPE_BATCH: dense, the same with a key padding
-                   mask, the packed varlen fusion streams), forward and backward, against the
-                   fp64 reference with flash-attention's rule: error <= 2x (output) / 3x
-                   (gradients) that of the same-precision PyTorch maths (ops.attention_plain),
-                   plus a floor at fp32 rounding. bf16 on CUDA (as the models train), fp32 on CPU.
-  info_nce.local   each backend (triton, torch) at the models' contrastive losses (fp32 features,
-                   as the models pass them), loss and gradients, the same rule (plain: fp32
-                   full logits, info_nce_reference).
-  info_nce.global  4 ranks' global negatives, the process group simulated in one process (the real
-                   NCCL all-gather runs in `zero`), against the loss over the whole batch: the same
-                   rule.
-  csrc             hicmae_dist._C at the models' token-op calls: the CPU kernels bit-identical to
-                   the PyTorch maths; the CUDA kernels within the 2x / 3x rule of the CPU ones.
-  train.*          optimizer steps on random clips: CPU a tiny model in fp32 (the loss falls);
-                   CUDA HiCMAE-B and CAV-MAE, 10 bf16-autocast steps per attention backend
-                   against a 10-step fp32 run (step time, clips/s, MFU, peak memory).
-  zero             DeepSpeed ZeRO-2 and ZeRO-3 over 2 NCCL ranks equal to 1 rank, fp32, with global
-                   negatives (2+ GPUs).
-  bench-kernels    `hicmae-dist bench kernels --quick` in a child process (CUDA).
-  jpeg_decode      data.decode_on cuda: nvJPEG against the CPU decoder on the same JPEG frames, raw
-                   and through to_device (face crop, crop box, resize, normalise), in grey levels:
-                   mean |difference| <= JPEG_MEAN_TOL, max <= JPEG_MAX_TOL (decoders may differ
-                   in their IDCT and chroma upsampling; a wrong colour order or frame does not pass).
+It records the versions and the GPUs, then runs every check this machine can run: attention and
+info_nce backends against their references (flash-attention's 2x / 3x error rule), the native
+kernels (csrc), optimizer steps per attention backend (train.*), ZeRO-2/3 over 2 NCCL ranks
+(zero), `bench kernels --quick` and nvJPEG against the CPU decoder (jpeg_decode). What each check
+does and its tolerances: docs/gpu-reports/README.md, "The checks".
 
 Each check gives one record: name, backend, device ("cpu": runs everywhere; "cuda": needs a GPU),
 status ("pass" | "fail" | "error": it raised | "not run": reason says why), reason, summary,
