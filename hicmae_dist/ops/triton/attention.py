@@ -1,11 +1,10 @@
 """Flash attention in Triton: forward and backward, dense and packed varlen, non-causal.
 
-The algorithm is FlashAttention-2's: the forward streams key/value tiles through an online
-softmax (running row max and row sum, exp2 with the scale folded into log2(e)), never holds the
-Nq x Nk score matrix, and saves the per-row log-sum-exp; the backward recomputes the
-probabilities tile by tile from that log-sum-exp, in three kernels: `delta = rowsum(dO * O)`,
-then dK/dV (one program per key tile, looping over the query tiles) and dQ (one program per
-query tile, looping over the key tiles). No atomics: the result is deterministic.
+FlashAttention-2: an online softmax over key/value tiles in the forward (the per-row
+log-sum-exp saved, in log2 units), the probabilities recomputed tile by tile in three backward
+kernels (delta, dK/dV, dQ); no atomics, deterministic. The algorithm, the lse convention, the
+interpreter's upcasting, tf32 and the fixed block-size table (CONFIGS, no autotuning):
+docs/design.md, "The Triton attention kernel".
 
 Layouts (last dimension contiguous; other strides are passed to the kernels, so the
 (B, N, H, D) -> (B, H, N, D) transpose the models make costs no copy):
@@ -17,19 +16,6 @@ Layouts (last dimension contiguous; other strides are passed to the kernels, so 
 Dtypes: float16, bfloat16, float32 (all three tensors the same), fp32 accumulation; head dim
 32, 64 or 128. A query row with no valid key (all keys padded, or an empty key segment) gets
 output 0 and zero gradients, as torch's scaled_dot_product_attention does on CPU.
-
-Internals worth knowing:
-  - The saved lse is in log2 units, scaled: lse2 = log2(sum_j exp2(s_ij * scale * log2(e))).
-    A row without any valid key stores +inf, so the backward's exp2(s - lse2) is 0 there.
-  - Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) the kernels upcast every
-    loaded value to fp32 (the interpreter's bf16 arithmetic is wrong) but still round the
-    probabilities and dS to the input dtype before the second matmul, as the GPU does.
-  - float32 inputs use tf32 tensor cores unless torch asks for full fp32 matmuls
-    (torch.get_float32_matmul_precision() == "highest", torch's default), then "ieee".
-  - Block sizes, warps and stages come from `CONFIGS` (per GPU family, kernel, head dim,
-    16-bit vs fp32 inputs), not from autotuning: varlen batches change max_seqlen every step
-    and autotuning on every new value would stall training. The AOT tests compile every entry
-    for sm_90 and sm_80 and check registers, spills and shared memory.
 
 torch.library ops: `hicmae_dist::flash_attn_fwd` and `hicmae_dist::flash_attn_bwd`, with fake
 (meta) implementations and the autograd formula registered, so the op works under
