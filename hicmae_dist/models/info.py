@@ -71,7 +71,7 @@ def info_report(name: str, finetune: bool = False, num_classes: int | None = Non
         parts = macs(cfg, kind, num_classes)
         total = sum(parts.values())
         spec = SPEC_FINETUNE_GMACS.get(name) if kind == "finetune" else None
-        note = f"   (SPEC.md: about {spec} G)" if spec else ""
+        note = f"   (the paper: about {spec} G)" if spec else ""
         lines.append(f"  {label}: {_g(total)}  = {total}{note}")
         lines += [f"    {k:<{width}}  {_g(v):>10}" for k, v in parts.items() if v]
     return "\n".join(lines)
