@@ -451,9 +451,8 @@ def _decode_one(reader, ref: tuple[int, int], m: ModelConfig, rng: random.Random
     if cav:
         audio.cavmae_audio_into(out_a, sample, meta, form, gain=False, noise_roll=True, rng=rng, generator=gen)
     else:
-        per_stored = meta["frame_stride"] / meta["fps"] * audio.SAMPLE_RATE  # samples per stored frame
-        audio.hicmae_audio_into(out_a, sample, meta, form, round(start * per_stored),
-                                round(m.num_frames * per_stored), gain=True, roll=False, rng=rng)
+        audio.hicmae_audio_into(out_a, sample, meta, form, *audio.window_samples(meta, start, m.num_frames),
+                                gain=True, roll=False, rng=rng)
     ticks.append(time.process_time())
     if cav:
         mae_random_mask((m.image_size // m.patch) ** 2, m.video_mask_ratio, gen)

@@ -176,6 +176,13 @@ def to_fbank16(log_mel: torch.Tensor) -> bytes:
     return log_mel.numpy().astype(FBANK_DTYPE).tobytes()
 
 
+def window_samples(meta: dict, start: int, num_frames: int) -> tuple[int, int]:
+    """(first sample, length) of the audio under num_frames stored frames from stored frame
+    `start` (stored frame i is source frame i * frame_stride): 40,960 samples, 2.56 s, for 16."""
+    seconds_per_stored = meta["frame_stride"] / meta["fps"]
+    return (round(start * seconds_per_stored * SAMPLE_RATE), round(num_frames * seconds_per_stored * SAMPLE_RATE))
+
+
 def hicmae_audio_into(out: torch.Tensor, sample: dict, meta: dict, form: str, first: int, length: int, *,
                       gain: bool, roll: bool, rng: random.Random) -> torch.Tensor:
     """HiCMAE's audio (docs/models.md, HiCMAE inputs) into out (256, bins): the normalised fbank of the clip's samples

@@ -492,10 +492,7 @@ class PretrainStream(IterableDataset):
             into = video.frames_into if self.video_out == "float" else video.frames_u8_into
             into(batch["video"][t], frames, box, face)
 
-        # The audio under those frames: stored frame i is source frame i * frame_stride.
-        seconds_per_stored = meta["frame_stride"] / meta["fps"]
-        first = round(start * seconds_per_stored * audio.SAMPLE_RATE)
-        length = round(m.num_frames * seconds_per_stored * audio.SAMPLE_RATE)  # 40960 = 2.56 s
+        first, length = audio.window_samples(meta, start, m.num_frames)  # the audio under those frames
         audio.hicmae_audio_into(batch["audio"][t, 0], sample, meta, d.audio_form, first, length,
                                 gain=d.gain_augment, roll=d.roll_augment, rng=rng)
 
