@@ -166,14 +166,14 @@ def _add_bench_data(what: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
-    from kernels.harness import run, shell_command
+    from hicmae_dist.bench.kernels.harness import run, shell_command
 
     return run(args, tuple(args.ops), shell_command("hicmae-dist", sys.argv[1:]))
 
 
 def _add_bench_kernels(what: argparse._SubParsersAction) -> None:
     """`bench kernels`: the kernel microbenchmarks of kernels/."""
-    from kernels.harness import add_arguments
+    from hicmae_dist.bench.kernels.harness import add_arguments
 
     k = what.add_parser("kernels", help="kernel microbenchmarks: attention backends, info_nce memory, token ops, "
                                         "patch_norm, the sm_90 compile report with an H100 roofline",
@@ -785,8 +785,39 @@ def cmd_ckpt_universal(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_text() -> str:
+    """`--version`: the package, and what its native extension was built with (a plain
+    `pip install .` may build it without CUDA kernels: this is where a user sees it)."""
+    import platform
+
+    import torch
+
+    from hicmae_dist import __version__
+    from hicmae_dist.ops import gather
+
+    if not gather.native_available():
+        native = f"hicmae_dist._C not built ({gather._NATIVE_ERROR}): PyTorch fallbacks"
+    else:
+        native = f"hicmae_dist._C with {'CPU + CUDA' if gather.native_built_with_cuda() else 'CPU'} kernels"
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    return f"hicmae-dist {__version__}: {native}; torch {torch.__version__} ({cuda}); Python {platform.python_version()}"
+
+
+class _VersionAction(argparse.Action):
+    """Like argparse's "version", but the text (which imports torch) is made only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hicmae-dist", description=__doc__, epilog=EXIT_STATUS_HELP)
+    p.add_argument("--version", action=_VersionAction,
+                   help="print the version and the native extension's build (CPU or CUDA kernels), then exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true", help="print the traceback of every error (a user error "
                                                         "is one line without it)")

@@ -195,8 +195,8 @@ def _preset_config(name: str):
 def _attention_cases(device: torch.device, dtype: torch.dtype):
     """(name, q, k, v, attention kwargs) for each of the models' attention calls (the kernel
     benchmark's model cases and inputs), and each dense call again with a key padding mask."""
-    from kernels import attention as bench
-    from kernels import harness
+    from hicmae_dist.bench.kernels import attention as bench
+    from hicmae_dist.bench.kernels import harness
 
     s = harness.Settings(device=device, dtype=dtype, quick=True, warmup=0, repeats=1, min_time=0.0, mem_limit=0,
                          threads=torch.get_num_threads(),
@@ -351,7 +351,7 @@ def _token_op_cases(dtype: torch.dtype):
     SHAPE_BATCH, CPU tensors of `dtype` (indices: a random split of the tokens per sample)."""
     from hicmae_dist.ops.gather import gather_visible_reference
     from hicmae_dist.ops.tokens import assemble_decoder_tokens_reference, patch_norm_reference
-    from kernels.shapes import model_calls
+    from hicmae_dist.bench.kernels.shapes import model_calls
 
     g = torch.Generator().manual_seed(0)
     B = SHAPE_BATCH
@@ -396,7 +396,7 @@ def _run_op(fn: Callable, inputs: tuple, grads: tuple[bool, ...], dtype: torch.d
 
 
 def _native_error() -> str | None:
-    from kernels.tokens import _native_error as why
+    from hicmae_dist.bench.kernels.tokens import _native_error as why
 
     return why()
 
@@ -699,11 +699,11 @@ def check_zero(preset: str = "hicmae-b-vox2") -> Result:
 # bench kernels --quick
 # ----------------------------------------------------------------------------------------------
 def check_bench_kernels(out: Path) -> Result:
-    import kernels
+    import hicmae_dist
 
-    root = Path(kernels.__file__).resolve().parents[1]
+    root = Path(hicmae_dist.__file__).resolve().parents[1]  # importable uninstalled too (a bare checkout)
     bench_out = out / "kernel-bench"
-    cmd = [sys.executable, "-m", "kernels", "--quick", "--out", str(bench_out)]
+    cmd = [sys.executable, "-m", "hicmae_dist.bench.kernels", "--quick", "--out", str(bench_out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
     (out / "kernel-bench.log").write_text(proc.stdout + proc.stderr)

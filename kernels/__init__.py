@@ -1,11 +1,6 @@
-"""Kernel microbenchmarks: one module per op on a shared harness (kernels/harness.py), timed and
-reported by hicmae_dist.bench (timing, report).
+"""The kernel microbenchmarks' entry points in a checkout: `python -m kernels[.<op>]`.
 
-    python -m kernels [--quick] [--out DIR]        every op (also `hicmae-dist bench kernels`)
-    python -m kernels.attention                    attention backends: model shapes, anchor grid
-    python -m kernels.info_nce                     blockwise vs naive contrastive loss: memory
-    python -m kernels.tokens                       token gather and decoder re-assembly
-    python -m kernels.patch_norm                   target normalisation
-    python -m kernels.static                       sm_90 compile report and H100 roofline
-See kernels/README.md for how to read the results.
+The benchmark code lives in hicmae_dist/bench/kernels (installed with the package, used by
+`hicmae-dist bench kernels` and `doctor`); this folder is not installed, so the name `kernels`
+stays free for other packages. See kernels/README.md.
 """

@@ -1,4 +1,4 @@
 """`python -m kernels`: every benchmark (the same as `hicmae-dist bench kernels`)."""
-from kernels.harness import main
+from hicmae_dist.bench.kernels.harness import main
 
-raise SystemExit(main())
+raise SystemExit(main(prog="python -m kernels"))

@@ -17,8 +17,8 @@ import torch
 from hicmae_dist.bench import report
 from hicmae_dist.ops import gather as ops_gather
 from hicmae_dist.ops import triton as triton_pkg
-from kernels import attention as kattn
-from kernels import harness
+from hicmae_dist.bench.kernels import attention as kattn
+from hicmae_dist.bench.kernels import harness
 from tests.support import require
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ log, and its metadata only gets them from a GPU driver), the compiled metadata g
 memory, and the PTX tells whether wgmma (sm_90 tensor-core MMA) is used. One record per job.
 
 Used by tests/ops/triton_aot (every shipped config for sm_90 / sm_80 / sm_86, with checks) and
-by kernels/static.py (the sm_90 rows of the benchmark report). Compile in a process where the
+by bench/kernels/static.py (the sm_90 rows of the benchmark report). Compile in a process where the
 Triton interpreter is off: TRITON_INTERPRET is read once, when Triton is imported.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ hicmae_dist.ops.triton.aot compiles each (kernel, config, head dim, dtype, arch)
 registers and spills (ptxas -v), shared memory and wgmma use. Checks: everything compiles, with
 no register spills and shared memory within the per-block limit of its arch; on sm_90, wgmma in
 the PTX of the fp16 / bf16 forward. The records go to $HICMAE_KERNEL_REPORT or
-build/kernel_report.json (and its .txt table), which the benchmarks (kernels/static.py) reuse.
+build/kernel_report.json (and its .txt table), which the benchmarks (hicmae_dist/bench/kernels/static.py) reuse.
 """
 from __future__ import annotations
 

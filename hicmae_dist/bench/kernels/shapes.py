@@ -94,7 +94,7 @@ def _recorders(calls, blocks, cavmae, hicmae, targets, width, head_dim):
     def attention(_real):
         def stub(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, key_padding_mask=None, **_):
             if key_padding_mask is not None:
-                raise RuntimeError("the models pass no key padding mask; teach kernels/shapes.py about it")
+                raise RuntimeError("the models pass no key padding mask; teach bench/kernels/shapes.py about it")
             if cu_seqlens_q is None:
                 rec = (("op", "attention"), ("layout", "dense"), ("heads", q.shape[1]),
                        ("head_dim", head_dim[q.shape[-1]]), ("seqlens_q", (q.shape[2],)),

@@ -46,7 +46,7 @@ log = logging.getLogger("kernels")
 SCHEMA = "hicmae-dist/kernel-bench/1"
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 STATUSES = ("ok", "oom", "unavailable", "error")
-OPS = ("attention", "info_nce", "tokens", "patch_norm", "static")  # modules kernels.<op>
+OPS = ("attention", "info_nce", "tokens", "patch_norm", "static")  # modules hicmae_dist.bench.kernels.<op>
 DEFAULT_OUT = Path("build") / "kernel-bench"
 
 
@@ -176,7 +176,7 @@ def _context():
     global _mp
     if _mp is None:
         _mp = multiprocessing.get_context("forkserver")
-        _mp.set_forkserver_preload(["torch", "hicmae_dist.ops", "kernels.harness"])
+        _mp.set_forkserver_preload(["torch", "hicmae_dist.ops", "hicmae_dist.bench.kernels.harness"])
     return _mp
 
 
@@ -216,16 +216,16 @@ def run_isolated(module: str, func: str, kwargs: dict, s: Settings) -> tuple[str
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: `python -m kernels[.<op>]` and `hicmae-dist bench kernels`
+# Command line: `python -m hicmae_dist.bench.kernels[.<op>]` and `hicmae-dist bench kernels`
 # ----------------------------------------------------------------------------------------------
 def op_module(name: str):
-    return importlib.import_module(f"kernels.{name}")
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 def add_arguments(p: argparse.ArgumentParser, ops: tuple[str, ...] = OPS) -> None:
     """The common options, then each op module's own (`add_arguments(parser)`)."""
     from hicmae_dist.models.info import MODELS
-    from kernels.shapes import QUICK_MODELS
+    from hicmae_dist.bench.kernels.shapes import QUICK_MODELS
 
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, few repeats: the whole run in a couple of minutes on a CPU")
@@ -336,17 +336,18 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
     return files
 
 
-def main(argv: list[str] | None = None, ops: tuple[str, ...] = OPS) -> int:
-    """`python -m kernels` (all ops) and `python -m kernels.<op>` (one)."""
+def main(argv: list[str] | None = None, ops: tuple[str, ...] = OPS, prog: str | None = None) -> int:
+    """`python -m hicmae_dist.bench.kernels[.<op>]`, and the checkout's `python -m kernels[.<op>]`
+    (which passes its own `prog`): every op, or one."""
     argv = sys.argv[1:] if argv is None else argv
-    name = "kernels" if len(ops) > 1 else f"kernels.{ops[0]}"
+    prog = prog or f"python -m {__package__}" + ("" if len(ops) > 1 else f".{ops[0]}")
     doc = op_module(ops[0]).__doc__ if len(ops) == 1 else __doc__
-    p = argparse.ArgumentParser(prog=f"python -m {name}", description=doc,
+    p = argparse.ArgumentParser(prog=prog, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, ops)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args, ops, shell_command(f"python -m {name}", argv))
+    return run(args, ops, shell_command(prog, argv))
 
 
 def shell_command(program: str, argv: list[str]) -> str:
