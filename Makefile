@@ -16,7 +16,7 @@ DEMO_DIR ?= runs/demo
 DEMO_CLIPS ?= 256
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-finetune test clean
+.PHONY: setup demo demo-finetune lint test install-check clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
@@ -52,10 +52,19 @@ demo-finetune: setup $(DEMO_DIR)/downstream/splits/split03/test.csv
 	  --pretrained $(DEMO_DIR)/run --run-dir $(DEMO_DIR)/finetune finetune.num_outputs=4
 	$(BIN)/hicmae-dist eval retrieval --weights $(DEMO_DIR)/run --annotations $(DEMO_DIR)/downstream/splits/split01/test.csv
 
+# ruff (configured in pyproject.toml): seconds, so it runs before the suite.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 # pytest exits 5 when a selection (PYTEST_ARGS=-k ...) collects nothing: say so, not a failure.
-test: setup
+test: setup lint
 	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected for '$(PYTEST_ARGS)'"; rc=0; fi; exit $$rc
+
+# `pip install .` and `python -m build` outside the Makefile, in a fresh venv (.ci/install-check).
+install-check:
+	bash .ci/install-check
 
 clean:
 	rm -rf build *.egg-info hicmae_dist/_C*.so runs

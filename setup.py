@@ -6,6 +6,7 @@ TORCH_CUDA_ARCH_LIST when it is set); HICMAE_NO_CUDA=1 builds the CPU kernels on
 says which it made. Install with `pip install --no-build-isolation -e .` (the build imports the
 installed torch).
 """
+
 import os
 import shutil
 import sys
@@ -76,18 +77,25 @@ elif _cuda_home is None:
     reason = "no nvcc found (CUDA_HOME, PATH, /usr/local/cuda)"
 
 if reason is None:
-    arch = (f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
-            if os.environ.get("TORCH_CUDA_ARCH_LIST") else "sm_80, sm_90a")
+    arch = (
+        f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+        if os.environ.get("TORCH_CUDA_ARCH_LIST")
+        else "sm_80, sm_90a"
+    )
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         nvcc_flags += ARCH_FLAGS  # explicit -gencode: torch then adds no arch flags of its own
     ext = cpp_extension.CUDAExtension(
-        "hicmae_dist._C", cpu_sources + cuda_sources,
+        "hicmae_dist._C",
+        cpu_sources + cuda_sources,
         include_dirs=_extra_include_dirs(),
         define_macros=[("HICMAE_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
-    built = (f"CPU + CUDA kernels ({', '.join(cpu_sources + cuda_sources)}; {arch}; "
-             f"nvcc from CUDA_HOME={_cuda_home}; torch CUDA {torch.version.cuda})")
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+    built = (
+        f"CPU + CUDA kernels ({', '.join(cpu_sources + cuda_sources)}; {arch}; "
+        f"nvcc from CUDA_HOME={_cuda_home}; torch CUDA {torch.version.cuda})"
+    )
 else:
     ext = cpp_extension.CppExtension("hicmae_dist._C", cpu_sources, extra_compile_args=cxx_flags)
     built = f"CPU kernels only ({', '.join(cpu_sources)}; CUDA kernels skipped: {reason})"

@@ -11,6 +11,7 @@ Decisions every rank must share (skip a step, stop, requeue) go through `agree`:
 (MAX) of a few flags, read back to the host once. A caller makes that call before entering any
 collective that a disagreeing rank would skip.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,9 +19,9 @@ import os
 import re
 import socket
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,7 @@ class DistEnv:
 
 
 # --- the environment, as a pure function ---------------------------------------------------------
+
 
 def expand_hostlist(hostlist: str) -> list[str]:
     """Slurm's compressed host list ("gpu[01-03,07],login1") in order, as `scontrol show hostnames`."""
@@ -101,9 +103,11 @@ def _device(local_rank: int, cuda_count: int, env: Mapping[str, str]) -> str:
         return "cuda:0"
     if local_rank < cuda_count:
         return f"cuda:{local_rank}"
-    raise ValueError(f"local rank {local_rank} but this task sees {cuda_count} GPUs "
-                     f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')}): "
-                     f"give each task one GPU or all of the node's")
+    raise ValueError(
+        f"local rank {local_rank} but this task sees {cuda_count} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')}): "
+        f"give each task one GPU or all of the node's"
+    )
 
 
 def resolve_env(env: Mapping[str, str], cuda_count: int) -> DistEnv:
@@ -132,15 +136,20 @@ def resolve_env(env: Mapping[str, str], cuda_count: int) -> DistEnv:
         rank, world, local, local_world = 0, 1, 0, 1
         addr, port, launcher = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)), "single"
     if not (0 <= rank < world and 0 <= local < max(local_world, 1)):
-        raise ValueError(f"{launcher} environment: rank {rank} / world size {world}, local rank {local} / "
-                         f"{local_world} on the node: not a valid place in a job")
+        raise ValueError(
+            f"{launcher} environment: rank {rank} / world size {world}, local rank {local} / "
+            f"{local_world} on the node: not a valid place in a job"
+        )
     if world > 1 and not 0 < port < 65536:
-        raise ValueError(f"{launcher} environment: {world} ranks need a rendezvous port; MASTER_PORT is "
-                         f"{env.get('MASTER_PORT', '<unset>')}")
+        raise ValueError(
+            f"{launcher} environment: {world} ranks need a rendezvous port; MASTER_PORT is "
+            f"{env.get('MASTER_PORT', '<unset>')}"
+        )
     return DistEnv(rank, local, world, local_world, _device(local, cuda_count, env), addr, port, launcher)
 
 
 # --- the process group ---------------------------------------------------------------------------------
+
 
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket on the address `host` names (not on every interface, as a TCPStore
@@ -152,8 +161,11 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as err:
         sock.close()
-        raise OSError(err.errno, f"rank 0 cannot listen on {address[0]}:{port} (the rendezvous address {host}; "
-                                 f"is rank 0 on that node?): {err.strerror}") from err
+        raise OSError(
+            err.errno,
+            f"rank 0 cannot listen on {address[0]}:{port} (the rendezvous address {host}; "
+            f"is rank 0 on that node?): {err.strerror}",
+        ) from err
     sock.listen(1024)
     return sock
 
@@ -164,10 +176,16 @@ def _rendezvous_store(env: DistEnv) -> dist.Store:
     if env.rank != 0:
         return dist.TCPStore(env.master_addr, env.master_port, env.world_size, False, timeout=timeout)
     sock = _listen(env.master_addr, env.master_port)
-    log.info("rendezvous: rank 0 listens on %s:%d (%s) for %d ranks", sock.getsockname()[0], env.master_port,
-             env.master_addr, env.world_size)
-    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, True, timeout=timeout,
-                         master_listen_fd=sock.detach())
+    log.info(
+        "rendezvous: rank 0 listens on %s:%d (%s) for %d ranks",
+        sock.getsockname()[0],
+        env.master_port,
+        env.master_addr,
+        env.world_size,
+    )
+    return dist.TCPStore(
+        env.master_addr, env.master_port, env.world_size, True, timeout=timeout, master_listen_fd=sock.detach()
+    )
 
 
 def init_distributed() -> DistEnv:
@@ -186,8 +204,13 @@ def init_distributed() -> DistEnv:
         ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-step INFO lines drown the progress bar
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     env = resolve_env(os.environ, cuda)
-    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
-                      LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr)
+    os.environ.update(
+        RANK=str(env.rank),
+        LOCAL_RANK=str(env.local_rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_WORLD_SIZE=str(env.local_world_size),
+        MASTER_ADDR=env.master_addr,
+    )
     if env.local_world_size >= env.world_size:  # one node: its ranks talk over loopback
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
@@ -200,9 +223,18 @@ def init_distributed() -> DistEnv:
             os.environ["MASTER_PORT"] = str(env.master_port)
             store = _rendezvous_store(env) if env.launcher == "slurm" else None  # None: env://
             dist.init_process_group(env.backend, store=store, rank=env.rank, world_size=env.world_size)
-            log.info("process group: rank %d/%d (local %d/%d) on %s, %s, rendezvous %s:%d (%s)", env.rank,
-                     env.world_size, env.local_rank, env.local_world_size, env.device, env.backend,
-                     env.master_addr, env.master_port, env.launcher)
+            log.info(
+                "process group: rank %d/%d (local %d/%d) on %s, %s, rendezvous %s:%d (%s)",
+                env.rank,
+                env.world_size,
+                env.local_rank,
+                env.local_world_size,
+                env.device,
+                env.backend,
+                env.master_addr,
+                env.master_port,
+                env.launcher,
+            )
     deepspeed.init_distributed(dist_backend=env.backend, verbose=False)  # wraps the group made above
     return env
 
@@ -229,11 +261,18 @@ def multi_rank() -> bool:
 
 # --- decisions and small values ----------------------------------------------------------------------
 
+
 def agree(flags: Sequence[torch.Tensor | bool | float], device: torch.device | str = "cpu") -> list[bool]:
     """Each flag true on any rank -> true on every rank. Flags may be device tensors (a
     non-finite check) or host values (a signal); one all-reduce and one host read (a sync)."""
-    t = torch.stack([f.detach().reshape(()).to(device, torch.float32) if torch.is_tensor(f)
-                     else torch.tensor(float(f), device=device) for f in flags])
+    t = torch.stack(
+        [
+            f.detach().reshape(()).to(device, torch.float32)
+            if torch.is_tensor(f)
+            else torch.tensor(float(f), device=device)
+            for f in flags
+        ]
+    )
     if multi_rank():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [v > 0 for v in t.tolist()]
@@ -261,6 +300,7 @@ def barrier() -> None:
 
 # --- the contrastive gather ------------------------------------------------------------------------
 
+
 def _gather_sizes(n: int, device: torch.device, group) -> list[int]:
     _, ws = world(group)
     mine = torch.tensor([n], dtype=torch.int64, device=device)
@@ -286,7 +326,7 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.start:ctx.stop], None, None, None
+        return grad[ctx.start : ctx.stop], None, None, None
 
 
 def all_gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:

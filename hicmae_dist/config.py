@@ -13,6 +13,7 @@ Fields declared with added(default) (new since runs were written) count only whe
 An unknown key, a value of the wrong type or out of its range (NaN and inf included), or a preset
 file that is not valid YAML raises ConfigError naming the key or the file (and line).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,29 +86,47 @@ class ModelConfig:
 
     def validate(self) -> None:
         family = model_config_class(self.arch)
-        expect(type(self) is family, "model.arch", f"a {family.__name__} for arch {self.arch!r}",
-               type(self).__name__)
-        for key in ("width", "heads", "decoder_width", "decoder_heads", "num_frames", "image_size", "tubelet",
-                    "patch", "audio_frames", "mel_bins"):
+        expect(type(self) is family, "model.arch", f"a {family.__name__} for arch {self.arch!r}", type(self).__name__)
+        for key in (
+            "width",
+            "heads",
+            "decoder_width",
+            "decoder_heads",
+            "num_frames",
+            "image_size",
+            "tubelet",
+            "patch",
+            "audio_frames",
+            "mel_bins",
+        ):
             expect(getattr(self, key) >= 1, f"model.{key}", ">= 1", getattr(self, key))
         expect(self.mlp_ratio > 0, "model.mlp_ratio", "> 0", self.mlp_ratio)
         expect(0.0 <= self.drop_path < 1.0, "model.drop_path", "in [0, 1)", self.drop_path)
         expect(self.temperature > 0, "model.temperature", "> 0 (it divides the similarities)", self.temperature)
         expect(self.contrastive_weight >= 0, "model.contrastive_weight", ">= 0", self.contrastive_weight)
         expect(self.width % self.heads == 0, "model.width", "a multiple of model.heads", self.width)
-        expect(self.decoder_width % self.decoder_heads == 0, "model.decoder_width",
-               "a multiple of model.decoder_heads", self.decoder_width)
-        expect(self.audio_mask_mode in ("random", "time", "freq", "tf"), "model.audio_mask_mode",
-               "one of random, time, freq, tf", self.audio_mask_mode)
-        expect(self.image_size % self.patch == 0, "model.image_size", "a multiple of model.patch",
-               self.image_size)
-        expect(self.audio_frames % self.patch == 0 and self.mel_bins % self.patch == 0,
-               "model.audio_frames", "audio_frames and mel_bins multiples of model.patch",
-               (self.audio_frames, self.mel_bins))
+        expect(
+            self.decoder_width % self.decoder_heads == 0,
+            "model.decoder_width",
+            "a multiple of model.decoder_heads",
+            self.decoder_width,
+        )
+        expect(
+            self.audio_mask_mode in ("random", "time", "freq", "tf"),
+            "model.audio_mask_mode",
+            "one of random, time, freq, tf",
+            self.audio_mask_mode,
+        )
+        expect(self.image_size % self.patch == 0, "model.image_size", "a multiple of model.patch", self.image_size)
+        expect(
+            self.audio_frames % self.patch == 0 and self.mel_bins % self.patch == 0,
+            "model.audio_frames",
+            "audio_frames and mel_bins multiples of model.patch",
+            (self.audio_frames, self.mel_bins),
+        )
         for key in ("video_mask_ratio", "audio_mask_ratio"):  # 0 masks nothing: nothing to reconstruct
             expect(0.0 < getattr(self, key) < 1.0, f"model.{key}", "in (0, 1)", getattr(self, key))
-        expect(self.negatives in ("local", "global"), "model.negatives", "'local' or 'global'",
-               self.negatives)
+        expect(self.negatives in ("local", "global"), "model.negatives", "'local' or 'global'", self.negatives)
         self.validate_family()
 
     def validate_family(self) -> None:
@@ -160,8 +179,7 @@ class DataConfig:
         expect(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
         expect(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
         expect(self.audio_form in ("wave", "fbank"), "data.audio_form", "'wave' or 'fbank'", self.audio_form)
-        expect(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]",
-               self.max_bad_fraction)
+        expect(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", self.max_bad_fraction)
 
 
 @dataclass
@@ -199,24 +217,30 @@ class TrainConfig:
         expect(self.lr_gamma > 0, "train.lr_gamma", "> 0", self.lr_gamma)
         expect(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
         expect(self.eps > 0, "train.eps", "> 0", self.eps)
-        expect(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", "in [0, train.steps]",
-               self.warmup_steps)
+        expect(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", "in [0, train.steps]", self.warmup_steps)
         expect(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3", self.zero_stage)
         expect(self.optimizer in ("adamw", "adam"), "train.optimizer", "'adamw' or 'adam'", self.optimizer)
         expect(self.schedule in ("cosine", "step"), "train.schedule", "'cosine' or 'step'", self.schedule)
-        expect(self.lr_milestones == sorted(self.lr_milestones), "train.lr_milestones", "increasing steps",
-               self.lr_milestones)
+        expect(
+            self.lr_milestones == sorted(self.lr_milestones),
+            "train.lr_milestones",
+            "increasing steps",
+            self.lr_milestones,
+        )
         expect(not (self.bf16 and self.fp16), "train.fp16", "not both train.bf16 and train.fp16", self.fp16)
-        expect(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
-               "two numbers in [0, 1)", self.betas)
+        expect(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            "two numbers in [0, 1)",
+            self.betas,
+        )
         expect(all(m >= 1 for m in self.lr_milestones), "train.lr_milestones", "steps >= 1", self.lr_milestones)
         expect(self.grad_clip >= 0, "train.grad_clip", ">= 0", self.grad_clip)
         expect(self.grad_accum >= 1, "train.grad_accum", ">= 1", self.grad_accum)
         expect(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
         expect(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
         expect(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
-        expect(self.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", ">= 1",
-               self.max_nonfinite_in_a_row)
+        expect(self.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", ">= 1", self.max_nonfinite_in_a_row)
 
 
 @dataclass
@@ -280,36 +304,62 @@ class FinetuneConfig:
     lr_milestone_epochs: list[int] = added(default_factory=list)
 
     def validate(self) -> None:
-        expect(self.task in ("classification", "multilabel", "regression"), "finetune.task",
-               "'classification', 'multilabel' or 'regression'", self.task)
-        expect(self.lr_milestone_epochs == sorted(self.lr_milestone_epochs)
-               and all(0 < e < self.epochs for e in self.lr_milestone_epochs), "finetune.lr_milestone_epochs",
-               "increasing epochs in (0, finetune.epochs)", self.lr_milestone_epochs)
+        expect(
+            self.task in ("classification", "multilabel", "regression"),
+            "finetune.task",
+            "'classification', 'multilabel' or 'regression'",
+            self.task,
+        )
+        expect(
+            self.lr_milestone_epochs == sorted(self.lr_milestone_epochs)
+            and all(0 < e < self.epochs for e in self.lr_milestone_epochs),
+            "finetune.lr_milestone_epochs",
+            "increasing epochs in (0, finetune.epochs)",
+            self.lr_milestone_epochs,
+        )
         expect(self.epochs >= 1, "finetune.epochs", ">= 1", self.epochs)
-        expect(0 <= self.warmup_epochs <= self.epochs, "finetune.warmup_epochs", "in [0, finetune.epochs]",
-               self.warmup_epochs)
+        expect(
+            0 <= self.warmup_epochs <= self.epochs,
+            "finetune.warmup_epochs",
+            "in [0, finetune.epochs]",
+            self.warmup_epochs,
+        )
         expect(self.num_outputs >= 0, "finetune.num_outputs", ">= 0 (0 = from the dataset)", self.num_outputs)
         expect(0.0 < self.layer_decay <= 1.0, "finetune.layer_decay", "in (0, 1]", self.layer_decay)
         expect(self.head_lr_scale > 0, "finetune.head_lr_scale", "> 0", self.head_lr_scale)
         expect(self.mode in ("multimodal", "audio", "video"), "finetune.mode", "multimodal, audio or video", self.mode)
-        expect(self.regression_loss in ("mse", "ccc"), "finetune.regression_loss", "'mse' or 'ccc'",
-               self.regression_loss)
-        expect(self.head_activation in (None, "sigmoid", "tanh", "relu"), "finetune.head_activation",
-               "null, sigmoid, tanh or relu", self.head_activation)
+        expect(
+            self.regression_loss in ("mse", "ccc"), "finetune.regression_loss", "'mse' or 'ccc'", self.regression_loss
+        )
+        expect(
+            self.head_activation in (None, "sigmoid", "tanh", "relu"),
+            "finetune.head_activation",
+            "null, sigmoid, tanh or relu",
+            self.head_activation,
+        )
         for key in ("mixup", "cutmix"):
             expect(getattr(self, key) >= 0, f"finetune.{key}", ">= 0 (0 = off)", getattr(self, key))
         for key in ("mix_prob", "switch_prob", "label_smoothing"):
             expect(0.0 <= getattr(self, key) <= 1.0, f"finetune.{key}", "in [0, 1]", getattr(self, key))
         expect(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", "in (0, 1)", self.val_fraction)
         expect(0.0 < self.crop_scale_min <= 1.0, "finetune.crop_scale_min", "in (0, 1]", self.crop_scale_min)
-        expect(self.test_num_segment >= 1 and self.test_num_crop >= 1, "finetune.test_num_segment",
-               "test_num_segment and test_num_crop >= 1", (self.test_num_segment, self.test_num_crop))
+        expect(
+            self.test_num_segment >= 1 and self.test_num_crop >= 1,
+            "finetune.test_num_segment",
+            "test_num_segment and test_num_crop >= 1",
+            (self.test_num_segment, self.test_num_crop),
+        )
         expect(self.eval_every >= 1, "finetune.eval_every", ">= 1", self.eval_every)
-        expect(len(set(self.eval_modes)) == len(self.eval_modes), "finetune.eval_modes", "no mode twice",
-               self.eval_modes)
+        expect(
+            len(set(self.eval_modes)) == len(self.eval_modes), "finetune.eval_modes", "no mode twice", self.eval_modes
+        )
         wa = self.weight_average
-        expect(not wa or (len(wa) == 2 and 0 <= wa[0] <= wa[1] < self.epochs), "finetune.weight_average",
-               f"[] (off) or [start, end], 0-based epochs, 0 <= start <= end < finetune.epochs ({self.epochs})", wa)
+        expect(
+            not wa or (len(wa) == 2 and 0 <= wa[0] <= wa[1] < self.epochs),
+            "finetune.weight_average",
+            f"[] (off) or [start, end], 0-based epochs, 0 <= start <= end < finetune.epochs ({self.epochs})",
+            wa,
+        )
 
 
 @dataclass
@@ -331,8 +381,12 @@ class ExecutionConfig:
     compile: bool = False  # torch.compile the model inside the engine
 
     def validate(self) -> None:
-        expect(self.attention_backend in ("auto", "sdpa", "reference"), "execution.attention_backend",
-               "one of auto, sdpa, reference", self.attention_backend)
+        expect(
+            self.attention_backend in ("auto", "sdpa", "reference"),
+            "execution.attention_backend",
+            "one of auto, sdpa, reference",
+            self.attention_backend,
+        )
 
 
 @dataclass
@@ -345,12 +399,16 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # hashed for fine-tuning runs only
     execution: ExecutionConfig = field(default_factory=ExecutionConfig, metadata={"hashed": False})
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for name in ("model", "data", "train", "tracking", "finetune", "execution"):
             _check_finite(getattr(self, name), name)  # first: NaN fails every range check below
             getattr(self, name).validate()
-        expect(not self.finetune.lr_milestone_epochs or self.train.schedule == "step", "finetune.lr_milestone_epochs",
-               "train.schedule: step (the milestones are the step schedule's)", self.train.schedule)
+        expect(
+            not self.finetune.lr_milestone_epochs or self.train.schedule == "step",
+            "finetune.lr_milestone_epochs",
+            "train.schedule: step (the milestones are the step schedule's)",
+            self.train.schedule,
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -380,8 +438,11 @@ class Config:
             if not f.metadata.get("hashed", True) or (f.name == "finetune" and not finetune):
                 continue
             value = getattr(self, f.name)
-            d[f.name] = ({g.name: getattr(value, g.name) for g in dataclasses.fields(value)
-                          if _hashed(g, value)} if dataclasses.is_dataclass(value) else value)
+            d[f.name] = (
+                {g.name: getattr(value, g.name) for g in dataclasses.fields(value) if _hashed(g, value)}
+                if dataclasses.is_dataclass(value)
+                else value
+            )
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
@@ -461,8 +522,9 @@ def _pick_model_family(cfg: Config, dotted: str, value: Any, where: str) -> None
     family = model_config_class(arch, f"model.arch ({where})")
     if type(cfg.model) is not family:
         names = {f.name for f in dataclasses.fields(family)} - {"arch"}
-        cfg.model = family(**{f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)
-                              if f.name in names})
+        cfg.model = family(
+            **{f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name in names}
+        )
 
 
 def _set(obj: Any, dotted: str, value: Any, where: str, prefix: str = "") -> None:
@@ -521,11 +583,13 @@ def _load_preset(preset: str | Path, relative_to: Path | None, chain: tuple[Path
     elif relative_to is not None and not path.is_absolute():
         path = relative_to / path
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist" if not path.exists() else
-                          f"config file {path} is not a file")
+        raise ConfigError(
+            f"config file {path} does not exist" if not path.exists() else f"config file {path} is not a file"
+        )
     if path.resolve() in chain:
-        raise ConfigError(f"{path}: presets name each other in a cycle: "
-                          f"{' -> '.join(str(p) for p in (*chain, path.resolve()))}")
+        raise ConfigError(
+            f"{path}: presets name each other in a cycle: {' -> '.join(str(p) for p in (*chain, path.resolve()))}"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -556,8 +620,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 # Keys a saved config (a run's config.yaml, a converted weights file) holds from before they
 # moved to the execution section; a family's own renames are its config class's RENAMED_KEYS.
-_MOVED_TO_EXECUTION = {"model": ("attention_backend", "pack_fusion", "activation_checkpointing"),
-                       "train": ("compile",)}
+_MOVED_TO_EXECUTION = {"model": ("attention_backend", "pack_fusion", "activation_checkpointing"), "train": ("compile",)}
 
 
 def _saved_model_section(d: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ machine, checks, summary, seconds, exit_status) and OUT/doctor.md.
 This module imports torch alone; each check imports what it needs, and a missing package makes
 that check "not run" with the package named.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,11 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from unittest import mock
 
 import torch
@@ -51,8 +53,8 @@ SHAPE_BATCH = 2  # the op checks' batch: errors depend on the sequence shapes, n
 # (gradients) the plain path's, plus a floor of this times (1 + the reference's largest value)
 # so that "2x an error that happens to be ~0" stays meaningful
 FWD_BOUND, BWD_BOUND = 2.0, 3.0
-ATTENTION_FLOORS = (2.0 ** -22, 2.0 ** -18)
-INFO_NCE_FLOORS = (2.0 ** -20, 2.0 ** -16)
+ATTENTION_FLOORS = (2.0**-22, 2.0**-18)
+INFO_NCE_FLOORS = (2.0**-20, 2.0**-16)
 INFO_NCE_NAMES = ("loss", "da", "db")  # the models' temperature is fixed: no gradient to check
 TRAIN_BATCH, TRAIN_STEPS, TRAIN_WARMUP, TRAIN_LR = 8, 10, 2, 1e-4
 # bf16 autocast against fp32 after 10 steps from the same weights on the same clips: the losses
@@ -126,8 +128,12 @@ def error_rule(names: tuple[str, ...], got, ref, plain, floors: tuple[float, flo
             continue
         err, err_plain = _max_err(g, r), _max_err(p, r)
         allowed = bound * err_plain + floor * (1 + (r.abs().max().item() if r.numel() else 0.0))
-        row[name] = {"err": err, "plain_err": err_plain, "ratio": err / err_plain if err_plain else None,
-                     "used": err / allowed}
+        row[name] = {
+            "err": err,
+            "plain_err": err_plain,
+            "ratio": err / err_plain if err_plain else None,
+            "used": err / allowed,
+        }
         if not err <= allowed:  # a NaN fails too
             failures.append(f"{name}: error {err:.3g} > {bound:g} x plain {err_plain:.3g} + floor")
     return row, failures
@@ -139,8 +145,9 @@ def _rule_summary(rows: list[dict], names: tuple[str, ...]) -> tuple[dict, str]:
     for key, part in (("fwd", names[:1]), ("bwd", names[1:])):
         worst[key] = max((r[n]["used"] for r in rows for n in part if n in r), default=None)
     parts = (("fwd", "2x plain"), ("bwd", "gradients, 3x"))
-    text = "the worst error uses " + " and ".join(f"{100 * worst[key]:.0f}% of its bound ({what})"
-                                                   for key, what in parts if worst[key] is not None)
+    text = "the worst error uses " + " and ".join(
+        f"{100 * worst[key]:.0f}% of its bound ({what})" for key, what in parts if worst[key] is not None
+    )
     return {"worst_used_fwd": worst["fwd"], "worst_used_bwd": worst["bwd"]}, text
 
 
@@ -198,9 +205,17 @@ def _attention_cases(device: torch.device, dtype: torch.dtype):
     from hicmae_dist.bench.kernels import attention as bench
     from hicmae_dist.bench.kernels import harness
 
-    s = harness.Settings(device=device, dtype=dtype, quick=True, warmup=0, repeats=1, min_time=0.0, mem_limit=0,
-                         threads=torch.get_num_threads(),
-                         args=argparse.Namespace(models=list(MODELS), model_batch=SHAPE_BATCH))
+    s = harness.Settings(
+        device=device,
+        dtype=dtype,
+        quick=True,
+        warmup=0,
+        repeats=1,
+        min_time=0.0,
+        mem_limit=0,
+        threads=torch.get_num_threads(),
+        args=argparse.Namespace(models=list(MODELS), model_batch=SHAPE_BATCH),
+    )
     for case in bench.model_cases(s):
         q, k, v, kw = bench._inputs(case, s, grad=False)
         yield case.name, q, k, v, kw
@@ -223,18 +238,21 @@ def check_attention(backend: str, device: torch.device) -> Result:
         except RuntimeError as err:
             raise NotRun(str(err)) from None
         masks = {key: kw[key] for key in ("key_padding_mask", "cu_seqlens_q", "cu_seqlens_k") if key in kw}
-        dout = torch.randn(q.shape, generator=torch.Generator(device=device).manual_seed(1), device=device,
-                           dtype=dtype)
+        dout = torch.randn(q.shape, generator=torch.Generator(device=device).manual_seed(1), device=device, dtype=dtype)
         got = _fwd_bwd(lambda q, k, v: attention(q, k, v, backend=backend, **kw), (q, k, v), dout)
-        ref = _fwd_bwd(lambda q, k, v: attention_reference(q, k, v, **masks),
-                       (q.double(), k.double(), v.double()), dout.double())
+        ref = _fwd_bwd(
+            lambda q, k, v: attention_reference(q, k, v, **masks), (q.double(), k.double(), v.double()), dout.double()
+        )
         plain = _fwd_bwd(lambda q, k, v: attention_plain(q, k, v, **masks), (q, k, v), dout)
         row, bad = error_rule(names, got, ref, plain, ATTENTION_FLOORS)
         rows.append({"case": case, **row})
         failures += [f"{case}: {b}" for b in bad]
     worst, text = _rule_summary(rows, names)
-    return Result(f"{len(rows)} calls (dense, key padding, varlen), {str(dtype)[6:]}, vs fp64: {text}",
-                  {"dtype": str(dtype)[6:], "batch": SHAPE_BATCH, **worst, "cases": rows}, failures)
+    return Result(
+        f"{len(rows)} calls (dense, key padding, varlen), {str(dtype)[6:]}, vs fp64: {text}",
+        {"dtype": str(dtype)[6:], "batch": SHAPE_BATCH, **worst, "cases": rows},
+        failures,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,8 +268,9 @@ def _contrastive_problems() -> list[dict]:
         cfg = _preset_config(name)
         m = cfg.model
         symmetric = get_spec(m.arch).symmetric_contrastive(m)  # as the models call it
-        out.append(dict(model=name, rows=cfg.data.batch_size, dim=m.width, temperature=m.temperature,
-                        symmetric=symmetric))
+        out.append(
+            dict(model=name, rows=cfg.data.batch_size, dim=m.width, temperature=m.temperature, symmetric=symmetric)
+        )
     out.append({**out[0], "model": f"{out[0]['model']} x256 rows", "rows": 256})
     return out
 
@@ -291,8 +310,11 @@ def check_info_nce_local(backend: str, device: torch.device) -> Result:
         rows.append({"case": case, **row})
         failures += [f"{case}: {x}" for x in bad]
     worst, text = _rule_summary(rows, INFO_NCE_NAMES)
-    return Result(f"{len(rows)} losses, fp32 features, vs fp64 (plain: fp32 full logits): {text}",
-                  {**worst, "cases": rows}, failures)
+    return Result(
+        f"{len(rows)} losses, fp32 features, vs fp64 (plain: fp32 full logits): {text}",
+        {**worst, "cases": rows},
+        failures,
+    )
 
 
 def _global_negatives(backend: str, p: dict, world: int, device: torch.device) -> list[torch.Tensor]:
@@ -309,14 +331,18 @@ def _global_negatives(backend: str, p: dict, world: int, device: torch.device) -
     A, B = (x.to(device).requires_grad_() for x in _paired_features(world * rows, p["dim"], seed=rows))
     total = torch.zeros((), device=device)
     for r in range(world):
+
         def gather(x, group=None):  # symmetric: [a | b] of every rank; one direction: b
             return (torch.cat([A, B], dim=1) if x.shape[1] == 2 * A.shape[1] else B), r * rows
 
         mine = slice(r * rows, (r + 1) * rows)
-        with mock.patch.object(ops, "world", lambda group=None: (r, world)), \
-                mock.patch.object(ops, "all_gather_with_grad", gather):
-            total = total + info_nce(A[mine], B[mine], p["temperature"], symmetric=p["symmetric"],
-                                     negatives="global", backend=backend)
+        with (
+            mock.patch.object(ops, "world", lambda group=None: (r, world)),
+            mock.patch.object(ops, "all_gather_with_grad", gather),
+        ):
+            total = total + info_nce(
+                A[mine], B[mine], p["temperature"], symmetric=p["symmetric"], negatives="global", backend=backend
+            )
     total.backward()
     return [total.detach() / world, A.grad / world, B.grad / world]
 
@@ -339,8 +365,12 @@ def check_info_nce_global(backend: str, device: torch.device, world: int = 4) ->
         rows.append({"case": case, **row})
         failures += [f"{case}: {x}" for x in bad]
     worst, text = _rule_summary(rows, INFO_NCE_NAMES)
-    return Result(f"{len(rows)} losses, {world} simulated ranks, vs one fp64 process over the whole batch (plain: "
-                  f"fp32 full logits): {text}", {"ranks": world, **worst, "cases": rows}, failures)
+    return Result(
+        f"{len(rows)} losses, {world} simulated ranks, vs one fp64 process over the whole batch (plain: "
+        f"fp32 full logits): {text}",
+        {"ranks": world, **worst, "cases": rows},
+        failures,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,9 +379,9 @@ def check_info_nce_global(backend: str, device: torch.device, world: int = 4) ->
 def _token_op_cases(dtype: torch.dtype):
     """(name, op, reference, inputs, grad flags) for each of the models' token-op calls at batch
     SHAPE_BATCH, CPU tensors of `dtype` (indices: a random split of the tokens per sample)."""
+    from hicmae_dist.bench.kernels.shapes import model_calls
     from hicmae_dist.ops.gather import gather_visible_reference
     from hicmae_dist.ops.tokens import assemble_decoder_tokens_reference, patch_norm_reference
-    from hicmae_dist.bench.kernels.shapes import model_calls
 
     g = torch.Generator().manual_seed(0)
     B = SHAPE_BATCH
@@ -367,26 +397,40 @@ def _token_op_cases(dtype: torch.dtype):
         ops = torch.ops.hicmae_dist
         if c["op"] == "gather_visible":
             name = f"{c['model']} gather_visible N{c['tokens']} Nv{c['kept']} C{c['width']}"
-            yield name, ops.gather_visible, gather_visible_reference, \
-                (rand(B, c["tokens"], c["width"]), split(c["tokens"], c["kept"])[0]), (c["grad"], False)
+            yield (
+                name,
+                ops.gather_visible,
+                gather_visible_reference,
+                (rand(B, c["tokens"], c["width"]), split(c["tokens"], c["kept"])[0]),
+                (c["grad"], False),
+            )
         elif c["op"] == "assemble_decoder_tokens":
             n = c["positions"]
             name = f"{c['model']} assemble_decoder_tokens Nv{c['visible']} N{n} C{c['width']}"
-            yield name, ops.assemble_decoder_tokens, assemble_decoder_tokens_reference, \
-                (rand(B, c["visible"], c["width"]), rand(c["width"]), rand(n, c["width"]), *split(n, c["visible"])), \
-                (*c["grad"], False, False)
+            yield (
+                name,
+                ops.assemble_decoder_tokens,
+                assemble_decoder_tokens_reference,
+                (rand(B, c["visible"], c["width"]), rand(c["width"]), rand(n, c["width"]), *split(n, c["visible"])),
+                (*c["grad"], False, False),
+            )
         elif c["op"] == "patch_norm":
             name = f"{c['model']} patch_norm R{c['rows'] * B} F{c['frames']} S{c['pixels']} C{c['channels']}"
-            yield name, partial(ops.patch_norm, frame_diff=c["frame_diff"]), \
-                partial(patch_norm_reference, frame_diff=c["frame_diff"]), \
-                (rand(c["rows"] * B, c["frames"], c["pixels"], c["channels"]),), (False,)
+            yield (
+                name,
+                partial(ops.patch_norm, frame_diff=c["frame_diff"]),
+                partial(patch_norm_reference, frame_diff=c["frame_diff"]),
+                (rand(c["rows"] * B, c["frames"], c["pixels"], c["channels"]),),
+                (False,),
+            )
 
 
 def _run_op(fn: Callable, inputs: tuple, grads: tuple[bool, ...], dtype: torch.dtype) -> list[torch.Tensor]:
     """[fn(*inputs), the gradients of the inputs flagged in `grads`] for a seeded upstream
     gradient rounded to `dtype` (the same values whatever the inputs' dtype and device)."""
-    inputs = tuple(t.detach().clone().requires_grad_(need) if t.is_floating_point() else t
-                   for t, need in zip(inputs, grads))
+    inputs = tuple(
+        t.detach().clone().requires_grad_(need) if t.is_floating_point() else t for t, need in zip(inputs, grads)
+    )
     out = fn(*inputs)
     leaves = [t for t, need in zip(inputs, grads) if need]
     if not leaves:
@@ -411,11 +455,16 @@ def check_csrc_cpu() -> Result:
             equal = all(torch.equal(a, b) for a, b in zip(got, want))
             rows.append({"case": f"{name} {str(dtype)[6:]}", "tensors": len(got), "bit_identical": equal})
             if not equal:
-                failures.append(f"{name} {str(dtype)[6:]}: differs from the PyTorch maths "
-                                f"(max error {max(_max_err(a, b) for a, b in zip(got, want)):.3g})")
-    return Result(f"{len(rows)} calls (fp32, bf16), values and gradients: "
-                  f"{sum(r['bit_identical'] for r in rows)} bit-identical to the PyTorch maths", {"cases": rows},
-                  failures)
+                failures.append(
+                    f"{name} {str(dtype)[6:]}: differs from the PyTorch maths "
+                    f"(max error {max(_max_err(a, b) for a, b in zip(got, want)):.3g})"
+                )
+    return Result(
+        f"{len(rows)} calls (fp32, bf16), values and gradients: "
+        f"{sum(r['bit_identical'] for r in rows)} bit-identical to the PyTorch maths",
+        {"cases": rows},
+        failures,
+    )
 
 
 def check_csrc_cuda(device: torch.device) -> Result:
@@ -424,36 +473,48 @@ def check_csrc_cuda(device: torch.device) -> Result:
     if (why := _native_error()) is not None:
         raise NotRun(why)
     if not native_built_with_cuda():
-        raise NotRun("hicmae_dist._C was built without its CUDA kernels: build it on this machine "
-                     "(`pip install --no-build-isolation --no-deps -e .`, nvcc and a CUDA torch)")
+        raise NotRun(
+            "hicmae_dist._C was built without its CUDA kernels: build it on this machine "
+            "(`pip install --no-build-isolation --no-deps -e .`, nvcc and a CUDA torch)"
+        )
     names = ("out", "grad0", "grad1", "grad2")
     rows, failures = [], []
     for dtype in (torch.float32, torch.bfloat16):
         for name, op, reference, inputs, grads in _token_op_cases(dtype):
             cpu = _run_op(op, inputs, grads, dtype)
             cuda = [t.cpu() for t in _run_op(op, tuple(t.to(device) for t in inputs), grads, dtype)]
-            exact = _run_op(reference, tuple(t.double() if t.is_floating_point() else t for t in inputs), grads,
-                            dtype)
-            row, bad = error_rule(names[:len(cpu)], cuda, exact, cpu, ATTENTION_FLOORS)
+            exact = _run_op(reference, tuple(t.double() if t.is_floating_point() else t for t in inputs), grads, dtype)
+            row, bad = error_rule(names[: len(cpu)], cuda, exact, cpu, ATTENTION_FLOORS)
             case = f"{name} {str(dtype)[6:]}"
             rows.append({"case": case, **row})
             failures += [f"{case}: {b}" for b in bad]
     worst, text = _rule_summary(rows, names)
-    return Result(f"{len(rows)} calls (fp32, bf16), vs fp64 (plain: the CPU kernels): {text}",
-                  {**worst, "cases": rows}, failures)
+    return Result(
+        f"{len(rows)} calls (fp32, bf16), vs fp64 (plain: the CPU kernels): {text}", {**worst, "cases": rows}, failures
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Training steps
 # ----------------------------------------------------------------------------------------------
-def train_run(cfg, device: torch.device, backend: str, *, batch: int, steps: int, lr: float, bf16: bool,
-              same_batch: bool = False, warmup: int = 1) -> dict:
+def train_run(
+    cfg,
+    device: torch.device,
+    backend: str,
+    *,
+    batch: int,
+    steps: int,
+    lr: float,
+    bf16: bool,
+    same_batch: bool = False,
+    warmup: int = 1,
+) -> dict:
     """`steps` optimizer steps (torch AdamW / Adam per the preset, no DeepSpeed) of the
     pretraining model from the seed's weights on seeded random clips (the same ones whatever the
     backend; one clip batch repeated with `same_batch`): per-step losses, the median step time
     after `warmup` steps, clips/s, MFU and peak memory."""
-    from hicmae_dist.models import build_model
     from hicmae_dist.bench.timing import PeakMemory, sync
+    from hicmae_dist.models import build_model
     from hicmae_dist.models.info import example_inputs
     from hicmae_dist.train.accounting import model_flops_per_sample, peak_flops
     from hicmae_dist.train.engine import build_optimizer, set_lr
@@ -482,26 +543,47 @@ def train_run(cfg, device: torch.device, backend: str, *, batch: int, steps: int
     peak, peak_source = peak_flops(device, bf16)
     flops = model_flops_per_sample(cfg)
     del model, optimizer
-    return {"backend": backend, "precision": "bf16 autocast" if bf16 else "fp32", "batch": batch, "steps": steps,
-            "lr": lr, "losses": losses, "step_ms": 1e3 * step_s, "step_ms_all": [round(1e3 * t, 2) for t in times],
-            "clips_per_s": clips_per_s, "tflops_per_s": clips_per_s * flops / 1e12,
-            "mfu": clips_per_s * flops / peak if peak else None, "mfu_peak": peak_source,
-            "peak_memory_bytes": memory.peak, "memory_method": memory.method}
+    return {
+        "backend": backend,
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "batch": batch,
+        "steps": steps,
+        "lr": lr,
+        "losses": losses,
+        "step_ms": 1e3 * step_s,
+        "step_ms_all": [round(1e3 * t, 2) for t in times],
+        "clips_per_s": clips_per_s,
+        "tflops_per_s": clips_per_s * flops / 1e12,
+        "mfu": clips_per_s * flops / peak if peak else None,
+        "mfu_peak": peak_source,
+        "peak_memory_bytes": memory.peak,
+        "memory_method": memory.method,
+    }
 
 
 def _train_summary(r: dict) -> str:
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
-    return (f"{r['precision']}, batch {r['batch']}: loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}, "
-            f"{r['step_ms']:.1f} ms/step, {r['clips_per_s']:.1f} clips/s{mfu}, "
-            f"peak {r['peak_memory_bytes'] / 2 ** 30:.2f} GiB")
+    return (
+        f"{r['precision']}, batch {r['batch']}: loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}, "
+        f"{r['step_ms']:.1f} ms/step, {r['clips_per_s']:.1f} clips/s{mfu}, "
+        f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB"
+    )
 
 
 def check_train_cpu() -> Result:
     from hicmae_dist.config import load_config
 
     cfg = load_config(CPU_TRAIN_PRESET)
-    r = train_run(cfg, torch.device("cpu"), "sdpa", batch=CPU_TRAIN_BATCH, steps=CPU_TRAIN_STEPS,
-                  lr=CPU_TRAIN_LR, bf16=False, same_batch=True)
+    r = train_run(
+        cfg,
+        torch.device("cpu"),
+        "sdpa",
+        batch=CPU_TRAIN_BATCH,
+        steps=CPU_TRAIN_STEPS,
+        lr=CPU_TRAIN_LR,
+        bf16=False,
+        same_batch=True,
+    )
     failures = []
     if not all(math.isfinite(x) for x in r["losses"]):
         failures.append(f"non-finite loss: {r['losses']}")
@@ -512,8 +594,16 @@ def check_train_cpu() -> Result:
 
 def check_train_fp32(model: str, device: torch.device, cache: dict) -> Result:
     with _no_tf32():
-        r = train_run(_preset_config(model), device, "sdpa", batch=TRAIN_BATCH, steps=TRAIN_STEPS, lr=TRAIN_LR,
-                      bf16=False, warmup=TRAIN_WARMUP)
+        r = train_run(
+            _preset_config(model),
+            device,
+            "sdpa",
+            batch=TRAIN_BATCH,
+            steps=TRAIN_STEPS,
+            lr=TRAIN_LR,
+            bf16=False,
+            warmup=TRAIN_WARMUP,
+        )
     r["precision"] = "fp32 (TF32 off)"  # a reference: its MFU is against the TF32 peak
     failures = [] if all(math.isfinite(x) for x in r["losses"]) else [f"non-finite loss: {r['losses']}"]
     if not failures:
@@ -530,16 +620,27 @@ def check_train_bf16(model: str, backend: str, device: torch.device, cache: dict
         raise NotRun(str(err)) from None
     if model not in cache:
         raise NotRun(f"no fp32 reference losses (check train.fp32.{model} did not pass)")
-    r = train_run(_preset_config(model), device, backend, batch=TRAIN_BATCH, steps=TRAIN_STEPS, lr=TRAIN_LR,
-                  bf16=True, warmup=TRAIN_WARMUP)
+    r = train_run(
+        _preset_config(model),
+        device,
+        backend,
+        batch=TRAIN_BATCH,
+        steps=TRAIN_STEPS,
+        lr=TRAIN_LR,
+        bf16=True,
+        warmup=TRAIN_WARMUP,
+    )
     r["fp32_losses"] = reference = cache[model]
     r["max_rel_diff"] = max(abs(x - y) / abs(y) for x, y in zip(r["losses"], reference))
     failures = []
     if not r["max_rel_diff"] <= TRAIN_RTOL:
-        failures.append(f"losses {['%.4f' % x for x in r['losses']]} vs fp32 {['%.4f' % x for x in reference]}: "
-                        f"relative difference {r['max_rel_diff']:.3g} > {TRAIN_RTOL:g}")
-    return Result(_train_summary(r) + f", max |bf16 - fp32| / fp32 loss {r['max_rel_diff']:.2g} "
-                                      f"(<= {TRAIN_RTOL:g})", r, failures)
+        failures.append(
+            f"losses {[f'{x:.4f}' for x in r['losses']]} vs fp32 {[f'{x:.4f}' for x in reference]}: "
+            f"relative difference {r['max_rel_diff']:.3g} > {TRAIN_RTOL:g}"
+        )
+    return Result(
+        _train_summary(r) + f", max |bf16 - fp32| / fp32 loss {r['max_rel_diff']:.2g} (<= {TRAIN_RTOL:g})", r, failures
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,17 +663,23 @@ def _jpeg_batch(clips: int = 2, frames: int = 4) -> dict:
         jpegs.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
         offsets.append(at), sizes.append(size)
         at += size
-    return {"jpeg": torch.cat(jpegs), "jpeg_offsets": torch.tensor(offsets).view(clips, frames),
-            "jpeg_sizes": torch.tensor(sizes).view(clips, frames),
-            "face": torch.tensor([video.face_box(224, 160)] * clips),
-            "crop": torch.tensor([[10, 20, 120, 105], [0, 0, 160, 160]] * clips)[:clips]}
+    return {
+        "jpeg": torch.cat(jpegs),
+        "jpeg_offsets": torch.tensor(offsets).view(clips, frames),
+        "jpeg_sizes": torch.tensor(sizes).view(clips, frames),
+        "face": torch.tensor([video.face_box(224, 160)] * clips),
+        "crop": torch.tensor([[10, 20, 120, 105], [0, 0, 160, 160]] * clips)[:clips],
+    }
 
 
 def _grey_diff(name: str, got: torch.Tensor, ref: torch.Tensor) -> tuple[dict, list[str]]:
     d = (got.double().cpu() - ref.double().cpu()).abs()
     row = {"case": name, "max": round(d.max().item(), 3), "mean": round(d.mean().item(), 4)}
-    bad = [f"{name}: |GPU - CPU| mean {row['mean']} > {JPEG_MEAN_TOL} or max {row['max']} > {JPEG_MAX_TOL} "
-           f"grey levels"] if row["mean"] > JPEG_MEAN_TOL or row["max"] > JPEG_MAX_TOL else []
+    bad = (
+        [f"{name}: |GPU - CPU| mean {row['mean']} > {JPEG_MEAN_TOL} or max {row['max']} > {JPEG_MAX_TOL} grey levels"]
+        if row["mean"] > JPEG_MEAN_TOL or row["max"] > JPEG_MAX_TOL
+        else []
+    )
     return row, bad
 
 
@@ -583,17 +690,24 @@ def check_jpeg_decode(device: torch.device) -> Result:
 
     batch = _jpeg_batch()
     flat = batch["jpeg"]
-    jpegs = [flat[o:o + n] for o, n in zip(batch["jpeg_offsets"].flatten().tolist(),
-                                          batch["jpeg_sizes"].flatten().tolist())]
-    raw_row, failures = _grey_diff("decode", torch.stack(decode_jpegs(jpegs, device)),
-                                   torch.stack(decode_jpegs(jpegs, torch.device("cpu"))))
+    jpegs = [
+        flat[o : o + n]
+        for o, n in zip(batch["jpeg_offsets"].flatten().tolist(), batch["jpeg_sizes"].flatten().tolist())
+    ]
+    raw_row, failures = _grey_diff(
+        "decode", torch.stack(decode_jpegs(jpegs, device)), torch.stack(decode_jpegs(jpegs, torch.device("cpu")))
+    )
     std = torch.tensor(video.IMAGENET_STD).view(1, 3, 1, 1, 1) * 255  # normalised -> grey levels
     got, ref = (to_device(batch, d, keys=("video",))["video"].cpu() * std for d in (device, torch.device("cpu")))
     batch_row, bad = _grey_diff("to_device", got, ref)
     rows = [raw_row, batch_row]
-    return Result(f"{len(jpegs)} JPEG frames (224px, q90), GPU vs CPU decoder, grey levels: "
-                  + "; ".join(f"{r['case']} mean {r['mean']}, max {r['max']}" for r in rows)
-                  + f" (<= {JPEG_MEAN_TOL}, {JPEG_MAX_TOL})", {"cases": rows}, failures + bad)
+    return Result(
+        f"{len(jpegs)} JPEG frames (224px, q90), GPU vs CPU decoder, grey levels: "
+        + "; ".join(f"{r['case']} mean {r['mean']}, max {r['max']}" for r in rows)
+        + f" (<= {JPEG_MEAN_TOL}, {JPEG_MAX_TOL})",
+        {"cases": rows},
+        failures + bad,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,19 +724,29 @@ def _zero_worker(rank: int, world: int, port: int, preset: str, out_dir: str) ->
     from hicmae_dist.train.engine import build_engine, build_model_for_engine, set_lr
     from hicmae_dist.train.step import train_step
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     env = comm.init_distributed()
     last = rank == world - 1
-    results = {"process_group": str(torch.distributed.get_backend()),
-               "agree_cpu_and_cuda": comm.agree([last], "cpu") + comm.agree([torch.tensor(last)], env.device)}
+    results = {
+        "process_group": str(torch.distributed.get_backend()),
+        "agree_cpu_and_cuda": comm.agree([last], "cpu") + comm.agree([torch.tensor(last)], env.device),
+    }
     per = ZERO_GLOBAL_BATCH // world
     mine = slice(rank * per, (rank + 1) * per)
     for stage in ZERO_STAGES:
         # fp32, and global negatives: the contrastive term is then the same whatever the world size
-        cfg = load_config(preset, [f"train.zero_stage={stage}", f"data.batch_size={per}", "train.bf16=false",
-                                   "model.negatives=global"])
+        cfg = load_config(
+            preset,
+            [f"train.zero_stage={stage}", f"data.batch_size={per}", "train.bf16=false", "model.negatives=global"],
+        )
         torch.manual_seed(cfg.train.seed)
         engine = build_engine(build_model_for_engine(cfg, world), cfg, world)
         set_lr(engine.optimizer, ZERO_LR)
@@ -643,8 +767,12 @@ def _zero_worker(rank: int, world: int, port: int, preset: str, out_dir: str) ->
             if not result.nonfinite:  # this rank's loss; the ranks' mean is the global batch's
                 losses.append(float(result.parts[0]))
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
-        state = sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()
-                    if torch.is_tensor(t) and t.dim() > 0)
+        state = sum(
+            t.numel() * t.element_size()
+            for st in inner.state.values()
+            for t in st.values()
+            if torch.is_tensor(t) and t.dim() > 0
+        )
         results[stage] = {"losses": losses, "refused": refused, "optimizer_state_bytes": state}
         engine = inner = None  # freed before the next stage builds its engine
         torch.cuda.empty_cache()
@@ -669,8 +797,12 @@ def check_zero(preset: str = "hicmae-b-vox2") -> Result:
         one = torch.load(Path(tmp) / "world1-rank0.pt")
         two = [torch.load(Path(tmp) / f"world2-rank{r}.pt") for r in range(2)]
     failures = []
-    metrics = {"preset": preset, "global_batch": ZERO_GLOBAL_BATCH, "lr": ZERO_LR,
-               "process_group": two[0]["process_group"]}
+    metrics = {
+        "preset": preset,
+        "global_batch": ZERO_GLOBAL_BATCH,
+        "lr": ZERO_LR,
+        "process_group": two[0]["process_group"],
+    }
     for rank, r in enumerate(two):
         if r["agree_cpu_and_cuda"] != [True, True]:
             failures.append(f"rank {rank}: comm.agree over CPU and CUDA flags gave {r['agree_cpu_and_cuda']}")
@@ -679,8 +811,10 @@ def check_zero(preset: str = "hicmae-b-vox2") -> Result:
         single = one[stage]["losses"]
         for rank, r in enumerate(two):
             if r[stage]["refused"] != expected_refused:
-                failures.append(f"ZeRO-{stage} rank {rank}: refused steps {r[stage]['refused']}, expected "
-                                f"{expected_refused} (a NaN on rank 1 only must skip the step on both)")
+                failures.append(
+                    f"ZeRO-{stage} rank {rank}: refused steps {r[stage]['refused']}, expected "
+                    f"{expected_refused} (a NaN on rank 1 only must skip the step on both)"
+                )
         mean = [sum(r[stage]["losses"][i] for r in two) / 2 for i in range(len(single))]
         metrics[f"zero{stage}"] = {"one_rank": one[stage], "two_ranks": [r[stage] for r in two], "mean": mean}
         if any(abs(x - y) > ZERO_ATOL + ZERO_RTOL * abs(y) for x, y in zip(mean, single)):
@@ -690,9 +824,13 @@ def check_zero(preset: str = "hicmae-b-vox2") -> Result:
             share = r[stage]["optimizer_state_bytes"] / one[stage]["optimizer_state_bytes"]
             if abs(share - 0.5) > 0.01:
                 failures.append(f"ZeRO-{stage} rank {rank}: holds {share:.3f} of the optimizer state, expected 0.5")
-    return Result(f"{preset}, fp32, global batch {ZERO_GLOBAL_BATCH}, {ZERO_STEPS} steps: ZeRO-"
-                  f"{'/'.join(map(str, ZERO_STAGES))} over 2 ranks ({metrics['process_group']}) vs 1 rank "
-                  f"(rtol {ZERO_RTOL:g}), a NaN on one rank refused on both, optimizer state halved", metrics, failures)
+    return Result(
+        f"{preset}, fp32, global batch {ZERO_GLOBAL_BATCH}, {ZERO_STEPS} steps: ZeRO-"
+        f"{'/'.join(map(str, ZERO_STAGES))} over 2 ranks ({metrics['process_group']}) vs 1 rank "
+        f"(rtol {ZERO_RTOL:g}), a NaN on one rank refused on both, optimizer state halved",
+        metrics,
+        failures,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -713,14 +851,21 @@ def check_bench_kernels(out: Path) -> Result:
         for section in json.loads(results.read_text())["ops"].values():
             for r in section["records"] + section.get("kernels", []):
                 counts[r["status"]] = counts.get(r["status"], 0) + 1
-    metrics = {"command": " ".join(cmd), "exit_status": proc.returncode, "records": counts,
-               "results": str(results), "log": str(out / "kernel-bench.log")}
+    metrics = {
+        "command": " ".join(cmd),
+        "exit_status": proc.returncode,
+        "records": counts,
+        "results": str(results),
+        "log": str(out / "kernel-bench.log"),
+    }
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"`{' '.join(cmd)}` exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
-    failures = [f"{counts.get('error', 0)} benchmark records with status error (see {results})"] \
-        if proc.returncode else []
-    return Result(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" records; {bench_out}",
-                  metrics, failures)
+    failures = (
+        [f"{counts.get('error', 0)} benchmark records with status error (see {results})"] if proc.returncode else []
+    )
+    return Result(
+        ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" records; {bench_out}", metrics, failures
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -733,22 +878,33 @@ def plan(out: Path) -> list[Check]:
     cache: dict[str, list[float]] = {}  # fp32 reference losses per model, for the bf16 runs
     checks = [Check("attention", "sdpa", "cpu", partial(check_attention, "sdpa", cpu))]
     checks += [Check("attention", b, "cuda", partial(check_attention, b, gpu)) for b in ATTENTION_BACKENDS]
-    checks += [Check("info_nce.local", "torch", "cpu", partial(check_info_nce_local, "torch", cpu)),
-               Check("info_nce.local", "triton", "cuda", partial(check_info_nce_local, "triton", gpu)),
-               Check("info_nce.local", "torch", "cuda", partial(check_info_nce_local, "torch", gpu)),
-               Check("info_nce.global", "torch", "cpu", partial(check_info_nce_global, "torch", cpu)),
-               Check("info_nce.global", "triton", "cuda", partial(check_info_nce_global, "triton", gpu)),
-               Check("csrc", "native", "cpu", check_csrc_cpu),
-               Check("csrc", "native", "cuda", partial(check_csrc_cuda, gpu)),
-               Check("jpeg_decode", "nvjpeg", "cuda", partial(check_jpeg_decode, gpu)),
-               Check(f"train.fp32.{CPU_TRAIN_PRESET}", "sdpa", "cpu", check_train_cpu)]
+    checks += [
+        Check("info_nce.local", "torch", "cpu", partial(check_info_nce_local, "torch", cpu)),
+        Check("info_nce.local", "triton", "cuda", partial(check_info_nce_local, "triton", gpu)),
+        Check("info_nce.local", "torch", "cuda", partial(check_info_nce_local, "torch", gpu)),
+        Check("info_nce.global", "torch", "cpu", partial(check_info_nce_global, "torch", cpu)),
+        Check("info_nce.global", "triton", "cuda", partial(check_info_nce_global, "triton", gpu)),
+        Check("csrc", "native", "cpu", check_csrc_cpu),
+        Check("csrc", "native", "cuda", partial(check_csrc_cuda, gpu)),
+        Check("jpeg_decode", "nvjpeg", "cuda", partial(check_jpeg_decode, gpu)),
+        Check(f"train.fp32.{CPU_TRAIN_PRESET}", "sdpa", "cpu", check_train_cpu),
+    ]
     for model in MODELS:
         checks.append(Check(f"train.fp32.{model}", "sdpa", "cuda", partial(check_train_fp32, model, gpu, cache)))
-        checks += [Check(f"train.bf16.{model}", b, "cuda", partial(check_train_bf16, model, b, gpu, cache))
-                   for b in ATTENTION_BACKENDS]
-    checks += [Check("zero", "nccl", "cuda", check_zero),
-               Check("bench-kernels", None, "cuda", partial(check_bench_kernels, out),
-                     "; on a CPU `hicmae-dist bench kernels --quick` takes ~40 s on 2 cores: run it on its own")]
+        checks += [
+            Check(f"train.bf16.{model}", b, "cuda", partial(check_train_bf16, model, b, gpu, cache))
+            for b in ATTENTION_BACKENDS
+        ]
+    checks += [
+        Check("zero", "nccl", "cuda", check_zero),
+        Check(
+            "bench-kernels",
+            None,
+            "cuda",
+            partial(check_bench_kernels, out),
+            "; on a CPU `hicmae-dist bench kernels --quick` takes ~40 s on 2 cores: run it on its own",
+        ),
+    ]
     return checks
 
 
@@ -761,8 +917,16 @@ def _skipped_by(check: Check, skip: list[str]) -> str | None:
 
 
 def run_check(check: Check, skip: list[str], no_cuda: str | None) -> dict:
-    rec = {"name": check.name, "backend": check.backend, "device": check.device, "status": "not run",
-           "reason": None, "summary": None, "seconds": 0.0, "metrics": {}}
+    rec = {
+        "name": check.name,
+        "backend": check.backend,
+        "device": check.device,
+        "status": "not run",
+        "reason": None,
+        "summary": None,
+        "seconds": 0.0,
+        "metrics": {},
+    }
     start = time.monotonic()
     if (s := _skipped_by(check, skip)) is not None:
         rec["reason"] = f"skipped (--skip {s})"
@@ -779,8 +943,11 @@ def run_check(check: Check, skip: list[str], no_cuda: str | None) -> dict:
         except NotRun as err:
             rec["reason"] = str(err)
         except Exception as err:  # noqa: BLE001  (recorded; the run goes on)
-            rec.update(status="error", reason=f"{type(err).__name__}: {str(err)[:1000]}",
-                       metrics={"traceback": traceback.format_exc()[-4000:]})
+            rec.update(
+                status="error",
+                reason=f"{type(err).__name__}: {str(err)[:1000]}",
+                metrics={"traceback": traceback.format_exc()[-4000:]},
+            )
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -800,18 +967,33 @@ def environment() -> dict:
     if no_cuda_reason() is None:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            gpus.append({"index": i, "name": p.name, "memory_bytes": p.total_memory,
-                         "capability": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count})
+            gpus.append(
+                {
+                    "index": i,
+                    "name": p.name,
+                    "memory_bytes": p.total_memory,
+                    "capability": f"{p.major}.{p.minor}",
+                    "sm_count": p.multi_processor_count,
+                }
+            )
     m = machine(torch.device("cuda", 0) if gpus else torch.device("cpu"))
     nccl = None
     if gpus and torch.distributed.is_available() and torch.distributed.is_nccl_available():
         v = torch.cuda.nccl.version()
         nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    versions = {"python": m["versions"]["python"], "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
-                "driver": (m["gpu"] or {}).get("driver"), "nccl": nccl,
-                "cudnn": torch.backends.cudnn.version() if gpus else None, "triton": m["versions"]["triton"],
-                "deepspeed": package_version("deepspeed"), "xformers": m["versions"]["xformers"],
-                "hicmae_dist": m["versions"]["hicmae_dist"], "commit": m["versions"]["commit"]}
+    versions = {
+        "python": m["versions"]["python"],
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "driver": (m["gpu"] or {}).get("driver"),
+        "nccl": nccl,
+        "cudnn": torch.backends.cudnn.version() if gpus else None,
+        "triton": m["versions"]["triton"],
+        "deepspeed": package_version("deepspeed"),
+        "xformers": m["versions"]["xformers"],
+        "hicmae_dist": m["versions"]["hicmae_dist"],
+        "commit": m["versions"]["commit"],
+    }
     return {"versions": versions, "gpus": gpus, "machine": m}
 
 
@@ -820,24 +1002,52 @@ def render_markdown(report: dict) -> str:
 
     v = report["versions"]
     s = report["summary"]
-    lines = [f"# hicmae-dist doctor: {report['hostname']}, {report['created']}", "",
-             f"Command: `{report['command']}`", "",
-             f"Exit status {report['exit_status']}: {s['pass']} pass, {s['fail']} fail, {s['error']} error, "
-             f"{s['not run']} not run, in {report['seconds']:.0f} s.", "", "## Versions", "",
-             md_table(list(v), [[x if x is not None else "-" for x in v.values()]]), "", "## GPUs", ""]
+    lines = [
+        f"# hicmae-dist doctor: {report['hostname']}, {report['created']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Exit status {report['exit_status']}: {s['pass']} pass, {s['fail']} fail, {s['error']} error, "
+        f"{s['not run']} not run, in {report['seconds']:.0f} s.",
+        "",
+        "## Versions",
+        "",
+        md_table(list(v), [[x if x is not None else "-" for x in v.values()]]),
+        "",
+        "## GPUs",
+        "",
+    ]
     if report["gpus"]:
-        lines.append(md_table(["#", "name", "memory", "capability", "SMs"],
-                              [[g["index"], g["name"], fmt_bytes(g["memory_bytes"]), g["capability"], g["sm_count"]]
-                               for g in report["gpus"]]))
+        lines.append(
+            md_table(
+                ["#", "name", "memory", "capability", "SMs"],
+                [
+                    [g["index"], g["name"], fmt_bytes(g["memory_bytes"]), g["capability"], g["sm_count"]]
+                    for g in report["gpus"]
+                ],
+            )
+        )
     else:
         lines.append(f"None ({no_cuda_reason()}).")
-    lines += ["", "## Checks", "",
-              md_table(["check", "backend", "device", "status", "s", "result"],
-                       [[c["name"], c["backend"] or "-", c["device"], f"**{c['status']}**" if c["status"] in
-                         ("fail", "error") else c["status"], f"{c['seconds']:.1f}",
-                         (c["summary"] or "") + (f" — {c['reason']}" if c["summary"] and c["reason"] else
-                                                  c["reason"] or "")]
-                        for c in report["checks"]])]
+    lines += [
+        "",
+        "## Checks",
+        "",
+        md_table(
+            ["check", "backend", "device", "status", "s", "result"],
+            [
+                [
+                    c["name"],
+                    c["backend"] or "-",
+                    c["device"],
+                    f"**{c['status']}**" if c["status"] in ("fail", "error") else c["status"],
+                    f"{c['seconds']:.1f}",
+                    (c["summary"] or "") + (f" — {c['reason']}" if c["summary"] and c["reason"] else c["reason"] or ""),
+                ]
+                for c in report["checks"]
+            ],
+        ),
+    ]
     broken = [c for c in report["checks"] if c["status"] in ("fail", "error")]
     for c in broken:
         lines += ["", f"### {c['name']} [{c['backend']}] ({c['device']}): {c['status']}", ""]
@@ -858,13 +1068,21 @@ def run_doctor(out: Path = DEFAULT_OUT, skip: list[str] | tuple[str, ...] = (), 
             raise ValueError(f"--skip {s}: no check of that name (checks: {', '.join(names)})")
     out.mkdir(parents=True, exist_ok=True)
     no_cuda = no_cuda_reason()
-    report = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "command": command or " ".join(["hicmae-dist", *map(shlex.quote, sys.argv[1:])]),
-              "hostname": socket.gethostname(), **environment()}
+    report = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command or " ".join(["hicmae-dist", *map(shlex.quote, sys.argv[1:])]),
+        "hostname": socket.gethostname(),
+        **environment(),
+    }
     v = report["versions"]
     gpus = ", ".join(g["name"] for g in report["gpus"]) or no_cuda
-    print(f"doctor: torch {v['torch']} (CUDA {v['cuda_runtime']}), triton {v['triton']}, deepspeed {v['deepspeed']}, "
-          f"xformers {v['xformers']}; GPUs: {gpus}", file=sys.stderr, flush=True)
+    print(
+        f"doctor: torch {v['torch']} (CUDA {v['cuda_runtime']}), triton {v['triton']}, deepspeed {v['deepspeed']}, "
+        f"xformers {v['xformers']}; GPUs: {gpus}",
+        file=sys.stderr,
+        flush=True,
+    )
     report["checks"] = [run_check(c, list(skip), no_cuda) for c in checks]
     report["summary"] = {s: sum(c["status"] == s for c in report["checks"]) for s in STATUSES}
     report["seconds"] = round(time.monotonic() - start, 1)
@@ -872,6 +1090,9 @@ def run_doctor(out: Path = DEFAULT_OUT, skip: list[str] | tuple[str, ...] = (), 
     (out / "doctor.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "doctor.md").write_text(render_markdown(report))
     s = report["summary"]
-    print(f"doctor: {s['pass']} pass, {s['fail']} fail, {s['error']} error, {s['not run']} not run in "
-          f"{report['seconds']:.0f} s; report: {out / 'doctor.md'}, {out / 'doctor.json'}", file=sys.stderr)
+    print(
+        f"doctor: {s['pass']} pass, {s['fail']} fail, {s['error']} error, {s['not run']} not run in "
+        f"{report['seconds']:.0f} s; report: {out / 'doctor.md'}, {out / 'doctor.json'}",
+        file=sys.stderr,
+    )
     return report["exit_status"]

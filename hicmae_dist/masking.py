@@ -4,6 +4,7 @@ A mask is a bool tensor over the flat token index, True where the token is MASKE
 the encoder). Every sample of a batch masks the same number of tokens, so the visible tokens of
 a batch gather into a dense (B, N_visible, C) tensor.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ def random_mask(num_tokens: int, ratio: float, generator: torch.Generator | None
     return mask
 
 
-def tube_mask(temporal_tokens: int, spatial_tokens: int, ratio: float,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+def tube_mask(
+    temporal_tokens: int, spatial_tokens: int, ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(temporal_tokens * spatial_tokens,) bool in (t, h, w) order: one random spatial mask
     repeated over every temporal slice (VideoMAE tube masking)."""
     return random_mask(spatial_tokens, ratio, generator).repeat(temporal_tokens)
@@ -74,8 +76,9 @@ def mae_random_mask(num_tokens: int, ratio: float, generator: torch.Generator | 
     return _keep_lowest(torch.rand(num_tokens, generator=generator), num_visible_mae(num_tokens, ratio))
 
 
-def audio_structured_mask(freq_tokens: int, time_tokens: int, ratio: float, mode: str = "random",
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+def audio_structured_mask(
+    freq_tokens: int, time_tokens: int, ratio: float, mode: str = "random", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(freq_tokens * time_tokens,) bool over CAV-MAE's frequency-major audio tokens (index
     f * time_tokens + t). Always exactly num_visible_mae(N, ratio) visible tokens.
 

@@ -21,6 +21,7 @@ them (bit-identical losses on a fixed seed; the timings are those of the lost at
 rows missing from MLflow (an outage, a full outbox) are replayed from the journal by the sender,
 the next run, or `sync`. A tracker without a journal (fine-tuning) sends what it is given.
 """
+
 from __future__ import annotations
 
 import collections
@@ -36,7 +37,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-
 log = logging.getLogger(__name__)
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_CALL = 100
@@ -49,8 +49,11 @@ MAX_BACKOFF_S = 30.0
 # MLflow retries each HTTP request 7 times with a factor-2 backoff and a 120 s timeout by default
 # (about 4 minutes per call against a dead server). The outbox retries on its own; these bound
 # the start-up calls and each try. Set them in the environment to override.
-HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
 # MlflowException codes worth trying again (the server or the network); others drop the item
 TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 
@@ -95,8 +98,10 @@ def check_reachable(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         socket.create_connection((url.hostname or "", port), timeout=timeout_s).close()
     except (OSError, ValueError) as err:
         why = getattr(err, "strerror", None) or str(err) or type(err).__name__
-        raise TrackingUnavailable(f"tracking server {uri} is unreachable ({why}); start it, pass another "
-                                  f"--tracking-uri, or run without tracking: tracking.enabled=false") from None
+        raise TrackingUnavailable(
+            f"tracking server {uri} is unreachable ({why}); start it, pass another "
+            f"--tracking-uri, or run without tracking: tracking.enabled=false"
+        ) from None
 
 
 def _reason(err: BaseException) -> str:
@@ -229,8 +234,7 @@ class _Outbox:
 
             step, metrics = sample
             now = int(time.time() * 1000)
-            self._log_metrics([Metric(k, v, now, self.system_base + step) for k, v in metrics.items()],
-                              dedupe=False)
+            self._log_metrics([Metric(k, v, now, self.system_base + step) for k, v in metrics.items()], dedupe=False)
             with self.lock:
                 if self.system and self.system[0] is sample:
                     self.system.popleft()
@@ -243,7 +247,7 @@ class _Outbox:
         elif kind == "params":
             items = [Param(k, str(v)) for k, v in payload.items()]
             for i in range(0, len(items), MAX_PARAMS_PER_CALL):
-                self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_CALL])
+                self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_CALL])
         elif kind == "tags":
             for k, v in payload.items():
                 self.client.set_tag(self.run_id, k, str(v))
@@ -263,7 +267,7 @@ class _Outbox:
             self.skipped += len(metrics) - len(fresh)
             metrics = fresh
         for i in range(0, len(metrics), MAX_METRICS_PER_CALL):
-            chunk = metrics[i:i + MAX_METRICS_PER_CALL]
+            chunk = metrics[i : i + MAX_METRICS_PER_CALL]
             self.client.log_batch(self.run_id, metrics=chunk)
             self.sent += len(chunk)
             if dedupe:
@@ -287,9 +291,13 @@ class _Outbox:
         """What finish() leaves for sync: params, tags, artifacts, status (metrics: the journal)."""
         with self.lock:
             items = list(self.items)
-        out: dict[str, Any] = {"params": {}, "tags": {}, "artifacts": [], "status": None,
-                               "metric_rows": sum(k == "metrics" for k, _ in items) + (self.lost_rows if
-                                                                                       self.journal is None else 0)}
+        out: dict[str, Any] = {
+            "params": {},
+            "tags": {},
+            "artifacts": [],
+            "status": None,
+            "metric_rows": sum(k == "metrics" for k, _ in items) + (self.lost_rows if self.journal is None else 0),
+        }
         for kind, payload in items:
             if kind in ("params", "tags"):
                 out[kind].update(payload)
@@ -313,9 +321,17 @@ class Tracker:
     """No-op unless `enabled` (rank 0 with tracking on). `journal`: the run's metrics.jsonl, from
     which missing steps are replayed (module docstring)."""
 
-    def __init__(self, enabled: bool, uri: str, experiment: str, run_dir: Path,
-                 run_name: str = "", run_id: str | None = None, system_metrics_s: float = 10.0,
-                 journal: Path | None = None):
+    def __init__(
+        self,
+        enabled: bool,
+        uri: str,
+        experiment: str,
+        run_dir: Path,
+        run_name: str = "",
+        run_id: str | None = None,
+        system_metrics_s: float = 10.0,
+        journal: Path | None = None,
+    ):
         self.enabled = enabled
         self.uri = uri
         self.run_id: str | None = None
@@ -349,8 +365,9 @@ class Tracker:
         self._thread = threading.Thread(target=self._send_loop, name=SENDER_THREAD, daemon=True)
         self._thread.start()
         if system_metrics_s > 0:  # CPU, memory, disk, network (and GPU where present)
-            self._system_thread = threading.Thread(target=self._sample_system, args=(system_metrics_s,),
-                                                   name="mlflow-system-metrics", daemon=True)
+            self._system_thread = threading.Thread(
+                target=self._sample_system, args=(system_metrics_s,), name="mlflow-system-metrics", daemon=True
+            )
             self._system_thread.start()
 
     def _create_run(self, experiment: str, run_dir: Path, run_name: str) -> str:
@@ -365,9 +382,16 @@ class Tracker:
         return self.client.create_run(exp_id, run_name=run_name or None).info.run_id
 
     def _record(self, pending: dict[str, Any] | None) -> None:
-        _write_record(self.run_dir, {"uri": self.uri, "run_id": self.run_id, "experiment": self.experiment,
-                                     "journal": self.journal.name if self.journal else None,
-                                     "pending": pending or {}})
+        _write_record(
+            self.run_dir,
+            {
+                "uri": self.uri,
+                "run_id": self.run_id,
+                "experiment": self.experiment,
+                "journal": self.journal.name if self.journal else None,
+                "pending": pending or {},
+            },
+        )
 
     # -- the background threads
     def _send_loop(self) -> None:
@@ -388,17 +412,22 @@ class Tracker:
                 self._last_failed_try = self._tries
                 if self._outage_since is None:
                     self._outage_since = time.time()
-                    log.warning("MLflow at %s unreachable (%s); training goes on, metrics stay in the run "
-                                "directory and are sent when it is back (or by `hicmae-dist sync %s`)",
-                                self.uri, _reason(err), self.run_dir)
+                    log.warning(
+                        "MLflow at %s unreachable (%s); training goes on, metrics stay in the run "
+                        "directory and are sent when it is back (or by `hicmae-dist sync %s`)",
+                        self.uri,
+                        _reason(err),
+                        self.run_dir,
+                    )
                 self._wake.wait(backoff)  # new items do not shorten it; finish() does
                 self._wake.clear()
                 backoff = min(2 * backoff, MAX_BACKOFF_S)
                 continue
             backoff = 1.0
             if self._outage_since is not None:
-                log.warning("MLflow at %s is back after %.0f s; catching up", self.uri,
-                            time.time() - self._outage_since)
+                log.warning(
+                    "MLflow at %s is back after %.0f s; catching up", self.uri, time.time() - self._outage_since
+                )
                 self._outage_since = None
 
     def _drop_head(self, err: Exception) -> None:
@@ -483,8 +512,12 @@ class Tracker:
         woken_after = self._tries  # a try numbered above this one started after the wake
         deadline = time.monotonic() + wait_s
         with box.lock:  # until sent, the time is up, or the server is down and a try since failed
-            while (not box.empty() and time.monotonic() < deadline and self._thread.is_alive()
-                   and not (self._outage_since is not None and self._last_failed_try > woken_after)):
+            while (
+                not box.empty()
+                and time.monotonic() < deadline
+                and self._thread.is_alive()
+                and not (self._outage_since is not None and self._last_failed_try > woken_after)
+            ):
                 box.lock.wait(0.1)
         self._stop.set()
         self._wake.set()
@@ -496,13 +529,19 @@ class Tracker:
         pending = box.pending()
         if box.replay or any(pending[k] for k in ("params", "tags", "artifacts", "status", "metric_rows")):
             self._record(pending)
-            left = [f"{pending['metric_rows']} metric rows" if pending["metric_rows"] else "",
-                    "missing metric rows" if box.replay else "",
-                    f"{len(pending['artifacts'])} artifacts" if pending["artifacts"] else "",
-                    f"status {pending['status']}" if pending["status"] else ""]
-            log.warning("MLflow at %s did not take everything (%s left); the run directory keeps them: "
-                        "`hicmae-dist sync %s` sends them", self.uri,
-                        ", ".join(x for x in left if x) or "params/tags", self.run_dir)
+            left = [
+                f"{pending['metric_rows']} metric rows" if pending["metric_rows"] else "",
+                "missing metric rows" if box.replay else "",
+                f"{len(pending['artifacts'])} artifacts" if pending["artifacts"] else "",
+                f"status {pending['status']}" if pending["status"] else "",
+            ]
+            log.warning(
+                "MLflow at %s did not take everything (%s left); the run directory keeps them: "
+                "`hicmae-dist sync %s` sends them",
+                self.uri,
+                ", ".join(x for x in left if x) or "params/tags",
+                self.run_dir,
+            )
         else:
             self._record(None)
 
@@ -523,8 +562,14 @@ def finish_run(run_dir: Path, uri: str, run_id: str, status: str) -> bool:
         MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
         sent = True
     except Exception as err:  # noqa: BLE001 - the job's own outcome matters more
-        log.warning("could not mark MLflow run %s %s at %s (%s); `hicmae-dist sync %s` will", run_id, status, uri,
-                    _reason(err), run_dir)
+        log.warning(
+            "could not mark MLflow run %s %s at %s (%s); `hicmae-dist sync %s` will",
+            run_id,
+            status,
+            uri,
+            _reason(err),
+            run_dir,
+        )
         sent = False
     record = _read_record(Path(run_dir))
     if record.get("run_id") == run_id:
@@ -540,8 +585,9 @@ def sync_run_dir(run_dir: Path, uri: str | None = None) -> list[str]:
     run_dir = Path(run_dir)
     records = [p.parent for p in [run_dir / RECORD_FILE, *sorted(run_dir.glob(f"*/{RECORD_FILE}"))] if p.exists()]
     if not records:
-        raise FileNotFoundError(f"{run_dir / RECORD_FILE} not found: not a run directory tracked in MLflow "
-                                f"(or tracking was off)")
+        raise FileNotFoundError(
+            f"{run_dir / RECORD_FILE} not found: not a run directory tracked in MLflow (or tracking was off)"
+        )
     bound_http_retries()
     from mlflow.tracking import MlflowClient
 
@@ -557,6 +603,8 @@ def sync_run_dir(run_dir: Path, uri: str | None = None) -> list[str]:
             box.send_next()  # a failure raises: nothing recorded is lost, sync again
         _write_record(d, {**record, "pending": {}})
         status = record.get("pending", {}).get("status")
-        lines.append(f"{d}: run {record['run_id']} at {target}: {box.sent} metric values sent, {box.skipped} "
-                     f"already there" + (f", status {status}" if status else ""))
+        lines.append(
+            f"{d}: run {record['run_id']} at {target}: {box.sent} metric values sent, {box.skipped} "
+            f"already there" + (f", status {status}" if status else "")
+        )
     return lines

@@ -1,4 +1,5 @@
 """`python -m kernels`: every benchmark (the same as `hicmae-dist bench kernels`)."""
+
 from hicmae_dist.bench.kernels.harness import main
 
 raise SystemExit(main(prog="python -m kernels"))

@@ -1,4 +1,7 @@
-"""`python -m kernels.attention`: attention backends on the models' calls and the flash-attention anchor grid (hicmae_dist/bench/kernels/attention.py)."""
+"""`python -m kernels.attention`: attention backends, the models' calls and the FA anchor grid.
+
+The code: hicmae_dist/bench/kernels/attention.py."""
+
 from hicmae_dist.bench.kernels.attention import main
 
 if __name__ == "__main__":

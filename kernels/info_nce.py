@@ -1,4 +1,7 @@
-"""`python -m kernels.info_nce`: blockwise vs naive contrastive loss: time and peak memory (hicmae_dist/bench/kernels/info_nce.py)."""
+"""`python -m kernels.info_nce`: blockwise vs naive contrastive loss: time and peak memory.
+
+The code: hicmae_dist/bench/kernels/info_nce.py."""
+
 from hicmae_dist.bench.kernels.info_nce import main
 
 if __name__ == "__main__":

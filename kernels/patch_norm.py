@@ -1,4 +1,7 @@
-"""`python -m kernels.patch_norm`: target normalisation: native _C vs its PyTorch maths (hicmae_dist/bench/kernels/patch_norm.py)."""
+"""`python -m kernels.patch_norm`: target normalisation: native _C vs its PyTorch maths.
+
+The code: hicmae_dist/bench/kernels/patch_norm.py."""
+
 from hicmae_dist.bench.kernels.patch_norm import main
 
 if __name__ == "__main__":

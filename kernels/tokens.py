@@ -1,4 +1,7 @@
-"""`python -m kernels.tokens`: token gather and decoder re-assembly: native _C vs PyTorch indexing (hicmae_dist/bench/kernels/tokens.py)."""
+"""`python -m kernels.tokens`: token gather and decoder re-assembly: native _C vs PyTorch indexing.
+
+The code: hicmae_dist/bench/kernels/tokens.py."""
+
 from hicmae_dist.bench.kernels.tokens import main
 
 if __name__ == "__main__":

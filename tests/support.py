@@ -1,4 +1,5 @@
 """Test helpers shared across the suite."""
+
 from __future__ import annotations
 
 import os

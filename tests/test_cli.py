@@ -1,6 +1,7 @@
 """The command line's contract: a user error is one line `hicmae-dist <verb>: ...` on stderr with
 exit status 2 (usage, config) or 1 (a failure), no traceback unless --debug; a bug keeps its
 traceback; key=value overrides are accepted anywhere on the line."""
+
 from __future__ import annotations
 
 import errno
@@ -38,24 +39,44 @@ def _main(capsys, *argv: str) -> tuple[int, str]:
 
 # --- bad values on the real command line (a subprocess each: the exit status and stderr as a user sees them)
 
-@pytest.mark.parametrize("args, key", [
-    (["train.base_lr=-1"], "train.base_lr"),
-    (["train.base_lr=.nan"], "train.base_lr"),
-    (["model.temperature=0"], "model.temperature"),
-    (["--world-size", "0"], "--world-size"),
-    (["--world-size", "-3"], "--world-size"),
-], ids=["negative-lr", "nan-lr", "zero-temperature", "world-size-0", "world-size-negative"])
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["train.base_lr=-1"], "train.base_lr"),
+        (["train.base_lr=.nan"], "train.base_lr"),
+        (["model.temperature=0"], "model.temperature"),
+        (["--world-size", "0"], "--world-size"),
+        (["--world-size", "-3"], "--world-size"),
+    ],
+    ids=["negative-lr", "nan-lr", "zero-temperature", "world-size-0", "world-size-negative"],
+)
 def test_pretrain_dry_run_refuses_bad_values_in_one_line(args, key):
-    r = subprocess.run(CLI + ["pretrain", "--preset", "tiny-cpu", "--dry-run", *args], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        CLI + ["pretrain", "--preset", "tiny-cpu", "--dry-run", *args], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout[-500:], r.stderr)
     _one_line(r.stderr, "pretrain", key)
 
 
 def test_overrides_anywhere_on_the_line():
-    r = subprocess.run(CLI + ["pretrain", "--preset", "tiny-cpu", "train.steps=50", "--dry-run", "model.width=128",
-                              "--world-size", "2", "train.warmup_steps=5"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        CLI
+        + [
+            "pretrain",
+            "--preset",
+            "tiny-cpu",
+            "train.steps=50",
+            "--dry-run",
+            "model.width=128",
+            "--world-size",
+            "2",
+            "train.warmup_steps=5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "width: 128" in r.stdout and "steps: 50" in r.stdout and "warmup_steps: 5" in r.stdout
     assert "world size 2" in r.stdout
@@ -80,9 +101,19 @@ def test_malformed_yaml_preset(tmp_path, capsys):
 
 # --- failures before training: one line, status 1
 
+
 def _pretrain(tmp_path: Path, data: Path, *extra: str) -> list[str]:
-    return ["pretrain", "--preset", "tiny-cpu", "--data", str(data), "--run-dir", str(tmp_path / "run"),
-            "--no-progress", *extra]
+    return [
+        "pretrain",
+        "--preset",
+        "tiny-cpu",
+        "--data",
+        str(data),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_missing_empty_and_raw_corpus_data(tmp_path, capsys):
@@ -118,7 +149,8 @@ def test_garbage_only_shards_are_bad_data(tmp_path, capsys, monkeypatch):
     """The real loader set-up on a directory whose only shard is random bytes: BadDataError,
     reported in one line (pretrain's engine is not built: its loader is called directly)."""
     from hicmae_dist.data.loader import make_pretrain_loader
-    from hicmae_dist.train import pretrain as pretrain_module, runtime as runtime_module
+    from hicmae_dist.train import pretrain as pretrain_module
+    from hicmae_dist.train import runtime as runtime_module
 
     data = tmp_path / "shards"
     data.mkdir()
@@ -143,10 +175,14 @@ def test_resume_error_is_one_line(tmp_path):
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text('{"step": 10, "config_hash": "0123", "world_size": 1}')
     (ckpt.parent / "latest").write_text("step00000010")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    r = subprocess.run(CLI + _pretrain(tmp_path, data, "--resume", "never"), capture_output=True, text=True,
-                       timeout=300, env=env)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    r = subprocess.run(
+        CLI + _pretrain(tmp_path, data, "--resume", "never"), capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr  # the log lines of the start-up come before it
     _one_line(r.stderr.strip().splitlines()[-1], "pretrain", "already holds checkpoint step00000010")
@@ -174,21 +210,29 @@ def test_convert_of_a_missing_or_junk_file(tmp_path, capsys):
 def test_convert_junk_file_on_the_real_command_line(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_text("hello\n")
-    r = subprocess.run(CLI + ["convert", "--from", "hicmae", str(junk), str(tmp_path / "o.pth")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        CLI + ["convert", "--from", "hicmae", str(junk), str(tmp_path / "o.pth")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1
     _one_line(r.stderr, "convert", str(junk), "not a PyTorch checkpoint")
 
 
 # --- how main() sorts errors: a verb that raises what the layers below raise
 
+
 @pytest.fixture
 def raising(monkeypatch):
     """`hicmae-dist info hicmae-t` made to raise the given exception."""
+
     def install(exc: BaseException):
         def cmd(args):
             raise exc
+
         monkeypatch.setattr(cli, "cmd_info", cmd)
+
     return install
 
 
@@ -212,8 +256,11 @@ def test_disk_full_is_one_line_naming_the_file(raising, capsys):
     # an OSError subclass with its own message (as train.checkpoint's DiskFullError), errno or not
     class DiskFull(OSError):
         pass
-    for exc in (DiskFull(errno.ENOSPC, "No space left on device while writing x; the last good checkpoint is 5"),
-                RuntimeError("writing x failed")):
+
+    for exc in (
+        DiskFull(errno.ENOSPC, "No space left on device while writing x; the last good checkpoint is 5"),
+        RuntimeError("writing x failed"),
+    ):
         if isinstance(exc, RuntimeError):
             exc.__context__ = OSError(errno.ENOSPC, "No space left on device")  # raised while handling it
         raising(exc)
@@ -256,8 +303,15 @@ def test_exit_status_is_documented():
 def test_finetune_bad_folds_is_a_usage_error(tmp_path, capsys):
     for f in (1, 2, 3):
         (tmp_path / "splits" / f"split{f:02d}").mkdir(parents=True)
-    args = ["finetune", "--splits", str(tmp_path / "splits"), "--run-dir", str(tmp_path / "ft"), "--from-scratch",
-            "--dry-run"]
+    args = [
+        "finetune",
+        "--splits",
+        str(tmp_path / "splits"),
+        "--run-dir",
+        str(tmp_path / "ft"),
+        "--from-scratch",
+        "--dry-run",
+    ]
     for folds in ("0", "x-y"):
         code, err = _main(capsys, *args, "--folds", folds)
         assert code == 2

@@ -1,4 +1,5 @@
 """Typed config: presets load, dotted overrides apply and are type-checked, errors name the key."""
+
 import dataclasses
 
 import pytest
@@ -15,26 +16,37 @@ def test_every_shipped_preset_loads():
 
 
 def test_tiny_preset_values_and_overrides():
-    cfg = load_config("tiny-cpu", ["model.width=128", "train.steps=50", "train.betas=[0.9, 0.98]",
-                                   "model.frame_diff_target=false", "train.base_lr=1"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            "model.width=128",
+            "train.steps=50",
+            "train.betas=[0.9, 0.98]",
+            "model.frame_diff_target=false",
+            "train.base_lr=1",
+        ],
+    )
     assert cfg.model.width == 128 and cfg.model.heads == 2 and cfg.model.encoder_depth == 4
     assert cfg.train.steps == 50 and cfg.train.betas == [0.9, 0.98]
     assert cfg.model.frame_diff_target is False
     assert cfg.train.base_lr == 1.0 and isinstance(cfg.train.base_lr, float)  # int accepted for float
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.widht=128", "unknown config key 'model.widht'"),
-    ("modle.width=128", "unknown config key 'modle'"),
-    ("train.steps=fifty", "train.steps: expected an integer"),
-    ("train.steps=1.5", "train.steps: expected an integer"),
-    ("model.frame_diff_target=3", "model.frame_diff_target: expected true or false"),
-    ("model.intermediate_layers=[1, x]", r"model.intermediate_layers\[1\]: expected an integer"),
-    ("model.width=99", "model.width: expected a multiple of model.heads"),
-    ("model.intermediate_layers=[0, 1]", "model.intermediate_layers: expected .*last encoder block"),
-    ("train.zero_stage=4", "train.zero_stage: expected 0, 1, 2 or 3"),
-    ("trainsteps", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.widht=128", "unknown config key 'model.widht'"),
+        ("modle.width=128", "unknown config key 'modle'"),
+        ("train.steps=fifty", "train.steps: expected an integer"),
+        ("train.steps=1.5", "train.steps: expected an integer"),
+        ("model.frame_diff_target=3", "model.frame_diff_target: expected true or false"),
+        ("model.intermediate_layers=[1, x]", r"model.intermediate_layers\[1\]: expected an integer"),
+        ("model.width=99", "model.width: expected a multiple of model.heads"),
+        ("model.intermediate_layers=[0, 1]", "model.intermediate_layers: expected .*last encoder block"),
+        ("train.zero_stage=4", "train.zero_stage: expected 0, 1, 2 or 3"),
+        ("trainsteps", "expected key=value"),
+    ],
+)
 def test_bad_override_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny-cpu", [override])
@@ -58,8 +70,13 @@ def test_round_trip_and_hash():
     assert again == cfg and again.hash() == cfg.hash()
     assert load_config("tiny-cpu", ["train.steps=90"]).hash() == cfg.hash()  # the step budget may change
     assert load_config("tiny-cpu", ["model.width=128"]).hash() != cfg.hash()
-    execution_only = ["execution.attention_backend=reference", "execution.pack_fusion=true", "data.num_workers=0",
-                      "execution.activation_checkpointing=true", "execution.compile=true"]
+    execution_only = [
+        "execution.attention_backend=reference",
+        "execution.pack_fusion=true",
+        "data.num_workers=0",
+        "execution.activation_checkpointing=true",
+        "execution.compile=true",
+    ]
     assert load_config("tiny-cpu", ["train.steps=70", *execution_only]).hash() == cfg.hash()
     assert cfg.flat()["model.width"] == 64 and "train.steps" in cfg.flat()
     assert Config().model.width == 384  # the dataclass defaults are HiCMAE-S

@@ -1,6 +1,7 @@
 """`hicmae-dist doctor` on this machine, with the GPUs hidden: every CPU check passes, every GPU
 check is listed as not run with its reason, both reports are written and the JSON has the
 documented fields; a failing or raising check makes the exit status non-zero, the run goes on."""
+
 import json
 import os
 import re
@@ -15,20 +16,32 @@ from hicmae_dist.ops.gather import native_available
 
 RECORD_FIELDS = {"name", "backend", "device", "status", "reason", "summary", "seconds", "metrics"}
 VERSION_FIELDS = {"python", "torch", "cuda_runtime", "driver", "nccl", "cudnn", "triton", "deepspeed", "xformers"}
-CPU_CHECKS = {("attention", "sdpa"), ("info_nce.local", "torch"), ("info_nce.global", "torch"), ("csrc", "native"),
-              (f"train.fp32.{doctor.CPU_TRAIN_PRESET}", "sdpa")}
-GPU_CHECKS = ({("attention", b) for b in doctor.ATTENTION_BACKENDS}
-              | {("info_nce.local", "triton"), ("info_nce.global", "triton"), ("csrc", "native")}
-              | {(f"train.bf16.{m}", b) for m in doctor.MODELS for b in doctor.ATTENTION_BACKENDS}
-              | {("zero", "nccl"), ("bench-kernels", None), ("jpeg_decode", "nvjpeg")})
+CPU_CHECKS = {
+    ("attention", "sdpa"),
+    ("info_nce.local", "torch"),
+    ("info_nce.global", "torch"),
+    ("csrc", "native"),
+    (f"train.fp32.{doctor.CPU_TRAIN_PRESET}", "sdpa"),
+}
+GPU_CHECKS = (
+    {("attention", b) for b in doctor.ATTENTION_BACKENDS}
+    | {("info_nce.local", "triton"), ("info_nce.global", "triton"), ("csrc", "native")}
+    | {(f"train.bf16.{m}", b) for m in doctor.MODELS for b in doctor.ATTENTION_BACKENDS}
+    | {("zero", "nccl"), ("bench-kernels", None), ("jpeg_decode", "nvjpeg")}
+)
 
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("doctor")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # a CPU-only machine, also where a GPU is
-    proc = subprocess.run([sys.executable, "-m", "hicmae_dist.cli", "doctor", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hicmae_dist.cli", "doctor", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     return out, proc
 
 
@@ -86,6 +99,7 @@ def _stub(status):
         if status == "error":
             raise RuntimeError("a planted exception")
         raise doctor.NotRun("planted: not installed")
+
     return run
 
 
@@ -116,14 +130,16 @@ def test_imports_without_the_packages_the_gpu_image_lacks():
     """The doctor and the CLI parser import with torch alone: no DeepSpeed, MLflow, torchcodec,
     WebDataset, submitit, PyAV or xformers at import time."""
     blocked = ("deepspeed", "mlflow", "torchcodec", "webdataset", "submitit", "av", "xformers")
-    code = ("import importlib.abc, sys\n"
-            "class Block(importlib.abc.MetaPathFinder):\n"
-            f"    def find_spec(self, name, path=None, target=None):\n"
-            f"        if name.split('.')[0] in {blocked!r}: raise ImportError('blocked: ' + name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "import hicmae_dist.doctor, hicmae_dist.cli\n"
-            "args = hicmae_dist.cli.build_parser().parse_args(['doctor', '--skip', 'zero'])\n"
-            "assert args.func is hicmae_dist.cli.cmd_doctor and args.skip == ['zero']\n")
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        f"    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {blocked!r}: raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import hicmae_dist.doctor, hicmae_dist.cli\n"
+        "args = hicmae_dist.cli.build_parser().parse_args(['doctor', '--skip', 'zero'])\n"
+        "assert args.func is hicmae_dist.cli.cmd_doctor and args.skip == ['zero']\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

@@ -1,4 +1,5 @@
 """The import layers of pyproject.toml's [tool.importlinter] hold, and the check can fail."""
+
 from __future__ import annotations
 
 import shutil
@@ -17,9 +18,14 @@ LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 def _lint(root: Path) -> subprocess.CompletedProcess:
     require("import-linter", LINT_IMPORTS.exists(), "pip install -e '.[dev]'")
     # the tree under `root` first on the path, so its packages are the ones analysed
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache", str(root / "pyproject.toml")], cwd=root,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)}, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", str(root / "pyproject.toml")],
+        cwd=root,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_layers_hold():
@@ -28,10 +34,15 @@ def test_layers_hold():
     assert "0 broken" in out.stdout
 
 
-@pytest.mark.parametrize("low, high", [("hicmae_dist/ops/tokens.py", "hicmae_dist.train.step"),
-                                       ("hicmae_dist/config.py", "hicmae_dist.models"),
-                                       ("hicmae_dist/data/loader.py", "hicmae_dist.bench.timing"),
-                                       ("hicmae_dist/models/cavmae/config.py", "hicmae_dist.models.blocks")])
+@pytest.mark.parametrize(
+    "low, high",
+    [
+        ("hicmae_dist/ops/tokens.py", "hicmae_dist.train.step"),
+        ("hicmae_dist/config.py", "hicmae_dist.models"),
+        ("hicmae_dist/data/loader.py", "hicmae_dist.bench.timing"),
+        ("hicmae_dist/models/cavmae/config.py", "hicmae_dist.models.blocks"),
+    ],
+)
 def test_an_upward_import_breaks_the_contract(tmp_path, low, high):
     for pkg in ("hicmae_dist", "kernels"):
         shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))

@@ -1,5 +1,6 @@
 """The tracker against a local sqlite store: one value per step across a resume, nothing
 blocking, a one-line error for an unreachable server, and sync of what was left behind."""
+
 import json
 import socket
 import time
@@ -110,8 +111,9 @@ def test_finish_against_a_dead_server_returns_and_sync_sends_the_rest(tmp_path):
 def test_the_sender_catches_up_from_the_journal_when_the_server_is_back(tmp_path, monkeypatch):
     """An outage longer than the outbox holds: rows beyond it are dropped from memory, and replayed
     from metrics.jsonl once the server answers again; every step once, in the same session."""
-    import hicmae_dist.tracking as tracking
     from mlflow.tracking import MlflowClient
+
+    import hicmae_dist.tracking as tracking
 
     monkeypatch.setattr(tracking, "OUTBOX_ROWS", 2)
     uri, journal = default_uri(tmp_path), tmp_path / "metrics.jsonl"

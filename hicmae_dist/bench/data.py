@@ -20,6 +20,7 @@ run measures, all on one thread per process:
 Wall-clock rates depend on what else the machine runs (the report prints the load average);
 CPU-time rates much less.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -50,16 +51,30 @@ LOADER_PATHS = ("float", "uint8", "jpeg")
 AUDIO_FORMS = ("wave", "fbank")  # the stored audio forms (prepare --audio-form)
 GOAL_PATH = "uint8, fbank"  # the goal's path: uint8 batches from shards with the stored fbank
 GPU_DECODE_PATH = "jpeg, fbank"  # beside it: the same with decode_on=cuda (no JPEG decode in the workers)
-FLOAT_STAGES = ("read tar", "json", "jpeg decode", "crop+resize+normalise", "fbank+augment", "masks",
-                "new batch memory")
+FLOAT_STAGES = (
+    "read tar",
+    "json",
+    "jpeg decode",
+    "crop+resize+normalise",
+    "fbank+augment",
+    "masks",
+    "new batch memory",
+)
 UINT8_STAGES = ("read tar", "json", "jpeg decode", "crop+resize", "fbank+augment", "masks")  # normalise: device row
 RELEASE_STAGES = ("open mp4", "decode frames", "crop+resize+normalise", "read wav", "fbank", "masks")
 CAVMAE_RELEASE_STAGES = ("read jpeg", "jpeg decode", "normalise", "read wav", "fbank+augment")
 
 
-def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_dir: str | Path | None = None,
-               clips: int | None = None, batches: int | None = None, batch_size: int | None = None,
-               seed: int = 0) -> dict:
+def bench_data(
+    *,
+    quick: bool = False,
+    workers: list[int] | None = None,
+    work_dir: str | Path | None = None,
+    clips: int | None = None,
+    batches: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Run the benchmark (module docstring); returns the results (format_table renders them)."""
     from hicmae_dist.data.synth import write_corpus
 
@@ -71,9 +86,16 @@ def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_di
     samples = 6 if quick else 24  # clips per profile / release measurement
     owned = work_dir is None
     root = Path(work_dir or tempfile.mkdtemp(prefix="hicmae-bench-data-"))
-    result: dict = {"quick": quick, "cpus": ncpu, "load_average": [round(x, 2) for x in os.getloadavg()],
-                    "machine": machine(torch.device("cpu")), "clips": clips, "batch_size": batch_size,
-                    "batches": batches, "workers": workers}
+    result: dict = {
+        "quick": quick,
+        "cpus": ncpu,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine(torch.device("cpu")),
+        "clips": clips,
+        "batch_size": batch_size,
+        "batches": batches,
+        "workers": workers,
+    }
     try:
         with torch_threads(1):
             corpus = root / "corpus"
@@ -86,8 +108,10 @@ def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_di
                 release = release_profile(list(release_inputs(corpus, root, arch).values()), m, samples, seed)
                 result["profile"][arch] = {"release": release}
                 result["loader"].append(_release_row(arch, release))
-                result["loader"] += [_loader_row(arch, stores[arch, form], m, path, form, w, batch_size, batches, seed)
-                                     for path, form, w in _loader_settings(workers)]
+                result["loader"] += [
+                    _loader_row(arch, stores[arch, form], m, path, form, w, batch_size, batches, seed)
+                    for path, form, w in _loader_settings(workers)
+                ]
             result["device"] = _device_rows(models, batch_size, repeats=3 if quick else 7)
             for arch, m in models.items():
                 for path, form in (("float", "wave"), ("uint8", "wave"), ("uint8", "fbank")):
@@ -103,6 +127,7 @@ def bench_data(*, quick: bool = False, workers: list[int] | None = None, work_di
 
 # --- prepare --------------------------------------------------------------------------------------
 
+
 def _prepare_options(arch: str, form: str) -> dict:
     """prepare_shards keywords of an (arch, audio form)'s stored form."""
     options = {"full_frame": True, "frames": "ten"} if arch == "cavmae" else {}
@@ -117,15 +142,20 @@ def _bench_prepare(corpus: Path, root: Path, workers: list[int]) -> tuple[list[d
 
     labels = {"hicmae": "hicmae: stride 4, 160px", "cavmae": "cavmae: ten frames, 224px"}
     forms = [("hicmae", "wave", w) for w in workers]
-    forms += [(arch, form, max(workers)) for arch in ARCH_PRESETS for form in AUDIO_FORMS
-              if (arch, form) != ("hicmae", "wave")]
+    forms += [
+        (arch, form, max(workers))
+        for arch in ARCH_PRESETS
+        for form in AUDIO_FORMS
+        if (arch, form) != ("hicmae", "wave")
+    ]
     rows, stores = [], {}
     for arch, form, w in forms:
         out = root / f"shards-{arch}-{form}-w{w}"
         shutil.rmtree(out, ignore_errors=True)
         with Stopwatch() as took:
-            manifest = prepare_shards(corpus, out, shard_size="1MB", workers=w, progress=False,
-                                      **_prepare_options(arch, form))
+            manifest = prepare_shards(
+                corpus, out, shard_size="1MB", workers=w, progress=False, **_prepare_options(arch, form)
+            )
         rows.append(_prepare_row(f"{labels[arch]}, {form} audio", w, manifest, took.wall, took.cpu))
         stores.setdefault((arch, form), out)
     return rows, stores
@@ -133,12 +163,19 @@ def _bench_prepare(corpus: Path, root: Path, workers: list[int]) -> tuple[list[d
 
 def _prepare_row(form: str, workers: int, manifest: dict, wall: float, cpu: float) -> dict:
     n = manifest["last_run"]["clips_done"]
-    return {"form": form, "workers": workers, "clips": n, "clips_per_s": round(n / wall, 2),
-            "clips_per_s_per_worker": round(n / wall / workers, 2),
-            "clips_per_cpu_s": round(n / cpu, 2) if cpu > 0 else None, "bytes_per_clip": manifest["bytes_per_clip"]}
+    return {
+        "form": form,
+        "workers": workers,
+        "clips": n,
+        "clips_per_s": round(n / wall, 2),
+        "clips_per_s_per_worker": round(n / wall / workers, 2),
+        "clips_per_cpu_s": round(n / cpu, 2) if cpu > 0 else None,
+        "bytes_per_clip": manifest["bytes_per_clip"],
+    }
 
 
 # --- the release's data path ------------------------------------------------------------------------
+
 
 def release_inputs(corpus: Path, root: Path, arch: str) -> dict[str, tuple]:
     """{key: the files the release reads per clip}: HiCMAE (mp4, wav), CAV-MAE (its 10 frames'
@@ -164,7 +201,7 @@ def _release_frames(mp4: Path, out: Path) -> list[Path]:
         blob, sizes = video.encode_jpegs(frames, quality=95)
         out.mkdir(parents=True, exist_ok=True)
         for path, end, size in zip(paths, itertools.accumulate(sizes), sizes):
-            path.write_bytes(blob[end - size:end])
+            path.write_bytes(blob[end - size : end])
     return paths
 
 
@@ -189,8 +226,14 @@ def release_wavs(corpus: Path, out: Path) -> dict[str, tuple[Path, Path]]:
     return pairs
 
 
-def release_clip(mp4: Path, wav: Path, m: ModelConfig, rng: random.Random, start: int | None = None,
-                 box: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def release_clip(
+    mp4: Path,
+    wav: Path,
+    m: ModelConfig,
+    rng: random.Random,
+    start: int | None = None,
+    box: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """One clip as the HiCMAE release's pretraining dataset makes it, with our functions for the
     shared parts: (video (3, 16, S, S), audio (1, 256, 128), the CPU clock before and after each
     of RELEASE_STAGES).
@@ -245,15 +288,16 @@ def _read_wav(path: Path, first: int, count: int) -> torch.Tensor:
 
     with wave.open(str(path), "rb") as f:
         if (f.getnchannels(), f.getsampwidth()) != (1, 2):
-            raise ValueError(f"{path}: expected 16-bit mono, got {f.getnchannels()} channels of "
-                             f"{8 * f.getsampwidth()} bits")
+            raise ValueError(
+                f"{path}: expected 16-bit mono, got {f.getnchannels()} channels of {8 * f.getsampwidth()} bits"
+            )
         f.setpos(min(first, f.getnframes()))
         return audio.from_pcm16(f.readframes(count))
 
 
-def release_cavmae_clip(frames: list[Path], wav: Path, m: ModelConfig, rng: random.Random,
-                       pick: int | None = None,
-                       noise: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def release_cavmae_clip(
+    frames: list[Path], wav: Path, m: ModelConfig, rng: random.Random, pick: int | None = None, noise: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """One clip as the CAV-MAE release's training dataset makes it, with our functions for the
     shared parts: (video (3, 224, 224), audio (1, 1024, 128), the CPU clock before and after each
     of CAVMAE_RELEASE_STAGES).
@@ -287,8 +331,9 @@ def release_cavmae_clip(frames: list[Path], wav: Path, m: ModelConfig, rng: rand
 def release_profile(inputs: list[tuple], m: ModelConfig, samples: int, seed: int) -> dict:
     """CPU ms per clip of each stage of the release's per-sample work (release_clip for HiCMAE,
     release_cavmae_clip for CAV-MAE) over `samples` clips (after an untimed one)."""
-    clip, stages = ((release_cavmae_clip, CAVMAE_RELEASE_STAGES) if m.arch == "cavmae"
-                    else (release_clip, RELEASE_STAGES))
+    clip, stages = (
+        (release_cavmae_clip, CAVMAE_RELEASE_STAGES) if m.arch == "cavmae" else (release_clip, RELEASE_STAGES)
+    )
     rng = random.Random(seed)
     ms = dict.fromkeys(stages, 0.0)
     for n in range(samples + 1):  # the first clip warms caches and is not counted
@@ -300,18 +345,28 @@ def release_profile(inputs: list[tuple], m: ModelConfig, samples: int, seed: int
 
 
 def _release_row(arch: str, release: dict) -> dict:
-    return {"arch": arch, "path": "release", "audio": "wav", "workers": 0,
-            "clips_per_cpu_s": release["clips_per_cpu_s"]}
+    return {
+        "arch": arch,
+        "path": "release",
+        "audio": "wav",
+        "workers": 0,
+        "clips_per_cpu_s": release["clips_per_cpu_s"],
+    }
 
 
 # --- the loader -----------------------------------------------------------------------------------
+
 
 def _loader_settings(workers: list[int]) -> list[tuple[str, str, int]]:
     """(video path, audio form, workers): the CPU-decode paths with the wave form in the main
     process and with each worker count; the other forms and the jpeg path in the main process
     (one core's work)."""
-    return [(path, form, w) for path in LOADER_PATHS for form in AUDIO_FORMS
-            for w in ([0, *workers] if form == "wave" and path != "jpeg" else [0])]
+    return [
+        (path, form, w)
+        for path in LOADER_PATHS
+        for form in AUDIO_FORMS
+        for w in ([0, *workers] if form == "wave" and path != "jpeg" else [0])
+    ]
 
 
 def _loader_options(path: str, form: str) -> dict:
@@ -319,13 +374,28 @@ def _loader_options(path: str, form: str) -> dict:
     return {"video_out": path}
 
 
-def _loader_row(arch: str, shards: Path, model_cfg: ModelConfig, path: str, form: str, workers: int,
-                batch_size: int, batches: int, seed: int) -> dict:
+def _loader_row(
+    arch: str,
+    shards: Path,
+    model_cfg: ModelConfig,
+    path: str,
+    form: str,
+    workers: int,
+    batch_size: int,
+    batches: int,
+    seed: int,
+) -> dict:
     from hicmae_dist.data.loader import make_pretrain_loader
 
-    data_cfg = DataConfig(batch_size=batch_size, num_workers=workers, shuffle_buffer=2 * batch_size,
-                          multiscale_crop=arch == "hicmae", gain_augment=arch == "hicmae", roll_augment=arch == "cavmae",
-                          audio_form=form)
+    data_cfg = DataConfig(
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle_buffer=2 * batch_size,
+        multiscale_crop=arch == "hicmae",
+        gain_augment=arch == "hicmae",
+        roll_augment=arch == "cavmae",
+        audio_form=form,
+    )
     loader = make_pretrain_loader(shards, data_cfg, model_cfg, seed=seed, **_loader_options(path, form))
     it = iter(loader)
     for _ in range(max(1, workers)):  # warm-up: worker start, shuffle buffer fill, first batch each
@@ -335,8 +405,14 @@ def _loader_row(arch: str, shards: Path, model_cfg: ModelConfig, path: str, form
             next(it)
     del it
     n = batches * batch_size
-    row = {"arch": arch, "path": path, "audio": form, "workers": workers, "clips_per_s": round(n / took.wall, 2),
-           "clips_per_s_per_worker": round(n / took.wall / max(1, workers), 2)}
+    row = {
+        "arch": arch,
+        "path": path,
+        "audio": form,
+        "workers": workers,
+        "clips_per_s": round(n / took.wall, 2),
+        "clips_per_s_per_worker": round(n / took.wall / max(1, workers), 2),
+    }
     if workers == 0:
         row["clips_per_cpu_s"] = round(n / took.cpu, 2) if took.cpu > 0 else None  # one core, one thread
     return row
@@ -355,6 +431,7 @@ def per_core_rates(loader_rows: list[dict]) -> dict[str, dict[str, float]]:
 
 # --- the device side ------------------------------------------------------------------------------
 
+
 def _uint8_clip_shape(m: ModelConfig) -> tuple[int, ...]:
     """A worker's uint8 clip, channels-last: HiCMAE (16, S, S, 3), CAV-MAE (S, S, 3)."""
     return (m.image_size, m.image_size, 3) if m.arch == "cavmae" else (m.num_frames, m.image_size, m.image_size, 3)
@@ -372,13 +449,21 @@ def _device_rows(models: dict[str, ModelConfig], batch_size: int, repeats: int) 
             device = torch.device(name)
             u8 = torch.randint(0, 256, (batch_size, *_uint8_clip_shape(m)), dtype=torch.uint8, device=device)
             t = time_calls(lambda: normalise_video(u8), device, warmup=2, repeats=repeats, min_time=0.02)
-            rows.append({"arch": arch, "device": name, "threads": torch.get_num_threads() if name == "cpu" else None,
-                         "batch_size": batch_size, "ms_per_batch": round(t["median_ms"], 3),
-                         "clips_per_s": round(1000 * batch_size / t["median_ms"], 1)})
+            rows.append(
+                {
+                    "arch": arch,
+                    "device": name,
+                    "threads": torch.get_num_threads() if name == "cpu" else None,
+                    "batch_size": batch_size,
+                    "ms_per_batch": round(t["median_ms"], 3),
+                    "clips_per_s": round(1000 * batch_size / t["median_ms"], 1),
+                }
+            )
     return rows
 
 
 # --- one core's work per clip, stage by stage -------------------------------------------------------
+
 
 def profile_decode(shards: Path, model_cfg: ModelConfig, path: str = "float", samples: int = 12) -> dict:
     """CPU ms per clip of each stage of the loader's decode on `path` ("float": FLOAT_STAGES,
@@ -394,7 +479,9 @@ def profile_decode(shards: Path, model_cfg: ModelConfig, path: str = "float", sa
     rng = random.Random(0)
     gen = torch.Generator().manual_seed(0)
     if path == "float":
-        vshape = (3, m.image_size, m.image_size) if m.arch == "cavmae" else (3, m.num_frames, m.image_size, m.image_size)
+        vshape = (
+            (3, m.image_size, m.image_size) if m.arch == "cavmae" else (3, m.num_frames, m.image_size, m.image_size)
+        )
         out_v = torch.empty(vshape)
     else:  # one pooled buffer, reused: no new memory per batch
         out_v = torch.empty(_uint8_clip_shape(m), dtype=torch.uint8)
@@ -412,12 +499,23 @@ def profile_decode(shards: Path, model_cfg: ModelConfig, path: str = "float", sa
 def _profile_summary(seconds: dict[str, float], samples: int) -> dict:
     ms = {k: round(1000 * v / samples, 3) for k, v in seconds.items()}
     total = sum(ms.values())
-    return {"samples": samples, "ms": ms, "total_ms": round(total, 3),
-            "clips_per_cpu_s": round(1000 / total, 1) if total else None}
+    return {
+        "samples": samples,
+        "ms": ms,
+        "total_ms": round(total, 3),
+        "clips_per_cpu_s": round(1000 / total, 1) if total else None,
+    }
 
 
-def _decode_one(reader, ref: tuple[int, int], m: ModelConfig, rng: random.Random, gen: torch.Generator,
-                out_v: torch.Tensor, out_a: torch.Tensor) -> list[float]:
+def _decode_one(
+    reader,
+    ref: tuple[int, int],
+    m: ModelConfig,
+    rng: random.Random,
+    gen: torch.Generator,
+    out_v: torch.Tensor,
+    out_a: torch.Tensor,
+) -> list[float]:
     """One clip through the loader's decode into out_v (float: normalised; uint8: the pooled
     channels-last buffer); the CPU clock before the first stage and after each."""
     from hicmae_dist.data import audio, video
@@ -451,13 +549,15 @@ def _decode_one(reader, ref: tuple[int, int], m: ModelConfig, rng: random.Random
     if cav:
         audio.cavmae_audio_into(out_a, sample, meta, form, gain=False, noise_roll=True, rng=rng, generator=gen)
     else:
-        audio.hicmae_audio_into(out_a, sample, meta, form, *audio.window_samples(meta, start, m.num_frames),
-                                gain=True, roll=False, rng=rng)
+        audio.hicmae_audio_into(
+            out_a, sample, meta, form, *audio.window_samples(meta, start, m.num_frames), gain=True, roll=False, rng=rng
+        )
     ticks.append(time.process_time())
     if cav:
         mae_random_mask((m.image_size // m.patch) ** 2, m.video_mask_ratio, gen)
-        audio_structured_mask(m.mel_bins // m.patch, m.audio_frames // m.patch, m.audio_mask_ratio,
-                              m.audio_mask_mode, gen)
+        audio_structured_mask(
+            m.mel_bins // m.patch, m.audio_frames // m.patch, m.audio_mask_ratio, m.audio_mask_mode, gen
+        )
     else:
         tube_mask(m.num_frames // m.tubelet, (m.image_size // m.patch) ** 2, m.video_mask_ratio, gen)
         random_mask((m.audio_frames // m.patch) * (m.mel_bins // m.patch), m.audio_mask_ratio, gen)
@@ -473,6 +573,7 @@ def _decode_one(reader, ref: tuple[int, int], m: ModelConfig, rng: random.Random
 
 
 # --- capacity and goal --------------------------------------------------------------------------------
+
 
 def capacity_table(rates: dict[str, dict[str, float]]) -> list[dict]:
     """CPU cores per H100 for each of CAPACITY_MODELS, for every measured path of its inputs.
@@ -491,9 +592,16 @@ def capacity_table(rates: dict[str, dict[str, float]]) -> list[dict]:
         forward_macs = sum(macs(cfg, "pretrain").values())
         train_flops = 3 * 2 * forward_macs
         gpu_rate = TARGET_MFU * H100_BF16_DENSE_TFLOPS * 1e12 / train_flops
-        rows.append({"model": name, "arch": cfg.arch, "forward_macs": forward_macs, "train_flops": train_flops,
-                     "gpu_clips_per_s": round(gpu_rate, 1),
-                     "cores_per_gpu": {path: round(gpu_rate / r, 1) for path, r in rates.get(cfg.arch, {}).items()}})
+        rows.append(
+            {
+                "model": name,
+                "arch": cfg.arch,
+                "forward_macs": forward_macs,
+                "train_flops": train_flops,
+                "gpu_clips_per_s": round(gpu_rate, 1),
+                "cores_per_gpu": {path: round(gpu_rate / r, 1) for path, r in rates.get(cfg.arch, {}).items()},
+            }
+        )
     return rows
 
 
@@ -504,16 +612,26 @@ def _goal(result: dict) -> dict:
     per_core, release = rates[GOAL_PATH], rates["release"]
     prof = result["profile"]["hicmae"][GOAL_PATH]
     top = sorted(((v, k) for k, v in prof["ms"].items()), reverse=True)[:2]
-    return {"path": GOAL_PATH, "target_clips_per_core": GOAL_CLIPS_PER_CORE, "target_vs_release": GOAL_VS_RELEASE,
-            "hicmae_clips_per_core": per_core, "release_clips_per_core": release,
-            "vs_release": round(per_core / release, 2), "clips_per_core_by_path": rates,
-            "gpu_decode": {"path": GPU_DECODE_PATH, "hicmae_clips_per_core": rates.get(GPU_DECODE_PATH),
-                           "vs_release": round(rates[GPU_DECODE_PATH] / release, 2) if GPU_DECODE_PATH in rates else None},
-            "met": per_core >= GOAL_CLIPS_PER_CORE and per_core >= GOAL_VS_RELEASE * release,
-            "limited_by": [f"{k} {v:.2f} ms ({100 * v / prof['total_ms']:.0f}%)" for v, k in top]}
+    return {
+        "path": GOAL_PATH,
+        "target_clips_per_core": GOAL_CLIPS_PER_CORE,
+        "target_vs_release": GOAL_VS_RELEASE,
+        "hicmae_clips_per_core": per_core,
+        "release_clips_per_core": release,
+        "vs_release": round(per_core / release, 2),
+        "clips_per_core_by_path": rates,
+        "gpu_decode": {
+            "path": GPU_DECODE_PATH,
+            "hicmae_clips_per_core": rates.get(GPU_DECODE_PATH),
+            "vs_release": round(rates[GPU_DECODE_PATH] / release, 2) if GPU_DECODE_PATH in rates else None,
+        },
+        "met": per_core >= GOAL_CLIPS_PER_CORE and per_core >= GOAL_VS_RELEASE * release,
+        "limited_by": [f"{k} {v:.2f} ms ({100 * v / prof['total_ms']:.0f}%)" for v, k in top],
+    }
 
 
 # --- the report ---------------------------------------------------------------------------------------
+
 
 def _num(x: float | None, digits: int = 1) -> str:
     return "" if x is None else f"{x:.{digits}f}"
@@ -523,34 +641,90 @@ def format_table(result: dict) -> str:
     """The results as Markdown: prepare, the loader rows beside the release's, the device rows,
     the per-stage profile, the capacity table and the goal."""
     r = result
-    lines = [f"# bench data{' --quick' if r['quick'] else ''}", "",
-             f"{r['clips']} synthetic clips, batch {r['batch_size']}, {r['cpus']} CPUs, load average "
-             f"{r['load_average'][0]}; one thread per process", "", "## prepare", ""]
-    lines.append(md_table(["stored form", "workers", "clips/s", "per worker", "clips/CPU-s", "bytes/clip"],
-                          [[p["form"], p["workers"], _num(p["clips_per_s"]), _num(p["clips_per_s_per_worker"]),
-                            _num(p["clips_per_cpu_s"]), p["bytes_per_clip"]] for p in r["prepare"]]))
+    lines = [
+        f"# bench data{' --quick' if r['quick'] else ''}",
+        "",
+        f"{r['clips']} synthetic clips, batch {r['batch_size']}, {r['cpus']} CPUs, load average "
+        f"{r['load_average'][0]}; one thread per process",
+        "",
+        "## prepare",
+        "",
+    ]
+    lines.append(
+        md_table(
+            ["stored form", "workers", "clips/s", "per worker", "clips/CPU-s", "bytes/clip"],
+            [
+                [
+                    p["form"],
+                    p["workers"],
+                    _num(p["clips_per_s"]),
+                    _num(p["clips_per_s_per_worker"]),
+                    _num(p["clips_per_cpu_s"]),
+                    p["bytes_per_clip"],
+                ]
+                for p in r["prepare"]
+            ],
+        )
+    )
     rates = per_core_rates(r["loader"])
     lines += ["", "## loader (release: the authors' per-sample path; HiCMAE's decodes the mp4)", ""]
-    lines.append(md_table(
-        ["arch", "path", "audio", "workers", "clips/s", "per worker", "clips/CPU-s", "vs release"],
-        [[x["arch"], x["path"], x["audio"], "main" if x["workers"] == 0 else x["workers"], _num(x.get("clips_per_s")),
-          _num(x.get("clips_per_s_per_worker")), _num(x.get("clips_per_cpu_s")),
-          f"{x['clips_per_cpu_s'] / rates[x['arch']]['release']:.1f}x" if x.get("clips_per_cpu_s") else ""]
-         for x in r["loader"]]))
+    lines.append(
+        md_table(
+            ["arch", "path", "audio", "workers", "clips/s", "per worker", "clips/CPU-s", "vs release"],
+            [
+                [
+                    x["arch"],
+                    x["path"],
+                    x["audio"],
+                    "main" if x["workers"] == 0 else x["workers"],
+                    _num(x.get("clips_per_s")),
+                    _num(x.get("clips_per_s_per_worker")),
+                    _num(x.get("clips_per_cpu_s")),
+                    f"{x['clips_per_cpu_s'] / rates[x['arch']]['release']:.1f}x" if x.get("clips_per_cpu_s") else "",
+                ]
+                for x in r["loader"]
+            ],
+        )
+    )
     lines += ["", "## device: uint8 batch -> normalised float (moved out of the workers)", ""]
-    lines.append(md_table(["arch", "device", "threads", "batch", "ms/batch", "clips/s"],
-                          [[d["arch"], d["device"], d["threads"] or "", d["batch_size"], _num(d["ms_per_batch"], 3),
-                            _num(d["clips_per_s"])] for d in r["device"]]))
-    lines += ["", "## profile: CPU ms per clip, one thread", "", _profile_table(r["profile"]), "",
-              "## capacity: CPU cores per H100", "", _capacity_text(r["capacity"]), "", _goal_line(r["goal"])]
+    lines.append(
+        md_table(
+            ["arch", "device", "threads", "batch", "ms/batch", "clips/s"],
+            [
+                [
+                    d["arch"],
+                    d["device"],
+                    d["threads"] or "",
+                    d["batch_size"],
+                    _num(d["ms_per_batch"], 3),
+                    _num(d["clips_per_s"]),
+                ]
+                for d in r["device"]
+            ],
+        )
+    )
+    lines += [
+        "",
+        "## profile: CPU ms per clip, one thread",
+        "",
+        _profile_table(r["profile"]),
+        "",
+        "## capacity: CPU cores per H100",
+        "",
+        _capacity_text(r["capacity"]),
+        "",
+        _goal_line(r["goal"]),
+    ]
     return "\n".join(lines)
 
 
 def _profile_table(profile: dict) -> str:
     columns = [(arch, path) for arch, paths in profile.items() for path in paths]
     stages = list(dict.fromkeys(s for arch, path in columns for s in profile[arch][path]["ms"]))
-    rows = [[s, *(_num(profile[a][p]["ms"].get(s), 2) if s in profile[a][p]["ms"] else "-" for a, p in columns)]
-            for s in stages]
+    rows = [
+        [s, *(_num(profile[a][p]["ms"].get(s), 2) if s in profile[a][p]["ms"] else "-" for a, p in columns)]
+        for s in stages
+    ]
     rows.append(["total", *(_num(profile[a][p]["total_ms"], 2) for a, p in columns)])
     rows.append(["clips/CPU-s", *(_num(profile[a][p]["clips_per_cpu_s"]) for a, p in columns)])
     return md_table(["stage", *(f"{a} {p}" for a, p in columns)], rows)
@@ -558,20 +732,32 @@ def _profile_table(profile: dict) -> str:
 
 def _capacity_text(capacity: list[dict]) -> str:
     paths = list(dict.fromkeys(p for c in capacity for p in c["cores_per_gpu"]))
-    table = md_table(["model", "forward GMACs/clip", "train GFLOPs/clip", "GPU clips/s",
-                      *(f"cores ({p})" for p in paths)],
-                     [[c["model"], _num(c["forward_macs"] / 1e9, 2), _num(c["train_flops"] / 1e9),
-                       _num(c["gpu_clips_per_s"]), *(_num(c["cores_per_gpu"].get(p)) or "-" for p in paths)]
-                      for c in capacity])
-    return (f"GPU clips/s = {TARGET_MFU:.0%} x {H100_BF16_DENSE_TFLOPS} TFLOP/s (H100 SXM dense bf16 peak) / "
-            f"train FLOPs per clip; train FLOPs = 3 x 2 x forward MACs of the pretraining step (models.macs, "
-            f"as `hicmae-dist info`); cores = GPU clips/s / the path's clips per CPU-second "
-            f"(main process, one thread).\n\n" + table)
+    table = md_table(
+        ["model", "forward GMACs/clip", "train GFLOPs/clip", "GPU clips/s", *(f"cores ({p})" for p in paths)],
+        [
+            [
+                c["model"],
+                _num(c["forward_macs"] / 1e9, 2),
+                _num(c["train_flops"] / 1e9),
+                _num(c["gpu_clips_per_s"]),
+                *(_num(c["cores_per_gpu"].get(p)) or "-" for p in paths),
+            ]
+            for c in capacity
+        ],
+    )
+    return (
+        f"GPU clips/s = {TARGET_MFU:.0%} x {H100_BF16_DENSE_TFLOPS} TFLOP/s (H100 SXM dense bf16 peak) / "
+        f"train FLOPs per clip; train FLOPs = 3 x 2 x forward MACs of the pretraining step (models.macs, "
+        f"as `hicmae-dist info`); cores = GPU clips/s / the path's clips per CPU-second "
+        f"(main process, one thread).\n\n" + table
+    )
 
 
 def _goal_line(g: dict) -> str:
-    return (f"goal: HiCMAE >= {g['target_clips_per_core']} clips/s per core and >= {g['target_vs_release']}x the "
-            f"release: {g['path']} path {g['hicmae_clips_per_core']} per CPU-second, {g['vs_release']}x the release's "
-            f"{g['release_clips_per_core']} ({'met' if g['met'] else 'not met'}); largest costs: "
-            f"{', '.join(g['limited_by'])}. With data.decode_on=cuda ({g['gpu_decode']['path']} path, the GPU "
-            f"decodes): {g['gpu_decode']['hicmae_clips_per_core']} per CPU-second, {g['gpu_decode']['vs_release']}x")
+    return (
+        f"goal: HiCMAE >= {g['target_clips_per_core']} clips/s per core and >= {g['target_vs_release']}x the "
+        f"release: {g['path']} path {g['hicmae_clips_per_core']} per CPU-second, {g['vs_release']}x the release's "
+        f"{g['release_clips_per_core']} ({'met' if g['met'] else 'not met'}); largest costs: "
+        f"{', '.join(g['limited_by'])}. With data.decode_on=cuda ({g['gpu_decode']['path']} path, the GPU "
+        f"decodes): {g['gpu_decode']['hicmae_clips_per_core']} per CPU-second, {g['gpu_decode']['vs_release']}x"
+    )

@@ -6,6 +6,7 @@ backend, direction, dtype, shape, status ("ok" | "oom" | "unavailable" | "error"
 flops / bytes per call, time (timing.time_calls), tflops / gbps, peak_bytes, memory_method.
 timing_table / pivot_table render records, log_mlflow logs a document, compare two of them.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,16 @@ import os
 import platform
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 
 def package_version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -58,44 +61,63 @@ def machine(device: torch.device) -> dict:
     dirty = _run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"])
     desc = {
         "device": str(device),
-        "cpu": {"model": cpu_model, "logical_cores": os.cpu_count(),
-                "usable_cores": len(os.sched_getaffinity(0)),
-                "capability": torch.backends.cpu.get_cpu_capability(),
-                "memory_total_bytes": meminfo("MemTotal"),
-                "memory_available_bytes": meminfo("MemAvailable"),
-                "load_average": list(os.getloadavg())},
+        "cpu": {
+            "model": cpu_model,
+            "logical_cores": os.cpu_count(),
+            "usable_cores": len(os.sched_getaffinity(0)),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "memory_total_bytes": meminfo("MemTotal"),
+            "memory_available_bytes": meminfo("MemAvailable"),
+            "load_average": list(os.getloadavg()),
+        },
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "torch_cuda": torch.version.cuda, "triton": package_version("triton"),
-                     "xformers": package_version("xformers"), "hicmae_dist": package_version("hicmae-dist"),
-                     "commit": (commit + ("+dirty" if dirty else "")) if commit else None},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "triton": package_version("triton"),
+            "xformers": package_version("xformers"),
+            "hicmae_dist": package_version("hicmae-dist"),
+            "commit": (commit + ("+dirty" if dirty else "")) if commit else None,
+        },
         "gpu": None,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        gpu = {"name": props.name, "capability": f"{props.major}.{props.minor}",
-               "sm_count": props.multi_processor_count, "memory_bytes": props.total_memory,
-               "cudnn": torch.backends.cudnn.version()}
+        gpu = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "sm_count": props.multi_processor_count,
+            "memory_bytes": props.total_memory,
+            "cudnn": torch.backends.cudnn.version(),
+        }
         query = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit"
-        smi = _run(["nvidia-smi", f"--id={device.index or 0}", f"--query-gpu={query}",
-                    "--format=csv,noheader"])
+        smi = _run(["nvidia-smi", f"--id={device.index or 0}", f"--query-gpu={query}", "--format=csv,noheader"])
         if smi:
-            gpu.update(zip(("driver", "clock_sm", "clock_sm_max", "clock_mem", "clock_mem_max",
-                            "power_limit"), (v.strip() for v in smi.split(","))))
+            gpu.update(
+                zip(
+                    ("driver", "clock_sm", "clock_sm_max", "clock_mem", "clock_mem_max", "power_limit"),
+                    (v.strip() for v in smi.split(",")),
+                )
+            )
         desc["gpu"] = gpu
     return desc
 
 
 def machine_line(m: dict) -> str:
     cpu = m["cpu"]
-    text = (f"{cpu['model']} ({cpu['usable_cores']} cores usable, {cpu['capability']}, "
-            f"{fmt_bytes(cpu['memory_total_bytes'])} RAM), torch {m['versions']['torch']} "
-            f"({m['torch_threads']} threads), triton {m['versions']['triton']}")
+    text = (
+        f"{cpu['model']} ({cpu['usable_cores']} cores usable, {cpu['capability']}, "
+        f"{fmt_bytes(cpu['memory_total_bytes'])} RAM), torch {m['versions']['torch']} "
+        f"({m['torch_threads']} threads), triton {m['versions']['triton']}"
+    )
     if m["gpu"]:
         g = m["gpu"]
-        text += (f"; GPU {g['name']} (sm_{g['capability'].replace('.', '')}, driver "
-                 f"{g.get('driver', '?')}, SM clock {g.get('clock_sm', '?')} of {g.get('clock_sm_max', '?')})")
+        text += (
+            f"; GPU {g['name']} (sm_{g['capability'].replace('.', '')}, driver "
+            f"{g.get('driver', '?')}, SM clock {g.get('clock_sm', '?')} of {g.get('clock_sm_max', '?')})"
+        )
     else:
         text += "; no GPU"
     return text
@@ -104,7 +126,7 @@ def machine_line(m: dict) -> str:
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
-    for unit, scale in (("GB", 2 ** 30), ("MB", 2 ** 20), ("KB", 2 ** 10)):
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
         if abs(n) >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n:.0f} B"
@@ -130,14 +152,23 @@ def timing_table(records: list[dict], shape_text: Callable[[dict], str]) -> str:
             continue
         ok = r["status"] == "ok"
         t = r["time"]
-        rows.append([r["case"], shape_text(r), r["backend"], r["direction"],
-                     f"{t['median_ms']:.4g}" if ok else "-",
-                     f"{t['p25_ms']:.3g}-{t['p75_ms']:.3g}" if ok else "-",
-                     sig(r["tflops"]) if ok else "-", sig(r["gbps"]) if ok else "-",
-                     fmt_bytes(r["peak_bytes"]) if ok else "-",
-                     r["status"] if ok else f"{r['status']}: {r['reason']}"])
-    text = md_table(["case", "shape", "backend", "dir", "median ms", "IQR ms", "TFLOP/s", "GB/s",
-                     "peak mem", "status"], rows)
+        rows.append(
+            [
+                r["case"],
+                shape_text(r),
+                r["backend"],
+                r["direction"],
+                f"{t['median_ms']:.4g}" if ok else "-",
+                f"{t['p25_ms']:.3g}-{t['p75_ms']:.3g}" if ok else "-",
+                sig(r["tflops"]) if ok else "-",
+                sig(r["gbps"]) if ok else "-",
+                fmt_bytes(r["peak_bytes"]) if ok else "-",
+                r["status"] if ok else f"{r['status']}: {r['reason']}",
+            ]
+        )
+    text = md_table(
+        ["case", "shape", "backend", "dir", "median ms", "IQR ms", "TFLOP/s", "GB/s", "peak mem", "status"], rows
+    )
     for (backend, reason), recs in unavailable.items():
         text += f"\n\nUnavailable here: **{backend}** ({len(recs)} records): {reason}"
     return text
@@ -158,13 +189,16 @@ def pivot_table(records: list[dict], shape_text: Callable[[dict], str], rate: st
             return "-" if r is None else r["status"]
         return "oom" if r["status"] == "oom" else f"{r['time']['median_ms']:.3g} ms ({sig(r[rate])})"
 
-    return md_table(["case", "shape", "dir", *(f"{b}: ms ({unit})" for b in backends)],
-                    [[*key, *(cell(by.get(b)) for b in backends)] for key, by in rows.items()])
+    return md_table(
+        ["case", "shape", "dir", *(f"{b}: ms ({unit})" for b in backends)],
+        [[*key, *(cell(by.get(b)) for b in backends)] for key, by in rows.items()],
+    )
 
 
 def line_plot(path: Path, panels: list[dict], title: str) -> Path:
     """panels: [{"title", "xlabel", "ylabel", "series": {label: [(x, y), ...]}, "logy"}]."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -181,7 +215,7 @@ def line_plot(path: Path, panels: list[dict], title: str) -> Path:
         ax.set(title=panel["title"], xlabel=panel["xlabel"], ylabel=panel["ylabel"])
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
@@ -199,13 +233,19 @@ def log_mlflow(uri: str, results: dict, files: list[Path], out_dir: Path) -> str
     TFLOP/s / GB/s / peak MB as metrics, the JSON, markdown and plots as artifacts."""
     from hicmae_dist.tracking import Tracker
 
-    tracker = Tracker(True, uri, "kernel-bench", out_dir, run_name=f"kernels {results['machine']['device']}",
-                      system_metrics_s=0)
+    tracker = Tracker(
+        True, uri, "kernel-bench", out_dir, run_name=f"kernels {results['machine']['device']}", system_metrics_s=0
+    )
     m = results["machine"]
-    params = {"device": m["device"], "cpu": m["cpu"]["model"], "threads": m["torch_threads"],
-              "gpu": (m["gpu"] or {}).get("name"), "driver": (m["gpu"] or {}).get("driver"),
-              **{f"version.{k}": v for k, v in m["versions"].items()},
-              **{f"setting.{k}": v for k, v in results["settings"].items()}}
+    params = {
+        "device": m["device"],
+        "cpu": m["cpu"]["model"],
+        "threads": m["torch_threads"],
+        "gpu": (m["gpu"] or {}).get("name"),
+        "driver": (m["gpu"] or {}).get("driver"),
+        **{f"version.{k}": v for k, v in m["versions"].items()},
+        **{f"setting.{k}": v for k, v in results["settings"].items()},
+    }
     tracker.log_params(params)
     metrics = {}
     for op, section in results["ops"].items():
@@ -214,8 +254,11 @@ def log_mlflow(uri: str, results: dict, files: list[Path], out_dir: Path) -> str
                 continue
             key = (op, r["case"], r["backend"], r["direction"])
             metrics[_metric_name(*key, "median_ms")] = r["time"]["median_ms"]
-            for name, value in (("tflops", r["tflops"]), ("gbps", r["gbps"]),
-                                ("peak_mb", None if r["peak_bytes"] is None else r["peak_bytes"] / 2 ** 20)):
+            for name, value in (
+                ("tflops", r["tflops"]),
+                ("gbps", r["gbps"]),
+                ("peak_mb", None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20),
+            ):
                 if value is not None:
                     metrics[_metric_name(*key, name)] = value
     tracker.log_metrics(0, metrics)
@@ -242,14 +285,23 @@ def compare(path_a: Path, path_b: Path) -> str:
             continue
         tx, ty = x["time"]["median_ms"], y["time"]["median_ms"]
         mx, my = x["peak_bytes"], y["peak_bytes"]
-        rows.append([*key[:4], f"{tx:.4g}", f"{ty:.4g}", f"{ty / tx:.3f}", fmt_bytes(mx), fmt_bytes(my),
-                     f"{my / mx:.3f}" if mx and my is not None else "-"])
+        rows.append(
+            [
+                *key[:4],
+                f"{tx:.4g}",
+                f"{ty:.4g}",
+                f"{ty / tx:.3f}",
+                fmt_bytes(mx),
+                fmt_bytes(my),
+                f"{my / mx:.3f}" if mx and my is not None else "-",
+            ]
+        )
     only = [k for k in ra if k not in rb] + [k for k in rb if k not in ra]
-    text = (f"A: {path_a} ({a['created']}, {machine_line(a['machine'])})\n"
-            f"B: {path_b} ({b['created']}, {machine_line(b['machine'])})\n\n"
-            + md_table(["op", "case", "backend", "dir", "A ms", "B ms", "B/A time", "A mem", "B mem",
-                        "B/A mem"], rows))
+    text = (
+        f"A: {path_a} ({a['created']}, {machine_line(a['machine'])})\n"
+        f"B: {path_b} ({b['created']}, {machine_line(b['machine'])})\n\n"
+        + md_table(["op", "case", "backend", "dir", "A ms", "B ms", "B/A time", "A mem", "B mem", "B/A mem"], rows)
+    )
     if only:
         text += f"\n\n{len(only)} records in only one of the two (not compared)."
     return text
-

@@ -9,6 +9,7 @@ allocations from the profiler's memory events: resident-set figures are meaningl
 long-lived process whose allocator keeps freed pages) and `PeakMemory` (a region of a process,
 from the resident set, as `bench model` and the isolated children of `bench kernels` need).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ import re
 import resource
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -32,12 +34,10 @@ def is_oom(err: BaseException) -> bool:
     if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(err)
-    return isinstance(err, RuntimeError) and ("out of memory" in text.lower()
-                                              or "can't allocate memory" in text)
+    return isinstance(err, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
 
 
-def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int,
-               min_time: float) -> dict:
+def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int, min_time: float) -> dict:
     """Per-call time of fn(): {median_ms, p25_ms, p75_ms, min_ms, max_ms, repeats, number}."""
     took = 0.0
     for _ in range(max(warmup, 1)):  # the last warm-up call calibrates `number`
@@ -61,14 +61,21 @@ def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int, repe
 def summarize_times(times: list[float], number: int = 1) -> dict:
     ms = sorted(1e3 * t for t in times)
     q = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
-    return {"median_ms": statistics.median(ms), "p25_ms": q[0], "p75_ms": q[2], "min_ms": ms[0],
-            "max_ms": ms[-1], "repeats": len(ms), "number": number}
+    return {
+        "median_ms": statistics.median(ms),
+        "p25_ms": q[0],
+        "p75_ms": q[2],
+        "min_ms": ms[0],
+        "max_ms": ms[-1],
+        "repeats": len(ms),
+        "number": number,
+    }
 
 
 class Stopwatch:
     """Wall-clock and CPU (process) seconds of a `with` block: .wall, .cpu."""
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
 
@@ -106,7 +113,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -145,8 +152,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:  # allocations positive, frees negative, in time order
         live += nbytes

@@ -10,10 +10,21 @@
 
 Never imports hicmae_dist.models: masks are made here with hicmae_dist.masking.
 """
+
 from hicmae_dist.data.downstream import DownstreamDataset, make_finetune_loader, read_annotations
 from hicmae_dist.data.loader import BadDataError, PretrainLoader, make_pretrain_loader
 from hicmae_dist.data.prepare import find_clips, prepare_shards
 from hicmae_dist.data.synth import write_corpus, write_downstream
 
-__all__ = ["BadDataError", "DownstreamDataset", "PretrainLoader", "find_clips", "make_finetune_loader",
-           "make_pretrain_loader", "prepare_shards", "read_annotations", "write_corpus", "write_downstream"]
+__all__ = [
+    "BadDataError",
+    "DownstreamDataset",
+    "PretrainLoader",
+    "find_clips",
+    "make_finetune_loader",
+    "make_pretrain_loader",
+    "prepare_shards",
+    "read_annotations",
+    "write_corpus",
+    "write_downstream",
+]

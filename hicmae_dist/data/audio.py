@@ -12,6 +12,7 @@ equality) minus the work those settings throw away: the mel filterbank and the H
 built once and cached instead of on every call, and the frame energy that use_energy=False
 discards is not computed. About 1.5x faster than torchaudio's on a 2.56 s window.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,7 @@ def fbank(waveform: torch.Tensor, target_frames: int = 256, num_mel_bins: int = 
     if waveform.dim() != 2 or waveform.shape[0] != 1:
         raise ValueError(f"fbank expects a (1, S) mono waveform, got shape {tuple(waveform.shape)}")
     if waveform.shape[1] < FRAME_SAMPLES:
-        raise ValueError(f"fbank needs at least {FRAME_SAMPLES} samples (one 25 ms frame), "
-                         f"got {waveform.shape[1]}")
+        raise ValueError(f"fbank needs at least {FRAME_SAMPLES} samples (one 25 ms frame), got {waveform.shape[1]}")
     out = torch.empty(target_frames, num_mel_bins)
     return fbank_into(out, waveform[0].float())
 
@@ -91,8 +91,8 @@ def _padded_fbank_into(out: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
     wave = wave - wave.mean()
     needed = FRAME_SAMPLES + (target_frames - 1) * FRAME_SHIFT  # samples of target_frames frames
     feats = kaldi_fbank(wave[:needed], num_mel_bins)
-    out[:feats.shape[0]] = feats
-    out[feats.shape[0]:] = 0
+    out[: feats.shape[0]] = feats
+    out[feats.shape[0] :] = 0
     return out
 
 
@@ -183,12 +183,22 @@ def window_samples(meta: dict, start: int, num_frames: int) -> tuple[int, int]:
     return (round(start * seconds_per_stored * SAMPLE_RATE), round(num_frames * seconds_per_stored * SAMPLE_RATE))
 
 
-def hicmae_audio_into(out: torch.Tensor, sample: dict, meta: dict, form: str, first: int, length: int, *,
-                      gain: bool, roll: bool, rng: random.Random) -> torch.Tensor:
+def hicmae_audio_into(
+    out: torch.Tensor,
+    sample: dict,
+    meta: dict,
+    form: str,
+    first: int,
+    length: int,
+    *,
+    gain: bool,
+    roll: bool,
+    rng: random.Random,
+) -> torch.Tensor:
     """HiCMAE's audio (docs/models.md, HiCMAE inputs) into out (256, bins): the normalised fbank of the clip's samples
     [first, first + length), with the gain (and, wave form only, roll) augmentations."""
     if form == "wave":
-        wave = from_pcm16(_member(sample, "pcm")[2 * first:2 * (first + length)])  # (1, <= length)
+        wave = from_pcm16(_member(sample, "pcm")[2 * first : 2 * (first + length)])  # (1, <= length)
         if gain:
             wave = random_gain(wave, rng)
         if roll:
@@ -200,8 +210,17 @@ def hicmae_audio_into(out: torch.Tensor, sample: dict, meta: dict, form: str, fi
     return _hicmae_normalise_(out)
 
 
-def cavmae_audio_into(out: torch.Tensor, sample: dict, meta: dict, form: str, *, gain: bool, noise_roll: bool,
-                      rng: random.Random, generator: torch.Generator) -> torch.Tensor:
+def cavmae_audio_into(
+    out: torch.Tensor,
+    sample: dict,
+    meta: dict,
+    form: str,
+    *,
+    gain: bool,
+    noise_roll: bool,
+    rng: random.Random,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """CAV-MAE's audio (docs/models.md, CAV-MAE inputs) into out (1024, bins): the normalised fbank of the clip's first
     10.24 s, gain on the waveform; noise_roll: cavmae_augment_ (exact on either form)."""
     if form == "wave":
@@ -219,13 +238,16 @@ def cavmae_audio_into(out: torch.Tensor, sample: dict, meta: dict, form: str, *,
 
 def _member(sample: dict, name: str) -> bytes:
     if name not in sample:
-        raise ValueError(f"the sample has no .{name} member (its shards hold another audio form: "
-                         f"`hicmae-dist prepare --audio-form {'wave' if name == 'pcm' else 'fbank'}` writes it)")
+        raise ValueError(
+            f"the sample has no .{name} member (its shards hold another audio form: "
+            f"`hicmae-dist prepare --audio-form {'wave' if name == 'pcm' else 'fbank'}` writes it)"
+        )
     return sample[name]
 
 
-def _stored_window_into(out: torch.Tensor, sample: dict, meta: dict, first: int, length: int,
-                        gain: float | None) -> torch.Tensor:
+def _stored_window_into(
+    out: torch.Tensor, sample: dict, meta: dict, first: int, length: int, gain: float | None
+) -> torch.Tensor:
     """The stored clip fbank's rows that the wave form's fbank of samples [first, first + length)
     has, zero rows after (un-normalised log-mel, into out (frames, bins)).
 
@@ -241,8 +263,10 @@ def _stored_window_into(out: torch.Tensor, sample: dict, meta: dict, first: int,
         raise ValueError(f"the stored fbank has {meta.get('mel_bins')} mel bins, the model takes {bins}")
     total = num_fbank_frames(meta["num_samples"])
     if len(stored) != 2 * bins * total:
-        raise ValueError(f"the stored fbank has {len(stored)} bytes ({len(stored) / (2 * bins):g} frames), "
-                         f"{meta['num_samples']} samples make {total} frames")
+        raise ValueError(
+            f"the stored fbank has {len(stored)} bytes ({len(stored) / (2 * bins):g} frames), "
+            f"{meta['num_samples']} samples make {total} frames"
+        )
     samples = min(length, meta["num_samples"] - first)
     if samples < FRAME_SAMPLES:
         raise ValueError(f"fbank needs at least {FRAME_SAMPLES} samples (one 25 ms frame), got {max(samples, 0)}")

@@ -7,10 +7,11 @@
 uint8 (B, 16, S, S, 3) / (B, S, S, 3) -> float (B, 3, 16, S, S) / (B, 3, S, S), ImageNet-
 normalised with video.normalise_ (the arithmetic the workers used before: the same bits).
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,10 @@ _logged: set[tuple[str, str]] = set()
 def check_decode_on(data_cfg: DataConfig) -> None:
     """data.decode_on=cuda needs a GPU here: a ConfigError at start-up, never a silent CPU decode."""
     if data_cfg.decode_on == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("data.decode_on=cuda decodes the JPEGs on the training GPU, but no CUDA device is "
-                          "available here (torch.cuda.is_available() is False): set data.decode_on=cpu")
+        raise ConfigError(
+            "data.decode_on=cuda decodes the JPEGs on the training GPU, but no CUDA device is "
+            "available here (torch.cuda.is_available() is False): set data.decode_on=cpu"
+        )
 
 
 def normalise_video(u8: torch.Tensor) -> torch.Tensor:
@@ -41,8 +44,13 @@ def normalise_video(u8: torch.Tensor) -> torch.Tensor:
     return video.normalise_(x, channel_dim=1)
 
 
-def to_device(batch: dict, device: torch.device | str, dtype: torch.dtype | None = None,
-              non_blocking: bool = True, keys: tuple[str, ...] = INPUTS) -> dict:
+def to_device(
+    batch: dict,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    non_blocking: bool = True,
+    keys: tuple[str, ...] = INPUTS,
+) -> dict:
     """The batch with `keys` on `device` (cast to dtype when given) and video as the model's float
     input; the other entries as they were. Video arrives as uint8 (normalised here), JPEG bytes
     (decoded here: decode_video) or float (video_out="float": moved as is)."""
@@ -72,9 +80,11 @@ def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.
     return decode_jpeg(list(jpegs), mode="RGB", device=device)
 
 
-def decode_video(batch: dict, device: torch.device,
-                 decode: Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]] | None = None
-                 ) -> torch.Tensor:
+def decode_video(
+    batch: dict,
+    device: torch.device,
+    decode: Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]] | None = None,
+) -> torch.Tensor:
     """A jpeg batch (loader module docstring) -> uint8 (B, T, S, S, 3) / (B, S, S, 3) on `device`:
     decode every frame, cut each clip's face crop and crop box, resize to S. `decode` is
     decode_jpegs unless a check passes another decoder."""
@@ -82,13 +92,13 @@ def decode_video(batch: dict, device: torch.device,
     offsets, sizes = batch["jpeg_offsets"], batch["jpeg_sizes"]
     B = offsets.shape[0]
     flat = batch["jpeg"]
-    jpegs = [flat[o:o + n] for o, n in zip(offsets.reshape(-1).tolist(), sizes.reshape(-1).tolist())]
+    jpegs = [flat[o : o + n] for o, n in zip(offsets.reshape(-1).tolist(), sizes.reshape(-1).tolist())]
     frames = decode(jpegs, device)  # B * T of (3, H, W) uint8
     T = len(frames) // B
     S = int(batch["face"][0, 2])  # the face crop is S x S
     out = torch.empty((B, T, S, S, 3), dtype=torch.uint8, device=device)
     for b, (face, box) in enumerate(zip(batch["face"].tolist(), batch["crop"].tolist())):
-        out[b] = crop_resize_float(torch.stack(frames[b * T:(b + 1) * T]), face, box, S).permute(0, 2, 3, 1)
+        out[b] = crop_resize_float(torch.stack(frames[b * T : (b + 1) * T]), face, box, S).permute(0, 2, 3, 1)
     return out if offsets.dim() == 2 else out[:, 0]
 
 
@@ -97,9 +107,9 @@ def crop_resize_float(frames: torch.Tensor, face: list[int], box: list[int], siz
     (antialias off) in float32 and rounded: the workers' uint8 resize (video.crop_resize) within
     one grey level. One code path for every device, so the CPU tests cover all but the decoder."""
     top, left, h, w = face
-    x = frames[..., top:top + h, left:left + w]
+    x = frames[..., top : top + h, left : left + w]
     top, left, h, w = box
-    x = x[..., top:top + h, left:left + w]
+    x = x[..., top : top + h, left : left + w]
     if (h, w) == (size, size):
         return x
     x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=False)

@@ -10,6 +10,7 @@ subject group (make_folds), never the test fold. Train / val / test sampling for
 (frames, crops, views, audio window); all randomness from (seed, epoch, index): call
 set_epoch(e) each epoch. The formats and the sampling: docs/data.md, "Fine-tuning data".
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,9 @@ class DownstreamItem:
     frames: tuple[Path, ...] = ()  # the release's layout: the clip's frame files, else listed from frame_dir
 
 
-def read_annotations(path: str | Path, *, root: str | Path | None = None,
-                     regression: bool | None = None) -> list[DownstreamItem]:
+def read_annotations(
+    path: str | Path, *, root: str | Path | None = None, regression: bool | None = None
+) -> list[DownstreamItem]:
     """Parse an annotation file (module docstring). regression None: floats if any label is not
     an integer."""
     path = Path(path)
@@ -103,7 +105,7 @@ def read_release_json(path: str | Path, label_csv: str | Path) -> list[Downstrea
     try:
         entries = json.loads(path.read_text())["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: expected the release's datafile {{\"data\": [...]}} ({err})") from None
+        raise ValueError(f'{path}: expected the release\'s datafile {{"data": [...]}} ({err})') from None
     checked: set[str] = set()  # video_path folders already seen
     items = []
     for n, e in enumerate(entries):
@@ -118,8 +120,10 @@ def read_release_json(path: str | Path, label_csv: str | Path) -> list[Downstrea
         if str(video_path) not in checked:
             absent = [f"frame_{i}" for i in range(RELEASE_FRAMES) if not (video_path / f"frame_{i}").is_dir()]
             if absent:
-                raise FileNotFoundError(f"{where}: no frame folder {video_path}/{absent[0]} (expected "
-                                        f"frame_0 ... frame_{RELEASE_FRAMES - 1} holding <video_id>.jpg)")
+                raise FileNotFoundError(
+                    f"{where}: no frame folder {video_path}/{absent[0]} (expected "
+                    f"frame_0 ... frame_{RELEASE_FRAMES - 1} holding <video_id>.jpg)"
+                )
             checked.add(str(video_path))
         unknown = [m for m in e["labels"].split(",") if m not in index]
         if unknown:
@@ -140,12 +144,15 @@ def find_label_csv(split_file: Path, split_root: Path, explicit: str = "") -> Pa
     for d in (split_file.parent, split_root):
         if (d / LABEL_CSV).is_file():
             return d / LABEL_CSV
-    raise FileNotFoundError(f"{split_file}: the release's datafiles need {LABEL_CSV} (index,mid,display_name): "
-                            f"put it in {split_file.parent} or {split_root}, or set finetune.label_csv")
+    raise FileNotFoundError(
+        f"{split_file}: the release's datafiles need {LABEL_CSV} (index,mid,display_name): "
+        f"put it in {split_file.parent} or {split_root}, or set finetune.label_csv"
+    )
 
 
-def read_split(path: Path, split_root: Path, *, regression: bool | None = None,
-               label_csv: str = "") -> list[DownstreamItem]:
+def read_split(
+    path: Path, split_root: Path, *, regression: bool | None = None, label_csv: str = ""
+) -> list[DownstreamItem]:
     """An annotation file (.csv) or the release's datafile (.json)."""
     if path.suffix != ".json":
         return read_annotations(path, regression=regression)
@@ -207,8 +214,10 @@ def make_folds(items: list[DownstreamItem], subjects: list[str], k: int, seed: i
 
 def write_folds(split_root: str | Path, folds: list[dict]) -> list[dict[str, Path]]:
     """split_root/split01/{train,val,test}.csv, ...; returns the paths per fold."""
-    return [{name: write_annotations(Path(split_root) / f"split{f + 1:02d}" / f"{name}.csv", fold[name])
-             for name in SPLITS} for f, fold in enumerate(folds)]
+    return [
+        {name: write_annotations(Path(split_root) / f"split{f + 1:02d}" / f"{name}.csv", fold[name]) for name in SPLITS}
+        for f, fold in enumerate(folds)
+    ]
 
 
 def fold_files(split_root: str | Path, fold: int) -> dict[str, Path]:
@@ -224,8 +233,9 @@ def fold_files(split_root: str | Path, fold: int) -> dict[str, Path]:
             files[name] = found[0]
     missing = [f"{d}/{name}.csv" for name in ("train", "test") if name not in files]
     if missing:
-        raise FileNotFoundError(f"fold {fold}: missing {', '.join(missing)} (expected {d}/{{train,val,test}}.csv "
-                                f"or .json, val optional)")
+        raise FileNotFoundError(
+            f"fold {fold}: missing {', '.join(missing)} (expected {d}/{{train,val,test}}.csv or .json, val optional)"
+        )
     return files
 
 
@@ -243,8 +253,9 @@ def subject_of(item: DownstreamItem, pattern: str | None = DEFAULT_SUBJECT) -> s
     return m.group(1) if m else None
 
 
-def carve_validation(train: list[DownstreamItem], fraction: float, *, subject: str | None = DEFAULT_SUBJECT,
-                     seed: int = 0) -> tuple[list[DownstreamItem], list[DownstreamItem], str]:
+def carve_validation(
+    train: list[DownstreamItem], fraction: float, *, subject: str | None = DEFAULT_SUBJECT, seed: int = 0
+) -> tuple[list[DownstreamItem], list[DownstreamItem], str]:
     """Split training clips into (train, val, how): whole subjects go to val (about `fraction`
     of them, at least one, never all) when every clip has a subject id, else clips. Seeded and
     independent of the file order."""
@@ -255,7 +266,7 @@ def carve_validation(train: list[DownstreamItem], fraction: float, *, subject: s
     if len(names) < 2:
         raise ValueError(f"cannot carve a validation split from {len(train)} training clip(s)")
     random.Random(f"hicmae-dist/val/{seed}").shuffle(names)
-    chosen = set(names[:min(len(names) - 1, max(1, round(fraction * len(names))))])
+    chosen = set(names[: min(len(names) - 1, max(1, round(fraction * len(names))))])
     val = [item for item, k in zip(train, keys) if k in chosen]
     rest = [item for item, k in zip(train, keys) if k not in chosen]
     how = f"{len(chosen)} of {len(names)} training {'subjects' if by_subject else 'clips'}"
@@ -269,17 +280,33 @@ def check_disjoint(splits: dict[str, list[DownstreamItem]], files: dict[str, Pat
         for item in items:
             key = str(Path(item.frame_dir).resolve())
             if key in owner and owner[key] != name:
-                where = f" ({files[owner[key]]} and {files[name]})" if files and name in files and owner[key] in files \
+                where = (
+                    f" ({files[owner[key]]} and {files[name]})"
+                    if files and name in files and owner[key] in files
                     else ""
-                hint = (" - selecting the epoch on the test fold is what this toolkit refuses; remove val.csv to "
-                        "carve a validation split from training") if {owner[key], name} == {"val", "test"} else ""
+                )
+                hint = (
+                    (
+                        " - selecting the epoch on the test fold is what this toolkit refuses; remove val.csv to "
+                        "carve a validation split from training"
+                    )
+                    if {owner[key], name} == {"val", "test"}
+                    else ""
+                )
                 raise ValueError(f"clip {key} is in both the {owner[key]} and the {name} split{where}{hint}")
             owner[key] = name
 
 
-def load_fold(split_root: str | Path, fold: int, *, regression: bool | None = None, val_fraction: float = 0.15,
-              subject: str | None = DEFAULT_SUBJECT, seed: int = 0,
-              label_csv: str = "") -> tuple[dict[str, list[DownstreamItem]], str]:
+def load_fold(
+    split_root: str | Path,
+    fold: int,
+    *,
+    regression: bool | None = None,
+    val_fraction: float = 0.15,
+    subject: str | None = DEFAULT_SUBJECT,
+    seed: int = 0,
+    label_csv: str = "",
+) -> tuple[dict[str, list[DownstreamItem]], str]:
     """The train / val / test clips of fold `fold` (1-based): val.csv (.json) when the fold has
     one, else carved from train (carve_validation); checked disjoint. Returns (splits, how val
     was made)."""
@@ -290,8 +317,9 @@ def load_fold(split_root: str | Path, fold: int, *, regression: bool | None = No
         splits["val"] = read(files["val"])
         how = f"{files['val']}"
     else:
-        splits["train"], splits["val"], how = carve_validation(splits["train"], val_fraction, subject=subject,
-                                                               seed=seed)
+        splits["train"], splits["val"], how = carve_validation(
+            splits["train"], val_fraction, subject=subject, seed=seed
+        )
         how = f"carved from training: {how}"
     for name, items in splits.items():
         if not items:
@@ -371,11 +399,12 @@ def test_views(n: int, clip_len: int, stride: int, segments: int) -> list[list[i
     while len(all_index) < clip_len:
         all_index.append(all_index[-1])
     step = max((len(all_index) - clip_len) / (segments - 1), 0) if segments > 1 else 0
-    return [all_index[int(c * step):int(c * step) + clip_len] for c in range(segments)]
+    return [all_index[int(c * step) : int(c * step) + clip_len] for c in range(segments)]
 
 
-def random_resized_box(width: int, height: int, rng: random.Random, scale=(0.08, 1.0),
-                       ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_box(
+    width: int, height: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop box (left, top, w, h): 10 tries, then the centre crop."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -405,8 +434,9 @@ def short_side_box(width: int, height: int, size: int, position: float = 0.5) ->
     return (offset, 0.0, float(side), float(side)) if width >= height else (0.0, offset, float(side), float(side))
 
 
-def load_crop(path: Path, box: tuple[float, float, float, float], size: int, *, flip: bool = False,
-              resample=Image.BILINEAR) -> np.ndarray:
+def load_crop(
+    path: Path, box: tuple[float, float, float, float], size: int, *, flip: bool = False, resample=Image.BILINEAR
+) -> np.ndarray:
     """Decode one image and return the box (left, top, w, h in source pixels) resized to
     size x size, (size, size, 3) uint8. JPEGs are decoded at a reduced DCT scale when the box
     is at least twice the output (PIL draft)."""
@@ -418,12 +448,14 @@ def load_crop(path: Path, box: tuple[float, float, float, float], size: int, *, 
             img.draft("RGB", (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
         img = img.convert("RGB")
         sx, sy = img.size[0] / full_w, img.size[1] / full_h
-        return crop_resize(img, (left * sx, top * sy, (left + w) * sx, (top + h) * sy), size, flip=flip,
-                           resample=resample)
+        return crop_resize(
+            img, (left * sx, top * sy, (left + w) * sx, (top + h) * sy), size, flip=flip, resample=resample
+        )
 
 
-def crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: int, *, flip: bool = False,
-                resample=Image.BILINEAR) -> np.ndarray:
+def crop_resize(
+    img: Image.Image, box: tuple[float, float, float, float], size: int, *, flip: bool = False, resample=Image.BILINEAR
+) -> np.ndarray:
     """The corners (left, top, right, bottom in img's pixels) of an RGB image resized to
     size x size, (size, size, 3) uint8; infer crops decoded video frames with it too."""
     out = img.resize((size, size), resample, box=box)
@@ -437,14 +469,29 @@ class DownstreamDataset(Dataset):
     (int64 scalar, float32 regression vector, or with multi_hot=K a (K,) float32 multi-hot
     vector of the clip's classes), index, key (the frame directory)."""
 
-    def __init__(self, annotation: str | Path | list[DownstreamItem], model_cfg: ModelConfig, mode: str = "train",
-                 *, root: str | Path | None = None, regression: bool | None = None, frame_stride: int = 4,
-                 test_num_segment: int = 2, test_num_crop: int = 2, fps: float = video.FPS, seed: int = 0,
-                 crop_scale: tuple[float, float] = (0.08, 1.0), multi_hot: int = 0):
+    def __init__(
+        self,
+        annotation: str | Path | list[DownstreamItem],
+        model_cfg: ModelConfig,
+        mode: str = "train",
+        *,
+        root: str | Path | None = None,
+        regression: bool | None = None,
+        frame_stride: int = 4,
+        test_num_segment: int = 2,
+        test_num_crop: int = 2,
+        fps: float = video.FPS,
+        seed: int = 0,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        multi_hot: int = 0,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.items = annotation if isinstance(annotation, list) else \
-            read_annotations(annotation, root=root, regression=regression)
+        self.items = (
+            annotation
+            if isinstance(annotation, list)
+            else read_annotations(annotation, root=root, regression=regression)
+        )
         if not self.items:
             raise ValueError(f"no clips in {annotation}")
         self.cfg, self.mode = model_cfg, mode
@@ -496,8 +543,9 @@ class DownstreamDataset(Dataset):
             box = random_resized_box(width, height, rng, scale=self.crop_scale)
             views.append((videomae_indices(n, m.num_frames, self.frame_stride, rng), box, rng.random() < 0.5))
         elif self.mode == "val":
-            views.append((videomae_indices(n, m.num_frames, self.frame_stride, None),
-                          short_side_box(width, height, size), False))
+            views.append(
+                (videomae_indices(n, m.num_frames, self.frame_stride, None), short_side_box(width, height, size), False)
+            )
         else:
             crops = [k / (self.test_num_crop - 1) if self.test_num_crop > 1 else 0.5 for k in range(self.test_num_crop)]
             for chunk in test_views(n, m.num_frames, self.frame_stride, self.test_num_segment):
@@ -509,7 +557,7 @@ class DownstreamDataset(Dataset):
             pixels = np.stack([load_crop(frames[i], box, size, flip=flip) for i in indices])
             video.frames_into(out_v[v], torch.from_numpy(pixels), None)
             first = round(indices[0] / n * wave.shape[0])
-            window = wave[first:first + length]
+            window = wave[first : first + length]
             if window.shape[0] < audio.FRAME_SAMPLES:  # the last frames of a clip whose wav is short
                 window = wave[-length:]
             audio.fbank_into(out_a[v, 0], window)
@@ -539,15 +587,28 @@ class DownstreamDataset(Dataset):
         return out_v, out_a
 
 
-def make_finetune_loader(annotation: str | Path | list[DownstreamItem], model_cfg: ModelConfig, mode: str = "train",
-                         *, batch_size: int = 8, num_workers: int = 0, seed: int = 0, drop_last: bool | None = None,
-                         **dataset_kw) -> DataLoader:
+def make_finetune_loader(
+    annotation: str | Path | list[DownstreamItem],
+    model_cfg: ModelConfig,
+    mode: str = "train",
+    *,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool | None = None,
+    **dataset_kw,
+) -> DataLoader:
     """A DataLoader over DownstreamDataset: shuffled (seeded) with whole batches in train, in
     order with every clip in val and test. dataset.set_epoch(e) before each epoch reseeds the
     augmentation; the shuffle order follows the DataLoader's generator."""
     dataset = DownstreamDataset(annotation, model_cfg, mode, seed=seed, **dataset_kw)
     train = mode == "train"
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers,
-                      drop_last=train if drop_last is None else drop_last,
-                      generator=torch.Generator().manual_seed(seed) if train else None,
-                      pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        num_workers=num_workers,
+        drop_last=train if drop_last is None else drop_last,
+        generator=torch.Generator().manual_seed(seed) if train else None,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -17,6 +17,7 @@ the bad-sample rules: docs/design.md, "The loader's stream".
 The batch (keys, dtypes, shapes for HiCMAE and CAV-MAE, decode_on, buffer lifetimes: how long a
 batch stays valid): docs/data.md, "The batch".
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,9 +53,17 @@ class BadDataError(RuntimeError):
     """More unreadable samples than data.max_bad_fraction allows."""
 
 
-def make_pretrain_loader(shards_dir: str | Path, data_cfg: DataConfig, model_cfg: ModelConfig, *,
-                         rank: int = 0, world_size: int = 1, seed: int = 0,
-                         start_batch: int = 0, video_out: str | None = None) -> "PretrainLoader":
+def make_pretrain_loader(
+    shards_dir: str | Path,
+    data_cfg: DataConfig,
+    model_cfg: ModelConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    start_batch: int = 0,
+    video_out: str | None = None,
+) -> PretrainLoader:
     """This rank's endless stream of pretraining batches (module docstring), from batch
     start_batch on: the stream with (seed, start_batch=k) yields exactly batches k, k+1, ... of
     the stream with (seed, start_batch=0), without decoding the batches before k.
@@ -74,31 +83,51 @@ def make_pretrain_loader(shards_dir: str | Path, data_cfg: DataConfig, model_cfg
     indexes = [load_index(p) for p in paths]
     for index in indexes:
         if index.meta.get("truncated") and len(index):
-            log.warning("%s is truncated (no index beside it; a scan found %d samples, then: %s): what follows "
-                        "is lost", Path(index.path).name, len(index), index.meta["truncated"])
+            log.warning(
+                "%s is truncated (no index beside it; a scan found %d samples, then: %s): what follows is lost",
+                Path(index.path).name,
+                len(index),
+                index.meta["truncated"],
+            )
         elif index.meta.get("short"):
             log.warning("%s: %s", Path(index.path).name, index.meta["short"])
     unusable = [i for i in indexes if len(i) == 0]
     if unusable:  # empty, or not a tar at all (random bytes, another format): named, then left out
-        log.warning("%d of %d shards hold no readable sample and are left out: %s", len(unusable), len(indexes),
-                    "; ".join(f"{Path(i.path).name} ({_why_unusable(i)})" for i in unusable[:20])
-                    + ("; ..." if len(unusable) > 20 else ""))
+        log.warning(
+            "%d of %d shards hold no readable sample and are left out: %s",
+            len(unusable),
+            len(indexes),
+            "; ".join(f"{Path(i.path).name} ({_why_unusable(i)})" for i in unusable[:20])
+            + ("; ..." if len(unusable) > 20 else ""),
+        )
     indexes = [i for i in indexes if len(i)]
     if not indexes:
-        raise BadDataError(f"none of the {len(paths)} shards in {shards_dir} holds a readable sample "
-                           f"(the warning above names each one and why)")
+        raise BadDataError(
+            f"none of the {len(paths)} shards in {shards_dir} holds a readable sample "
+            f"(the warning above names each one and why)"
+        )
     form = stored_form(shards_dir, indexes)
     check_stored_form(form, model_cfg, shards_dir)
     check_audio_form(form, data_cfg, model_cfg, shards_dir)
     stream = PretrainStream(indexes, data_cfg, model_cfg, rank, world_size, seed, start_batch, video_out)
-    log.info("pretraining loader: video as %s (%s), audio as %s", video_out, {
-        "uint8": "normalised on the device by data.device.to_device", "float": "normalised in the workers",
-        "jpeg": "JPEG bytes, decoded on the device by data.device.to_device"}[video_out], data_cfg.audio_form)
+    log.info(
+        "pretraining loader: video as %s (%s), audio as %s",
+        video_out,
+        {
+            "uint8": "normalised on the device by data.device.to_device",
+            "float": "normalised in the workers",
+            "jpeg": "JPEG bytes, decoded on the device by data.device.to_device",
+        }[video_out],
+        data_cfg.audio_form,
+    )
     slots = world_size * max(1, data_cfg.num_workers)
     if len(indexes) < slots:
-        log.warning("%d shards for %d (rank, worker) slots: some slots share shards, so an epoch can "
-                    "show a clip more than once; write smaller shards (prepare --shard-size)",
-                    len(indexes), slots)
+        log.warning(
+            "%d shards for %d (rank, worker) slots: some slots share shards, so an epoch can "
+            "show a clip more than once; write smaller shards (prepare --shard-size)",
+            len(indexes),
+            slots,
+        )
     return PretrainLoader(stream)
 
 
@@ -110,22 +139,36 @@ def find_shards(shards_dir: str | Path) -> list[Path]:
     corpus given where its shards were expected, is a FileNotFoundError that says what to do."""
     shards_dir = Path(shards_dir)
     if not shards_dir.is_dir():
-        raise FileNotFoundError(f"shard directory {shards_dir} " +
-                                ("is not a directory" if shards_dir.exists() else "does not exist"))
+        raise FileNotFoundError(
+            f"shard directory {shards_dir} " + ("is not a directory" if shards_dir.exists() else "does not exist")
+        )
     paths = sorted(shards_dir.glob("shard-*.tar"))
     if paths:
         return paths
-    media = next((p for p in itertools.islice(shards_dir.rglob("*"), 10_000)  # a look, not a walk of all
-                  if p.suffix.lower() in MEDIA_SUFFIXES), None)
+    media = next(
+        (
+            p
+            for p in itertools.islice(shards_dir.rglob("*"), 10_000)  # a look, not a walk of all
+            if p.suffix.lower() in MEDIA_SUFFIXES
+        ),
+        None,
+    )
     if media is not None:
-        raise FileNotFoundError(f"{shards_dir} holds media files ({media.relative_to(shards_dir)}), not shards: "
-                                f"run `hicmae-dist prepare --src {shards_dir} --out SHARD_DIR` first and pass "
-                                f"the SHARD_DIR")
+        raise FileNotFoundError(
+            f"{shards_dir} holds media files ({media.relative_to(shards_dir)}), not shards: "
+            f"run `hicmae-dist prepare --src {shards_dir} --out SHARD_DIR` first and pass "
+            f"the SHARD_DIR"
+        )
     other = sorted(p.name for p in shards_dir.glob("*.tar"))
-    raise FileNotFoundError(f"no shard-*.tar files in {shards_dir}" +
-                            (f" ({len(other)} other .tar files, e.g. {other[0]}: the loader reads prepare's "
-                             f"shard-NNNNNN.tar names)" if other else "") +
-                            "; write them with `hicmae-dist prepare`")
+    raise FileNotFoundError(
+        f"no shard-*.tar files in {shards_dir}"
+        + (
+            f" ({len(other)} other .tar files, e.g. {other[0]}: the loader reads prepare's shard-NNNNNN.tar names)"
+            if other
+            else ""
+        )
+        + "; write them with `hicmae-dist prepare`"
+    )
 
 
 def _why_unusable(index: ShardIndex) -> str:
@@ -153,16 +196,20 @@ class PretrainLoader:
     consumer sees it. video_out="float" batches are new memory each time.
     """
 
-    def __init__(self, stream: "PretrainStream"):
+    def __init__(self, stream: PretrainStream):
         self.stream = stream
         d = stream.data_cfg
         self.batch_size = d.batch_size
         self.num_workers = d.num_workers
         self.batches_per_epoch = stream.batches_per_epoch
         self.start_batch = stream.start_batch
-        self.dataloader = DataLoader(stream, batch_size=None, num_workers=d.num_workers,
-                                     pin_memory=torch.cuda.is_available(),
-                                     prefetch_factor=PREFETCH if d.num_workers else None)
+        self.dataloader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=d.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=PREFETCH if d.num_workers else None,
+        )
         self._reset()
 
     def _reset(self) -> None:
@@ -192,9 +239,15 @@ class PretrainLoader:
 
     def stats(self) -> dict:
         samples = self._batches * self.batch_size
-        return {"batches": self._batches, "samples": samples, "bad_samples": self._bad,
-                "bad_fraction": self._bad / samples if samples else 0.0, "next_batch": self._next,
-                "epoch": self.epoch_of(self._next), "batches_per_epoch": self.batches_per_epoch}
+        return {
+            "batches": self._batches,
+            "samples": samples,
+            "bad_samples": self._bad,
+            "bad_fraction": self._bad / samples if samples else 0.0,
+            "next_batch": self._next,
+            "epoch": self.epoch_of(self._next),
+            "batches_per_epoch": self.batches_per_epoch,
+        }
 
     def _check_bad_fraction(self) -> None:
         reads = self._batches * self.batch_size
@@ -203,7 +256,8 @@ class PretrainLoader:
             raise BadDataError(
                 f"{self._bad} of {reads} samples read on rank {self.stream.rank} were unreadable "
                 f"({self._bad / reads:.1%}), more than data.max_bad_fraction={limit}; the warnings above "
-                f"name each one (key, shard, reason)")
+                f"name each one (key, shard, reason)"
+            )
 
 
 @dataclass(frozen=True)
@@ -223,8 +277,7 @@ def stored_form(shards_dir: Path, indexes: list[ShardIndex]) -> StoredForm | Non
     meta = json.loads(manifest.read_text()) if manifest.exists() else indexes[0].meta
     form = meta.get("form")
     if form:
-        return StoredForm(form["frames"], form["image_size"], form.get("frame_stride"),
-                          form.get("audio_form", "wave"))
+        return StoredForm(form["frames"], form["image_size"], form.get("frame_stride"), form.get("audio_form", "wave"))
     if "image_size" in meta:  # the first layer's manifests
         return StoredForm("stride", meta["image_size"], meta.get("frame_stride", video.FRAME_STRIDE))
     return None
@@ -237,29 +290,39 @@ def check_stored_form(form: StoredForm | None, model_cfg: ModelConfig, where: Pa
     size = model_cfg.image_size
     if model_cfg.arch == "cavmae":
         if form.image_size != size:
-            raise BadDataError(f"{where}: the shards hold {form.image_size}px frames; CAV-MAE takes whole "
-                             f"{size}px frames: prepare them with `hicmae-dist prepare --full-frame "
-                             f"--frames ten` (or --full-frame alone: every 4th frame, usable by both models)")
+            raise BadDataError(
+                f"{where}: the shards hold {form.image_size}px frames; CAV-MAE takes whole "
+                f"{size}px frames: prepare them with `hicmae-dist prepare --full-frame "
+                f"--frames ten` (or --full-frame alone: every 4th frame, usable by both models)"
+            )
         return
     if form.frames != "stride" or form.frame_stride != video.FRAME_STRIDE:
-        raise BadDataError(f"{where}: the shards hold {form.frames!r} frames (stride {form.frame_stride}); "
-                         f"HiCMAE takes 16 frames in a row at stride {video.FRAME_STRIDE}: prepare them "
-                         f"with `hicmae-dist prepare --frames stride`")
+        raise BadDataError(
+            f"{where}: the shards hold {form.frames!r} frames (stride {form.frame_stride}); "
+            f"HiCMAE takes 16 frames in a row at stride {video.FRAME_STRIDE}: prepare them "
+            f"with `hicmae-dist prepare --frames stride`"
+        )
     if form.image_size != size and not (form.image_size == video.SOURCE_SIZE and size <= video.SOURCE_SIZE):
-        raise BadDataError(f"{where}: the shards hold {form.image_size}px frames at stride {form.frame_stride}, "
-                         f"the model expects {size}px: prepare them with --image-size {size} (or "
-                         f"--full-frame, from which the loader cuts the face crop)")
+        raise BadDataError(
+            f"{where}: the shards hold {form.image_size}px frames at stride {form.frame_stride}, "
+            f"the model expects {size}px: prepare them with --image-size {size} (or "
+            f"--full-frame, from which the loader cuts the face crop)"
+        )
 
 
 def check_audio_form(form: StoredForm | None, data_cfg: DataConfig, model_cfg: ModelConfig, where: Path) -> None:
     """data.audio_form must be what the shards store; HiCMAE's waveform roll needs the waveform."""
     if data_cfg.audio_form == "fbank" and data_cfg.roll_augment and model_cfg.arch != "cavmae":
-        raise ConfigError("data.roll_augment=true rolls HiCMAE's waveform, which data.audio_form=fbank does not "
-                          "have: use audio_form wave (shards from `hicmae-dist prepare --audio-form wave`)")
+        raise ConfigError(
+            "data.roll_augment=true rolls HiCMAE's waveform, which data.audio_form=fbank does not "
+            "have: use audio_form wave (shards from `hicmae-dist prepare --audio-form wave`)"
+        )
     if form is not None and form.audio_form != data_cfg.audio_form:
-        raise BadDataError(f"{where}: the shards hold the {form.audio_form!r} audio form, data.audio_form is "
-                           f"{data_cfg.audio_form!r}: set data.audio_form={form.audio_form}, or prepare the "
-                           f"shards with `hicmae-dist prepare --audio-form {data_cfg.audio_form}`")
+        raise BadDataError(
+            f"{where}: the shards hold the {form.audio_form!r} audio form, data.audio_form is "
+            f"{data_cfg.audio_form!r}: set data.audio_form={form.audio_form}, or prepare the "
+            f"shards with `hicmae-dist prepare --audio-form {data_cfg.audio_form}`"
+        )
 
 
 def _slot_shards(shards: list, rank: int, world_size: int, worker: int, num_workers: int) -> list:
@@ -271,7 +334,7 @@ def _slot_shards(shards: list, rank: int, world_size: int, worker: int, num_work
     """
     slots = world_size * num_workers
     if len(shards) >= slots:
-        return shards[rank * num_workers + worker::slots]
+        return shards[rank * num_workers + worker :: slots]
     if len(shards) >= world_size:
         return shards[rank::world_size]
     return list(shards)
@@ -288,8 +351,17 @@ class PretrainStream(IterableDataset):
     before the uint8 contract, kept as the benchmark's comparison row and for the equality test
     (normalised in the worker, new batch memory every batch)."""
 
-    def __init__(self, shards: list[ShardIndex], data_cfg: DataConfig, model_cfg: ModelConfig,
-                 rank: int, world_size: int, seed: int, start_batch: int = 0, video_out: str = "uint8"):
+    def __init__(
+        self,
+        shards: list[ShardIndex],
+        data_cfg: DataConfig,
+        model_cfg: ModelConfig,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_batch: int = 0,
+        video_out: str = "uint8",
+    ):
         if video_out not in VIDEO_OUTS:
             raise ValueError(f"video_out must be one of {VIDEO_OUTS}, got {video_out!r}")
         self.shards, self.data_cfg, self.model_cfg = shards, data_cfg, model_cfg
@@ -307,8 +379,10 @@ class PretrainStream(IterableDataset):
         else:
             self.frames_shape = (m.num_frames,)
             spatial = (m.image_size // m.patch) ** 2
-            self.mask_shapes = ((m.num_frames // m.tubelet) * spatial,
-                                (m.audio_frames // m.patch) * (m.mel_bins // m.patch))
+            self.mask_shapes = (
+                (m.num_frames // m.tubelet) * spatial,
+                (m.audio_frames // m.patch) * (m.mel_bins // m.patch),
+            )
         self.video_shape = (3, *self.frames_shape, S, S) if video_out == "float" else (*self.frames_shape, S, S, 3)
         self.audio_shape = (1, m.audio_frames, m.mel_bins)
         self._bad_logged = 0
@@ -402,13 +476,16 @@ class PretrainStream(IterableDataset):
             "crop": ((B, 4), torch.int64),
         }
         if self.video_out == "jpeg":
-            specs.update(jpeg_offsets=((B, *self.frames_shape), torch.int64),
-                         jpeg_sizes=((B, *self.frames_shape), torch.int64), face=((B, 4), torch.int64))
+            specs.update(
+                jpeg_offsets=((B, *self.frames_shape), torch.int64),
+                jpeg_sizes=((B, *self.frames_shape), torch.int64),
+                face=((B, 4), torch.int64),
+            )
         else:
             specs["video"] = ((B, *self.video_shape), torch.uint8 if self.video_out == "uint8" else torch.float32)
         return specs
 
-    def _batch(self, items: list[tuple], epoch: int, v: int, p: int, index: int, pool: "BatchPool | None") -> dict:
+    def _batch(self, items: list[tuple], epoch: int, v: int, p: int, index: int, pool: BatchPool | None) -> dict:
         B = len(items)
         specs = self.tensor_specs(B)
         if pool is None:  # the float path: new memory every batch, as before the pool
@@ -431,8 +508,9 @@ class PretrainStream(IterableDataset):
                 self._log_bad(ref, sample, exn)
         good = [t for t in range(B) if t not in bad]
         if bad and not good:
-            raise BadDataError(f"every sample of batch {index} (rank {self.rank}) was unreadable; "
-                               f"the warnings above name them")
+            raise BadDataError(
+                f"every sample of batch {index} (rank {self.rank}) was unreadable; the warnings above name them"
+            )
         for n, t in enumerate(bad):  # re-decode a good sample of the batch, fresh augmentation
             for k in range(len(good)):
                 donor = good[(n + k) % len(good)]
@@ -442,8 +520,9 @@ class PretrainStream(IterableDataset):
                 except Exception:  # e.g. a window the donor's audio cannot fill: try the next
                     continue
             else:
-                raise BadDataError(f"no sample of batch {index} (rank {self.rank}) could stand in for "
-                                   f"its {len(bad)} unreadable ones")
+                raise BadDataError(
+                    f"no sample of batch {index} (rank {self.rank}) could stand in for its {len(bad)} unreadable ones"
+                )
         if self.video_out == "jpeg":
             _pack_jpegs(batch, pool)
         batch.update(key=keys, index=index, epoch=epoch, bad_samples=len(bad))
@@ -453,9 +532,16 @@ class PretrainStream(IterableDataset):
         self._bad_logged += 1
         if self._bad_logged <= MAX_BAD_LOGS or self._bad_logged % 100 == 0:
             key = sample.get("__key__") if isinstance(sample, dict) else f"sample {ref[1]}"
-            log.warning("skipping %s of %s (rank %d): %s: %s [%d bad so far in this worker%s]", key,
-                        Path(self.shards[ref[0]].path).name, self.rank, type(exn).__name__, exn,
-                        self._bad_logged, "; logging one in 100 from now" if self._bad_logged == MAX_BAD_LOGS else "")
+            log.warning(
+                "skipping %s of %s (rank %d): %s: %s [%d bad so far in this worker%s]",
+                key,
+                Path(self.shards[ref[0]].path).name,
+                self.rank,
+                type(exn).__name__,
+                exn,
+                self._bad_logged,
+                "; logging one in 100 from now" if self._bad_logged == MAX_BAD_LOGS else "",
+            )
 
     # --- decoding ---------------------------------------------------------------------------------
 
@@ -474,8 +560,9 @@ class PretrainStream(IterableDataset):
         batch["label"][t] = int(meta.get("label", -1))
         return meta["key"]
 
-    def _hicmae_into(self, batch: dict, t: int, sample: dict, meta: dict, rng: random.Random,
-                     masks: torch.Generator) -> None:
+    def _hicmae_into(
+        self, batch: dict, t: int, sample: dict, meta: dict, rng: random.Random, masks: torch.Generator
+    ) -> None:
         m, d = self.model_cfg, self.data_cfg
         if meta.get("frames", "stride") != "stride":
             raise ValueError(f"stored frames are {meta['frames']!r}, HiCMAE needs 'stride'")
@@ -493,17 +580,28 @@ class PretrainStream(IterableDataset):
             into(batch["video"][t], frames, box, face)
 
         first, length = audio.window_samples(meta, start, m.num_frames)  # the audio under those frames
-        audio.hicmae_audio_into(batch["audio"][t, 0], sample, meta, d.audio_form, first, length,
-                                gain=d.gain_augment, roll=d.roll_augment, rng=rng)
+        audio.hicmae_audio_into(
+            batch["audio"][t, 0],
+            sample,
+            meta,
+            d.audio_form,
+            first,
+            length,
+            gain=d.gain_augment,
+            roll=d.roll_augment,
+            rng=rng,
+        )
 
-        batch["video_mask"][t] = tube_mask(m.num_frames // m.tubelet, (m.image_size // m.patch) ** 2,
-                                           m.video_mask_ratio, masks)
+        batch["video_mask"][t] = tube_mask(
+            m.num_frames // m.tubelet, (m.image_size // m.patch) ** 2, m.video_mask_ratio, masks
+        )
         batch["audio_mask"][t] = random_mask(batch["audio_mask"].shape[1], m.audio_mask_ratio, masks)
         batch["start_frame"][t] = start * meta["frame_stride"]
         batch["crop"][t] = torch.tensor(box or (0, 0, m.image_size, m.image_size))
 
-    def _cavmae_into(self, batch: dict, t: int, sample: dict, meta: dict, rng: random.Random,
-                     masks: torch.Generator) -> None:
+    def _cavmae_into(
+        self, batch: dict, t: int, sample: dict, meta: dict, rng: random.Random, masks: torch.Generator
+    ) -> None:
         m, d = self.model_cfg, self.data_cfg
         stored = meta.get("frame_indices") or [i * meta["frame_stride"] for i in range(meta["num_frames"])]
         wanted = video.cavmae_frame_indices(meta["source_frames"], meta["fps"])[rng.randrange(10)]
@@ -518,13 +616,22 @@ class PretrainStream(IterableDataset):
             (video.image_into if self.video_out == "float" else video.image_u8_into)(batch["video"][t], frame)
 
         # data.roll_augment is CAV-MAE's `noise` switch: U*U/10 noise and a time roll of the fbank
-        audio.cavmae_audio_into(batch["audio"][t, 0], sample, meta, d.audio_form, gain=d.gain_augment,
-                                noise_roll=d.roll_augment, rng=rng, generator=masks)
+        audio.cavmae_audio_into(
+            batch["audio"][t, 0],
+            sample,
+            meta,
+            d.audio_form,
+            gain=d.gain_augment,
+            noise_roll=d.roll_augment,
+            rng=rng,
+            generator=masks,
+        )
 
         nv, _ = self.mask_shapes
         batch["video_mask"][t] = mae_random_mask(nv, m.video_mask_ratio, masks)
-        batch["audio_mask"][t] = audio_structured_mask(m.mel_bins // m.patch, m.audio_frames // m.patch,
-                                                       m.audio_mask_ratio, m.audio_mask_mode, masks)
+        batch["audio_mask"][t] = audio_structured_mask(
+            m.mel_bins // m.patch, m.audio_frames // m.patch, m.audio_mask_ratio, m.audio_mask_mode, masks
+        )
         batch["start_frame"][t] = stored[pick]
         batch["crop"][t] = torch.tensor((0, 0, m.image_size, m.image_size))
 
@@ -539,8 +646,10 @@ def _read(reader: ShardReader, ref: tuple[int, int]):
 def _stored_size(meta: dict) -> int:
     """The stored frames' side, from the sample's json (the jpeg path does not decode them)."""
     if "image_size" not in meta:
-        raise ValueError("the sample's json has no image_size (needed by data.decode_on=cuda: shards from "
-                         "an older prepare; decode on the cpu or prepare them again)")
+        raise ValueError(
+            "the sample's json has no image_size (needed by data.decode_on=cuda: shards from "
+            "an older prepare; decode on the cpu or prepare them again)"
+        )
     return int(meta["image_size"])
 
 
@@ -553,7 +662,7 @@ def _checked_jpegs(jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
     return jpegs
 
 
-def _pack_jpegs(batch: dict, pool: "BatchPool") -> None:
+def _pack_jpegs(batch: dict, pool: BatchPool) -> None:
     """batch["jpeg"], each row's list of JPEG slices -> one flat uint8 tensor in the pool's byte
     buffer, with each frame's offset and size in jpeg_offsets / jpeg_sizes."""
     rows = batch["jpeg"]
@@ -562,7 +671,7 @@ def _pack_jpegs(batch: dict, pool: "BatchPool") -> None:
     at = 0
     for t, row in enumerate(rows):
         for f, jpg in enumerate(row):
-            flat[at:at + jpg.numel()] = jpg
+            flat[at : at + jpg.numel()] = jpg
             offsets[t, f], sizes[t, f] = at, jpg.numel()
             at += jpg.numel()
     batch["jpeg"] = flat

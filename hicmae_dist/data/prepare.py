@@ -8,6 +8,7 @@ indexed (shard-NNNNNN.json: the samples' byte ranges for the loader's seeks) and
 complete; manifest.json last. A rerun on the same out_dir resumes. Bad clips are skipped and
 listed. The format, the frame and image choices and why JPEG: docs/data.md, "The shards".
 """
+
 from __future__ import annotations
 
 import csv
@@ -74,8 +75,9 @@ def find_clips(src_dir: str | Path) -> list[ClipSource]:
     return sorted(clips, key=lambda c: c.key)
 
 
-def select_clips(clips: list[ClipSource], *, speakers: int | list[str] | None = None,
-                 limit: int | None = None) -> list[ClipSource]:
+def select_clips(
+    clips: list[ClipSource], *, speakers: int | list[str] | None = None, limit: int | None = None
+) -> list[ClipSource]:
     """speakers: the first N speaker ids (sorted) or a list of ids; then limit: the first N clips
     by key."""
     if speakers is not None:
@@ -113,8 +115,7 @@ def _read_labels(path: Path) -> dict[str, int]:
     return {row["key"]: int(row["label"]) for row in rows}
 
 
-def store_form(image_size: int = 160, frames: str = "stride", jpeg_quality: int = 90,
-               audio_form: str = "wave") -> dict:
+def store_form(image_size: int = 160, frames: str = "stride", jpeg_quality: int = 90, audio_form: str = "wave") -> dict:
     """The 'form' record of shard indexes and the manifest (what the loader checks)."""
     if frames not in FRAME_MODES:
         raise ValueError(f"frames must be one of {FRAME_MODES}, got {frames!r}")
@@ -122,13 +123,26 @@ def store_form(image_size: int = 160, frames: str = "stride", jpeg_quality: int 
         raise ValueError(f"audio_form must be one of {audio.AUDIO_FORMS}, got {audio_form!r}")
     if image_size not in (160, 192, video.SOURCE_SIZE):
         raise ValueError(f"image_size must be 160, 192 (face crops) or {video.SOURCE_SIZE} (the full frame)")
-    return {"frames": frames, "image_size": image_size,
-            "frame_stride": video.FRAME_STRIDE if frames == "stride" else None,
-            "jpeg_quality": jpeg_quality, "sample_rate": audio.SAMPLE_RATE, "audio_form": audio_form}
+    return {
+        "frames": frames,
+        "image_size": image_size,
+        "frame_stride": video.FRAME_STRIDE if frames == "stride" else None,
+        "jpeg_quality": jpeg_quality,
+        "sample_rate": audio.SAMPLE_RATE,
+        "audio_form": audio_form,
+    }
 
 
-def encode_clip(clip: ClipSource, image_size: int = 160, jpeg_quality: int = 90, *, frames: str = "stride",
-                max_av_diff_s: float = 0.5, resample: bool = True, audio_form: str = "wave") -> dict:
+def encode_clip(
+    clip: ClipSource,
+    image_size: int = 160,
+    jpeg_quality: int = 90,
+    *,
+    frames: str = "stride",
+    max_av_diff_s: float = 0.5,
+    resample: bool = True,
+    audio_form: str = "wave",
+) -> dict:
     """Decode one clip and build its shard sample (module docstring); raises SkipClip.
 
     Skipped: unreadable video, frames not 224x224, not 25 fps, fewer than 64 frames (one 16-frame
@@ -145,17 +159,25 @@ def encode_clip(clip: ClipSource, image_size: int = 160, jpeg_quality: int = 90,
     except Exception as exn:  # torchcodec raises RuntimeError/ValueError on broken files
         raise SkipClip("unreadable", f"unreadable video: {_first_line(exn)}") from exn
     if size != (video.SOURCE_SIZE, video.SOURCE_SIZE):
-        raise SkipClip("frame_size", f"expected {video.SOURCE_SIZE}x{video.SOURCE_SIZE} frames, got {size[0]}x{size[1]}")
+        raise SkipClip(
+            "frame_size", f"expected {video.SOURCE_SIZE}x{video.SOURCE_SIZE} frames, got {size[0]}x{size[1]}"
+        )
     if num_source < video.MIN_SOURCE_FRAMES:
-        raise SkipClip("too_short", f"too short: {num_source} frames, need {video.MIN_SOURCE_FRAMES} "
-                                    f"(one 16-frame window at stride {video.FRAME_STRIDE})")
+        raise SkipClip(
+            "too_short",
+            f"too short: {num_source} frames, need {video.MIN_SOURCE_FRAMES} "
+            f"(one 16-frame window at stride {video.FRAME_STRIDE})",
+        )
     if abs(fps - video.FPS) > 0.01 * video.FPS:
         raise SkipClip("fps", f"expected {video.FPS} fps, got {fps:.2f}")
     wave = _decode_audio(clip, resample)
     audio_s, video_s = wave.shape[-1] / audio.SAMPLE_RATE, num_source / fps
     if abs(audio_s - video_s) > max_av_diff_s:
-        raise SkipClip("av_mismatch", f"audio ({audio_s:.2f} s in {clip.audio_path.name}) and video "
-                                      f"({video_s:.2f} s) differ by more than {max_av_diff_s} s")
+        raise SkipClip(
+            "av_mismatch",
+            f"audio ({audio_s:.2f} s in {clip.audio_path.name}) and video "
+            f"({video_s:.2f} s) differ by more than {max_av_diff_s} s",
+        )
     try:
         if frames == "stride":
             indices = list(range(0, num_source, video.FRAME_STRIDE))
@@ -169,10 +191,20 @@ def encode_clip(clip: ClipSource, image_size: int = 160, jpeg_quality: int = 90,
     jpgs, frame_bytes = video.encode_jpegs(video.face_crop(kept, image_size), jpeg_quality)
     speaker, vid, name = clip.key.split("/")
     meta = {
-        "key": clip.key, "speaker": speaker, "video": vid, "clip": name, "label": clip.label,
-        "fps": fps, "frames": frames, "frame_stride": video.FRAME_STRIDE if frames == "stride" else None,
-        "frame_indices": indices, "num_frames": len(frame_bytes), "source_frames": num_source,
-        "image_size": image_size, "frame_bytes": frame_bytes, "sample_rate": audio.SAMPLE_RATE,
+        "key": clip.key,
+        "speaker": speaker,
+        "video": vid,
+        "clip": name,
+        "label": clip.label,
+        "fps": fps,
+        "frames": frames,
+        "frame_stride": video.FRAME_STRIDE if frames == "stride" else None,
+        "frame_indices": indices,
+        "num_frames": len(frame_bytes),
+        "source_frames": num_source,
+        "image_size": image_size,
+        "frame_bytes": frame_bytes,
+        "sample_rate": audio.SAMPLE_RATE,
         "num_samples": int(wave.shape[-1]),
     }
     if audio_form == "wave":
@@ -183,14 +215,19 @@ def encode_clip(clip: ClipSource, image_size: int = 160, jpeg_quality: int = 90,
 
 
 def _decode_audio(clip: ClipSource, resample: bool):
-    where = ("no .m4a in the aac tree, no .wav beside the mp4, and no audio track in it"
-             if clip.audio_path == clip.video_path else str(clip.audio_path))
+    where = (
+        "no .m4a in the aac tree, no .wav beside the mp4, and no audio track in it"
+        if clip.audio_path == clip.video_path
+        else str(clip.audio_path)
+    )
     try:
         decoder = AudioDecoder(clip.audio_path, sample_rate=audio.SAMPLE_RATE if resample else None, num_channels=1)
         native = decoder.metadata.sample_rate
         if not resample and native != audio.SAMPLE_RATE:
-            raise SkipClip("sample_rate", f"audio at {native} Hz in {clip.audio_path.name}, expected "
-                                          f"{audio.SAMPLE_RATE} (resampling is off)")
+            raise SkipClip(
+                "sample_rate",
+                f"audio at {native} Hz in {clip.audio_path.name}, expected {audio.SAMPLE_RATE} (resampling is off)",
+            )
         samples = decoder.get_all_samples()
     except SkipClip:
         raise
@@ -235,8 +272,16 @@ class _ShardSink:
         if self.writer is None:
             self.tmp = self.out_dir / f"shard-{self.index:06d}.tar.tmp"
             self.writer = TarShardWriter(self.tmp)
-            self.current = {"shard": f"shard-{self.index:06d}.tar", "index": self.index, "form": self.form,
-                            "clips": 0, "frames": 0, "seconds": 0.0, "jpg_bytes": 0, _audio_bytes_key(self.form): 0}
+            self.current = {
+                "shard": f"shard-{self.index:06d}.tar",
+                "index": self.index,
+                "form": self.form,
+                "clips": 0,
+                "frames": 0,
+                "seconds": 0.0,
+                "jpg_bytes": 0,
+                _audio_bytes_key(self.form): 0,
+            }
         meta = json.loads(sample["json"])
         cur = self.current
         self.writer.write(sample)
@@ -253,8 +298,12 @@ class _ShardSink:
             return
         self.writer.close()  # fsynced
         shard = self.out_dir / self.current["shard"]
-        self.current.update(bytes=self.tmp.stat().st_size, keys=self.writer.keys,
-                            boundaries=self.writer.boundaries, skipped=self.pending_skips)
+        self.current.update(
+            bytes=self.tmp.stat().st_size,
+            keys=self.writer.keys,
+            boundaries=self.writer.boundaries,
+            skipped=self.pending_skips,
+        )
         self.current["seconds"] = round(self.current["seconds"], 3)
         _write_json_atomic(index_path(shard), self.current)  # the index first: a tar is final only with it
         os.replace(self.tmp, shard)
@@ -298,26 +347,49 @@ def _completed_shards(out_dir: Path, form: dict) -> tuple[list[dict], int]:
         else:
             scanned = scan_tar(tar)
             log.warning("%s has no index; scanned it: %d samples", tar, len(scanned))
-            index = {"shard": tar.name, "keys": scanned.keys, "clips": len(scanned), "bytes": tar.stat().st_size,
-                     "frames": 0, "seconds": 0.0, "jpg_bytes": 0, "pcm_bytes": 0, "skipped": []}
+            index = {
+                "shard": tar.name,
+                "keys": scanned.keys,
+                "clips": len(scanned),
+                "bytes": tar.stat().st_size,
+                "frames": 0,
+                "seconds": 0.0,
+                "jpg_bytes": 0,
+                "pcm_bytes": 0,
+                "skipped": [],
+            }
         stored = index.get("form") or {"image_size": index.get("image_size")}
         theirs = {k: stored.get(k) for k in ("frames", "image_size", "jpeg_quality") if k in stored}
         if "form" in index:  # older indexes have no audio_form: they hold PCM
             theirs["audio_form"] = stored.get("audio_form", "wave")
         if any(form[k] != v for k, v in theirs.items() if v is not None):
-            raise ValueError(f"{tar} holds {theirs}, this run makes "
-                             f"{ {k: form[k] for k in theirs} }; use another out_dir")
+            raise ValueError(
+                f"{tar} holds {theirs}, this run makes { {k: form[k] for k in theirs} }; use another out_dir"
+            )
         index.setdefault("skipped", [])
         done.append(index)
     return done, max(numbers) + 1
 
 
-def prepare_shards(src_dir: str | Path, out_dir: str | Path, *, shard_size: int | str | None = None,
-                   shard_size_mb: float | None = None, workers: int = 1, limit: int | None = None,
-                   speakers: int | list[str] | None = None, image_size: int = 160, full_frame: bool = False,
-                   frames: str = "stride", jpeg_quality: int = 90, max_av_diff_s: float = 0.5,
-                   resample: bool = True, shuffle_seed: int | None = 0, progress: bool = True,
-                   audio_form: str = "wave") -> dict:
+def prepare_shards(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    shard_size: int | str | None = None,
+    shard_size_mb: float | None = None,
+    workers: int = 1,
+    limit: int | None = None,
+    speakers: int | list[str] | None = None,
+    image_size: int = 160,
+    full_frame: bool = False,
+    frames: str = "stride",
+    jpeg_quality: int = 90,
+    max_av_diff_s: float = 0.5,
+    resample: bool = True,
+    shuffle_seed: int | None = 0,
+    progress: bool = True,
+    audio_form: str = "wave",
+) -> dict:
     """Convert the clips under src_dir into shards under out_dir; returns the manifest.
 
     shard_size: bytes per shard (int or '1GB', '200MB'; default ~1 GB); shard_size_mb is the older
@@ -343,19 +415,33 @@ def prepare_shards(src_dir: str | Path, out_dir: str | Path, *, shard_size: int 
         done, next_number, todo = _resume(out, form, clips)
         started = time.perf_counter()
         sink = _ShardSink(out, next_number, max_bytes, form)
-        encode = functools.partial(_encode_or_skip, image_size=image_size, jpeg_quality=jpeg_quality,
-                                   frames=frames, max_av_diff_s=max_av_diff_s, resample=resample,
-                                   audio_form=audio_form)
+        encode = functools.partial(
+            _encode_or_skip,
+            image_size=image_size,
+            jpeg_quality=jpeg_quality,
+            frames=frames,
+            max_av_diff_s=max_av_diff_s,
+            resample=resample,
+            audio_form=audio_form,
+        )
         skipped_now = _encode_into(sink, todo, encode, workers, progress)
         elapsed = time.perf_counter() - started
 
         shards = done + sink.written
         if not any(s["clips"] for s in shards):
             reasons = [s["reason"] for s in sink.pending_skips[:3]]
-            raise RuntimeError(f"none of the {len(clips)} clips under {src} could be prepared; first reasons: {reasons}")
-        run = {"clips_done": len(todo), "skipped": skipped_now, "shards_written": len(sink.written),
-               "seconds": round(elapsed, 2), "clips_per_s": round(len(todo) / elapsed, 2) if elapsed > 0 else None,
-               "workers": workers, "resumed_shards": len(done)}
+            raise RuntimeError(
+                f"none of the {len(clips)} clips under {src} could be prepared; first reasons: {reasons}"
+            )
+        run = {
+            "clips_done": len(todo),
+            "skipped": skipped_now,
+            "shards_written": len(sink.written),
+            "seconds": round(elapsed, 2),
+            "clips_per_s": round(len(todo) / elapsed, 2) if elapsed > 0 else None,
+            "workers": workers,
+            "resumed_shards": len(done),
+        }
         return _write_manifest(out, src, shards, sink.pending_skips, form, any(c.label >= 0 for c in clips), run)
     finally:
         lock.close()
@@ -365,7 +451,9 @@ def _shard_bytes(shard_size: int | str | None, shard_size_mb: float | None) -> i
     """Bytes per shard from shard_size ('1GB', '200MB', int) or the older shard_size_mb (MiB)."""
     if shard_size is not None and shard_size_mb is not None:
         raise ValueError("give shard_size or shard_size_mb, not both")
-    max_bytes = int(shard_size_mb * 2**20) if shard_size_mb is not None else parse_size(shard_size or DEFAULT_SHARD_SIZE)
+    max_bytes = (
+        int(shard_size_mb * 2**20) if shard_size_mb is not None else parse_size(shard_size or DEFAULT_SHARD_SIZE)
+    )
     if max_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {max_bytes} bytes")
     return max_bytes
@@ -375,8 +463,10 @@ def _ordered_clips(src: Path, speakers, limit: int | None, shuffle_seed: int | N
     """The selected clips under src, shuffled by shuffle_seed (None: sorted by key)."""
     clips = select_clips(find_clips(src), speakers=speakers, limit=limit)
     if not clips:
-        raise FileNotFoundError(f"no <speaker>/<video>/<clip>.mp4 files under {src}"
-                                + (" for the selected speakers" if speakers is not None else ""))
+        raise FileNotFoundError(
+            f"no <speaker>/<video>/<clip>.mp4 files under {src}"
+            + (" for the selected speakers" if speakers is not None else "")
+        )
     if shuffle_seed is not None:
         clips = list(clips)
         random.Random(f"hicmae-dist/prepare/{shuffle_seed}").shuffle(clips)
@@ -386,16 +476,18 @@ def _ordered_clips(src: Path, speakers, limit: int | None, shuffle_seed: int | N
 def _resume(out: Path, form: dict, clips: list) -> tuple[list[dict], int, list]:
     """(the shards already complete in out, the next shard number, the clips still to do)."""
     done, next_number = _completed_shards(out, form)
-    done_keys = {key for shard in done for key in shard["keys"]} | \
-                {s["key"] for shard in done for s in shard["skipped"]}
+    done_keys = {key for shard in done for key in shard["keys"]} | {
+        s["key"] for shard in done for s in shard["skipped"]
+    }
     todo = [c for c in clips if c.key not in done_keys]
     if done:
-        log.info("resuming in %s: %d clips already done in %d shards, %d to do",
-                 out, len(done_keys), len(done), len(todo))
+        log.info(
+            "resuming in %s: %d clips already done in %d shards, %d to do", out, len(done_keys), len(done), len(todo)
+        )
     return done, next_number, todo
 
 
-def _encode_into(sink: "_ShardSink", todo: list, encode, workers: int, progress: bool) -> int:
+def _encode_into(sink: _ShardSink, todo: list, encode, workers: int, progress: bool) -> int:
     """Encode `todo` (in `workers` processes) into the sink, then close it; returns how many
     clips were skipped (each logged with its reason)."""
     bar = tqdm(total=len(todo), desc="prepare", unit="clip", disable=not progress, dynamic_ncols=True)
@@ -454,9 +546,15 @@ def full_set_estimate(shards: list[dict]) -> dict:
     per_clip = (total - per_second * seconds) / clips
     dev_seconds = VOX2_DEV_CLIPS * VOX2_MEAN_CLIP_S
     estimate = per_second * dev_seconds + per_clip * VOX2_DEV_CLIPS
-    return {"clips": VOX2_DEV_CLIPS, "hours": round(dev_seconds / 3600), "bytes_per_second": round(per_second),
-            "bytes_per_clip_fixed": round(per_clip), "bytes": round(estimate),
-            "bytes_per_clip": round(estimate / VOX2_DEV_CLIPS), "human": _human(estimate)}
+    return {
+        "clips": VOX2_DEV_CLIPS,
+        "hours": round(dev_seconds / 3600),
+        "bytes_per_second": round(per_second),
+        "bytes_per_clip_fixed": round(per_clip),
+        "bytes": round(estimate),
+        "bytes_per_clip": round(estimate / VOX2_DEV_CLIPS),
+        "human": _human(estimate),
+    }
 
 
 def _human(n: float) -> str:
@@ -467,8 +565,9 @@ def _human(n: float) -> str:
     return ""
 
 
-def _write_manifest(out: Path, src: Path, shards: list[dict], trailing_skips: list[dict], form: dict,
-                    labelled: bool, run: dict) -> dict:
+def _write_manifest(
+    out: Path, src: Path, shards: list[dict], trailing_skips: list[dict], form: dict, labelled: bool, run: dict
+) -> dict:
     clips = sum(s["clips"] for s in shards)
     seconds = sum(s["seconds"] for s in shards)
     total_bytes = sum(s["bytes"] for s in shards)
@@ -509,13 +608,19 @@ def format_summary(manifest: dict) -> str:
         + ("float16 log-mel fbank" if form.get("audio_form") == "fbank" else "int16 PCM")
         + f" at {form['sample_rate']} Hz",
         f"skipped {manifest['num_skipped']} clips"
-        + (": " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["skipped_by_kind"].items())) if manifest["num_skipped"] else ""),
+        + (
+            ": " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["skipped_by_kind"].items()))
+            if manifest["num_skipped"]
+            else ""
+        ),
     ]
     if run:
         rate = f", {run['clips_per_s']} clips/s with {run['workers']} workers" if run.get("clips_per_s") else ""
         resumed = f" (resumed: {run['resumed_shards']} shards were already done)" if run.get("resumed_shards") else ""
         lines.append(f"this run: {run['clips_done']} clips in {run['seconds']} s{rate}{resumed}")
     if est:
-        lines.append(f"VoxCeleb2 dev in this form ({est['clips']:,} clips, ~{est['hours']:,} h): ~{est['human']} "
-                     f"(~{_human(est['bytes_per_clip'])} per clip)")
+        lines.append(
+            f"VoxCeleb2 dev in this form ({est['clips']:,} clips, ~{est['hours']:,} h): ~{est['human']} "
+            f"(~{_human(est['bytes_per_clip'])} per clip)"
+        )
     return "\n".join(lines)

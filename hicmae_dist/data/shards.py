@@ -10,6 +10,7 @@ straight to any sample (exact resume) without reading what comes before.
 
 A shard without an index (made by another tool) is indexed by scanning its tar headers.
 """
+
 from __future__ import annotations
 
 import io
@@ -65,7 +66,7 @@ class TarShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
 
-    def __enter__(self) -> "TarShardWriter":
+    def __enter__(self) -> TarShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -105,8 +106,10 @@ def load_index(shard: str | Path) -> ShardIndex:
             index = ShardIndex(str(shard), meta.pop("boundaries"), meta.pop("keys", []), meta)
             size = shard.stat().st_size
             if index.boundaries and index.boundaries[-1] > size:
-                meta["short"] = (f"the file ends at byte {size}, its index at {index.boundaries[-1]}: the samples "
-                                 f"past byte {size} are lost (truncated shard)")
+                meta["short"] = (
+                    f"the file ends at byte {size}, its index at {index.boundaries[-1]}: the samples "
+                    f"past byte {size} are lost (truncated shard)"
+                )
             return index
     return scan_tar(shard)
 
@@ -127,8 +130,9 @@ def scan_tar(shard: str | Path) -> ShardIndex:
                 if not info.isfile():
                     continue
                 if info.offset_data + info.size > size:
-                    problem = (f"member {info.name} ends at byte {info.offset_data + info.size}; the file ends "
-                               f"at byte {size}")
+                    problem = (
+                        f"member {info.name} ends at byte {info.offset_data + info.size}; the file ends at byte {size}"
+                    )
                     break
                 key, _ = split_key(info.name)
                 if not keys or keys[-1] != key:
@@ -158,17 +162,18 @@ def parse_sample(blob: bytes) -> dict[str, bytes]:
     pos, n = 0, len(blob)
     long_name = None
     while pos + BLOCK <= n:
-        header = blob[pos:pos + BLOCK]
+        header = blob[pos : pos + BLOCK]
         if header.count(0) == BLOCK:
             break
         _check_header(header, pos)
         size = _octal(header[124:136])
         flag = header[156:157]
         start, pos = pos + BLOCK, pos + BLOCK + size + (-size % BLOCK)
-        data = blob[start:start + size]
+        data = blob[start : start + size]
         if len(data) < size:
-            raise ShortRead(f"member data cut at byte {start + len(data)} of the sample (needs {size} from byte "
-                            f"{start})")
+            raise ShortRead(
+                f"member data cut at byte {start + len(data)} of the sample (needs {size} from byte {start})"
+            )
         if flag == b"L":  # GNU long name for the next member
             long_name = data.rstrip(b"\0").decode()
             continue
@@ -243,8 +248,10 @@ class ShardReader:
             f.seek(start)
         blob = f.read(end - start)
         if len(blob) < end - start:  # the file's own size: a seek past its end reads nothing
-            raise ShortRead(f"shard ends at byte {os.fstat(f.fileno()).st_size}, sample {i} needs bytes "
-                            f"{start}:{end} (truncated shard)")
+            raise ShortRead(
+                f"shard ends at byte {os.fstat(f.fileno()).st_size}, sample {i} needs bytes "
+                f"{start}:{end} (truncated shard)"
+            )
         sample = parse_sample(blob)
         sample["__url__"] = index.path
         return sample

@@ -17,6 +17,7 @@ write_downstream renders the same kind of clips as a fine-tuning set: face-frame
 wavs and the authors' annotation files in subject-independent k folds (see its docstring);
 write_multilabel a multi-label set (1-3 classes a clip) in the CAV-MAE release's JSON layout.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -54,9 +55,17 @@ class _ClipPlan:
         return f"{self.speaker}/{self.video}/{self.clip}"
 
 
-def write_corpus(out_dir: str | Path, num_clips: int, *, num_classes: int = 4,
-                 num_speakers: int | None = None, seed: int = 0, duration_s: float = 3.2,
-                 workers: int = 1, progress: bool = True) -> dict:
+def write_corpus(
+    out_dir: str | Path,
+    num_clips: int,
+    *,
+    num_classes: int = 4,
+    num_speakers: int | None = None,
+    seed: int = 0,
+    duration_s: float = 3.2,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
     """Write `num_clips` clips under out_dir (layout in the module docstring).
 
     Returns a summary: out_dir, clips, speakers, videos, classes, seconds, bytes, labels path.
@@ -67,8 +76,10 @@ def write_corpus(out_dir: str | Path, num_clips: int, *, num_classes: int = 4,
         raise ValueError(f"num_clips and num_classes must be >= 1, got {num_clips}, {num_classes}")
     min_s = (MIN_SOURCE_FRAMES + FRAME_STRIDE) / FPS
     if duration_s < min_s:
-        raise ValueError(f"duration_s={duration_s}: clips need at least {min_s:.2f} s (the "
-                         f"{MIN_SOURCE_FRAMES / FPS} s window plus room for a random start)")
+        raise ValueError(
+            f"duration_s={duration_s}: clips need at least {min_s:.2f} s (the "
+            f"{MIN_SOURCE_FRAMES / FPS} s window plus room for a random start)"
+        )
     out = Path(out_dir)
     num_speakers = num_speakers or max(2, num_clips // 8)
     plans = _plan(num_clips, min(num_speakers, num_clips), num_classes, seed)
@@ -77,8 +88,9 @@ def write_corpus(out_dir: str | Path, num_clips: int, *, num_classes: int = 4,
         return _write_clip(out, plan, num_classes, seed, duration_s)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:  # the work is in ffmpeg subprocesses
-        sizes = list(tqdm(pool.map(write, plans), total=len(plans), desc="synth clips",
-                          unit="clip", disable=not progress))
+        sizes = list(
+            tqdm(pool.map(write, plans), total=len(plans), desc="synth clips", unit="clip", disable=not progress)
+        )
 
     labels = out / "labels.csv"
     with open(labels, "w", newline="") as f:
@@ -158,6 +170,7 @@ def _speaker_look(speaker: str, seed: int) -> tuple[np.ndarray, float]:
 def _beat(style: _ClassStyle, phase: float):
     def beat(t: np.ndarray) -> np.ndarray:  # envelope in [0, 1]
         return (0.5 - 0.5 * np.cos(2 * np.pi * style.beat_hz * t + phase)) ** 2
+
     return beat
 
 
@@ -171,28 +184,83 @@ def _write_clip(out: Path, plan: _ClipPlan, num_classes: int, seed: int, duratio
         path.parent.mkdir(parents=True, exist_ok=True)
     m4a_part, mp4_part = m4a.with_suffix(".part"), mp4.with_suffix(".part")  # renamed when done
     exact = ["-fflags", "+bitexact", "-map_metadata", "-1"]
-    _ffmpeg(["-f", "s16le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", "pipe:0",
-             "-c:a", "aac", "-b:a", "48k", "-flags:a", "+bitexact", *exact, "-f", "mp4", str(m4a_part)],
-            pcm.tobytes(), m4a)
-    _ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SOURCE_SIZE}x{SOURCE_SIZE}", "-r", str(FPS),
-             "-i", "pipe:0", "-i", str(m4a_part), "-map", "0:v:0", "-map", "1:a:0",
-             "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
-             "-g", str(2 * FPS), "-flags:v", "+bitexact", "-c:a", "copy", *exact,
-             "-movflags", "+faststart", "-f", "mp4", str(mp4_part)],
-            frames.tobytes(), mp4)
+    _ffmpeg(
+        [
+            "-f",
+            "s16le",
+            "-ar",
+            str(SAMPLE_RATE),
+            "-ac",
+            "1",
+            "-i",
+            "pipe:0",
+            "-c:a",
+            "aac",
+            "-b:a",
+            "48k",
+            "-flags:a",
+            "+bitexact",
+            *exact,
+            "-f",
+            "mp4",
+            str(m4a_part),
+        ],
+        pcm.tobytes(),
+        m4a,
+    )
+    _ffmpeg(
+        [
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{SOURCE_SIZE}x{SOURCE_SIZE}",
+            "-r",
+            str(FPS),
+            "-i",
+            "pipe:0",
+            "-i",
+            str(m4a_part),
+            "-map",
+            "0:v:0",
+            "-map",
+            "1:a:0",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-crf",
+            "20",
+            "-pix_fmt",
+            "yuv420p",
+            "-g",
+            str(2 * FPS),
+            "-flags:v",
+            "+bitexact",
+            "-c:a",
+            "copy",
+            *exact,
+            "-movflags",
+            "+faststart",
+            "-f",
+            "mp4",
+            str(mp4_part),
+        ],
+        frames.tobytes(),
+        mp4,
+    )
     m4a_part.rename(m4a)
     mp4_part.rename(mp4)
     return mp4.stat().st_size + m4a.stat().st_size
 
 
-def _render_audio(style: _ClassStyle, timbre: float, beat, seconds: float,
-                  rng: np.random.Generator) -> np.ndarray:
+def _render_audio(style: _ClassStyle, timbre: float, beat, seconds: float, rng: np.random.Generator) -> np.ndarray:
     """(S,) int16 mono at 16 kHz: harmonics of a detuned f0, gated by the beat, plus noise."""
     t = np.arange(int(round(seconds * SAMPLE_RATE))) / SAMPLE_RATE
     f0 = style.f0 * rng.uniform(0.97, 1.03)
     harmonics = [k for k in range(1, 16) if k * f0 < 0.45 * SAMPLE_RATE]
-    voice = sum(np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi)) / k ** timbre
-                for k in harmonics)
+    voice = sum(np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi)) / k**timbre for k in harmonics)
     voice = voice / np.abs(voice).max()
     wave = rng.uniform(0.25, 0.5) * beat(t) * voice + rng.uniform(0.005, 0.03) * rng.standard_normal(t.size)
     return (np.clip(wave, -1, 1) * 32767).astype(np.int16)
@@ -207,15 +275,18 @@ class _Placement:
     radius: float
 
 
-def _placement(rng: np.random.Generator, centre=((92, 132), (62, 100)), radius=(18, 26),
-               amp=(10, 20)) -> _Placement:
+def _placement(rng: np.random.Generator, centre=((92, 132), (62, 100)), radius=(18, 26), amp=(10, 20)) -> _Placement:
     cx, cy = rng.uniform(*centre[0]), rng.uniform(*centre[1])
     a, phase = rng.uniform(*amp), rng.uniform(0, 2 * np.pi)
     return _Placement(cx, cy, a, phase, rng.uniform(*radius))
 
 
-def _render_frames(shapes: list[tuple[_ClassStyle, object, _Placement]], background: np.ndarray, n_frames: int,
-                   rng: np.random.Generator) -> np.ndarray:
+def _render_frames(
+    shapes: list[tuple[_ClassStyle, object, _Placement]],
+    background: np.ndarray,
+    n_frames: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """(n_frames, 224, 224, 3) uint8: each (style, beat, placement) shape moving and pulsing over
     a speaker background, painted in order.
 
@@ -223,7 +294,7 @@ def _render_frames(shapes: list[tuple[_ClassStyle, object, _Placement]], backgro
     """
     noise_std = rng.uniform(1, 3)
     boxes = []
-    for style, beat, at in shapes:
+    for _style, _beat, at in shapes:
         # A shape (at most 1.2 r across from its centre, times the 1.3 beat pulse) never
         # leaves this box, so only the box is drawn.
         half = int(at.amp + 1.6 * at.radius) + 2
@@ -265,14 +336,26 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
     elif shape == "ring":
         d = np.abs(np.hypot(dx, dy) - 0.8 * r) - 0.3 * r
     else:  # cross
-        d = np.minimum(np.maximum(np.abs(dx) - 0.3 * r, np.abs(dy) - r),
-                       np.maximum(np.abs(dy) - 0.3 * r, np.abs(dx) - r))
+        d = np.minimum(
+            np.maximum(np.abs(dx) - 0.3 * r, np.abs(dy) - r), np.maximum(np.abs(dy) - 0.3 * r, np.abs(dx) - r)
+        )
     return np.clip(0.5 - d, 0, 1)
 
 
-def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 4, num_subjects: int | None = None,
-                     folds: int = 5, seed: int = 0, duration_s: float = 3.2, regression: bool = False,
-                     multilabel: bool = False, workers: int = 1, progress: bool = True) -> dict:
+def write_downstream(
+    out_dir: str | Path,
+    num_clips: int,
+    *,
+    num_classes: int = 4,
+    num_subjects: int | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    duration_s: float = 3.2,
+    regression: bool = False,
+    multilabel: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
     """A synthetic fine-tuning set in the downstream format (hicmae_dist.data.downstream):
 
         out/frames/<subject>/<clip>/00001.jpg ...   the clip's face crop (JPEG q90), 25 fps
@@ -296,21 +379,39 @@ def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 
     if multilabel:
         if regression:
             raise ValueError("a set is multi-label or regression, not both")
-        return write_multilabel(out_dir, num_clips, num_classes=num_classes, num_subjects=num_subjects,
-                                folds=folds, seed=seed, duration_s=duration_s, workers=workers, progress=progress)
+        return write_multilabel(
+            out_dir,
+            num_clips,
+            num_classes=num_classes,
+            num_subjects=num_subjects,
+            folds=folds,
+            seed=seed,
+            duration_s=duration_s,
+            workers=workers,
+            progress=progress,
+        )
     out = Path(out_dir)
     num_subjects = min(num_subjects or max(folds, num_clips // 4), num_clips)
     if num_subjects < folds:
-        raise ValueError(f"{num_subjects} subjects ({num_clips} clips) cannot make {folds} subject-independent "
-                         f"folds: ask for at least {folds} clips and subjects")
+        raise ValueError(
+            f"{num_subjects} subjects ({num_clips} clips) cannot make {folds} subject-independent "
+            f"folds: ask for at least {folds} clips and subjects"
+        )
     plans = _plan(num_clips, num_subjects, num_classes, seed)
     make_folds(plans, [p.speaker for p in plans], folds, seed)  # its checks (k >= 3 ...) before any clip is written
 
-    write = functools.partial(_write_downstream_clip, out=out, num_classes=num_classes, seed=seed,
-                              duration_s=duration_s, regression=regression)
+    write = functools.partial(
+        _write_downstream_clip,
+        out=out,
+        num_classes=num_classes,
+        seed=seed,
+        duration_s=duration_s,
+        regression=regression,
+    )
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        items = list(tqdm(pool.map(write, plans), total=len(plans), desc="synth downstream",
-                          unit="clip", disable=not progress))
+        items = list(
+            tqdm(pool.map(write, plans), total=len(plans), desc="synth downstream", unit="clip", disable=not progress)
+        )
     subjects = [p.speaker for p in plans]
     with open(out / "labels.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -318,15 +419,21 @@ def write_downstream(out_dir: str | Path, num_clips: int, *, num_classes: int = 
         writer.writerows([f"{p.speaker}/{p.index:05d}", p.speaker, p.label] for p in plans)
     paths = write_folds(out / "splits", make_folds(items, subjects, folds, seed))
     return {
-        "out_dir": str(out), "clips": len(plans), "subjects": len(set(subjects)), "classes": num_classes,
-        "folds": folds, "regression": regression, "frames_per_clip": _num_frames(duration_s),
+        "out_dir": str(out),
+        "clips": len(plans),
+        "subjects": len(set(subjects)),
+        "classes": num_classes,
+        "folds": folds,
+        "regression": regression,
+        "frames_per_clip": _num_frames(duration_s),
         "splits": str(out / "splits"),
         "fold_sizes": [{name: len(Path(p).read_text().splitlines()) for name, p in fold.items()} for fold in paths],
     }
 
 
-def _write_downstream_clip(plan: _ClipPlan, *, out: Path, num_classes: int, seed: int,
-                           duration_s: float, regression: bool):
+def _write_downstream_clip(
+    plan: _ClipPlan, *, out: Path, num_classes: int, seed: int, duration_s: float, regression: bool
+):
     """Render one clip, write its face-crop frames and its wav; returns its DownstreamItem."""
     from hicmae_dist.data.downstream import DownstreamItem
 
@@ -373,9 +480,18 @@ def _downstream_labels(plan: _ClipPlan, num_classes: int, seed: int, regression:
     return (round(float(valence), 4), round(float(arousal), 4))
 
 
-def write_multilabel(out_dir: str | Path, num_clips: int, *, num_classes: int = 5, num_subjects: int | None = None,
-                     folds: int = 3, seed: int = 0, duration_s: float = 3.2, workers: int = 1,
-                     progress: bool = True) -> dict:
+def write_multilabel(
+    out_dir: str | Path,
+    num_clips: int,
+    *,
+    num_classes: int = 5,
+    num_subjects: int | None = None,
+    folds: int = 3,
+    seed: int = 0,
+    duration_s: float = 3.2,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
     """A synthetic multi-label set in the CAV-MAE release's layout (data.downstream's docstring):
 
         out/frames/frame_{i}/<video_id>.jpg           i = 0..9, frame int(i n / 10), the 160 px face crop
@@ -395,15 +511,25 @@ def write_multilabel(out_dir: str | Path, num_clips: int, *, num_classes: int = 
     num_subjects = min(num_subjects or max(folds, num_clips // 4), num_clips)
     plans = _plan(num_clips, num_subjects, num_classes, seed)
     rng = np.random.default_rng((seed, 5))
-    labels = [tuple(sorted(int(k) for k in rng.choice(num_classes, rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]),
-                                                        replace=False))) for _ in plans]
+    labels = [
+        tuple(sorted(int(k) for k in rng.choice(num_classes, rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]), replace=False)))
+        for _ in plans
+    ]
     subjects = [p.speaker for p in plans]
     split_of = make_folds(list(range(num_clips)), subjects, folds, seed)  # checks before any clip is written
-    write = functools.partial(_write_multilabel_clip, out=out, num_classes=num_classes, seed=seed,
-                              duration_s=duration_s)
+    write = functools.partial(
+        _write_multilabel_clip, out=out, num_classes=num_classes, seed=seed, duration_s=duration_s
+    )
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        entries = list(tqdm(pool.map(write, plans, labels), total=len(plans), desc="synth multi-label",
-                            unit="clip", disable=not progress))
+        entries = list(
+            tqdm(
+                pool.map(write, plans, labels),
+                total=len(plans),
+                desc="synth multi-label",
+                unit="clip",
+                disable=not progress,
+            )
+        )
     (out / "splits").mkdir(parents=True, exist_ok=True)
     with open(out / "splits" / "class_labels_indices.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -415,10 +541,18 @@ def write_multilabel(out_dir: str | Path, num_clips: int, *, num_classes: int = 
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"data": [entries[i] for i in indices]}, indent=1))
     counts = np.bincount([k for ls in labels for k in ls], minlength=num_classes)
-    return {"out_dir": str(out), "clips": num_clips, "subjects": len(set(subjects)), "classes": num_classes,
-            "folds": folds, "multilabel": True, "labels_per_clip": float(np.mean([len(ls) for ls in labels])),
-            "class_counts": counts.tolist(), "splits": str(out / "splits"),
-            "fold_sizes": [{name: len(idx) for name, idx in fold.items()} for fold in split_of]}
+    return {
+        "out_dir": str(out),
+        "clips": num_clips,
+        "subjects": len(set(subjects)),
+        "classes": num_classes,
+        "folds": folds,
+        "multilabel": True,
+        "labels_per_clip": float(np.mean([len(ls) for ls in labels])),
+        "class_counts": counts.tolist(),
+        "splits": str(out / "splits"),
+        "fold_sizes": [{name: len(idx) for name, idx in fold.items()} for fold in split_of],
+    }
 
 
 def _slot(k: int, num_classes: int) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -434,8 +568,9 @@ def _class_name(k: int, num_classes: int) -> str:
     return f"{style.shape} {style.f0:.0f} Hz"
 
 
-def _write_multilabel_clip(plan: _ClipPlan, labels: tuple[int, ...], *, out: Path, num_classes: int, seed: int,
-                           duration_s: float) -> dict:
+def _write_multilabel_clip(
+    plan: _ClipPlan, labels: tuple[int, ...], *, out: Path, num_classes: int, seed: int, duration_s: float
+) -> dict:
     """Render one multi-label clip, write its 10 frames and its wav; returns its datafile entry."""
     background, timbre = _speaker_look(plan.speaker, seed)
     rng = np.random.default_rng((seed, 4, plan.index))
@@ -456,12 +591,15 @@ def _write_multilabel_clip(plan: _ClipPlan, labels: tuple[int, ...], *, out: Pat
         Image.fromarray(crops[int(i * n_frames / 10)]).save(path, quality=90)
     wav = out / "audio" / f"{video_id}.wav"
     _write_wav(pcm, wav)
-    return {"video_id": video_id, "wav": str(wav.resolve()), "video_path": str((out / "frames").resolve()),
-            "labels": ",".join(f"/m/synth{k}" for k in labels)}
+    return {
+        "video_id": video_id,
+        "wav": str(wav.resolve()),
+        "video_path": str((out / "frames").resolve()),
+        "labels": ",".join(f"/m/synth{k}" for k in labels),
+    }
 
 
 def _ffmpeg(args: list[str], stdin: bytes, target: Path) -> None:
-    proc = subprocess.run(["ffmpeg", "-hide_banner", "-v", "error", "-y", *args], input=stdin,
-                          capture_output=True)
+    proc = subprocess.run(["ffmpeg", "-hide_banner", "-v", "error", "-y", *args], input=stdin, capture_output=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ffmpeg failed writing {target}: {proc.stderr.decode(errors='replace')[-2000:]}")

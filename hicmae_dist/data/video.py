@@ -8,6 +8,7 @@ kernel in torch (4x faster than NCHW here). The batch carries them as uint8 (fra
 normalise_ turns them to float on the training device (data/device.py), or in the worker on the
 float path (frames_into).
 """
+
 from __future__ import annotations
 
 import io
@@ -32,19 +33,32 @@ _NORM_ON: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (scale, 
 MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
 # The 13 fixed crop positions of VideoMAE's GroupMultiScaleCrop, as (x, y) in quarter steps of
 # the free room: 4 corners, centre, 4 edge centres, 4 quarter points.
-MULTISCALE_OFFSETS = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2),
-                      (0, 2), (4, 2), (2, 4), (2, 0),
-                      (1, 1), (3, 1), (1, 3), (3, 3))
+MULTISCALE_OFFSETS = (
+    (0, 0),
+    (4, 0),
+    (0, 4),
+    (4, 4),
+    (2, 2),
+    (0, 2),
+    (4, 2),
+    (2, 4),
+    (2, 0),
+    (1, 1),
+    (3, 1),
+    (1, 3),
+    (3, 3),
+)
 
 
 def face_crop(frames: torch.Tensor, size: int = 160) -> torch.Tensor:
     """(T, 3, 224, 224) -> (T, 3, size, size): rows 0:size, centred columns (32:192 for 160,
     16:208 for 192), the crop of the spec."""
     if tuple(frames.shape[-2:]) != (SOURCE_SIZE, SOURCE_SIZE):
-        raise ValueError(f"face_crop expects {SOURCE_SIZE}x{SOURCE_SIZE} frames, got "
-                         f"{frames.shape[-1]}x{frames.shape[-2]}")
+        raise ValueError(
+            f"face_crop expects {SOURCE_SIZE}x{SOURCE_SIZE} frames, got {frames.shape[-1]}x{frames.shape[-2]}"
+        )
     left = (SOURCE_SIZE - size) // 2
-    return frames[..., :size, left:left + size]
+    return frames[..., :size, left : left + size]
 
 
 def encode_jpegs(frames: torch.Tensor, quality: int = 90) -> tuple[bytes, list[int]]:
@@ -61,7 +75,7 @@ def decode_jpegs(blob: bytes, sizes: list[int], indices: range) -> torch.Tensor:
     """The frames at `indices` of a blob made by encode_jpegs -> (len(indices), 3, H, W) uint8."""
     ends = np.cumsum(sizes)
     data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    chosen = [data[ends[i] - sizes[i]:ends[i]] for i in indices]
+    chosen = [data[ends[i] - sizes[i] : ends[i]] for i in indices]
     return torch.stack(decode_jpeg(chosen, mode="RGB"))
 
 
@@ -69,7 +83,7 @@ def jpeg_slices(blob: bytes, sizes: list[int], indices) -> list[torch.Tensor]:
     """The JPEGs at `indices` of a blob made by encode_jpegs, as uint8 tensors (no copy)."""
     ends = np.cumsum(sizes)
     data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    return [data[ends[i] - sizes[i]:ends[i]] for i in indices]
+    return [data[ends[i] - sizes[i] : ends[i]] for i in indices]
 
 
 def decode_frames_hwc(blob: bytes, sizes: list[int], indices) -> torch.Tensor:
@@ -89,8 +103,9 @@ def face_box(stored_size: int, size: int) -> tuple[int, int, int, int]:
     return 0, (SOURCE_SIZE - size) // 2, size, size
 
 
-def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, int] | None,
-                face: tuple[int, int, int, int] | None, size: int) -> torch.Tensor:
+def crop_resize(
+    frames: torch.Tensor, box: tuple[int, int, int, int] | None, face: tuple[int, int, int, int] | None, size: int
+) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (T, 3, S, S) uint8, channels-last memory (a view when no resize).
 
     `face` (top, left, h, w) is cut first (see face_box); `box` is a crop inside it (multi-scale
@@ -99,10 +114,10 @@ def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, int] | None,
     """
     if face is not None:
         top, left, h, w = face
-        frames = frames[:, top:top + h, left:left + w]
+        frames = frames[:, top : top + h, left : left + w]
     if box is not None:
         top, left, h, w = box
-        frames = frames[:, top:top + h, left:left + w]
+        frames = frames[:, top : top + h, left : left + w]
     x = frames.permute(0, 3, 1, 2)  # (T, 3, h, w) view, channels-last memory
     if tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -121,14 +136,22 @@ def normalise_(x: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
     return x.mul_(scale.view(shape)).add_(shift.view(shape))
 
 
-def frames_u8_into(out: torch.Tensor, frames: torch.Tensor, box: tuple[int, int, int, int] | None,
-                   face: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+def frames_u8_into(
+    out: torch.Tensor,
+    frames: torch.Tensor,
+    box: tuple[int, int, int, int] | None,
+    face: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> out (T, S, S, 3) uint8: crop_resize, channels-last as decoded."""
     return out.copy_(crop_resize(frames, box, face, out.shape[-2]).permute(0, 2, 3, 1))
 
 
-def frames_into(out: torch.Tensor, frames: torch.Tensor, box: tuple[int, int, int, int] | None,
-                face: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+def frames_into(
+    out: torch.Tensor,
+    frames: torch.Tensor,
+    box: tuple[int, int, int, int] | None,
+    face: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> out (3, T, S, S) float32, ImageNet-normalised, written in place:
     crop_resize, then normalise_. The same values as to_model_input up to the resize kernel's
     rounding (at most 1 grey level)."""
@@ -183,8 +206,7 @@ def multiscale_crop_box(size: int, rng: random.Random) -> tuple[int, int, int, i
     return y * ((size - height) // 4), x * ((size - width) // 4), height, width
 
 
-def to_model_input(frames: torch.Tensor, box: tuple[int, int, int, int] | None,
-                   out_size: int) -> torch.Tensor:
+def to_model_input(frames: torch.Tensor, box: tuple[int, int, int, int] | None, out_size: int) -> torch.Tensor:
     """(T, 3, H, W) uint8 -> (3, T, out_size, out_size) float32, ImageNet-normalised.
 
     With a box, the frames are cropped to it and resized back to out_size, bilinear on uint8
@@ -192,7 +214,7 @@ def to_model_input(frames: torch.Tensor, box: tuple[int, int, int, int] | None,
     """
     if box is not None:
         top, left, height, width = box
-        frames = frames[..., top:top + height, left:left + width]
+        frames = frames[..., top : top + height, left : left + width]
         if (height, width) != (out_size, out_size):
             frames = F.interpolate(frames, size=(out_size, out_size), mode="bilinear", align_corners=False)
     if tuple(frames.shape[-2:]) != (out_size, out_size):

@@ -18,10 +18,11 @@ negative. The others are left out and counted (`unscored_classes`), where the re
 calculate_stats keeps them in its means (AP 0 or NaN, AUC -1); on AudioSet's eval set every
 class has positives, so the figures agree there.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -106,7 +107,7 @@ def pcc(x, y) -> float | np.ndarray:
     """Pearson correlation per dimension (a float for 1-D inputs); 0 where an input is constant."""
     a, b = _pairs(x, y)
     da, db = a - a.mean(0), b - b.mean(0)
-    denom = np.sqrt((da ** 2).mean(0) * (db ** 2).mean(0))
+    denom = np.sqrt((da**2).mean(0) * (db**2).mean(0))
     return _squeeze(np.divide((da * db).mean(0), denom, out=np.zeros(a.shape[1]), where=denom > 0), x)
 
 
@@ -131,7 +132,7 @@ def average_precision(y_true, scores) -> float:
     # ties: a threshold takes every sample with that score at once
     last_of_tie = np.r_[np.diff(s) != 0, True]
     tp = np.cumsum(t)[last_of_tie]
-    seen = (np.nonzero(last_of_tie)[0] + 1)
+    seen = np.nonzero(last_of_tie)[0] + 1
     precision, recall = tp / seen, tp / t.sum()
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
@@ -189,8 +190,12 @@ def retrieval(similarity) -> dict[str, float]:
 
 def classification_metrics(y_true, probs) -> dict[str, float]:
     """UAR, WAR, weighted F1 and macro F1 of scores (N, K) (or predicted labels (N,))."""
-    return {"uar": uar(y_true, probs), "war": war(y_true, probs), "weighted_f1": weighted_f1(y_true, probs),
-            "macro_f1": macro_f1(y_true, probs)}
+    return {
+        "uar": uar(y_true, probs),
+        "war": war(y_true, probs),
+        "weighted_f1": weighted_f1(y_true, probs),
+        "macro_f1": macro_f1(y_true, probs),
+    }
 
 
 def regression_metrics(y_true, y_pred, names: Sequence[str] | None = None) -> dict[str, float]:
@@ -223,8 +228,15 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str] | None, out: str |
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{cm[i, j]}", ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), names, fontsize=8)
     ax.set_xlabel("predicted")

@@ -8,6 +8,7 @@ The crop: a square face track of TRACK_SCALE x the face's side with the face cen
 of that track (rows 0:160, centred columns for a 160 px model; video.face_box), resized to the
 model's image size.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,11 +34,15 @@ def _cascade():
     try:
         import cv2
     except ImportError as exn:
-        raise ConfigError("--faces detect needs the `opencv-python-headless` package (pip install "
-                          "'hicmae-dist[faces]', or `make setup`)") from exn
+        raise ConfigError(
+            "--faces detect needs the `opencv-python-headless` package (pip install "
+            "'hicmae-dist[faces]', or `make setup`)"
+        ) from exn
     if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
-        raise ConfigError(f"--faces detect needs opencv-python-headless 4.x (its Haar cascades); OpenCV "
-                          f"{cv2.__version__} has none: pip install 'hicmae-dist[faces]'")
+        raise ConfigError(
+            f"--faces detect needs opencv-python-headless 4.x (its Haar cascades); OpenCV "
+            f"{cv2.__version__} has none: pip install 'hicmae-dist[faces]'"
+        )
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + CASCADE)
     if cascade.empty():
         raise RuntimeError(f"OpenCV could not load {cv2.data.haarcascades + CASCADE}")
@@ -58,8 +63,9 @@ class FaceDetector:
         if scale < 1.0:
             gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         smallest = max(24, min(gray.shape) // MIN_FACE_FRACTION)
-        found = self.cascade.detectMultiScale(cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5,
-                                              minSize=(smallest, smallest))
+        found = self.cascade.detectMultiScale(
+            cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5, minSize=(smallest, smallest)
+        )
         if len(found) == 0:
             return None
         x, y, w, h = max(found, key=lambda b: b[2] * b[3])
@@ -78,12 +84,13 @@ def smooth(track: Track, radius: int = SMOOTH_RADIUS) -> Track:
     out = np.empty_like(filled)
     for i in range(len(track)):
         r = min(radius, i, len(track) - 1 - i)
-        out[i] = filled[i - r:i + r + 1].mean(axis=0)
+        out[i] = filled[i - r : i + r + 1].mean(axis=0)
     return [tuple(map(float, row)) for row in out]
 
 
-def crop_corners(face: tuple[float, float, float], width: int, height: int, size: int
-                 ) -> tuple[float, float, float, float]:
+def crop_corners(
+    face: tuple[float, float, float], width: int, height: int, size: int
+) -> tuple[float, float, float, float]:
     """(left, top, right, bottom) of the face crop (module docstring), moved inside the frame
     (and shrunk to it when larger)."""
     cx, cy, side = face
@@ -97,17 +104,18 @@ def crop_corners(face: tuple[float, float, float], width: int, height: int, size
     return left, top, left + crop, top + crop
 
 
-def track_faces(clip: Clip, frames: list[int], size: int, detector: FaceDetector
-                ) -> tuple[dict[int, tuple[float, float, float, float]], set[int]]:
+def track_faces(
+    clip: Clip, frames: list[int], size: int, detector: FaceDetector
+) -> tuple[dict[int, tuple[float, float, float, float]], set[int]]:
     """({frame: crop corners}, frames with a face of their own) over `frames` (sorted). Without
     any face in the clip, the centre crop of the short side."""
     track: Track = []
     for start in range(0, len(frames), 32):  # decoded in chunks: a long video never sits in memory
-        chunk = frames[start:start + 32]
+        chunk = frames[start : start + 32]
         track += [detector(f) for f in clip.frames(chunk)]
     found = {i for i, t in zip(frames, track) if t is not None}
     if not found:
         side = min(clip.width, clip.height)
         left, top = (clip.width - side) / 2, (clip.height - side) / 2
-        return {i: (left, top, left + side, top + side) for i in frames}, found
+        return dict.fromkeys(frames, (left, top, left + side, top + side)), found
     return {i: crop_corners(face, clip.width, clip.height, size) for i, face in zip(frames, smooth(track))}, found

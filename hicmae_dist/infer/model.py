@@ -1,6 +1,7 @@
 """hicmae_dist.load(path): a model for embed / predict, from a fine-tuning run (one fold's
 validation-selected weights), a pretraining run (its latest checkpoint), our weights file or the
 authors' checkpoint. Pretraining weights become the fine-tuning model's backbone (features only)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,9 @@ def _fold_of(run: RunDir, fold: int | None) -> RunDir:
     if fold is not None:
         folds = [f for f in folds if f.name == f"fold{fold:02d}"]
     if not folds:
-        raise FileNotFoundError(f"{run.path}: no fold{'' if fold is None else f'{fold:02d}'} with fine-tuned "
-                                f"weights (foldNN/best.pth)")
+        raise FileNotFoundError(
+            f"{run.path}: no fold{'' if fold is None else f'{fold:02d}'} with fine-tuned weights (foldNN/best.pth)"
+        )
     return folds[0]
 
 
@@ -74,8 +76,14 @@ def _load_fold(run: RunDir) -> Loaded:
     mcfg = _fold_model_config(cfg.model, state, run)
     net = build_finetune_model(mcfg, task.num_outputs, **get_spec(mcfg.arch).finetune_kwargs(cfg.finetune))
     net.load_state_dict(state)
-    log.info("loaded %s: %s fine-tuned, %s with %d outputs (%s)", run.best_weights, mcfg.arch, task.kind,
-             task.num_outputs, ", ".join(task.names))
+    log.info(
+        "loaded %s: %s fine-tuned, %s with %d outputs (%s)",
+        run.best_weights,
+        mcfg.arch,
+        task.kind,
+        task.num_outputs,
+        ", ".join(task.names),
+    )
     return Loaded(net, mcfg, task, str(run.best_weights))
 
 
@@ -97,9 +105,12 @@ def _fold_model_config(saved: ModelConfig, state: dict[str, torch.Tensor], run: 
     theirs = {rename_key(k, saved.arch, "upstream"): v for k, v in state.items()}
     try:
         inferred = get_spec(saved.arch).upstream.infer_config(theirs, "finetune")
-        changed = {f.name: getattr(inferred, f.name) for f in dataclasses.fields(saved)
-                   if getattr(inferred, f.name) != getattr(saved, f.name)
-                   and fits(dataclasses.replace(saved, **{f.name: getattr(inferred, f.name)})) != fits(saved)}
+        changed = {
+            f.name: getattr(inferred, f.name)
+            for f in dataclasses.fields(saved)
+            if getattr(inferred, f.name) != getattr(saved, f.name)
+            and fits(dataclasses.replace(saved, **{f.name: getattr(inferred, f.name)})) != fits(saved)
+        }
         merged = dataclasses.replace(saved, **changed)
         try:
             merged.validate()
@@ -107,13 +118,20 @@ def _fold_model_config(saved: ModelConfig, state: dict[str, torch.Tensor], run: 
             merged, changed = inferred, {"all": "as the converter infers it (heads at head_dim 64)"}
             merged.validate()
     except (ConversionError, ValueError, KeyError) as err:
-        raise ConversionError(f"{run.best_weights} does not fit the model section of {run.config}, and its size "
-                              f"cannot be read from its shapes: {err}") from None
+        raise ConversionError(
+            f"{run.best_weights} does not fit the model section of {run.config}, and its size "
+            f"cannot be read from its shapes: {err}"
+        ) from None
     if fits(merged) != shapes:
-        raise ConversionError(f"{run.best_weights} does not fit the model section of {run.config} "
-                              f"(read from the weights: {changed})")
-    log.warning("%s: the model section of %s does not fit its weights; read from them: %s", run.best_weights,
-                run.config, changed)
+        raise ConversionError(
+            f"{run.best_weights} does not fit the model section of {run.config} (read from the weights: {changed})"
+        )
+    log.warning(
+        "%s: the model section of %s does not fit its weights; read from them: %s",
+        run.best_weights,
+        run.config,
+        changed,
+    )
     return merged
 
 
@@ -124,8 +142,9 @@ def _from_converted(weights: Converted, source: str, dataset: str | None) -> Loa
         kind = preset.task if preset else "classification"
         names = (preset.classes or preset.dimensions) if preset else tuple(map(str, range(weights.num_classes)))
         if len(names) != weights.num_classes:
-            raise ConfigError(f"dataset {dataset} has {len(names)} outputs, the weights in {source} "
-                             f"{weights.num_classes}")
+            raise ConfigError(
+                f"dataset {dataset} has {len(names)} outputs, the weights in {source} {weights.num_classes}"
+            )
         task = Task(kind, weights.num_classes, tuple(names), "", (), None, {})
     else:
         net = build_finetune_model(weights.cfg, get_spec(weights.arch).default_classes)
@@ -150,8 +169,9 @@ class InferenceModel:
     def names(self) -> tuple[str, ...]:
         return self.task.names if self.task else ()
 
-    def preprocess(self, frames, wave, *, hop_s: float | None = None, segments: int | None = None,
-                   crops: int = 1) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    def preprocess(
+        self, frames, wave, *, hop_s: float | None = None, segments: int | None = None, crops: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Your own (T, H, W, 3) uint8 frames at 25 fps and (S,) 16 kHz waveform -> the windows'
         (video (W, V, ...), audio (W, V, 1, T, F), start seconds (W,)), the centre crop."""
         clip = TensorClip(frames, wave)
@@ -184,8 +204,9 @@ class InferenceModel:
 
     def require_head(self) -> None:
         if self.task is None:
-            raise ConfigError(f"{self.source} holds pretraining weights: no head to predict with (fine-tune "
-                              f"first, or embed)")
+            raise ConfigError(
+                f"{self.source} holds pretraining weights: no head to predict with (fine-tune first, or embed)"
+            )
 
     def embed(self, path, **options):
         """One video -> ClipResult (per window and pooled features); options as run.run_inputs."""

@@ -1,6 +1,7 @@
 """Many videos through one model: decoded and cut into windows on worker threads, the windows of
 several videos batched together, the outputs put back per video. A video that cannot be used
 is a problem line and a status, never the end of the run."""
+
 from __future__ import annotations
 
 import logging
@@ -57,9 +58,20 @@ class _Prepared:
     done: int = 0
 
 
-def run_inputs(model, items: list[VideoInput], what: str, *, feature: str = "fusion", faces: str = "none",
-               hop_s: float | None = None, segments: int | None = None, crops: int = 1, short: str = "pad",
-               workers: int = 2, progress: bool = True) -> list[ClipResult]:
+def run_inputs(
+    model,
+    items: list[VideoInput],
+    what: str,
+    *,
+    feature: str = "fusion",
+    faces: str = "none",
+    hop_s: float | None = None,
+    segments: int | None = None,
+    crops: int = 1,
+    short: str = "pad",
+    workers: int = 2,
+    progress: bool = True,
+) -> list[ClipResult]:
     """embed (features) or predict (outputs) every video of `items` with `model`
     (an InferenceModel); results in input order."""
     for name, value, allowed in (("what", what, WHAT), ("faces", faces, FACES), ("short", short, SHORT)):
@@ -78,8 +90,8 @@ def run_inputs(model, items: list[VideoInput], what: str, *, feature: str = "fus
             results.append(prepared)
             pending += [(prepared, w) for w in range(len(prepared.result.start_s))]
             while len(pending) >= model.batch_size:
-                _run_batch(model, pending[:model.batch_size], what, feature)
-                pending = pending[model.batch_size:]
+                _run_batch(model, pending[: model.batch_size], what, feature)
+                pending = pending[model.batch_size :]
             bar.update(1)
         if pending:
             _run_batch(model, pending, what, feature)
@@ -106,18 +118,25 @@ def prepare_clip(item: VideoInput, recipe, options: dict, detector, short: str) 
         windows = plan_windows(recipe, clip.num_frames, **options)
         padded = windows[0].padded
         if padded and short == "skip":
-            raise SkipVideo("too_short", f"{clip.num_frames / V.FPS:.2f} s, shorter than one "
-                                         f"{recipe.span_frames / V.FPS:.2f} s window (--short skip)")
-        boxes, found = (F.track_faces(clip, sorted({i for w in windows for i in w.frames()}), recipe.image_size,
-                                      detector) if detector else (None, None))
+            raise SkipVideo(
+                "too_short",
+                f"{clip.num_frames / V.FPS:.2f} s, shorter than one "
+                f"{recipe.span_frames / V.FPS:.2f} s window (--short skip)",
+            )
+        boxes, found = (
+            F.track_faces(clip, sorted({i for w in windows for i in w.frames()}), recipe.image_size, detector)
+            if detector
+            else (None, None)
+        )
         pairs = [window_inputs(clip, w, recipe, boxes) for w in windows]
     except Exception as exn:  # noqa: BLE001  one video's failure is its row, not the run's end
         kind = exn.kind if isinstance(exn, SkipVideo) else "failed"
         if kind == "failed":
             log.debug("%s failed", item.path, exc_info=True)  # -v shows the traceback
         result.status = kind
-        result.problems.append(Problem(item.id, str(item.path), kind, str(exn) if kind != "failed" else
-                                       f"{type(exn).__name__}: {exn}"))
+        result.problems.append(
+            Problem(item.id, str(item.path), kind, str(exn) if kind != "failed" else f"{type(exn).__name__}: {exn}")
+        )
         return _Prepared(result)
     result.start_s = np.array([w.start / V.FPS for w in windows])
     result.end_s = np.minimum(result.start_s + recipe.span_frames / V.FPS, clip.num_frames / V.FPS)
@@ -130,8 +149,9 @@ def prepare_clip(item: VideoInput, recipe, options: dict, detector, short: str) 
 
 
 def _window_status(window, found: set[int] | None) -> str:
-    flags = (["padded"] if window.padded else []) + \
-        (["no_face"] if found is not None and not found.intersection(window.frames()) else [])
+    flags = (["padded"] if window.padded else []) + (
+        ["no_face"] if found is not None and not found.intersection(window.frames()) else []
+    )
     return ",".join(flags) or "ok"
 
 
@@ -140,11 +160,16 @@ def _window_problems(result: ClipResult, num_frames: int, recipe, found: set[int
     kinds = [k for k in ("padded", "no_face") if any(k in s.split(",") for s in result.window_status)]
     for kind in kinds:
         if kind == "padded":
-            message = (f"{num_frames / V.FPS:.2f} s, shorter than one {recipe.span_frames / V.FPS:.2f} s window: "
-                       f"last frame repeated, audio zero-padded")
+            message = (
+                f"{num_frames / V.FPS:.2f} s, shorter than one {recipe.span_frames / V.FPS:.2f} s window: "
+                f"last frame repeated, audio zero-padded"
+            )
         else:
-            hit = [f"{s:.2f}-{e:.2f} s" for s, e, st in zip(result.start_s, result.end_s, result.window_status)
-                   if "no_face" in st]
+            hit = [
+                f"{s:.2f}-{e:.2f} s"
+                for s, e, st in zip(result.start_s, result.end_s, result.window_status)
+                if "no_face" in st
+            ]
             used = "the track's nearest boxes used" if found else "no face in the video: centre crop used"
             message = f"no face found in {len(hit)} window(s) ({', '.join(hit[:5])}): {used}"
         result.problems.append(Problem(result.id, result.path, kind, message))

@@ -1,6 +1,7 @@
 """What embed / predict read: video files, folders of them and CSV lists, each opened as a Clip
 (frames at the model's 25 fps, 16 kHz mono audio). A video that cannot be used raises SkipVideo
 with a kind and a reason; the runner reports it and goes on."""
+
 from __future__ import annotations
 
 import csv
@@ -40,8 +41,11 @@ def list_inputs(inputs: list[str | Path]) -> list[VideoInput]:
     found: list[VideoInput] = []
     for entry in map(Path, inputs):
         if entry.is_dir():
-            found += [VideoInput(p.relative_to(entry).with_suffix("").as_posix(), p)
-                      for p in sorted(entry.rglob("*")) if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()]
+            found += [
+                VideoInput(p.relative_to(entry).with_suffix("").as_posix(), p)
+                for p in sorted(entry.rglob("*"))
+                if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
+            ]
         elif entry.suffix.lower() in LIST_SUFFIXES:
             found += read_list(entry)
         else:  # a file, even a missing one: reported per video, not fatal
@@ -49,8 +53,10 @@ def list_inputs(inputs: list[str | Path]) -> list[VideoInput]:
     seen: dict[str, Path] = {}
     for item in found:
         if item.id in seen:
-            raise ConfigError(f"two inputs have the id {item.id!r} ({seen[item.id]} and {item.path}): give them "
-                             f"unique names, or list them in a CSV with an `id` column")
+            raise ConfigError(
+                f"two inputs have the id {item.id!r} ({seen[item.id]} and {item.path}): give them "
+                f"unique names, or list them in a CSV with an `id` column"
+            )
         seen[item.id] = item.path
     return found
 
@@ -98,8 +104,9 @@ class TensorClip(Clip):
     def __init__(self, frames: torch.Tensor | np.ndarray, wave: torch.Tensor | np.ndarray):
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"frames: expected (T, H, W, 3) uint8 at {video.FPS} fps, got {frames.shape} "
-                             f"{frames.dtype}")
+            raise ValueError(
+                f"frames: expected (T, H, W, 3) uint8 at {video.FPS} fps, got {frames.shape} {frames.dtype}"
+            )
         self._frames = frames
         self.num_frames, self.height, self.width = frames.shape[:3]
         self.wave = torch.as_tensor(wave, dtype=torch.float32).reshape(-1)
@@ -163,8 +170,9 @@ def _decode_audio(decoder, end_s: float):
             bad = mid
     if good - begin < audio.FRAME_SAMPLES / audio.SAMPLE_RATE:
         raise RuntimeError(error)
-    return decoder.get_samples_played_in_range(begin, good), \
-        f"audio track damaged after {good:.2f} s of {end_s:.2f} s ({error}): later windows reuse its last samples"
+    return decoder.get_samples_played_in_range(
+        begin, good
+    ), f"audio track damaged after {good:.2f} s of {end_s:.2f} s ({error}): later windows reuse its last samples"
 
 
 def _first_line(exn: BaseException) -> str:

@@ -7,6 +7,7 @@ the 2.56 s from its first frame. CAV-MAE: a window is the 10.24 s of its 1024-fr
 frames (video.cavmae_frame_indices from the window's start) are 10 views with the same audio.
 A window's views (CAV-MAE's frames, HiCMAE's spatial crops) are averaged by the caller.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,8 +69,9 @@ class Window:
         return sorted({i for indices, _ in self.views for i in indices})
 
 
-def plan_windows(recipe: Recipe, num_frames: int, *, hop: int | None = None, segments: int | None = None,
-                 crops: int = 1) -> list[Window]:
+def plan_windows(
+    recipe: Recipe, num_frames: int, *, hop: int | None = None, segments: int | None = None, crops: int = 1
+) -> list[Window]:
     """Windows every `hop` frames (default: one span, back to back), or `segments` windows spread
     over the clip as the fine-tuning test pass spreads its chunks. A clip shorter than one window
     gives one padded window."""
@@ -82,8 +84,7 @@ def plan_windows(recipe: Recipe, num_frames: int, *, hop: int | None = None, seg
         starts = [int(c * max(n - span, 0) / (segments - 1)) for c in range(segments)]
     positions = [0.5] if crops == 1 else [k / (crops - 1) for k in range(crops)]
     if recipe.cavmae:
-        return [Window(s, tuple(((s + j,), 0.5) for j in video.cavmae_frame_indices(n - s)), n < span)
-                for s in starts]
+        return [Window(s, tuple(((s + j,), 0.5) for j in video.cavmae_frame_indices(n - s)), n < span) for s in starts]
     if segments is not None:  # the test pass's own chunks (downstream.test_views), frame for frame
         chunks = test_views(n, recipe.num_frames, recipe.frame_stride, segments)
     else:
@@ -99,8 +100,9 @@ def centre_boxes(clip: Clip, size: int, position: float) -> Corners:
     return left, top, left + w, top + h
 
 
-def window_inputs(clip: Clip, window: Window, recipe: Recipe, faces: dict[int, Corners] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def window_inputs(
+    clip: Clip, window: Window, recipe: Recipe, faces: dict[int, Corners] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(video, audio) of one window: HiCMAE (V, 3, T, S, S), (V, 1, 256, 128); CAV-MAE
     (V, 3, S, S), (V, 1, 1024, 128). `faces` gives each frame's crop (faces.track); else the
     centre crop of the views' positions."""
@@ -109,9 +111,17 @@ def window_inputs(clip: Clip, window: Window, recipe: Recipe, faces: dict[int, C
     views = len(window.views)
     out_v = torch.empty(views, 3, *(() if recipe.cavmae else (recipe.num_frames,)), size, size)
     for v, (indices, position) in enumerate(window.views):
-        pixels = np.stack([crop_resize(Image.fromarray(decoded[i]), faces[i] if faces else
-                                       centre_boxes(clip, size, position), size, resample=recipe.resample)
-                           for i in indices])  # (T, S, S, 3) uint8
+        pixels = np.stack(
+            [
+                crop_resize(
+                    Image.fromarray(decoded[i]),
+                    faces[i] if faces else centre_boxes(clip, size, position),
+                    size,
+                    resample=recipe.resample,
+                )
+                for i in indices
+            ]
+        )  # (T, S, S, 3) uint8
         if recipe.cavmae:
             video.image_into(out_v[v], torch.from_numpy(pixels[0]))
         else:
@@ -130,5 +140,5 @@ def audio_window(clip: Clip, frame: int, length: int) -> torch.Tensor:
     """The `length` samples from the time of `frame`; the clip's last ones when the audio ends
     before one 25 ms frame (as the fine-tuning dataset does); shorter at the end (zero-padded fbank)."""
     first = clip.audio_index(frame)
-    wave = clip.wave[first:first + length]
+    wave = clip.wave[first : first + length]
     return wave if wave.shape[0] >= audio.FRAME_SAMPLES else clip.wave[-length:]

@@ -11,6 +11,7 @@ SIGTERM alone never requeues) and requeues with `scontrol requeue`, or every ran
 UncompletedJobError. The requeued job resumes the checkpoint and the same MLflow run. The steps
 and why: docs/design.md, "Stopping: signals, and the Slurm job". Only rank 0 writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,9 @@ def read_events(folder: Path) -> list[dict[str, Any]]:
 def scontrol_job(job_id: str) -> dict[str, str]:
     """`scontrol show job -o` as a dict ({} when Slurm does not answer)."""
     try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                             timeout=30).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
     info: dict[str, str] = {}
@@ -120,8 +122,10 @@ def decide(kind: str, detail: str, step: int, timeouts_used: int, max_timeouts: 
     if kind == "terminated":
         return f"stopped by {detail} at step {step}; checkpoint saved"
     if kind == "timeout" and timeouts_used >= max_timeouts:
-        return (f"time limit ({detail}) with {timeouts_used} time-limit requeue(s) used of max_timeouts="
-                f"{max_timeouts}; checkpoint at step {step}: resubmit with the same --run-dir to continue")
+        return (
+            f"time limit ({detail}) with {timeouts_used} time-limit requeue(s) used of max_timeouts="
+            f"{max_timeouts}; checkpoint at step {step}: resubmit with the same --run-dir to continue"
+        )
     return ""  # preemption, USR2 by hand, or a time limit within the budget
 
 
@@ -130,9 +134,17 @@ class TrainJob(submitit.helpers.Checkpointable):
     dir, "folds": [1, ...], "pretrained": path or None} runs the fine-tuning protocol instead of
     pretraining (same signals, checkpoints and requeues; a requeued protocol skips done folds)."""
 
-    def __init__(self, config: dict[str, Any], run_dir: str, *, resume: str = "auto",
-                 tracking_uri: str | None = None, max_timeouts: int = 3, signal_delay_s: int = 120,
-                 finetune: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        run_dir: str,
+        *,
+        resume: str = "auto",
+        tracking_uri: str | None = None,
+        max_timeouts: int = 3,
+        signal_delay_s: int = 120,
+        finetune: dict[str, Any] | None = None,
+    ):
         self.config = config  # Config.to_dict(), resolved and validated at submit time
         self.finetune = finetune
         self.run_dir = str(run_dir)
@@ -154,8 +166,16 @@ class TrainJob(submitit.helpers.Checkpointable):
         folder = env.paths.folder
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if rank0:
-            event(folder, "start", attempt=restarts + 1, host=socket.gethostname(), tasks=env.num_tasks,
-                  nodes=env.num_nodes, timeouts=self.timeouts, preemptions=self.preemptions)
+            event(
+                folder,
+                "start",
+                attempt=restarts + 1,
+                host=socket.gethostname(),
+                tasks=env.num_tasks,
+                nodes=env.num_nodes,
+                timeouts=self.timeouts,
+                preemptions=self.preemptions,
+            )
         try:
             self._setup_environment(env, restarts)
             from hicmae_dist.config import config_from_dict
@@ -171,8 +191,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             if self.finetune:
                 summary = self._finetune(cfg, resume)
             else:
-                summary = pretrain(cfg, Path(self.run_dir), resume=resume, tracking_uri=self.tracking_uri,
-                                   progress=False)
+                summary = pretrain(
+                    cfg, Path(self.run_dir), resume=resume, tracking_uri=self.tracking_uri, progress=False
+                )
             if summary["interrupted"] and not self.finetune and summary["steps"] >= cfg.train.steps:
                 # stopped after the last step: that is a finished run
                 self._finish_mlflow(summary)
@@ -187,8 +208,15 @@ class TrainJob(submitit.helpers.Checkpointable):
             import torch.distributed as dist
 
             backend = str(dist.get_backend()) if dist.is_initialized() else None
-            event(folder, "finished", step=summary["steps"], world_size=summary["world_size"], backend=backend,
-                  mlflow_run_id=summary["mlflow_run_id"], tracking_uri=summary["tracking_uri"])
+            event(
+                folder,
+                "finished",
+                step=summary["steps"],
+                world_size=summary["world_size"],
+                backend=backend,
+                mlflow_run_id=summary["mlflow_run_id"],
+                tracking_uri=summary["tracking_uri"],
+            )
         return summary
 
     # ------------------------------------------------------------------ pieces
@@ -201,12 +229,25 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         ft = self.finetune
         pretrained = load_pretrained(ft["pretrained"]) if ft.get("pretrained") else None
-        out = run_protocol(cfg, Path(ft["splits"]), list(ft["folds"]), Path(self.run_dir), pretrained=pretrained,
-                           resume=resume, tracking_uri=self.tracking_uri, progress=False)
+        out = run_protocol(
+            cfg,
+            Path(ft["splits"]),
+            list(ft["folds"]),
+            Path(self.run_dir),
+            pretrained=pretrained,
+            resume=resume,
+            tracking_uri=self.tracking_uri,
+            progress=False,
+        )
         world = dist.get_world_size() if dist.is_initialized() else 1
-        return {**out, "interrupted": out.get("interrupted"), "world_size": world,
-                "steps": f"fold {out['fold']}" if out.get("interrupted") else f"{len(ft['folds'])} folds",
-                "mlflow_run_id": out.get("mlflow_run_id"), "tracking_uri": out.get("tracking_uri")}
+        return {
+            **out,
+            "interrupted": out.get("interrupted"),
+            "world_size": world,
+            "steps": f"fold {out['fold']}" if out.get("interrupted") else f"{len(ft['folds'])} folds",
+            "mlflow_run_id": out.get("mlflow_run_id"),
+            "tracking_uri": out.get("tracking_uri"),
+        }
 
     def _setup_environment(self, env, restarts: int) -> None:
         """Caches, threads and torch.distributed's env:// variables from Slurm's environment."""
@@ -223,9 +264,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(int(cpus))  # not the whole node's cores in every rank
-        log.info("rank %d/%d (local %d) on %s, %s, master %s:%s, attempt %d", dist_env.rank, dist_env.world_size,
-                 dist_env.local_rank, socket.gethostname(), dist_env.device, dist_env.master_addr,
-                 dist_env.master_port, restarts + 1)
+        log.info(
+            "rank %d/%d (local %d) on %s, %s, master %s:%s, attempt %d",
+            dist_env.rank,
+            dist_env.world_size,
+            dist_env.local_rank,
+            socket.gethostname(),
+            dist_env.device,
+            dist_env.master_addr,
+            dist_env.master_port,
+            restarts + 1,
+        )
 
     def _finish_mlflow(self, summary: dict[str, Any], status: str = "FINISHED") -> None:
         """Rank 0: the final status of the run the trainer stopped (KILLED): KILLED again for a
@@ -262,8 +311,15 @@ class TrainJob(submitit.helpers.Checkpointable):
                 try:
                     self._requeue(env)
                     requeued = 1.0
-                    event(folder, "requeue", kind=kind, detail=detail, step=step, timeouts=self.timeouts,
-                          preemptions=self.preemptions)
+                    event(
+                        folder,
+                        "requeue",
+                        kind=kind,
+                        detail=detail,
+                        step=step,
+                        timeouts=self.timeouts,
+                        preemptions=self.preemptions,
+                    )
                     log.warning("%s (%s): checkpoint at step %d, job %s requeued", kind, detail, step, env.job_id)
                 except (OSError, subprocess.SubprocessError) as err:
                     reason = f"{kind} at step {step}, but the requeue failed: {err}"
@@ -298,4 +354,3 @@ class TrainJob(submitit.helpers.Checkpointable):
         """submitit's handler calls this only before __call__ took over the signals (nothing
         trained yet in this attempt): requeue as is."""
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-

@@ -5,6 +5,7 @@ or $HICMAE_DIST_JOBS): job id, run dir, log folder, MLflow store. `jobs` joins i
 Slurm (squeue for queued and running jobs, sacct for the others), the run dirs (latest
 checkpoint's state.json, metrics.jsonl) and the job folders' events.jsonl (requeues, errors).
 """
+
 from __future__ import annotations
 
 import getpass
@@ -19,9 +20,22 @@ from typing import Any
 from hicmae_dist.launch.job import read_events
 from hicmae_dist.train.rundir import RunDir
 
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
-                 "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "PREEMPTED", "RESV_DEL_HOLD",
-                 "STOPPED"}
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "COMPLETING",
+    "CONFIGURING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "PREEMPTED",
+    "RESV_DEL_HOLD",
+    "STOPPED",
+}
 
 
 def default_registry() -> Path:
@@ -75,17 +89,26 @@ def slurm_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     text = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r|%M|%L"])
     for line in (text or "").splitlines():
         jid, state, reason, elapsed, left = (line.split("|") + [""] * 5)[:5]
-        out[jid] = {"state": state, "reason": reason if reason not in ("None", "") else "",
-                    "elapsed": elapsed, "left": left, "source": "squeue"}
+        out[jid] = {
+            "state": state,
+            "reason": reason if reason not in ("None", "") else "",
+            "elapsed": elapsed,
+            "left": left,
+            "source": "squeue",
+        }
     rest = [j for j in job_ids if j not in out]
     if rest:
         text = _run(["sacct", "-X", "-n", "-P", "-j", ",".join(rest), "-o", "JobIDRaw,State,ExitCode,Elapsed"])
         for line in (text or "").splitlines():
             jid, state, exit_code, elapsed = (line.split("|") + [""] * 4)[:4]
             if jid in rest:
-                out[jid] = {"state": state.split()[0] if state else "", "exit_code": exit_code,
-                            "elapsed": elapsed, "source": "sacct",
-                            "reason": state[len(state.split()[0]):].strip() if state else ""}
+                out[jid] = {
+                    "state": state.split()[0] if state else "",
+                    "exit_code": exit_code,
+                    "elapsed": elapsed,
+                    "source": "sacct",
+                    "reason": state[len(state.split()[0]) :].strip() if state else "",
+                }
     return out
 
 
@@ -133,7 +156,7 @@ def mlflow_run_by_name(uri: str, experiment: str, run_name: str) -> str | None:
     """The newest run called `run_name` in a local MLflow store (sqlite or file); None
     otherwise. For a job that has not written a checkpoint (which names its run) yet."""
     if uri.startswith("sqlite:///"):
-        if not Path(uri[len("sqlite:///"):]).exists():
+        if not Path(uri[len("sqlite:///") :]).exists():
             return None
     elif not uri.startswith("file:"):
         return None  # a server: not worth a network round trip for a listing
@@ -144,8 +167,12 @@ def mlflow_run_by_name(uri: str, experiment: str, run_name: str) -> str | None:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             return None
-        runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
+        runs = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"attributes.run_name = '{run_name}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         return runs[0].info.run_id if runs else None
     except Exception:  # a store being created or migrated by the job right now
         return None
@@ -157,15 +184,25 @@ def job_status(row: dict[str, Any], slurm: dict[str, str] | None) -> JobStatus:
     events = read_events(folder)
     progress = RunDir(row["run_dir"]).progress()
     slurm = slurm or {}
-    st = JobStatus(job_id=jid, name=row.get("job_name", ""), state=slurm.get("state") or "UNKNOWN",
-                   reason=slurm.get("reason", ""), elapsed=slurm.get("elapsed", ""),
-                   step=progress["step"], steps=row.get("steps"), loss=progress["loss"],
-                   mlflow_run_id=progress["mlflow_run_id"], tracking_uri=row.get("tracking_uri", ""),
-                   run_dir=row["run_dir"], log_dir=str(folder), stdout=str(folder / f"{jid}_0_log.out"),
-                   stderr=str(folder / f"{jid}_0_log.err"), submitted=row.get("submitted", ""))
+    st = JobStatus(
+        job_id=jid,
+        name=row.get("job_name", ""),
+        state=slurm.get("state") or "UNKNOWN",
+        reason=slurm.get("reason", ""),
+        elapsed=slurm.get("elapsed", ""),
+        step=progress["step"],
+        steps=row.get("steps"),
+        loss=progress["loss"],
+        mlflow_run_id=progress["mlflow_run_id"],
+        tracking_uri=row.get("tracking_uri", ""),
+        run_dir=row["run_dir"],
+        log_dir=str(folder),
+        stdout=str(folder / f"{jid}_0_log.out"),
+        stderr=str(folder / f"{jid}_0_log.err"),
+        submitted=row.get("submitted", ""),
+    )
     if st.mlflow_run_id is None and any(e["event"] == "start" for e in events) and row.get("run_name"):
-        st.mlflow_run_id = mlflow_run_by_name(st.tracking_uri, row.get("experiment", "hicmae-dist"),
-                                              row["run_name"])
+        st.mlflow_run_id = mlflow_run_by_name(st.tracking_uri, row.get("experiment", "hicmae-dist"), row["run_name"])
     st.attempts = sum(e["event"] == "start" for e in events)
     requeues = [e for e in events if e["event"] == "requeue"]
     st.timeouts = sum(e.get("kind") == "timeout" for e in requeues)
@@ -183,8 +220,9 @@ def job_status(row: dict[str, Any], slurm: dict[str, str] | None) -> JobStatus:
     return st
 
 
-def list_jobs(registry: Registry, job_ids: list[str] | None = None, active_only: bool = False,
-              last: int | None = None) -> list[JobStatus]:
+def list_jobs(
+    registry: Registry, job_ids: list[str] | None = None, active_only: bool = False, last: int | None = None
+) -> list[JobStatus]:
     user = getpass.getuser()
     rows = [r for r in registry.rows() if r.get("user", user) == user]
     if job_ids:

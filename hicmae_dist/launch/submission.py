@@ -7,6 +7,7 @@ host, check the run dir (a checkpoint to resume, no other job on it), then descr
     job_id = submit_planned(plan)          # SubmitError when sbatch refuses
     print(submitted_text(plan, job_id))
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,26 @@ from hicmae_dist.launch import submit as slurm
 from hicmae_dist.tracking import run_uri
 from hicmae_dist.train.rundir import RunDir
 
-_SHAPE_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "time", "partition", "account",
-                "qos", "constraint", "signal_delay_s", "max_timeouts")
+_SHAPE_FLAGS = (
+    "nodes",
+    "gpus_per_node",
+    "tasks_per_node",
+    "cpus_per_task",
+    "mem",
+    "time",
+    "partition",
+    "account",
+    "qos",
+    "constraint",
+    "signal_delay_s",
+    "max_timeouts",
+)
 
 
 @dataclass
 class Submission:
     """Everything decided before sbatch: `args` are `hicmae-dist submit`'s parsed options."""
+
     args: argparse.Namespace
     cfg: Config
     overrides: list[str]
@@ -58,8 +72,11 @@ def plan_submission(args: argparse.Namespace) -> Submission:
     params = slurm.slurm_parameters(shape, job_name=job_name, comment=f"hicmae-dist {run_dir}")
     uri = run_uri(args.tracking_uri, cfg.tracking.uri, run_dir)
     resumes = _checkpoint_run(run_dir, cfg, args.resume)
-    mlflow_run = (f"continues run {resumes[1]} (checkpoint {resumes[0]})" if resumes
-                  else "a new run, created when the job starts (`hicmae-dist jobs` shows its id)")
+    mlflow_run = (
+        f"continues run {resumes[1]} (checkpoint {resumes[0]})"
+        if resumes
+        else "a new run, created when the job starts (`hicmae-dist jobs` shows its id)"
+    )
     return Submission(args, cfg, overrides, finetune, run_dir, log_dir, job_name, shape, params, uri, mlflow_run)
 
 
@@ -69,8 +86,10 @@ def _job_shape(args: argparse.Namespace) -> slurm.JobShape:
     flags["sbatch"] = args.sbatch or None
     shape = slurm.resolve_shape(slurm.load_cluster(args.cluster), flags)
     if shape.gpus_per_node and args.tasks_per_node not in (None, shape.gpus_per_node):
-        raise ConfigError(f"--tasks-per-node {args.tasks_per_node} with --gpus-per-node {shape.gpus_per_node}: "
-                          f"a GPU job runs one task per GPU (--gpus-per-node 0 for a CPU job)")
+        raise ConfigError(
+            f"--tasks-per-node {args.tasks_per_node} with --gpus-per-node {shape.gpus_per_node}: "
+            f"a GPU job runs one task per GPU (--gpus-per-node 0 for a CPU job)"
+        )
     return shape
 
 
@@ -79,14 +98,20 @@ def dry_run_text(plan: Submission) -> str:
     cfg, finetune, preset = plan.cfg, plan.finetune, plan.args.preset
     lines = [f"# job:      {slurm.shape_summary(plan.shape)}"]
     if finetune:
-        lines.append(f"# finetune: preset {preset}, hash {cfg.hash(finetune=True)}, folds {finetune['folds']} of "
-                     f"{finetune['splits']}, from {finetune['pretrained'] or 'scratch'}")
+        lines.append(
+            f"# finetune: preset {preset}, hash {cfg.hash(finetune=True)}, folds {finetune['folds']} of "
+            f"{finetune['splits']}, from {finetune['pretrained'] or 'scratch'}"
+        )
     else:
-        lines.append(f"# config:   preset {preset}, hash {cfg.hash()}, {cfg.train.steps} steps, "
-                     f"data {cfg.data.shards or '(not set: --data)'}")
-    lines += [f"# run dir:  {plan.run_dir}",
-              f"# logs:     {plan.log_dir}/<job id>/<job id>_<rank>_log.out|.err",
-              f"# mlflow:   {plan.tracking_uri} (experiment {cfg.tracking.experiment}): {plan.mlflow_run}"]
+        lines.append(
+            f"# config:   preset {preset}, hash {cfg.hash()}, {cfg.train.steps} steps, "
+            f"data {cfg.data.shards or '(not set: --data)'}"
+        )
+    lines += [
+        f"# run dir:  {plan.run_dir}",
+        f"# logs:     {plan.log_dir}/<job id>/<job id>_<rank>_log.out|.err",
+        f"# mlflow:   {plan.tracking_uri} (experiment {cfg.tracking.experiment}): {plan.mlflow_run}",
+    ]
     return slurm.sbatch_script(plan.params, plan.log_dir) + "\n".join(lines) + "\n"
 
 
@@ -99,35 +124,64 @@ def submit_planned(plan: Submission) -> str:
     registry = Registry(args.registry)
     busy = active_job_for_run_dir(registry, run_dir)
     if busy:
-        raise ConfigError(f"job {busy} is queued or running on {run_dir}; two jobs must not write one run dir "
-                          f"(`hicmae-dist cancel {busy}` first, or pick another --run-dir)")
+        raise ConfigError(
+            f"job {busy} is queued or running on {run_dir}; two jobs must not write one run dir "
+            f"(`hicmae-dist cancel {busy}` first, or pick another --run-dir)"
+        )
     shards = Path(cfg.data.shards)
     if plan.finetune is None and not any(shards.glob("shard-*.tar")):
-        print(f"hicmae-dist submit: warning: no shard-*.tar in {shards} on this host; the job fails "
-              f"unless its nodes see them there", file=sys.stderr)
-    job = TrainJob(cfg.to_dict(), str(run_dir), resume=args.resume, tracking_uri=args.tracking_uri,
-                   max_timeouts=shape.max_timeouts, signal_delay_s=shape.signal_delay_s, finetune=plan.finetune)
+        print(
+            f"hicmae-dist submit: warning: no shard-*.tar in {shards} on this host; the job fails "
+            f"unless its nodes see them there",
+            file=sys.stderr,
+        )
+    job = TrainJob(
+        cfg.to_dict(),
+        str(run_dir),
+        resume=args.resume,
+        tracking_uri=args.tracking_uri,
+        max_timeouts=shape.max_timeouts,
+        signal_delay_s=shape.signal_delay_s,
+        finetune=plan.finetune,
+    )
     job_id = slurm.submit_job(job, shape, plan.params, plan.log_dir)
-    registry.add({"job_id": job_id, "job_name": plan.job_name, "user": _user(),
-                  "submitted": datetime.now().isoformat(timespec="seconds"),
-                  "cluster": args.cluster, "preset": args.preset, "overrides": plan.overrides,
-                  "steps": cfg.train.steps, "run_dir": str(run_dir), "log_dir": str(plan.log_dir),
-                  "tracking_uri": plan.tracking_uri, "experiment": cfg.tracking.experiment,
-                  "run_name": cfg.tracking.run_name or run_dir.name, "nodes": shape.nodes, "tasks": shape.tasks,
-                  "gpus_per_node": shape.gpus_per_node})
+    registry.add(
+        {
+            "job_id": job_id,
+            "job_name": plan.job_name,
+            "user": _user(),
+            "submitted": datetime.now().isoformat(timespec="seconds"),
+            "cluster": args.cluster,
+            "preset": args.preset,
+            "overrides": plan.overrides,
+            "steps": cfg.train.steps,
+            "run_dir": str(run_dir),
+            "log_dir": str(plan.log_dir),
+            "tracking_uri": plan.tracking_uri,
+            "experiment": cfg.tracking.experiment,
+            "run_name": cfg.tracking.run_name or run_dir.name,
+            "nodes": shape.nodes,
+            "tasks": shape.tasks,
+            "gpus_per_node": shape.gpus_per_node,
+        }
+    )
     return job_id
 
 
 def submitted_text(plan: Submission, job_id: str) -> str:
     paths = slurm.log_paths(plan.log_dir, job_id, plan.shape.tasks)
-    lines = [f"submitted job {job_id} ({plan.job_name}): {slurm.shape_summary(plan.shape)}",
-             f"  run dir   {plan.run_dir}",
-             f"  stdout    {paths['stdout']}",
-             f"  stderr    {paths['stderr']}"]
+    lines = [
+        f"submitted job {job_id} ({plan.job_name}): {slurm.shape_summary(plan.shape)}",
+        f"  run dir   {plan.run_dir}",
+        f"  stdout    {paths['stdout']}",
+        f"  stderr    {paths['stderr']}",
+    ]
     if "other ranks" in paths:
         lines.append(f"  ranks 1+  {paths['other ranks']}")
-    lines += [f"  mlflow    {plan.tracking_uri} (experiment {plan.cfg.tracking.experiment}): {plan.mlflow_run}",
-              f"  follow    hicmae-dist jobs {job_id}    cancel: hicmae-dist cancel {job_id}"]
+    lines += [
+        f"  mlflow    {plan.tracking_uri} (experiment {plan.cfg.tracking.experiment}): {plan.mlflow_run}",
+        f"  follow    hicmae-dist jobs {job_id}    cancel: hicmae-dist cancel {job_id}",
+    ]
     return "\n".join(lines)
 
 
@@ -138,8 +192,11 @@ def _submit_finetune(args: argparse.Namespace) -> dict:
     if bool(args.pretrained) == args.from_scratch:
         raise ConfigError("with --splits give --pretrained RUN_DIR|FILE or --from-scratch (one of the two)")
     splits = Path(args.splits).resolve()
-    return {"splits": str(splits), "folds": select_folds(args.folds, splits),
-            "pretrained": str(Path(args.pretrained).resolve()) if args.pretrained else None}
+    return {
+        "splits": str(splits),
+        "folds": select_folds(args.folds, splits),
+        "pretrained": str(Path(args.pretrained).resolve()) if args.pretrained else None,
+    }
 
 
 def _user() -> str:

@@ -14,6 +14,7 @@ One Slurm task per GPU (--ntasks-per-node = --gpus-per-node); a CPU job (gpus 0)
 --tasks-per-node tasks over gloo. Every job gets `--signal=USR2@<delay>` and `--requeue`: the
 callable checkpoints and requeues itself on that signal (launch/job.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,10 @@ def load_cluster(name: str | None) -> dict[str, Any]:
                 path = d / f"{name}.yaml"
                 break
         else:
-            raise ConfigError(f"unknown cluster preset {name!r}; known: {', '.join(list_clusters()) or 'none'} "
-                              f"(looked in {', '.join(str(d) for d in cluster_dirs())})")
+            raise ConfigError(
+                f"unknown cluster preset {name!r}; known: {', '.join(list_clusters()) or 'none'} "
+                f"(looked in {', '.join(str(d) for d in cluster_dirs())})"
+            )
     if not path.exists():
         raise ConfigError(f"cluster preset {path} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
@@ -144,7 +147,7 @@ def parse_mem(value: Any) -> str | None:
         raise ConfigError(f"mem: expected a size such as 16G, 500M or 0 (the whole node), got {value!r}")
     number, unit = m.groups()
     if "." in number:  # Slurm takes integers only: 1.5G -> 1536M
-        scale = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}[unit]
+        scale = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}[unit]
         return f"{math.ceil(float(number) * scale)}M"
     return f"{number}{unit}"
 
@@ -190,20 +193,27 @@ def resolve_shape(preset: dict[str, Any], flags: dict[str, Any]) -> JobShape:
             value = parse_mem(value)
         elif key == "setup":
             value = [str(v) for v in value or []]
-        elif key in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s",
-                     "max_timeouts"):
+        elif key in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s", "max_timeouts"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{key}: expected an integer, got {value!r}")
         elif key in ("partition", "account", "qos", "constraint", "description") and value is not None:
             value = str(value)
         setattr(shape, key, value)
-    for key, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 1), ("cpus_per_task", 1),
-                     ("signal_delay_s", 1), ("max_timeouts", 0)):
+    for key, low in (
+        ("nodes", 1),
+        ("gpus_per_node", 0),
+        ("tasks_per_node", 1),
+        ("cpus_per_task", 1),
+        ("signal_delay_s", 1),
+        ("max_timeouts", 0),
+    ):
         if getattr(shape, key) < low:
             raise ConfigError(f"{key}: expected >= {low}, got {getattr(shape, key)}")
     if shape.signal_delay_s >= shape.time * 60:
-        raise ConfigError(f"signal_delay_s={shape.signal_delay_s} is not shorter than the time limit "
-                          f"({shape.time} min): the job would be signalled as soon as it starts")
+        raise ConfigError(
+            f"signal_delay_s={shape.signal_delay_s} is not shorter than the time limit "
+            f"({shape.time} min): the job would be signalled as soon as it starts"
+        )
     return shape
 
 
@@ -270,8 +280,9 @@ def submit_job(job, shape: JobShape, params: dict[str, Any], log_dir: Path) -> s
 
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
-        executor = submitit.SlurmExecutor(folder=job_folder(log_dir), max_num_timeout=shape.max_timeouts,
-                                          python=python_command())
+        executor = submitit.SlurmExecutor(
+            folder=job_folder(log_dir), max_num_timeout=shape.max_timeouts, python=python_command()
+        )
         executor.update_parameters(**params)
         return str(executor.submit(job).job_id)
     except (FailedJobError, FailedSubmissionError, OSError) as err:
@@ -281,11 +292,16 @@ def submit_job(job, shape: JobShape, params: dict[str, Any], log_dir: Path) -> s
 
 
 def shape_summary(shape: JobShape) -> str:
-    per_node = (f"{shape.gpus_per_node} GPU task(s)/node (nccl)" if shape.gpus_per_node
-                else f"{shape.tasks_per_node} CPU task(s)/node (gloo)")
-    return (f"{shape.nodes} node(s) x {per_node} = {shape.tasks} rank(s), {shape.cpus_per_task} CPU(s)/task, "
-            f"time {format_time(shape.time)}, USR2 {shape.signal_delay_s}s before the limit, "
-            f"<= {shape.max_timeouts} time-limit requeue(s)")
+    per_node = (
+        f"{shape.gpus_per_node} GPU task(s)/node (nccl)"
+        if shape.gpus_per_node
+        else f"{shape.tasks_per_node} CPU task(s)/node (gloo)"
+    )
+    return (
+        f"{shape.nodes} node(s) x {per_node} = {shape.tasks} rank(s), {shape.cpus_per_task} CPU(s)/task, "
+        f"time {format_time(shape.time)}, USR2 {shape.signal_delay_s}s before the limit, "
+        f"<= {shape.max_timeouts} time-limit requeue(s)"
+    )
 
 
 def as_dict(shape: JobShape) -> dict[str, Any]:

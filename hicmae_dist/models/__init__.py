@@ -6,6 +6,7 @@ the `info` report.
     spec = get_spec(cfg.model.arch)                  # the family of model.arch
     model = build_model(cfg.model, cfg.execution)   # its pretraining model
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,8 +48,9 @@ def build_model(cfg: ModelConfig, execution: ExecutionConfig | None = None) -> n
     return get_spec(cfg.arch).pretrain_class(cfg, execution)
 
 
-def build_finetune_model(cfg: ModelConfig, num_classes: int, execution: ExecutionConfig | None = None,
-                         **kwargs) -> nn.Module:
+def build_finetune_model(
+    cfg: ModelConfig, num_classes: int, execution: ExecutionConfig | None = None, **kwargs
+) -> nn.Module:
     """The fine-tuning model named by cfg.arch; kwargs go to its constructor (see the spec's
     finetune_kwargs)."""
     return get_spec(cfg.arch).finetune_class(cfg, num_classes, execution=execution, **kwargs)

@@ -4,6 +4,7 @@ Pre-norm blocks, LayerNorm eps 1e-6, GELU MLP. Every attention projects q, k, v 
 matrix and no bias, then adds the learnable q_bias and v_bias (k has none), and calls
 hicmae_dist.ops.attention, so the kernel backend is picked in one place.
 """
+
 from __future__ import annotations
 
 import torch
@@ -116,8 +117,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x)  # 3 x (B, N, C)
-        out = attention(_split_heads(q, self.heads), _split_heads(k, self.heads),
-                        _split_heads(v, self.heads), backend=self.backend)  # (B, H, N, D)
+        out = attention(
+            _split_heads(q, self.heads), _split_heads(k, self.heads), _split_heads(v, self.heads), backend=self.backend
+        )  # (B, H, N, D)
         return self.proj(_merge_heads(out))
 
 
@@ -135,8 +137,7 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def project(self, x: torch.Tensor, context: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, Nq, C), context (B, Nk, C) -> q (B, Nq, C), k, v (B, Nk, C) (heads not split)."""
         q = F.linear(x, self.q.weight, self.q_bias)
         kv_bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
@@ -145,8 +146,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x, context)  # (B, Nq, C), 2 x (B, Nk, C)
-        out = attention(_split_heads(q, self.heads), _split_heads(k, self.heads),
-                        _split_heads(v, self.heads), backend=self.backend)  # (B, H, Nq, D)
+        out = attention(
+            _split_heads(q, self.heads), _split_heads(k, self.heads), _split_heads(v, self.heads), backend=self.backend
+        )  # (B, H, Nq, D)
         return self.proj(_merge_heads(out))
 
 
@@ -156,9 +158,12 @@ def _cu_seqlens(lengths: list[tuple[int, int]], device: torch.device) -> torch.T
     return torch.cat([seg.new_zeros(1), seg.cumsum(0, dtype=torch.int32)]).to(device)
 
 
-def packed_attention_pair(first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                          second: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                          heads: int, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def packed_attention_pair(
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    second: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    heads: int,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent attentions in one packed varlen launch of ops.attention.
 
     first = (q1 (B, Nq1, C), k1 (B, Nk1, C), v1), second = (q2 (B, Nq2, C), k2 (B, Nk2, C), v2):
@@ -175,16 +180,23 @@ def packed_attention_pair(first: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
     cu_q = _cu_seqlens([(B, nq1), (B, nq2)], q1.device)
     cu_k = _cu_seqlens([(B, nk1), (B, nk2)], q1.device)
-    out = attention(pack(q1, q2), pack(k1, k2), pack(v1, v2), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                    max_seqlen_q=max(nq1, nq2), max_seqlen_k=max(nk1, nk2), backend=backend)
-    return out[:B * nq1].reshape(B, nq1, C), out[B * nq1:].reshape(B, nq2, C)
+    out = attention(
+        pack(q1, q2),
+        pack(k1, k2),
+        pack(v1, v2),
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max(nq1, nq2),
+        max_seqlen_k=max(nk1, nk2),
+        backend=backend,
+    )
+    return out[: B * nq1].reshape(B, nq1, C), out[B * nq1 :].reshape(B, nq2, C)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x += Attn(LN(x)); x += MLP(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 backend: str = "auto"):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, heads, backend)
@@ -202,8 +214,7 @@ class CSBlock(nn.Module):
     """Cross + self block: x += CrossAttn(LN_q(x), LN_kv(context)); then a pre-norm Block's
     self-attention and MLP. Used by the fusion encoder and the decoders' skip connections."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 backend: str = "auto"):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, backend: str = "auto"):
         super().__init__()
         self.cross_attn = CrossAttention(dim, heads, backend)
         self.cross_norm_q = nn.LayerNorm(dim, eps=LN_EPS)
@@ -221,8 +232,9 @@ class CSBlock(nn.Module):
         return x
 
 
-def cs_block_pair_packed(first: CSBlock, second: CSBlock, x1: torch.Tensor, x2: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def cs_block_pair_packed(
+    first: CSBlock, second: CSBlock, x1: torch.Tensor, x2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(first(x1, x2), second(x2, x1)), both from the inputs (a simultaneous update, HiCMAE's
     two fusion directions), with the two cross-attentions in one packed varlen attention launch
     and the two self-attentions in another. Same maths as the two separate calls; with drop
@@ -233,11 +245,15 @@ def cs_block_pair_packed(first: CSBlock, second: CSBlock, x1: torch.Tensor, x2: 
     heads = first.cross_attn.heads
     o1, o2 = packed_attention_pair(
         first.cross_attn.project(first.cross_norm_q(x1), first.cross_norm_kv(x2)),
-        second.cross_attn.project(second.cross_norm_q(x2), second.cross_norm_kv(x1)), heads, backend)
+        second.cross_attn.project(second.cross_norm_q(x2), second.cross_norm_kv(x1)),
+        heads,
+        backend,
+    )
     y1 = x1 + first.drop_path(first.cross_attn.proj(o1))
     y2 = x2 + second.drop_path(second.cross_attn.proj(o2))
-    o1, o2 = packed_attention_pair(first.attn.project(first.norm1(y1)),
-                                   second.attn.project(second.norm1(y2)), first.attn.heads, backend)
+    o1, o2 = packed_attention_pair(
+        first.attn.project(first.norm1(y1)), second.attn.project(second.norm1(y2)), first.attn.heads, backend
+    )
     y1 = y1 + first.drop_path(first.attn.proj(o1))
     y2 = y2 + second.drop_path(second.attn.proj(o2))
     y1 = y1 + first.drop_path(first.mlp(first.norm2(y1)))

@@ -18,6 +18,7 @@ decoder: 32, i.e. its 16 heads at width 512).
 Released CAV-MAE files are DataParallel state dicts (keys prefixed `module.`); HiCMAE files wrap
 the weights under "model" (or "module"); both are unwrapped. Files load with weights_only=True.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,6 +65,7 @@ class Converted:
 
 # --- renaming --------------------------------------------------------------------------------
 
+
 @functools.cache
 def _compile(arch: str, side: int) -> list[tuple[re.Pattern, str]]:
     """Row (ours, theirs) -> (regex on `side`, replacement prefix on the other side)."""
@@ -87,11 +89,12 @@ def rename_key(key: str, arch: str, to: str) -> str | None:
             break
     else:
         return None
-    parts = dict((row[side], row[1 - side]) for row in components)
+    parts = {row[side]: row[1 - side] for row in components}
     return ".".join(parts.get(part, part) for part in out.split("."))
 
 
 # --- unwrapping and loading ---------------------------------------------------------------------
+
 
 def unwrap(obj: Any) -> dict[str, torch.Tensor]:
     """The flat {key: tensor} of a checkpoint: under "model", "module" or "state_dict" if it is
@@ -109,7 +112,7 @@ def unwrap(obj: Any) -> dict[str, torch.Tensor]:
         others = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
         raise ConversionError(f"entries that are not tensors: {', '.join(map(str, others[:10]))}")
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -127,10 +130,13 @@ def torch_load_weights(path: str | Path) -> Any:
     except Exception as err:  # noqa: BLE001  text, a cut file, another format: torch says it many ways
         detail = _first_sentence(str(err).split("WeightsUnpickler error:", 1)[-1])
         if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in detail:
-            raise ConversionError(f"{path}: not loadable with weights_only=True (pickled code is never run): "
-                                  f"{detail}") from err
-        raise ConversionError(f"{path}: not a PyTorch checkpoint (expected a file written by torch.save holding "
-                              f"a state dict, or a dict with one; torch.load: {type(err).__name__}: {detail})") from err
+            raise ConversionError(
+                f"{path}: not loadable with weights_only=True (pickled code is never run): {detail}"
+            ) from err
+        raise ConversionError(
+            f"{path}: not a PyTorch checkpoint (expected a file written by torch.save holding "
+            f"a state dict, or a dict with one; torch.load: {type(err).__name__}: {detail})"
+        ) from err
 
 
 def _first_sentence(text: str) -> str:
@@ -140,14 +146,17 @@ def _first_sentence(text: str) -> str:
 
 # --- what to build ---------------------------------------------------------------------------------
 
+
 def detect_arch(state: dict[str, torch.Tensor]) -> str:
     """From the authors' or our keys: the family whose marker prefixes they hold."""
     for name, spec in model_specs().items():
         if any(k.startswith(spec.upstream.MARKERS) for k in state):
             return name
     markers = "; ".join(f"{name}: {', '.join(spec.upstream.MARKERS)}" for name, spec in model_specs().items())
-    raise ConversionError(f"cannot tell the model from the keys (none of the families' marker prefixes: "
-                          f"{markers}); first keys: {', '.join(sorted(state)[:8])}")
+    raise ConversionError(
+        f"cannot tell the model from the keys (none of the families' marker prefixes: "
+        f"{markers}); first keys: {', '.join(sorted(state)[:8])}"
+    )
 
 
 def key_depth(state: dict[str, torch.Tensor], prefix: str) -> int:
@@ -164,8 +173,9 @@ def key_shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
     return tuple(state[key].shape)
 
 
-def infer(arch: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None = None,
-          kind: str | None = None) -> tuple[str, ModelConfig, int | None]:
+def infer(
+    arch: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None = None, kind: str | None = None
+) -> tuple[str, ModelConfig, int | None]:
     """(kind, config, num_classes) from a state dict in the authors' naming. A given cfg is
     used as is (only its arch is checked); a given kind is checked against the keys."""
     upstream = get_spec(arch).upstream
@@ -185,8 +195,9 @@ def infer(arch: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None = N
     return found, cfg, num_classes
 
 
-def build(arch: str, kind: str, cfg: ModelConfig, num_classes: int | None = None,
-          device: str | torch.device | None = None) -> nn.Module:
+def build(
+    arch: str, kind: str, cfg: ModelConfig, num_classes: int | None = None, device: str | torch.device | None = None
+) -> nn.Module:
     with torch.device(device or "cpu"):
         return build_model(cfg) if kind == "pretrain" else build_finetune_model(cfg, num_classes)
 
@@ -198,8 +209,10 @@ def expected_shapes(arch: str, kind: str, cfg: ModelConfig, num_classes: int | N
 
 # --- conversion --------------------------------------------------------------------------------------
 
-def _convert(state: dict[str, torch.Tensor], arch: str, to: str,
-             expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+
+def _convert(
+    state: dict[str, torch.Tensor], arch: str, to: str, expected: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
     """Rename every key; check the result against the expected keys and shapes (target naming)."""
     out: dict[str, torch.Tensor] = {}
     source_of: dict[str, str] = {}
@@ -213,12 +226,18 @@ def _convert(state: dict[str, torch.Tensor], arch: str, to: str,
         else:
             out[new], source_of[new] = tensor, key
     missing = [k for k in expected if k not in out]
-    mismatched = [f"{source_of[k]} -> {k}: {tuple(out[k].shape)} in the file, {expected[k]} in the model"
-                  for k in out if tuple(out[k].shape) != expected[k]]
+    mismatched = [
+        f"{source_of[k]} -> {k}: {tuple(out[k].shape)} in the file, {expected[k]} in the model"
+        for k in out
+        if tuple(out[k].shape) != expected[k]
+    ]
     problems = []
-    for title, items in (("keys left over (no place in the model)", left_over),
-                         ("keys missing (not filled by the file)", missing),
-                         ("shape mismatches", mismatched), ("keys mapped twice", collisions)):
+    for title, items in (
+        ("keys left over (no place in the model)", left_over),
+        ("keys missing (not filled by the file)", missing),
+        ("shape mismatches", mismatched),
+        ("keys mapped twice", collisions),
+    ):
         if items:
             shown = "\n  ".join(items[:20]) + (f"\n  ... and {len(items) - 20} more" if len(items) > 20 else "")
             problems.append(f"{len(items)} {title}:\n  {shown}")
@@ -228,8 +247,7 @@ def _convert(state: dict[str, torch.Tensor], arch: str, to: str,
     return out
 
 
-def to_ours(obj: Any, arch: str | None = None, cfg: ModelConfig | None = None,
-            kind: str | None = None) -> Converted:
+def to_ours(obj: Any, arch: str | None = None, cfg: ModelConfig | None = None, kind: str | None = None) -> Converted:
     """The authors' checkpoint (state dict, possibly wrapped) -> our state dict, with the config,
     kind and class count to build the model it loads into strictly."""
     state = unwrap(obj)
@@ -241,8 +259,9 @@ def to_ours(obj: Any, arch: str | None = None, cfg: ModelConfig | None = None,
     return Converted(found, kind, cfg, num_classes, ours)
 
 
-def to_upstream(obj: Any, arch: str | None = None, cfg: ModelConfig | None = None,
-                kind: str | None = None) -> Converted:
+def to_upstream(
+    obj: Any, arch: str | None = None, cfg: ModelConfig | None = None, kind: str | None = None
+) -> Converted:
     """Our state dict (or a file written by save_ours, or a wrapped one) -> the authors' naming.
     The result's state_dict is plain (no `module.` prefix; see upstream_file_payload)."""
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
@@ -259,8 +278,9 @@ def to_upstream(obj: Any, arch: str | None = None, cfg: ModelConfig | None = Non
         if new is not None:
             renamed[new] = tensor
     kind, cfg, num_classes = infer(found, renamed, cfg, kind)
-    expected_theirs = {rename_key(k, found, "upstream"): shape
-                       for k, shape in expected_shapes(found, kind, cfg, num_classes).items()}
+    expected_theirs = {
+        rename_key(k, found, "upstream"): shape for k, shape in expected_shapes(found, kind, cfg, num_classes).items()
+    }
     theirs = _convert(state, found, "upstream", expected_theirs)
     return Converted(found, kind, cfg, num_classes, theirs)
 
@@ -270,11 +290,16 @@ def _check_ours(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, .
     identity = {k: k for k in state}
     left_over = [k for k in identity if k not in expected]
     missing = [k for k in expected if k not in state]
-    mismatched = [f"{k}: {tuple(state[k].shape)} in the file, {expected[k]} in the model"
-                  for k in state if k in expected and tuple(state[k].shape) != expected[k]]
+    mismatched = [
+        f"{k}: {tuple(state[k].shape)} in the file, {expected[k]} in the model"
+        for k in state
+        if k in expected and tuple(state[k].shape) != expected[k]
+    ]
     if left_over or missing or mismatched:
-        raise ConversionError(f"{arch}: our state dict does not fit the model: "
-                              f"left over {left_over[:20]}, missing {missing[:20]}, shapes {mismatched[:20]}")
+        raise ConversionError(
+            f"{arch}: our state dict does not fit the model: "
+            f"left over {left_over[:20]}, missing {missing[:20]}, shapes {mismatched[:20]}"
+        )
 
 
 # --- files ---------------------------------------------------------------------------------------------
@@ -285,9 +310,14 @@ FORMAT = "hicmae-dist/weights-v1"
 def ours_file_payload(converted: Converted) -> dict[str, Any]:
     """What save writes for our side: weights plus what is needed to rebuild the model; plain
     types only, so it loads with weights_only=True."""
-    return {"format": FORMAT, "arch": converted.arch, "kind": converted.kind,
-            "num_classes": converted.num_classes, "model_config": dataclasses.asdict(converted.cfg),
-            "state_dict": converted.state_dict}
+    return {
+        "format": FORMAT,
+        "arch": converted.arch,
+        "kind": converted.kind,
+        "num_classes": converted.num_classes,
+        "model_config": dataclasses.asdict(converted.cfg),
+        "state_dict": converted.state_dict,
+    }
 
 
 def upstream_file_payload(converted: Converted) -> dict[str, Any]:
@@ -314,10 +344,14 @@ def load_weights(path: str | Path) -> Converted:
 def _ours_from_payload(obj: Any, path: str | Path) -> Converted:
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         raise ConversionError(f"{path}: not a {FORMAT} file")
-    converted = Converted(obj["arch"], obj["kind"], model_config_from_dict(obj["model_config"]),
-                          obj["num_classes"], obj["state_dict"])
-    _check_ours(converted.state_dict, expected_shapes(converted.arch, converted.kind, converted.cfg,
-                                                      converted.num_classes), converted.arch)
+    converted = Converted(
+        obj["arch"], obj["kind"], model_config_from_dict(obj["model_config"]), obj["num_classes"], obj["state_dict"]
+    )
+    _check_ours(
+        converted.state_dict,
+        expected_shapes(converted.arch, converted.kind, converted.cfg, converted.num_classes),
+        converted.arch,
+    )
     return converted
 
 

@@ -6,6 +6,7 @@ MACs come from hicmae_dist.models.macs (each family's count, by formula). Agains
 13.81 / 27.65 / 46.11 G: the same quantity (the video encoder is about 70% of it); the
 differences are rounding plus the classifier head (12 k MACs).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -32,17 +33,21 @@ def model_config(name: str) -> ModelConfig:
 
 # --- parameters --------------------------------------------------------------------------------
 
+
 def parameter_counts(model: nn.Module) -> dict[str, Any]:
     """{"total", "trainable", "components": {top-level module or parameter: count}}."""
     components: Counter[str] = Counter()
     for name, p in model.named_parameters():
         components[name.split(".")[0]] += p.numel()
-    return {"total": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "components": dict(components)}
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "components": dict(components),
+    }
 
 
 # --- the `info` report ---------------------------------------------------------------------------
+
 
 def _build(cfg: ModelConfig, finetune: bool, num_classes: int, device: str = "meta") -> nn.Module:
     with torch.device(device):
@@ -60,10 +65,12 @@ def info_report(name: str, finetune: bool = False, num_classes: int | None = Non
     model = _build(cfg, finetune, num_classes)  # meta device: shapes only, no memory
     counts = parameter_counts(model)
     what = f"fine-tuning, {num_classes} classes" if finetune else "pretraining"
-    lines = [f"model: {name} ({type(model).__name__}, {what}; preset {MODELS[name]})",
-             f"total parameters: {counts['total']}",
-             f"trainable parameters: {counts['trainable']}",
-             "parameters by component:"]
+    lines = [
+        f"model: {name} ({type(model).__name__}, {what}; preset {MODELS[name]})",
+        f"total parameters: {counts['total']}",
+        f"trainable parameters: {counts['trainable']}",
+        "parameters by component:",
+    ]
     width = max(map(len, counts["components"]))
     lines += [f"  {k:<{width}}  {v:>12,}" for k, v in counts["components"].items()]
     lines.append("multiply-accumulates per sample (linear layers, patch-embedding convolutions, attention matmuls):")
@@ -79,8 +86,10 @@ def info_report(name: str, finetune: bool = False, num_classes: int | None = Non
 
 # --- inputs ----------------------------------------------------------------------------------------
 
-def example_inputs(cfg: ModelConfig, batch: int, device: str | torch.device = "cpu",
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def example_inputs(
+    cfg: ModelConfig, batch: int, device: str | torch.device = "cpu", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random (video, audio) of the shapes the pretraining model takes."""
     g = generator or torch.Generator().manual_seed(0)
     video_shape, audio_shape = get_spec(cfg.arch).input_shapes(cfg, batch)

@@ -7,6 +7,7 @@ tests/models/test_info.py checks the formula against torch's FlopCounterMode on 
 
 The building blocks' counts live here; each family's spec (models/<family>/macs.py) adds them up.
 """
+
 from __future__ import annotations
 
 from hicmae_dist.config import ModelConfig
@@ -30,12 +31,18 @@ def block(n: int, dim: int, mlp_ratio: float) -> int:
 
 def cross_self_block(nq: int, nk: int, dim: int, mlp_ratio: float) -> int:
     """CSBlock: q on the queries, kv on the context, cross attention, proj, then a block."""
-    return (linear(nq, dim, dim) + linear(nk, dim, 2 * dim) + attention(nq, nk, dim)
-            + linear(nq, dim, dim) + block(nq, dim, mlp_ratio))
+    return (
+        linear(nq, dim, dim)
+        + linear(nk, dim, 2 * dim)
+        + attention(nq, nk, dim)
+        + linear(nq, dim, dim)
+        + block(nq, dim, mlp_ratio)
+    )
 
 
-def macs(cfg: ModelConfig, kind: str = "pretrain", num_classes: int | None = None,
-         mode: str = "multimodal") -> dict[str, int]:
+def macs(
+    cfg: ModelConfig, kind: str = "pretrain", num_classes: int | None = None, mode: str = "multimodal"
+) -> dict[str, int]:
     """Multiply-accumulates per sample, by component (our top-level module names), for the
     pretraining (masked inputs) or fine-tuning (one view, all tokens) forward pass."""
     if kind not in ("pretrain", "finetune"):

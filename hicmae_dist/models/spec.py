@@ -4,12 +4,14 @@ Each family lives in its own sub-package of hicmae_dist.models (hicmae/, cavmae/
 spec.py defines `SPEC = ModelSpec(...)`; hicmae_dist.models.get_spec finds it by name (and
 imports it on first use), so a third family is one new folder and nothing else.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from hicmae_dist.config import FinetuneConfig, ModelConfig
 

@@ -5,6 +5,7 @@ encoders' flat token order, so the rows of the masked tokens are `gather_visible
 The per-patch standardisation is the op `hicmae_dist.ops.patch_norm` (on the CPU the same ATen
 maths as `_standardise`, bit for bit; on CUDA a fused kernel).
 """
+
 from __future__ import annotations
 
 import torch

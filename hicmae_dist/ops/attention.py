@@ -25,6 +25,7 @@ Backends:
     sdpa with a warning naming the reason, logged once per reason: never a silent fall-back.
 An explicit backend that cannot run raises RuntimeError saying why.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,9 @@ TRITON_HEAD_DIMS = (32, 64, 128)
 # ----------------------------------------------------------------------------------------------
 # Validation and layout helpers
 # ----------------------------------------------------------------------------------------------
-def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  key_padding_mask) -> tuple[int, int] | None:
+def _check_inputs(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask
+) -> tuple[int, int] | None:
     """Raise ValueError on bad shapes / dtypes / devices; for varlen return (max_q, max_k)."""
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("attention: pass both cu_seqlens_q and cu_seqlens_k (varlen) or neither")
@@ -61,43 +63,52 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     check_host = q.device.type == "cpu" or max_seqlen_q is None or max_seqlen_k is None
     if not check_host:
         return int(max_seqlen_q), int(max_seqlen_k)
-    return (_checked_max_seqlen("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-            _checked_max_seqlen("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k))
+    return (
+        _checked_max_seqlen("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+        _checked_max_seqlen("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
+    )
 
 
 def _check_dense(q, k, v, max_seqlen_q, max_seqlen_k, key_padding_mask) -> None:
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"attention: expected q (B, H, Nq, D) and k, v (B, H, Nk, D); "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"attention: expected q (B, H, Nq, D) and k, v (B, H, Nk, D); "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if max_seqlen_q is not None or max_seqlen_k is not None:
         raise ValueError("attention: max_seqlen_q / max_seqlen_k go with cu_seqlens (varlen)")
     if key_padding_mask is not None:
         B, Nk = k.shape[0], k.shape[2]
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Nk):
-            raise ValueError(f"attention: key_padding_mask must be bool (B, Nk) = ({B}, {Nk}), "
-                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"attention: key_padding_mask must be bool (B, Nk) = ({B}, {Nk}), "
+                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
         if key_padding_mask.device != q.device:
-            raise ValueError(f"attention: key_padding_mask on {key_padding_mask.device}, "
-                             f"q on {q.device}")
+            raise ValueError(f"attention: key_padding_mask on {key_padding_mask.device}, q on {q.device}")
 
 
 def _check_varlen_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask) -> None:
     """Shapes, dtypes and devices of the packed layout (not the cu_seqlens values)."""
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[1:] != k.shape[1:]:
-        raise ValueError(f"attention (varlen): expected q (total_q, H, D) and k, v (total_k, H, D); "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"attention (varlen): expected q (total_q, H, D) and k, v (total_k, H, D); "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if key_padding_mask is not None:
-        raise ValueError("attention: key_padding_mask is for the dense layout; varlen segments "
-                         "carry their lengths in cu_seqlens")
+        raise ValueError(
+            "attention: key_padding_mask is for the dense layout; varlen segments carry their lengths in cu_seqlens"
+        )
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 1:
-            raise ValueError(f"attention: {name} must be int32 (B + 1,), got {cu.dtype} "
-                             f"{tuple(cu.shape)}")
+            raise ValueError(f"attention: {name} must be int32 (B + 1,), got {cu.dtype} {tuple(cu.shape)}")
         if cu.device != q.device:
             raise ValueError(f"attention: {name} on {cu.device}, q on {q.device}")
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(f"attention: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
-                         f"{tuple(cu_seqlens_k.shape)} must describe the same number of segments")
+        raise ValueError(
+            f"attention: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
+            f"{tuple(cu_seqlens_k.shape)} must describe the same number of segments"
+        )
 
 
 def _checked_max_seqlen(name: str, cu: torch.Tensor, total: int, given: int | None) -> int:
@@ -106,12 +117,13 @@ def _checked_max_seqlen(name: str, cu: torch.Tensor, total: int, given: int | No
     host = cu.tolist()
     lens = [b - a for a, b in zip(host, host[1:])]
     if host[0] != 0 or host[-1] != total or any(n < 0 for n in lens):
-        raise ValueError(f"attention: {name} must rise from 0 to {total} (rows of the packed "
-                         f"tensor), got {host if len(host) <= 16 else host[:8] + ['...']}")
+        raise ValueError(
+            f"attention: {name} must rise from 0 to {total} (rows of the packed "
+            f"tensor), got {host if len(host) <= 16 else host[:8] + ['...']}"
+        )
     longest = max(lens, default=0)
     if given is not None and int(given) < longest:
-        raise ValueError(f"attention: max_seqlen for {name} is {given}, but a segment has "
-                         f"{longest} rows")
+        raise ValueError(f"attention: max_seqlen for {name} is {given}, but a segment has {longest} rows")
     return longest if given is None else int(given)
 
 
@@ -167,10 +179,15 @@ def _plain_dense(q, k, v, key_padding_mask):
     return _softmax_dense(q, k, v, key_padding_mask, q.dtype)
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        key_padding_mask: torch.Tensor | None = None, *,
-                        cu_seqlens_q: torch.Tensor | None = None,
-                        cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v accumulated in fp32 (fp64 for fp64 inputs), cast back to q's
     dtype. Shapes as `attention` (dense, or varlen with cu_seqlens)."""
     if cu_seqlens_q is not None:
@@ -178,10 +195,15 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _reference_dense(q, k, v, key_padding_mask)
 
 
-def attention_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    key_padding_mask: torch.Tensor | None = None, *,
-                    cu_seqlens_q: torch.Tensor | None = None,
-                    cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
+def attention_plain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+) -> torch.Tensor:
     """attention_reference's maths with the matmuls and the softmax in q's dtype: the
     same-precision PyTorch path of flash-attention's error rule (a kernel's error against an
     fp64 reference is at most 2x this path's, 3x for gradients)."""
@@ -199,8 +221,10 @@ def _xformers_error(device: torch.device) -> str | None:
     try:
         import xformers.ops  # noqa: F401
     except Exception as err:
-        return (f"xformers is not installed or does not import ({type(err).__name__}: {err}); "
-                f"install it with `pip install 'hicmae-dist[gpu]'` on a CUDA machine")
+        return (
+            f"xformers is not installed or does not import ({type(err).__name__}: {err}); "
+            f"install it with `pip install 'hicmae-dist[gpu]'` on a CUDA machine"
+        )
     if device.type != "cuda":
         return f"xformers memory_efficient_attention needs CUDA tensors, got {device}"
     return None
@@ -213,16 +237,17 @@ def _xformers(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask):
     if cu_seqlens_q is not None:  # (total, H, D) -> (1, total, H, D), block-diagonal bias
         cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(
-            q_seqlen=[b - a for a, b in zip(cu_q, cu_q[1:])],
-            kv_seqlen=[b - a for a, b in zip(cu_k, cu_k[1:])])
+            q_seqlen=[b - a for a, b in zip(cu_q, cu_q[1:])], kv_seqlen=[b - a for a, b in zip(cu_k, cu_k[1:])]
+        )
         return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
     bias = None
     if key_padding_mask is not None:  # additive bias; xformers wants its last dim 8-aligned
         B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         padded = q.new_zeros(B, H, Nq, (Nk + 7) // 8 * 8)[..., :Nk]
         bias = padded.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          attn_bias=bias)  # (B, N, H, D) layout
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+    )  # (B, N, H, D) layout
     return out.transpose(1, 2)
 
 
@@ -240,11 +265,16 @@ def _triton_check(device: torch.device, q: torch.Tensor | None) -> str | None:
 
 
 BACKENDS = OpBackends(
-    "attention", log,
-    checks={"triton": _triton_check,
-            "xformers": lambda device, q: _xformers_error(device if q is None else q.device),
-            "sdpa": None, "reference": None},
-    auto={"cuda": ("triton", "sdpa"), "*": ("sdpa",)})
+    "attention",
+    log,
+    checks={
+        "triton": _triton_check,
+        "xformers": lambda device, q: _xformers_error(device if q is None else q.device),
+        "sdpa": None,
+        "reference": None,
+    },
+    auto={"cuda": ("triton", "sdpa"), "*": ("sdpa",)},
+)
 
 
 def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None = None) -> str:
@@ -254,10 +284,18 @@ def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None =
     return BACKENDS.resolve(backend, device, q)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-              cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-              max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
-              key_padding_mask: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Non-causal multi-head attention, softmax(q k^T / sqrt(D)) v.
 
     Dense layout:
@@ -278,17 +316,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     the other backends any float dtype and head dim.
     backend: "auto" | "triton" | "xformers" | "sdpa" | "reference" (see the module docstring).
     """
-    maxes = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          key_padding_mask)
+    maxes = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask)
     pick = resolve_backend(backend, q.device, q)
     if pick == "triton":
         from hicmae_dist.ops.triton.attention import flash_attention
 
         if maxes is not None:
             max_seqlen_q, max_seqlen_k = maxes
-        return flash_attention(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                               key_padding_mask=key_padding_mask)
+        return flash_attention(
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            key_padding_mask=key_padding_mask,
+        )
     if pick == "xformers":
         return _xformers(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask)
     dense = _reference_dense if pick == "reference" else _sdpa_dense

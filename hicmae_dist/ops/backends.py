@@ -10,11 +10,12 @@ explicit name into the backend that will run:
   - an explicit name: that backend, or RuntimeError naming the op, the backend and the reason.
 Messages go to the op's own logger, so `hicmae_dist.ops.attention` says what attention ran.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -42,6 +43,7 @@ class OpBackends:
     (None: runs everywhere). auto: device type -> candidates in order, "*" for any other type;
     the last candidate of each list must run everywhere. fallback_text: how the fall-back
     warning names a backend (default its name)."""
+
     op: str
     logger: logging.Logger
     checks: dict[str, Check | None]
@@ -54,8 +56,10 @@ class OpBackends:
     def __post_init__(self):
         for device_type, candidates in self.auto.items():
             if self.checks[candidates[-1]] is not None:
-                raise ValueError(f"ops.{self.op}: auto on {device_type} ends with "
-                                 f"{candidates[-1]!r}, which may not run; end with one that always runs")
+                raise ValueError(
+                    f"ops.{self.op}: auto on {device_type} ends with "
+                    f"{candidates[-1]!r}, which may not run; end with one that always runs"
+                )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -65,8 +69,7 @@ class OpBackends:
         check = self.checks[backend]
         return None if check is None else check(device, probe)
 
-    def resolve(self, backend: str, device: torch.device | str,
-                probe: torch.Tensor | None = None) -> str:
+    def resolve(self, backend: str, device: torch.device | str, probe: torch.Tensor | None = None) -> str:
         """The backend that will run on `probe` (on `device` when no probe is at hand: an
         explicit backend is then not checked)."""
         if backend not in self.checks and backend != "auto":
@@ -91,9 +94,14 @@ class OpBackends:
             for name, why in skipped:
                 if why not in self.logged_skips:
                     self.logged_skips.add(why)
-                    self.logger.warning("ops.%s: backend 'auto' on %s cannot run %s (%s); running %s "
-                                        "instead", self.op, device.type, name, why,
-                                        self.fallback_text.get(pick, pick))
+                    self.logger.warning(
+                        "ops.%s: backend 'auto' on %s cannot run %s (%s); running %s instead",
+                        self.op,
+                        device.type,
+                        name,
+                        why,
+                        self.fallback_text.get(pick, pick),
+                    )
         if (device.type, pick) not in self.logged_picks:
             self.logged_picks.add((device.type, pick))
             self.logger.info("ops.%s: backend 'auto' on %s runs %s", self.op, device.type, pick)

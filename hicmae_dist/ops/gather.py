@@ -5,6 +5,7 @@ csrc/kernels.cu when the extension was built with CUDA), registered as the torch
 `hicmae_dist::gather_visible` with an autograd formula. Fallback, stated plainly and
 logged once: torch.gather, when the extension is not built.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,7 @@ log = logging.getLogger(__name__)
 
 try:
     from hicmae_dist import _C  # noqa: F401  (registers torch.ops.hicmae_dist.*)
+
     _NATIVE_ERROR = None
 except ImportError as err:  # not built: `pip install -e .` builds it
     _NATIVE_ERROR = err
@@ -22,6 +24,7 @@ except ImportError as err:  # not built: `pip install -e .` builds it
 _warned = False
 
 if _NATIVE_ERROR is None:
+
     @torch.library.register_fake("hicmae_dist::gather_visible")
     def _gather_fake(x, idx):
         return x.new_empty(x.shape[0], idx.shape[1], x.shape[2])
@@ -61,8 +64,9 @@ def gather_visible(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     """x: (B, N, C) any float dtype; keep_idx: (B, Nv) int64 in [0, N). Returns (B, Nv, C)."""
     global _warned
     if x.dim() != 3 or keep_idx.dim() != 2 or keep_idx.shape[0] != x.shape[0]:
-        raise ValueError(f"gather_visible: expected x (B, N, C) and keep_idx (B, Nv); "
-                         f"got {tuple(x.shape)}, {tuple(keep_idx.shape)}")
+        raise ValueError(
+            f"gather_visible: expected x (B, N, C) and keep_idx (B, Nv); got {tuple(x.shape)}, {tuple(keep_idx.shape)}"
+        )
     if native_available():
         return torch.ops.hicmae_dist.gather_visible(x, keep_idx)
     if not _warned:

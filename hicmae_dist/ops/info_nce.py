@@ -21,6 +21,7 @@ accumulation), "auto" (triton where it can run, else torch; a fall-back on CUDA 
 the reason). Both run through the torch.library ops `hicmae_dist::info_nce_fwd` / `info_nce_bwd`.
 `info_nce_reference` is the naive full-logits loss (the tests' ground truth).
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,13 +53,13 @@ def _torch_forward(x, y, scale, offset: int, chunk: int):
     row_loss = x.new_empty(M, dtype=acc)
     lse = x.new_empty(M, dtype=acc)
     for r0 in range(0, M, chunk):
-        xr = x[r0:r0 + chunk].to(acc)
+        xr = x[r0 : r0 + chunk].to(acc)
         R = xr.shape[0]
         m = xr.new_full((R,), float("-inf"))
         l = xr.new_zeros(R)  # noqa: E741
         pos = xr.new_zeros(R)
         for c0 in range(0, N, chunk):
-            z = (xr @ y[c0:c0 + chunk].to(acc).T) * s
+            z = (xr @ y[c0 : c0 + chunk].to(acc).T) * s
             C = z.shape[1]
             m_new = torch.maximum(m, z.amax(dim=1))
             l = l * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(dim=1)  # noqa: E741
@@ -70,8 +71,8 @@ def _torch_forward(x, y, scale, offset: int, chunk: int):
                 i = torch.arange(lo, hi, device=x.device)
                 pos[i - r0] = z[i - r0, i + offset - c0]
         log_l = torch.log(l)
-        lse[r0:r0 + R] = m + log_l
-        row_loss[r0:r0 + R] = (m - pos) + log_l
+        lse[r0 : r0 + R] = m + log_l
+        row_loss[r0 : r0 + R] = (m - pos) + log_l
     return row_loss, lse
 
 
@@ -86,11 +87,11 @@ def _torch_backward(grad_row, x, y, scale, lse, offset: int, chunk: int):
     dy = torch.zeros(y.shape, dtype=acc, device=y.device)
     ds = torch.zeros((), dtype=acc, device=x.device)
     for r0 in range(0, M, chunk):
-        xr = x[r0:r0 + chunk].to(acc)
+        xr = x[r0 : r0 + chunk].to(acc)
         R = xr.shape[0]
-        gr, lr = g[r0:r0 + R], lse[r0:r0 + R].to(acc)
+        gr, lr = g[r0 : r0 + R], lse[r0 : r0 + R].to(acc)
         for c0 in range(0, N, chunk):
-            yc = y[c0:c0 + chunk].to(acc)
+            yc = y[c0 : c0 + chunk].to(acc)
             C = yc.shape[0]
             z = xr @ yc.T
             dz = torch.exp(z * s - lr[:, None]) * gr[:, None]
@@ -100,8 +101,8 @@ def _torch_backward(grad_row, x, y, scale, lse, offset: int, chunk: int):
                 i = torch.arange(lo, hi, device=x.device)
                 dz[i - r0, i + offset - c0] -= gr[i - r0]
             ds += (dz * z).sum()
-            dx[r0:r0 + R] += dz @ yc
-            dy[c0:c0 + C] += dz.T @ xr
+            dx[r0 : r0 + R] += dz @ yc
+            dy[c0 : c0 + C] += dz.T @ xr
     return (dx * s).to(x.dtype), (dy * s).to(y.dtype), ds
 
 
@@ -109,13 +110,15 @@ def _torch_backward(grad_row, x, y, scale, lse, offset: int, chunk: int):
 # torch.library ops
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("hicmae_dist::info_nce_fwd", mutates_args=())
-def info_nce_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int,
-                 backend: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce_fwd(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int, backend: str, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows x (M, D) against columns y (N, D), logits scale * x y^T, row i's positive column
     offset + i. Returns (row_loss, lse), both (M,): row_loss_i = lse_i - z_{i, offset+i}.
     fp32 (fp64 for fp64 inputs). backend: "triton" | "torch" (already resolved)."""
     if backend == "triton":
         from hicmae_dist.ops.triton.info_nce import info_nce_forward
+
         return info_nce_forward(x, y, scale, offset)
     with torch.autocast(x.device.type, enabled=False):  # its matmuls accumulate in fp32, also under autocast
         return _torch_forward(x, y, scale, offset, chunk)
@@ -128,12 +131,20 @@ def _(x, y, scale, offset, backend, chunk):
 
 
 @torch.library.custom_op("hicmae_dist::info_nce_bwd", mutates_args=())
-def info_nce_bwd(grad_row: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
-                 lse: torch.Tensor, offset: int, backend: str,
-                 chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def info_nce_bwd(
+    grad_row: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    offset: int,
+    backend: str,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dy, dscale) for the upstream gradient grad_row (M,) of row_loss."""
     if backend == "triton":
         from hicmae_dist.ops.triton.info_nce import info_nce_backward
+
         dx, dy, ds = info_nce_backward(grad_row, x, y, scale, lse, offset)
     else:
         with torch.autocast(x.device.type, enabled=False):
@@ -158,8 +169,7 @@ def _backward(ctx, grad_row, _grad_lse):
     x, y, scale, lse = ctx.saved_tensors
     if grad_row is None:
         grad_row = torch.zeros_like(lse)
-    dx, dy, ds = info_nce_bwd(grad_row.contiguous(), x, y, scale, lse, ctx.offset, ctx.backend,
-                              ctx.chunk)
+    dx, dy, ds = info_nce_bwd(grad_row.contiguous(), x, y, scale, lse, ctx.offset, ctx.backend, ctx.chunk)
     return dx, dy, ds, None, None, None
 
 
@@ -176,10 +186,12 @@ def _info_nce_fwd_flops(x_shape, y_shape, *args, **kwargs) -> int:
 # Backend choice and the public function
 # ----------------------------------------------------------------------------------------------
 BACKENDS = OpBackends(
-    "info_nce", log,
+    "info_nce",
+    log,
     checks={"triton": lambda device, x: triton_unavailable(x), "torch": None},
     auto={"*": ("triton", "torch")},  # CPU: triton only under the interpreter
-    fallback_text={"torch": "the chunked torch path"})
+    fallback_text={"torch": "the chunked torch path"},
+)
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -191,8 +203,7 @@ def _scale_of(temperature, x: torch.Tensor) -> torch.Tensor:
     acc = _acc_dtype(x.dtype)
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
-            raise ValueError(f"info_nce: temperature tensor must hold one value, got shape "
-                             f"{tuple(temperature.shape)}")
+            raise ValueError(f"info_nce: temperature tensor must hold one value, got shape {tuple(temperature.shape)}")
         return (1.0 / temperature.reshape(())).to(device=x.device, dtype=acc)
     temperature = float(temperature)
     if not temperature > 0:
@@ -200,9 +211,17 @@ def _scale_of(temperature, x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(1.0 / temperature, dtype=acc, device=x.device)
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature, *, symmetric: bool = True,
-             negatives: str = "local", backend: str = "auto", group=None,
-             chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature,
+    *,
+    symmetric: bool = True,
+    negatives: str = "local",
+    backend: str = "auto",
+    group=None,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
     """Scalar InfoNCE loss with the pairs (a[i], b[i]) as positives (see the module docstring).
 
     a, b: (B, D) of one dtype and device, already L2-normalised if cosine logits are wanted.
@@ -216,11 +235,11 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature, *, symmetric: bool =
     if negatives not in NEGATIVES:
         raise ValueError(f"info_nce negatives={negatives!r}: expected 'local' or 'global'")
     if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"info_nce: expected a and b of one shape (B, D); got {tuple(a.shape)}, "
-                         f"{tuple(b.shape)}")
+        raise ValueError(f"info_nce: expected a and b of one shape (B, D); got {tuple(a.shape)}, {tuple(b.shape)}")
     if a.dtype != b.dtype or a.device != b.device:
-        raise ValueError(f"info_nce: a and b must share dtype and device, got {a.dtype} / "
-                         f"{b.dtype}, {a.device} / {b.device}")
+        raise ValueError(
+            f"info_nce: a and b must share dtype and device, got {a.dtype} / {b.dtype}, {a.device} / {b.device}"
+        )
     if not a.is_floating_point():
         raise ValueError(f"info_nce: expected floating-point features, got {a.dtype}")
     if int(chunk) < 1:
@@ -247,8 +266,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature, *, symmetric: bool =
     return loss * (ws / n_total)
 
 
-def info_nce_reference(a: torch.Tensor, b: torch.Tensor, temperature, *,
-                       symmetric: bool = True) -> torch.Tensor:
+def info_nce_reference(a: torch.Tensor, b: torch.Tensor, temperature, *, symmetric: bool = True) -> torch.Tensor:
     """The naive loss over the full B x B logits (fp32, fp64 for fp64 inputs): ground truth."""
     acc = _acc_dtype(a.dtype)
     logits = (a.to(acc) @ b.to(acc).T) / temperature

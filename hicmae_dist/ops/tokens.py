@@ -14,6 +14,7 @@ Both are torch ops (hicmae_dist::assemble_decoder_tokens, hicmae_dist::patch_nor
 (meta) impls and autograd formulas. Fallback, logged once: the same PyTorch maths when the
 extension is not built.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,10 @@ def _ops_registered() -> bool:
         torch.ops.hicmae_dist.assemble_decoder_tokens  # noqa: B018
         torch.ops.hicmae_dist.patch_norm  # noqa: B018
     except (AttributeError, RuntimeError):
-        log.warning("hicmae_dist._C predates assemble_decoder_tokens / patch_norm: rebuild it with "
-                    "`pip install --no-build-isolation --no-deps -e .`; using the PyTorch maths")
+        log.warning(
+            "hicmae_dist._C predates assemble_decoder_tokens / patch_norm: rebuild it with "
+            "`pip install --no-build-isolation --no-deps -e .`; using the PyTorch maths"
+        )
         return False
     return True
 
@@ -48,6 +51,7 @@ def _warn_fallback(op: str) -> None:
     if op not in _warned:
         _warned.add(op)
         from hicmae_dist.ops.gather import _NATIVE_ERROR
+
         log.warning("%s: native extension not built (%s); using the PyTorch maths", op, _NATIVE_ERROR)
 
 
@@ -71,6 +75,7 @@ def patch_norm_reference(x: torch.Tensor, frame_diff: bool) -> torch.Tensor:
 # torch.library registrations (fake impls, autograd)
 # ----------------------------------------------------------------------------------------------
 if _NATIVE:
+
     @torch.library.register_fake("hicmae_dist::assemble_decoder_tokens")
     def _assemble_fake(visible, mask_token, pos, visible_idx, masked_idx):
         return visible.new_empty(visible.shape[0], visible.shape[1] + masked_idx.shape[1], visible.shape[2])
@@ -92,12 +97,14 @@ if _NATIVE:
         if ctx.needs[2]:
             # as autograd does for pos[visible_idx] and pos[masked_idx]: each indexing's
             # backward on its own, then the two contributions summed
-            g_pos = (grad.new_zeros(ctx.num_pos, grad.shape[2]).index_put_((visible_idx,), grad[:, :nv], accumulate=True)
-                     + grad.new_zeros(ctx.num_pos, grad.shape[2]).index_put_((masked_idx,), grad[:, nv:], accumulate=True))
+            g_pos = grad.new_zeros(ctx.num_pos, grad.shape[2]).index_put_(
+                (visible_idx,), grad[:, :nv], accumulate=True
+            ) + grad.new_zeros(ctx.num_pos, grad.shape[2]).index_put_((masked_idx,), grad[:, nv:], accumulate=True)
         return g_vis, g_mask, g_pos, None, None
 
-    torch.library.register_autograd("hicmae_dist::assemble_decoder_tokens", _assemble_backward,
-                                    setup_context=_assemble_setup)
+    torch.library.register_autograd(
+        "hicmae_dist::assemble_decoder_tokens", _assemble_backward, setup_context=_assemble_setup
+    )
 
     @torch.library.register_fake("hicmae_dist::patch_norm")
     def _patch_norm_fake(x, frame_diff):
@@ -116,15 +123,19 @@ if _NATIVE:
             (g,) = torch.autograd.grad(patch_norm_reference(leaf, ctx.frame_diff), leaf, grad)
         return g, None
 
-    torch.library.register_autograd("hicmae_dist::patch_norm", _patch_norm_backward,
-                                    setup_context=_patch_norm_setup)
+    torch.library.register_autograd("hicmae_dist::patch_norm", _patch_norm_backward, setup_context=_patch_norm_setup)
 
 
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
-def assemble_decoder_tokens(visible: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
-                            visible_idx: torch.Tensor, masked_idx: torch.Tensor) -> torch.Tensor:
+def assemble_decoder_tokens(
+    visible: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos: torch.Tensor,
+    visible_idx: torch.Tensor,
+    masked_idx: torch.Tensor,
+) -> torch.Tensor:
     """visible (B, Nv, C); mask_token (C,) or (1, 1, C); pos (N, C); visible_idx (B, Nv) and
     masked_idx (B, Nm) int64 in [0, N). Returns (B, Nv + Nm, C) =
     torch.cat([visible + pos[visible_idx], mask_token + pos[masked_idx]], 1), bit for bit.
@@ -134,19 +145,22 @@ def assemble_decoder_tokens(visible: torch.Tensor, mask_token: torch.Tensor, pos
     promotion of the two halves would differ from one op's single dtype.
     """
     if visible.dim() != 3 or pos.dim() != 2 or mask_token.shape[-1] != visible.shape[-1]:
-        raise ValueError(f"assemble_decoder_tokens: expected visible (B, Nv, C), mask_token (C,), "
-                         f"pos (N, C); got {tuple(visible.shape)}, {tuple(mask_token.shape)}, "
-                         f"{tuple(pos.shape)}")
+        raise ValueError(
+            f"assemble_decoder_tokens: expected visible (B, Nv, C), mask_token (C,), "
+            f"pos (N, C); got {tuple(visible.shape)}, {tuple(mask_token.shape)}, "
+            f"{tuple(pos.shape)}"
+        )
     if mask_token.numel() != visible.shape[-1]:
-        raise ValueError(f"assemble_decoder_tokens: mask_token must hold C = {visible.shape[-1]} values, "
-                         f"got {tuple(mask_token.shape)}")
+        raise ValueError(
+            f"assemble_decoder_tokens: mask_token must hold C = {visible.shape[-1]} values, "
+            f"got {tuple(mask_token.shape)}"
+        )
     if not _NATIVE:
         _warn_fallback("assemble_decoder_tokens")
         return assemble_decoder_tokens_reference(visible, mask_token, pos, visible_idx, masked_idx)
     if not (visible.dtype == mask_token.dtype == pos.dtype):
         return assemble_decoder_tokens_reference(visible, mask_token, pos, visible_idx, masked_idx)
-    return torch.ops.hicmae_dist.assemble_decoder_tokens(visible, mask_token.reshape(-1), pos,
-                                                         visible_idx, masked_idx)
+    return torch.ops.hicmae_dist.assemble_decoder_tokens(visible, mask_token.reshape(-1), pos, visible_idx, masked_idx)
 
 
 def patch_norm(x: torch.Tensor, frame_diff: bool = False) -> torch.Tensor:

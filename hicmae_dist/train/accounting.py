@@ -5,6 +5,7 @@ model FLOPs per sample = 3 (forward + backward ~ 2 x forward) * 2 (FLOPs per MAC
 pretraining forward (hicmae_dist.models.info.macs: linear layers, patch embeddings and both
 attention matmuls on the tokens each part sees; activation recomputation is not counted).
 """
+
 from __future__ import annotations
 
 import os

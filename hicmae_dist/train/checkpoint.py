@@ -8,15 +8,17 @@ the next start removes the `.tmp-*` it left.
 
 Each rank lists the files it wrote, with their sizes and CRC32s, in its own files_rankNNNNN.json
 (computed right after writing, read back from the page cache: 1.4-3.4 GB/s on a loaded 2-core
-machine, 0.7-0.9 s for a 1.2 GB optimizer shard whose torch.save took 10.8 s there). A resume (resume_checkpoint) verifies the newest checkpoint against these
-before any load; a bad one is named, moved aside, and the one before it is tried. Checkpoints
-from before the manifests are checked as far as they can be (each .pt a complete zip archive).
+machine, 0.7-0.9 s for a 1.2 GB optimizer shard whose torch.save took 10.8 s there). A resume
+(resume_checkpoint) verifies the newest checkpoint against these before any load; a bad one is
+named, moved aside, and the one before it is tried. Checkpoints from before the manifests are
+checked as far as they can be (each .pt a complete zip archive).
 
 Every load, DeepSpeed's included, runs with weights_only=True (weights_only_loads).
 A checkpoint written at another world size is converted to DeepSpeed's universal format first.
 A save that fails for lack of space raises DiskFullError (one line, naming the file and the
 last good checkpoint) after removing its partial `.tmp-*`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +31,9 @@ import random
 import shutil
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -185,12 +188,14 @@ def _last_good(run_dir: Path) -> str:
 
 
 def disk_full_error(code: int, what: Path | str, run_dir: Path) -> DiskFullError:
-    return DiskFullError(code, f"{os.strerror(code)} while writing {what}; the last good checkpoint is "
-                               f"{_last_good(run_dir)}", str(what))
+    return DiskFullError(
+        code, f"{os.strerror(code)} while writing {what}; the last good checkpoint is {_last_good(run_dir)}", str(what)
+    )
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], keep: int,
-                    keep_also: Callable[[Path], bool] | None = None) -> Path:
+def save_checkpoint(
+    engine, run_dir: Path, step: int, state: dict[str, Any], keep: int, keep_also: Callable[[Path], bool] | None = None
+) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory. The newest `keep`
     checkpoints stay, and the older ones keep_also(path) is True for (fine-tuning's weight average).
     Raises DiskFullError (the partial .tmp-<tag> removed) when a write fails for lack of space;
@@ -240,6 +245,7 @@ def saved_world_size(path: Path) -> int:
 
 
 # --- verification before a resume ----------------------------------------------------------------
+
 
 def verify_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> tuple[str, str] | None:
     """This rank's share of the checks of one checkpoint: (reason in BAD_REASONS, detail naming
@@ -324,8 +330,7 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     moved = []
     for ckpt in candidates:
         if not ckpt.is_dir():
-            log.warning("%s names %s, which does not exist; trying the checkpoint before it", run.latest_pointer,
-                        ckpt)
+            log.warning("%s names %s, which does not exist; trying the checkpoint before it", run.latest_pointer, ckpt)
             continue
         mine = verify_checkpoint(ckpt, rank, world_size)
         if mine is not None:
@@ -333,9 +338,11 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
         flags = comm.agree([mine is not None and mine[0] == r for r in BAD_REASONS])
         if not any(flags):
             if MANIFEST_KEY not in RunDir.read_state(ckpt):
-                log.warning("checkpoint %s was written without file manifests (before checksums were "
-                            "recorded): checked that its state.json reads and each .pt is a complete archive",
-                            ckpt)
+                log.warning(
+                    "checkpoint %s was written without file manifests (before checksums were "
+                    "recorded): checked that its state.json reads and each .pt is a complete archive",
+                    ckpt,
+                )
             if ckpt.name != named and rank == 0:
                 _atomic_write(run.latest_pointer, ckpt.name)
                 log.warning("resuming from %s instead of %s", ckpt, named)
@@ -345,12 +352,19 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
         comm.barrier()  # every rank is done reading it
         if rank == 0:
             moved.append(_move_aside(run, ckpt, reason))
-            log.warning("checkpoint %s failed verification (%s%s); moved aside to %s", ckpt, reason,
-                        f": {mine[1]}" if mine else " on another rank, see its log", moved[-1])
+            log.warning(
+                "checkpoint %s failed verification (%s%s); moved aside to %s",
+                ckpt,
+                reason,
+                f": {mine[1]}" if mine else " on another rank, see its log",
+                moved[-1],
+            )
         comm.barrier()
-    raise ResumeError(f"no checkpoint under {run.checkpoints} verifies (moved aside to {run.bad_checkpoints}: "
-                            f"{', '.join(p.name for p in moved) or 'none'}); move one back by hand, or start "
-                            f"over with a new --run-dir")
+    raise ResumeError(
+        f"no checkpoint under {run.checkpoints} verifies (moved aside to {run.bad_checkpoints}: "
+        f"{', '.join(p.name for p in moved) or 'none'}); move one back by hand, or start "
+        f"over with a new --run-dir"
+    )
 
 
 def to_universal(path: Path) -> Path:
@@ -363,9 +377,15 @@ def to_universal(path: Path) -> Path:
         return out
     tmp = out.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=str(path),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     with weights_only_loads():
         ds_to_universal.main(args)
     shutil.copy(path / STATE_FILE, tmp / STATE_FILE)
@@ -377,8 +397,9 @@ def load_checkpoint(engine, path: Path) -> dict[str, Any]:
     """Collective. Restores weights and optimizer state into `engine`; returns our state.
     A universal checkpoint (to_universal) needs an engine built with load_universal=True."""
     with weights_only_loads():
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        load_path, _ = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     state = RunDir.read_state(path)

@@ -1,4 +1,5 @@
 """The DeepSpeed engine, built from the typed config (never from hand-written JSON)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -52,13 +53,13 @@ def build_model_for_engine(cfg: Config, world_size: int) -> torch.nn.Module:
 
     from hicmae_dist.models import build_model
 
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size),
-                             enabled=cfg.train.zero_stage == 3):
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size), enabled=cfg.train.zero_stage == 3):
         return build_model(cfg.model, cfg.execution)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False,
-                 groups: list[dict] | None = None):
+def build_engine(
+    model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False, groups: list[dict] | None = None
+):
     import argparse
 
     import deepspeed
@@ -66,8 +67,12 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_univ
     # DeepSpeed would select cuda:LOCAL_RANK, wrong when a task sees only its own GPU (Slurm
     # --gpus-per-task=1): use the device comm.init_distributed selected.
     args = argparse.Namespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None
-    engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=build_optimizer(model, cfg, groups),
-                                           config=deepspeed_config(cfg, world_size, load_universal))
+    engine, _, _, _ = deepspeed.initialize(
+        args=args,
+        model=model,
+        optimizer=build_optimizer(model, cfg, groups),
+        config=deepspeed_config(cfg, world_size, load_universal),
+    )
     if cfg.execution.compile:
         engine.compile()
     return engine

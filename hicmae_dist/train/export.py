@@ -1,4 +1,5 @@
 """Consolidated fp32 weights of a run's checkpoint, for fine-tuning: our format or the authors'."""
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,11 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"{ckpt}: neither ZeRO partitions nor {model_states.name}: not a checkpoint")
         with weights_only_loads():
             state = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
-        log.info("%s: no ZeRO partitions (stage 0); the module's %s weights", ckpt,
-                 next(iter(state.values())).dtype if state else "(empty)")
+        log.info(
+            "%s: no ZeRO partitions (stage 0); the module's %s weights",
+            ckpt,
+            next(iter(state.values())).dtype if state else "(empty)",
+        )
     return {k: v.float() for k, v in state.items()}
 
 

@@ -5,6 +5,7 @@ pretrain() is the loop; around it: _start (resume checks, universal conversion, 
 MetricsWindow (the log window's device-side sums), MetricsLog (metrics.jsonl, the tracker, the
 progress line), the checkpoint policy (_checkpoint_due) and _finish (summary.json, losses.png).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,32 @@ from hicmae_dist.data.device import check_decode_on, to_device
 from hicmae_dist.data.loader import make_pretrain_loader
 from hicmae_dist.tracking import Tracker, end_status
 from hicmae_dist.train.accounting import model_flops_per_sample, peak_flops
-from hicmae_dist.train.checkpoint import (DiskFullError, disk_full_error, disk_full_errno, resume_checkpoint,
-                                          save_checkpoint, saved_world_size, to_universal)
+from hicmae_dist.train.checkpoint import (
+    DiskFullError,
+    disk_full_errno,
+    disk_full_error,
+    resume_checkpoint,
+    save_checkpoint,
+    saved_world_size,
+    to_universal,
+)
 from hicmae_dist.train.engine import build_engine, build_model_for_engine, deepspeed_config, global_batch
 from hicmae_dist.train.progress import Progress
 from hicmae_dist.train.rundir import RunDir
-from hicmae_dist.train.runtime import (RunState, check_resume, check_tracking, clear_stop, compute_dtype,
-                                       open_tracker, refuse_existing, restore, seed_everything, shard_set_identity,
-                                       stop_requested, why_stopped)
+from hicmae_dist.train.runtime import (
+    RunState,
+    check_resume,
+    check_tracking,
+    clear_stop,
+    compute_dtype,
+    open_tracker,
+    refuse_existing,
+    restore,
+    seed_everything,
+    shard_set_identity,
+    stop_requested,
+    why_stopped,
+)
 from hicmae_dist.train.step import StepResult, scheduled_step
 
 log = logging.getLogger(__name__)
@@ -46,8 +65,12 @@ def _start(cfg: Config, run: RunDir, resume: str, allow_config_change: bool, wor
     universal = ckpt is not None and saved_world_size(ckpt) != world_size
     if universal:  # written by another number of ranks: convert once (rank 0), load anywhere
         if rank0:
-            log.info("checkpoint %s was written by %d ranks, this job has %d: converting to universal",
-                     ckpt, saved_world_size(ckpt), world_size)
+            log.info(
+                "checkpoint %s was written by %d ranks, this job has %d: converting to universal",
+                ckpt,
+                saved_world_size(ckpt),
+                world_size,
+            )
             to_universal(ckpt)
         comm.barrier()
         ckpt = to_universal(ckpt)
@@ -73,8 +96,17 @@ def _write_run_files(cfg: Config, run: RunDir, world_size: int, start_step: int)
 def _batch_source(cfg: Config, engine, state: RunState, rank: int, world_size: int):
     """(next_batch, forward) for train_step. The stream is a function of (seed, rank, world
     size): a resumed job skips the batches it already trained on, undecoded, and continues it."""
-    loader = iter(make_pretrain_loader(cfg.data.shards, cfg.data, cfg.model, rank=rank, world_size=world_size,
-                                       seed=cfg.train.seed, start_batch=state.batches))
+    loader = iter(
+        make_pretrain_loader(
+            cfg.data.shards,
+            cfg.data,
+            cfg.model,
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.train.seed,
+            start_batch=state.batches,
+        )
+    )
     device, dtype = engine.device, compute_dtype(cfg.train)
 
     def next_batch():
@@ -111,9 +143,14 @@ class Rates:
 
     def row(self, steps: int, elapsed: float, bad_samples: int, step: int) -> dict[str, Any]:
         clips_per_s = steps * self.batch / elapsed
-        row = dict(step=step, clips_per_s=clips_per_s, step_time_s=elapsed / steps, bad_samples=bad_samples,
-                   tokens_per_s=clips_per_s * self.tokens_per_clip,
-                   tflops_per_s=clips_per_s * self.flops_per_sample / 1e12)
+        row = dict(
+            step=step,
+            clips_per_s=clips_per_s,
+            step_time_s=elapsed / steps,
+            bad_samples=bad_samples,
+            tokens_per_s=clips_per_s * self.tokens_per_clip,
+            tflops_per_s=clips_per_s * self.flops_per_sample / 1e12,
+        )
         if self.peak:
             row["mfu"] = clips_per_s * self.flops_per_sample / (self.peak * self.world_size)
         return row
@@ -183,11 +220,16 @@ class NonfiniteGuard:
     def refused(self, state: RunState) -> None:
         state.nonfinite_skipped += 1
         self.in_a_row += 1
-        log.warning("step %d: non-finite loss or gradient on some rank, step skipped on all (%d in a row)",
-                    state.step, self.in_a_row)
+        log.warning(
+            "step %d: non-finite loss or gradient on some rank, step skipped on all (%d in a row)",
+            state.step,
+            self.in_a_row,
+        )
         if self.in_a_row >= self.limit:
-            raise FloatingPointError(f"{self.in_a_row} non-finite losses in a row at step {state.step}; "
-                                     f"stopping (last good checkpoint: {self.run.latest_checkpoint()})")
+            raise FloatingPointError(
+                f"{self.in_a_row} non-finite losses in a row at step {state.step}; "
+                f"stopping (last good checkpoint: {self.run.latest_checkpoint()})"
+            )
 
 
 def _checkpoint_due(result: StepResult, step: int, train: TrainConfig) -> bool:
@@ -202,8 +244,15 @@ def _raise_if_disk_full(err: BaseException, run: RunDir) -> None:
         raise disk_full_error(code, err.filename or run.path, run.path) from err
 
 
-def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: str | None = None,
-             progress: bool = True, allow_config_change: bool = False) -> dict[str, Any]:
+def pretrain(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    resume: str = "auto",
+    tracking_uri: str | None = None,
+    progress: bool = True,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
     """Pretrain `cfg.model` on the shards in `cfg.data.shards`; returns the summary dict.
 
     resume: "auto" continues from the newest complete checkpoint under run_dir (if any);
@@ -256,8 +305,9 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: str = "auto", tracking_uri: 
         clear_stop()
         reporter.close()
         metrics.close()
-    summary = _summary(state, start_step, rows, clock.clips_per_s(batch), world_size, batch, interrupted, run, uri,
-                       tracker.run_id)
+    summary = _summary(
+        state, start_step, rows, clock.clips_per_s(batch), world_size, batch, interrupted, run, uri, tracker.run_id
+    )
     if rank0:
         _finish(run, summary, rows, tracker)
     return summary
@@ -281,8 +331,9 @@ class SessionClock:
         return self.steps * batch / seconds if seconds > 0 else None
 
 
-def _open_run(cfg: Config, run: RunDir, tracking_uri: str | None, rank0: bool, state: RunState,
-              start_step: int) -> tuple[Tracker, str]:
+def _open_run(
+    cfg: Config, run: RunDir, tracking_uri: str | None, rank0: bool, state: RunState, start_step: int
+) -> tuple[Tracker, str]:
     """The MLflow run (new, or the checkpoint's reopened); a new one gets the params and files."""
     tracker, uri = open_tracker(cfg, run.path, tracking_uri, rank0, state.mlflow_run_id, journal=run.metrics)
     state.mlflow_run_id = tracker.run_id
@@ -293,9 +344,18 @@ def _open_run(cfg: Config, run: RunDir, tracking_uri: str | None, rank0: bool, s
     return tracker, uri
 
 
-def _summary(state: RunState, start_step: int, rows: list[dict[str, Any]], clips_per_s: float | None,
-             world_size: int, batch: int, interrupted: str | None, run: RunDir, uri: str,
-             mlflow_run_id: str | None) -> dict[str, Any]:
+def _summary(
+    state: RunState,
+    start_step: int,
+    rows: list[dict[str, Any]],
+    clips_per_s: float | None,
+    world_size: int,
+    batch: int,
+    interrupted: str | None,
+    run: RunDir,
+    uri: str,
+    mlflow_run_id: str | None,
+) -> dict[str, Any]:
     return {
         "steps": state.step,
         "start_step": start_step,
@@ -336,9 +396,11 @@ def plot_losses(rows: list[dict[str, Any]], out: Path) -> Path:
 
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, keys, title in ((axes[0], ["loss"], "total"),
-                            (axes[1], ["loss_video", "loss_audio"], "reconstruction"),
-                            (axes[2], ["loss_contrastive"], "contrastive (sum over layers)")):
+    for ax, keys, title in (
+        (axes[0], ["loss"], "total"),
+        (axes[1], ["loss_video", "loss_audio"], "reconstruction"),
+        (axes[2], ["loss_contrastive"], "contrastive (sum over layers)"),
+    ):
         for k in keys:
             ax.plot(steps, [r[k] for r in rows], label=k)
         ax.set_title(title)

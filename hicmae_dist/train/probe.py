@@ -12,6 +12,7 @@ weights, standardised with the training split's statistics; a multinomial logist
 (classification) or ridge regression (regression) per L2 strength of a grid, the strength
 chosen on the validation split, the test split evaluated once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,9 @@ PAPER_SUBSETS = {"audioset": 1725, "vggsound": 1545}
 
 
 @torch.no_grad()
-def _features(fn, items: list[DownstreamItem], cfg, batch_size: int, regression: bool, desc: str,
-              progress: bool, workers: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+def _features(
+    fn, items: list[DownstreamItem], cfg, batch_size: int, regression: bool, desc: str, progress: bool, workers: int = 0
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Run fn(video, audio) -> tensor or tuple of tensors over the clips (centre view)."""
     dataset = DownstreamDataset(items, cfg, "val", regression=regression)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
@@ -63,14 +65,16 @@ def retrieval_subset(items: list[DownstreamItem], size: int | None, seed: int = 
     return [items[i] for i in picked]
 
 
-def retrieval_eval(weights: Converted, items: list[DownstreamItem], *, batch_size: int = 8,
-                   progress: bool = True) -> dict[str, Any]:
+def retrieval_eval(
+    weights: Converted, items: list[DownstreamItem], *, batch_size: int = 8, progress: bool = True
+) -> dict[str, Any]:
     """Video-to-audio (a2b: video queries) and audio-to-video (b2a) retrieval over the clips.
     Chance: R@1 = 1/N, median rank (N + 1) / 2."""
     log.info("retrieval over %d clips, %s features", len(items), weights.arch)
     model = weights.load_model().eval()
-    (video, audio), _ = _features(model.retrieval_features, items, weights.cfg, batch_size, False,
-                                  "retrieval features", progress)
+    (video, audio), _ = _features(
+        model.retrieval_features, items, weights.cfg, batch_size, False, "retrieval features", progress
+    )
     sim = F.normalize(torch.from_numpy(video), dim=-1) @ F.normalize(torch.from_numpy(audio), dim=-1).T
     out = M.retrieval(sim)
     renamed = {k.replace("a2b", "video_to_audio").replace("b2a", "audio_to_video"): v for k, v in out.items()}
@@ -96,8 +100,15 @@ def _fit(x: torch.Tensor, y: torch.Tensor, outputs: int, l2: float, regression: 
     return layer
 
 
-def linear_probe(weights: Converted | None, splits: dict[str, list[DownstreamItem]], cfg, task: Task, *,
-                 batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+def linear_probe(
+    weights: Converted | None,
+    splits: dict[str, list[DownstreamItem]],
+    cfg,
+    task: Task,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
     """The probe (module docstring) on splits train / val / test; weights None probes a
     randomly initialised encoder (the baseline a pretrained one must beat)."""
     model, _, report = build_finetune(cfg, task, weights)
@@ -105,8 +116,9 @@ def linear_probe(weights: Converted | None, splits: dict[str, list[DownstreamIte
     mcfg = model.cfg
     feats = {}
     for name in ("train", "val", "test"):
-        (x,), y = _features(model.features, splits[name], mcfg, batch_size, task.regression,
-                            f"probe features ({name})", progress)
+        (x,), y = _features(
+            model.features, splits[name], mcfg, batch_size, task.regression, f"probe features ({name})", progress
+        )
         feats[name] = (torch.from_numpy(x).double(), torch.from_numpy(y))
     mean, std = feats["train"][0].mean(0), feats["train"][0].std(0) + 1e-6
     xs = {k: (x - mean) / std for k, (x, _) in feats.items()}
@@ -121,9 +133,15 @@ def linear_probe(weights: Converted | None, splits: dict[str, list[DownstreamIte
     best_score, l2, layer, val = max(trials, key=lambda t: (t[0], -t[1]))
     with torch.no_grad():
         test = score(ys["test"].numpy(), _outputs(layer, xs["test"], task), task)
-    return {"l2": l2, "val": val, "test": test, "select_metric": task.select_metric,
-            "features": int(xs["train"].shape[1]), "pretrained_tensors": report["loaded"],
-            "clips": {k: len(v) for k, v in splits.items()}}
+    return {
+        "l2": l2,
+        "val": val,
+        "test": test,
+        "select_metric": task.select_metric,
+        "features": int(xs["train"].shape[1]),
+        "pretrained_tensors": report["loaded"],
+        "clips": {k: len(v) for k, v in splits.items()},
+    }
 
 
 def _outputs(layer: torch.nn.Linear, x: torch.Tensor, task: Task) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Progress of a long loop: a tqdm bar on a terminal; in a Slurm log or a pipe no bar (no
 carriage returns) but one log line per window: step, loss, clips/s, step time, ETA."""
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,7 @@ class Progress:
         stream = stream or sys.stderr
         self.enabled, self.total, self.desc = enabled, total, desc
         self.tty = enabled and bar and _on_terminal(stream)
-        self._bar = tqdm(total=total, initial=initial, desc=desc, disable=not self.tty, dynamic_ncols=True,
-                         file=stream)
+        self._bar = tqdm(total=total, initial=initial, desc=desc, disable=not self.tty, dynamic_ncols=True, file=stream)
         self._start, self._start_step = time.perf_counter(), initial
 
     def update(self, n: int = 1) -> None:

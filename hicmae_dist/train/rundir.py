@@ -16,6 +16,7 @@
 
 Reads only files (no torch, no DeepSpeed): `submit` and `jobs` use it on the login node.
 """
+
 from __future__ import annotations
 
 import json
@@ -114,8 +115,10 @@ class RunDir:
             return None
         path = self.checkpoint(tag)
         if not (path / STATE_FILE).exists():
-            raise FileNotFoundError(f"{self.latest_pointer} names {path.name}, which has no {STATE_FILE}: "
-                                    f"the checkpoint directory was modified by hand")
+            raise FileNotFoundError(
+                f"{self.latest_pointer} names {path.name}, which has no {STATE_FILE}: "
+                f"the checkpoint directory was modified by hand"
+            )
         return path
 
     @staticmethod
@@ -139,8 +142,10 @@ class RunDir:
         """Why `ckpt` (state `saved`) cannot continue a run of `config_hash`, else None."""
         if saved.get("config_hash") == config_hash:
             return None
-        return (f"checkpoint {ckpt} was written with config hash {saved.get('config_hash')}, this run has "
-                f"{config_hash}: the model, data or optimiser settings changed (compare {self.config})")
+        return (
+            f"checkpoint {ckpt} was written with config hash {saved.get('config_hash')}, this run has "
+            f"{config_hash}: the model, data or optimiser settings changed (compare {self.config})"
+        )
 
     # --- what `hicmae-dist jobs` shows ------------------------------------------------------------
     def metrics_rows(self, upto_step: int) -> list[dict[str, Any]]:

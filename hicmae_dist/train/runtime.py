@@ -1,5 +1,6 @@
 """What pretraining and fine-tuning share around their loops: stop requests, precision, seeding,
 the tracker, and the checks and restore of a resume."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,6 +67,7 @@ def why_stopped() -> str:
 
 # --- precision and seeding -------------------------------------------------------------------------
 
+
 def compute_dtype(train: TrainConfig) -> torch.dtype:
     """The dtype inputs are cast to on the device (train.bf16 / train.fp16, else float32)."""
     return torch.bfloat16 if train.bf16 else torch.float16 if train.fp16 else torch.float32
@@ -77,6 +79,7 @@ def seed_everything(seed: int) -> None:
 
 
 # --- the tracker -----------------------------------------------------------------------------------
+
 
 def tracking_uri_of(cfg: Config, run_dir: Path, tracking_uri: str | None) -> str:
     """--tracking-uri, else tracking.uri, else the run dir's own store."""
@@ -100,18 +103,27 @@ def check_tracking(cfg: Config, run_dir: Path, tracking_uri: str | None, rank0: 
         raise err or TrackingUnavailable(f"tracking server {uri} is unreachable from rank 0 (see its log)")
 
 
-def open_tracker(cfg: Config, run_dir: Path, tracking_uri: str | None, rank0: bool,
-                 run_id: str | None, journal: Path | None = None) -> tuple[Tracker, str]:
+def open_tracker(
+    cfg: Config, run_dir: Path, tracking_uri: str | None, rank0: bool, run_id: str | None, journal: Path | None = None
+) -> tuple[Tracker, str]:
     """The run's MLflow tracker (rank 0; continues run_id when resuming) and its store URI.
     journal: the metrics file that replays steps MLflow lacks (tracking.py)."""
     uri = tracking_uri_of(cfg, run_dir, tracking_uri)
-    tracker = Tracker(rank0 and cfg.tracking.enabled, uri, cfg.tracking.experiment, run_dir,
-                      run_name=cfg.tracking.run_name or Path(run_dir).name, run_id=run_id,
-                      system_metrics_s=cfg.tracking.system_metrics_s, journal=journal)
+    tracker = Tracker(
+        rank0 and cfg.tracking.enabled,
+        uri,
+        cfg.tracking.experiment,
+        run_dir,
+        run_name=cfg.tracking.run_name or Path(run_dir).name,
+        run_id=run_id,
+        system_metrics_s=cfg.tracking.system_metrics_s,
+        journal=journal,
+    )
     return tracker, uri
 
 
 # --- resume: the run's identity, the checks, the restore ---------------------------------------------
+
 
 @dataclass
 class RunState:
@@ -134,8 +146,11 @@ def shard_set_identity(shards_dir: str | Path) -> dict[str, Any]:
     independent of where the directory sits; another or a re-prepared shard set changes it."""
     shards = find_shards(shards_dir)
     listing = json.dumps([[p.name, p.stat().st_size] for p in shards])
-    return {"data_id": hashlib.sha256(listing.encode()).hexdigest()[:16], "data_shards": str(shards_dir),
-            "data_num_shards": len(shards)}
+    return {
+        "data_id": hashlib.sha256(listing.encode()).hexdigest()[:16],
+        "data_shards": str(shards_dir),
+        "data_num_shards": len(shards),
+    }
 
 
 # The fields of a run state that describe this run, not the checkpoint: kept on restore.
@@ -163,21 +178,25 @@ def check_resume(ckpt: Path, state, run_dir: Path, allow_config_change: bool) ->
     if config_changed:
         problems.append(config_problem)
     if data_changed:
-        problems.append(f"checkpoint {ckpt} was written on the shard set {saved.get('data_shards')} "
-                        f"({saved.get('data_num_shards')} shards, id {saved['data_id']}), this run reads "
-                        f"{state.data_shards} ({state.data_num_shards} shards, id {state.data_id}): another data set")
+        problems.append(
+            f"checkpoint {ckpt} was written on the shard set {saved.get('data_shards')} "
+            f"({saved.get('data_num_shards')} shards, id {saved['data_id']}), this run reads "
+            f"{state.data_shards} ({state.data_num_shards} shards, id {state.data_id}): another data set"
+        )
     if problems and not allow_config_change:
         raise ResumeError("; ".join(problems) + "; --allow-config-change resumes anyway")
     for problem in problems:
         log.warning("%s; resuming anyway (--allow-config-change)", problem)
     if getattr(state, "data_id", "") and "data_id" not in saved:
-        log.warning("checkpoint %s records no data identity (written before it was recorded): the data set is "
-                    "not checked on this resume", ckpt)
+        log.warning(
+            "checkpoint %s records no data identity (written before it was recorded): the data set is "
+            "not checked on this resume",
+            ckpt,
+        )
     return saved
 
 
-def restore(engine, ckpt: Path, state, run_dir: Path, allow_config_change: bool,
-            saved: dict[str, Any] | None = None):
+def restore(engine, ckpt: Path, state, run_dir: Path, allow_config_change: bool, saved: dict[str, Any] | None = None):
     """Check `ckpt` against this run (check_resume, unless its result is passed as `saved`: a
     changed config or data set is refused before any weight is loaded), load it into the engine
     (collective) and return its saved state as type(state), with this run's world size, config
@@ -186,5 +205,6 @@ def restore(engine, ckpt: Path, state, run_dir: Path, allow_config_change: bool,
         saved = check_resume(ckpt, state, run_dir, allow_config_change)
     load_checkpoint(engine, ckpt)
     known = {f.name for f in dataclasses.fields(state)}
-    return type(state)(**{**{k: v for k, v in saved.items() if k in known},
-                          **{k: getattr(state, k) for k in _THIS_RUN if k in known}})
+    return type(state)(
+        **{**{k: v for k, v in saved.items() if k in known}, **{k: getattr(state, k) for k in _THIS_RUN if k in known}}
+    )

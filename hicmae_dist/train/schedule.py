@@ -1,5 +1,6 @@
 """Learning-rate schedules: HiCMAE's linear warm-up from 0 then per-step cosine, and CAV-MAE's
 step decay (x gamma at each milestone)."""
+
 from __future__ import annotations
 
 import bisect

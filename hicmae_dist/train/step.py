@@ -10,11 +10,13 @@ DeepSpeed's step with the wrapped torch optimizer's update switched off: the bou
 bookkeeping (finalised reductions, gradient buffers and partitions cleared) runs as on any
 step, no weight or optimizer moment changes, and the next step starts on a fresh boundary.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -61,9 +63,14 @@ def _grad_norm(engine, device) -> torch.Tensor:
     return torch.tensor(float(norm), dtype=torch.float64, device=device)
 
 
-def train_step(engine, grad_accum: int, next_batch: Callable[[], Any],
-               forward: Callable[[Any], dict[str, torch.Tensor]], stop_requested: bool,
-               check_gradients: bool = True) -> StepResult:
+def train_step(
+    engine,
+    grad_accum: int,
+    next_batch: Callable[[], Any],
+    forward: Callable[[Any], dict[str, torch.Tensor]],
+    stop_requested: bool,
+    check_gradients: bool = True,
+) -> StepResult:
     """Forward and backward `grad_accum` micro-batches from next_batch(), then the agreed update.
 
     forward(batch) returns scalar tensors, "loss" among them (the one that is backpropagated);
@@ -92,8 +99,15 @@ def train_step(engine, grad_accum: int, next_batch: Callable[[], Any],
     return StepResult(applied, check_gradients and not applied, stop, parts, _grad_norm(engine, device), names)
 
 
-def scheduled_step(engine, train: TrainConfig, step: int, batch: int, next_batch: Callable[[], Any],
-                   forward: Callable[[Any], dict[str, torch.Tensor]], stop: bool) -> tuple[StepResult, float]:
+def scheduled_step(
+    engine,
+    train: TrainConfig,
+    step: int,
+    batch: int,
+    next_batch: Callable[[], Any],
+    forward: Callable[[Any], dict[str, torch.Tensor]],
+    stop: bool,
+) -> tuple[StepResult, float]:
     """train_step at the schedule's learning rate for `step` (global batch `batch`); returns the
     result and that learning rate. Pretraining and fine-tuning both step through here."""
     lr = lr_at(step, train, batch)

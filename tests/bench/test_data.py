@@ -1,5 +1,6 @@
 """`hicmae-dist bench data --quick`: every row, the goal and the capacity arithmetic, and the
 release path's clip against the loader's for the same clip, start and crop."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,26 @@ def quick(tmp_path_factory):
     require("ffmpeg", shutil.which("ffmpeg") is not None, "apt-get install ffmpeg")
     work, out = tmp_path_factory.mktemp("bench-data"), io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["bench", "data", "--quick", "--clips", "4", "--batches", "2", "--batch-size", "2",
-                     "--work-dir", str(work), "--out", str(work / "out")]) == 0
+        assert (
+            main(
+                [
+                    "bench",
+                    "data",
+                    "--quick",
+                    "--clips",
+                    "4",
+                    "--batches",
+                    "2",
+                    "--batch-size",
+                    "2",
+                    "--work-dir",
+                    str(work),
+                    "--out",
+                    str(work / "out"),
+                ]
+            )
+            == 0
+        )
     table = out.getvalue()
     assert (work / "out" / "results.md").read_text() == table.rpartition("\nresults: ")[0] + "\n"
     return table, json.loads((work / "out" / "results.json").read_text()), work
@@ -32,11 +51,16 @@ def test_every_row(quick):
     table, result, _ = quick
     for section in ("## prepare", "## loader", "## device", "## profile", "## capacity", "goal: HiCMAE >= 300"):
         assert section in table
-    rows = [("release", "wav", 0)] + [(path, form, w) for path in ("float", "uint8") for form, workers in
-                                       (("wave", (0, 1, 2)), ("fbank", (0,))) for w in workers]
+    rows = [("release", "wav", 0)] + [
+        (path, form, w)
+        for path in ("float", "uint8")
+        for form, workers in (("wave", (0, 1, 2)), ("fbank", (0,)))
+        for w in workers
+    ]
     rows += [("jpeg", "wave", 0), ("jpeg", "fbank", 0)]  # the workers' side of decode_on=cuda
     assert [(r["arch"], r["path"], r["audio"], r["workers"]) for r in result["loader"]] == [
-        (arch, *row) for arch in ("hicmae", "cavmae") for row in rows]
+        (arch, *row) for arch in ("hicmae", "cavmae") for row in rows
+    ]
     assert [r["workers"] for r in result["prepare"]] == [1, 2, 2, 2, 2]
     for row in result["loader"]:
         assert row["clips_per_cpu_s"] > 0 if row["workers"] == 0 else row["clips_per_s_per_worker"] > 0
@@ -46,7 +70,9 @@ def test_every_row(quick):
     assert all(d["clips_per_s"] > 0 for d in result["device"])
     for arch in ("hicmae", "cavmae"):
         prof = result["profile"][arch]
-        assert set(prof) == {"release", "float", "uint8", "uint8, fbank"} and all(p["total_ms"] > 0 for p in prof.values())
+        assert set(prof) == {"release", "float", "uint8", "uint8, fbank"} and all(
+            p["total_ms"] > 0 for p in prof.values()
+        )
         assert "new batch memory" in prof["float"]["ms"] and "new batch memory" not in prof["uint8"]["ms"]
         assert "crop+resize" in prof["uint8"]["ms"] and "fbank+augment" in prof["uint8"]["ms"]
     assert set(result["profile"]["hicmae"]["release"]["ms"]) >= {"open mp4", "decode frames", "read wav", "fbank"}
@@ -56,8 +82,11 @@ def test_every_row(quick):
 def test_goal_follows_the_rows(quick):
     _, result, _ = quick
     g = result["goal"]
-    main_rows = {r["path"] if r["audio"] in ("wave", "wav") else f"{r['path']}, {r['audio']}": r
-                 for r in result["loader"] if r["arch"] == "hicmae" and r["workers"] == 0}
+    main_rows = {
+        r["path"] if r["audio"] in ("wave", "wav") else f"{r['path']}, {r['audio']}": r
+        for r in result["loader"]
+        if r["arch"] == "hicmae" and r["workers"] == 0
+    }
     assert g["target_clips_per_core"] == 300 and g["target_vs_release"] == 13
     assert g["hicmae_clips_per_core"] == main_rows[g["path"]]["clips_per_cpu_s"] > 0
     assert g["release_clips_per_core"] == main_rows["release"]["clips_per_cpu_s"] > 0
@@ -73,16 +102,26 @@ def test_capacity_follows_the_formula(quick):
     from hicmae_dist.models.macs import macs
 
     _, result, _ = quick
-    rates = {(r["arch"], r["path"] if r["audio"] in ("wave", "wav") else f"{r['path']}, {r['audio']}"):
-             r["clips_per_cpu_s"] for r in result["loader"] if r["workers"] == 0}
+    rates = {
+        (r["arch"], r["path"] if r["audio"] in ("wave", "wav") else f"{r['path']}, {r['audio']}"): r["clips_per_cpu_s"]
+        for r in result["loader"]
+        if r["workers"] == 0
+    }
     assert [c["model"] for c in result["capacity"]] == ["hicmae-s", "hicmae-b", "cavmae-base"]
     for c in result["capacity"]:
         cfg = model_config(c["model"])
         flops = 6 * sum(macs(cfg, "pretrain").values())  # 3 x (2 FLOPs per MAC) x forward
         gpu = 0.4 * 989.4e12 / flops
         assert c["train_flops"] == flops and c["gpu_clips_per_s"] == pytest.approx(gpu, abs=0.1)
-        assert set(c["cores_per_gpu"]) == {"release", "float", "uint8", "float, fbank", "uint8, fbank", "jpeg",
-                                           "jpeg, fbank"}
+        assert set(c["cores_per_gpu"]) == {
+            "release",
+            "float",
+            "uint8",
+            "float, fbank",
+            "uint8, fbank",
+            "jpeg",
+            "jpeg, fbank",
+        }
         for path, cores in c["cores_per_gpu"].items():
             assert cores == pytest.approx(gpu / rates[cfg.arch, path], abs=0.1)
     s, b = result["capacity"][:2]

@@ -1,4 +1,5 @@
 """The data tests' corpus (real mp4/m4a files, good and bad) and its shards, made once a session."""
+
 from __future__ import annotations
 
 import csv
@@ -54,9 +55,11 @@ def corpus(tmp_path_factory) -> Path:
     ffmpeg("-i", good, "-an", "-c", "copy", str(path["id09991/noaudio0000/00001"]))
     ffmpeg("-i", good, "-t", "2", "-c", "copy", str(path["id09992/twoseconds0/00001"]))
     path["id09993/garbage0000/00001"].write_bytes(random.Random(0).randbytes(5000))
-    for key, wav_args in (("id09994/shortaudio0/00001", ["-t", "1"]),
-                          ("id09996/longaudio00/00001", ["-af", "apad=pad_dur=3"]),
-                          (WAV_BESIDE, ["-ar", "44100", "-ac", "2"])):
+    for key, wav_args in (
+        ("id09994/shortaudio0/00001", ["-t", "1"]),
+        ("id09996/longaudio00/00001", ["-af", "apad=pad_dur=3"]),
+        (WAV_BESIDE, ["-ar", "44100", "-ac", "2"]),
+    ):
         ffmpeg("-i", good, "-an", "-c", "copy", str(path[key]))
         ffmpeg("-i", good, "-vn", *wav_args, str(path[key].with_suffix(".wav")))
     return root

@@ -1,5 +1,6 @@
 """The two stored audio forms (prepare --audio-form, data.audio_form): the fbank form gives the
 wave form's audio within float16 rounding, gain as a log shift, the form check, resume, bad samples."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,9 @@ def _samples(shards_dir: Path) -> dict[str, dict]:
     return {s["__key__"]: {k: v for k, v in s.items() if k != "__url__"} for s in samples}
 
 
-def _assert_close_but_floor(wave_form: torch.Tensor, fbank_form: torch.Tensor, bound: float, divisor: float,
-                            floor: float | None) -> None:
+def _assert_close_but_floor(
+    wave_form: torch.Tensor, fbank_form: torch.Tensor, bound: float, divisor: float, floor: float | None
+) -> None:
     """Within float16 rounding, except (a few) entries with 0 < power < eps at gain m > 1: the
     fbank form keeps those at the floor, the waveform path has them up to 2 ln m above it."""
     diff = (wave_form - fbank_form).abs()
@@ -92,11 +94,19 @@ def test_cavmae_audio_of_the_fbank_form(shards, fbank_shards):
         for noise_roll in (False, True):
             out = {}
             for form, sample in (("wave", wave[key]), ("fbank", fb[key])):
-                out[form] = audio.cavmae_audio_into(torch.empty(1024, 128), sample, json.loads(sample["json"]),
-                                                    form, gain=True, noise_roll=noise_roll, rng=random.Random(n),
-                                                    generator=torch.Generator().manual_seed(n))
-            _assert_close_but_floor(out["wave"], out["fbank"], CAVMAE_BOUND, audio.CAVMAE_FBANK_STD,
-                                    None if noise_roll else floor)
+                out[form] = audio.cavmae_audio_into(
+                    torch.empty(1024, 128),
+                    sample,
+                    json.loads(sample["json"]),
+                    form,
+                    gain=True,
+                    noise_roll=noise_roll,
+                    rng=random.Random(n),
+                    generator=torch.Generator().manual_seed(n),
+                )
+            _assert_close_but_floor(
+                out["wave"], out["fbank"], CAVMAE_BOUND, audio.CAVMAE_FBANK_STD, None if noise_roll else floor
+            )
             if not noise_roll:  # zero rows after the clip's frames, as the wave path pads
                 frames = audio.num_fbank_frames(json.loads(fb[key]["json"])["num_samples"])
                 assert torch.all(out["fbank"][frames:] == -audio.CAVMAE_FBANK_MEAN / audio.CAVMAE_FBANK_STD)
@@ -117,15 +127,33 @@ def test_gain_is_a_log_shift_with_the_floor():
     for seed in seeds.values():
         out = {}
         for form in ("wave", "fbank"):
-            out[form] = audio.hicmae_audio_into(torch.empty(256, 128), sample, meta, form, 2560 * 5, 40960,
-                                                gain=True, roll=False, rng=random.Random(seed))
+            out[form] = audio.hicmae_audio_into(
+                torch.empty(256, 128),
+                sample,
+                meta,
+                form,
+                2560 * 5,
+                40960,
+                gain=True,
+                roll=False,
+                rng=random.Random(seed),
+            )
         assert (out["wave"] - out["fbank"]).abs().max() < HICMAE_BOUND
-        silent = out["wave"][(20_000 - 2560 * 5) // 160 + 3:(40_000 - 2560 * 5) // 160 - 3]
+        silent = out["wave"][(20_000 - 2560 * 5) // 160 + 3 : (40_000 - 2560 * 5) // 160 - 3]
         assert silent.numel() and torch.all(silent == HICMAE_FLOOR)  # the floor, whatever the gain
         m = audio.gain_factor(random.Random(seed))
         loud = out["wave"][-60:-2, 10:] * (2 * audio.FBANK_STD) + audio.FBANK_MEAN
-        plain = audio.hicmae_audio_into(torch.empty(256, 128), sample, meta, "wave", 2560 * 5, 40960,
-                                        gain=False, roll=False, rng=random.Random(seed))
+        plain = audio.hicmae_audio_into(
+            torch.empty(256, 128),
+            sample,
+            meta,
+            "wave",
+            2560 * 5,
+            40960,
+            gain=False,
+            roll=False,
+            rng=random.Random(seed),
+        )
         plain_loud = plain[-60:-2, 10:] * (2 * audio.FBANK_STD) + audio.FBANK_MEAN
         assert torch.allclose(loud, plain_loud + 2 * math.log(m), atol=1e-4)  # the shift, on the waveform path
 

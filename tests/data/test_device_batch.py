@@ -1,6 +1,7 @@
 """The uint8 batch contract: to_device gives the float batch of the path before it (bit for bit),
 the JPEG-bytes batch (data.decode_on cuda) decoded by to_device's code with the CPU decoder, the
 workers' reused buffers (identities, lifetimes under the trainer's use, resident memory)."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from hicmae_dist.config import ConfigError, DataConfig, ModelConfig, load_config
-from hicmae_dist.data import device, loader, video
+from hicmae_dist.data import device, loader
 
 TENSORS = ("audio", "video_mask", "audio_mask", "label", "start_frame", "crop")
 
@@ -23,8 +24,10 @@ def _batches(shards, data_cfg, model_cfg, n: int, **kw) -> list[dict]:
 
 def _cfgs(arch: str) -> tuple[DataConfig, ModelConfig]:
     if arch == "cavmae":
-        return (DataConfig(batch_size=3, num_workers=0, shuffle_buffer=4, multiscale_crop=False, roll_augment=True),
-                load_config("cavmae-base-vox2").model)
+        return (
+            DataConfig(batch_size=3, num_workers=0, shuffle_buffer=4, multiscale_crop=False, roll_augment=True),
+            load_config("cavmae-base-vox2").model,
+        )
     return DataConfig(batch_size=3, num_workers=0, shuffle_buffer=4, multiscale_crop=True), ModelConfig()
 
 
@@ -132,8 +135,9 @@ def _consume_like_the_trainer(shards, reference: list[dict], steps: int) -> int:
         for k, held in ((n, b), (n - 1, previous)):
             if held is not None:
                 x = device.to_device(held, "cpu")
-                wrong += not (torch.equal(x["video"], reference[k]["video"]) and
-                              torch.equal(x["audio"], reference[k]["audio"]))
+                wrong += not (
+                    torch.equal(x["video"], reference[k]["video"]) and torch.equal(x["audio"], reference[k]["audio"])
+                )
         previous = b
     return wrong
 

@@ -1,5 +1,6 @@
 """Downstream readers: the synthetic fine-tuning set, annotation files, folds and the fine-tuning
 sampling for HiCMAE and CAV-MAE."""
+
 from __future__ import annotations
 
 import random
@@ -32,8 +33,11 @@ def test_synthetic_set_and_folds(finetune_set):
         files = ds.fold_files(finetune_set / "splits", fold)
         split = {name: ds.read_annotations(path) for name, path in files.items()}
         subjects = {name: {item.frame_dir.parent.name for item in items} for name, items in split.items()}
-        assert not (subjects["train"] & subjects["val"] or subjects["train"] & subjects["test"]
-                    or subjects["val"] & subjects["test"])  # subject-independent
+        assert not (
+            subjects["train"] & subjects["val"]
+            or subjects["train"] & subjects["test"]
+            or subjects["val"] & subjects["test"]
+        )  # subject-independent
         assert sum(map(len, split.values())) == 6
         for item in split["train"]:
             assert item.frame_dir.is_absolute() and len(ds.list_frames(item.frame_dir)) == 70
@@ -112,8 +116,7 @@ def test_cavmae_finetune_and_regression(finetune_set, tmp_path):
     val = ds.DownstreamDataset(files["val"], m, "val")[0]
     assert val["video"].shape == (3, 224, 224)
 
-    out = write_downstream(tmp_path / "reg", 3, num_classes=3, folds=3, duration_s=2.8, regression=True,
-                           progress=False)
+    out = write_downstream(tmp_path / "reg", 3, num_classes=3, folds=3, duration_s=2.8, regression=True, progress=False)
     item = ds.DownstreamDataset(ds.fold_files(out["splits"], 1)["test"], ModelConfig(), "val")[0]
     assert item["label"].dtype == torch.float32 and item["label"].shape == (2,)
     assert np.all(np.abs(item["label"].numpy()) < 1.5)

@@ -1,5 +1,6 @@
 """The pretraining loader on real shards: batches, equality with an independent decode, exact resume,
 rank/worker splits, bad samples and truncated shards, CAV-MAE inputs, the audio and video pieces."""
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,16 @@ def _stored_pcm(shards_dir: Path, key: str) -> torch.Tensor:
 
 def _kaldi(wave: torch.Tensor, frames: int) -> torch.Tensor:
     """torchaudio's own fbank of the mean-subtracted waveform, padded or cut to `frames`."""
-    feats = kaldi.fbank((wave - wave.mean())[None], htk_compat=True, sample_frequency=16000, use_energy=False,
-                        window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
+    feats = kaldi.fbank(
+        (wave - wave.mean())[None],
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
+    )
     return torch.cat([feats, torch.zeros(max(0, frames - feats.shape[0]), 128)])[:frames]
 
 
@@ -105,8 +114,15 @@ def test_loader_batches(shards, labels):
     assert ld.batches_per_epoch == NUM_GOOD // 3
     it = iter(ld)
     next(it), next(it)
-    assert ld.stats() == {"batches": 2, "samples": 6, "bad_samples": 0, "bad_fraction": 0.0, "next_batch": 2,
-                          "epoch": 1, "batches_per_epoch": 2}
+    assert ld.stats() == {
+        "batches": 2,
+        "samples": 6,
+        "bad_samples": 0,
+        "bad_fraction": 0.0,
+        "next_batch": 2,
+        "epoch": 1,
+        "batches_per_epoch": 2,
+    }
 
 
 def test_loader_matches_an_independent_decode(corpus, shards):
@@ -121,10 +137,13 @@ def test_loader_matches_an_independent_decode(corpus, shards):
             continue  # no m4a (its wav is 44.1 kHz stereo: resampled by prepare)
         frames, wave = _source(corpus, key)
         start = int(batch["start_frame"][t])
-        clip = torch.from_numpy(frames[start:start + 64:4, 0:160, 32:192]).permute(0, 3, 1, 2).float()  # the face crop
+        clip = (
+            torch.from_numpy(frames[start : start + 64 : 4, 0:160, 32:192]).permute(0, 3, 1, 2).float()
+        )  # the face crop
         top, left, h, w = batch["crop"][t].tolist()
-        clip = F.interpolate(clip[..., top:top + h, left:left + w], size=(160, 160), mode="bilinear",
-                             align_corners=False)  # (16, 3, 160, 160)
+        clip = F.interpolate(
+            clip[..., top : top + h, left : left + w], size=(160, 160), mode="bilinear", align_corners=False
+        )  # (16, 3, 160, 160)
         err = (_pixels(batch["video"][t]).permute(1, 0, 2, 3) - clip).abs()
         assert err.mean() < 4.0, (key, err.mean())  # JPEG q90 on noisy synthetic frames: ~2-3.5 grey levels
 
@@ -134,18 +153,19 @@ def test_loader_matches_an_independent_decode(corpus, shards):
         steps = ((stored - pyav) * 32768).abs()
         assert steps.max() <= 1.0001 and (steps > 0.5).float().mean() < 0.01  # the int16 rounding, nothing else
         first = start * 16000 // 25  # source frame f starts at f / 25 s
-        window = stored[first:first + 40960]
+        window = stored[first : first + 40960]
         expected = (_kaldi(window, 256) + 4.2677393) / (2 * 4.5689974)
         assert torch.equal(batch["audio"][t, 0], expected), key
-        unquantised = (_kaldi(pyav[first:first + 40960], 256) + 4.2677393) / (2 * 4.5689974)
+        unquantised = (_kaldi(pyav[first : first + 40960], 256) + 4.2677393) / (2 * 4.5689974)
         assert (batch["audio"][t, 0] - unquantised).abs().mean() < 1e-3  # int16 rounding: ~1e-4, more in quiet bins
         checked += 1
     assert checked >= 3
 
 
 def test_cavmae_inputs_match_an_independent_decode(corpus, cavmae_shards):
-    data_cfg = DataConfig(batch_size=4, num_workers=0, shuffle_buffer=4, multiscale_crop=False,
-                          gain_augment=False, roll_augment=False)
+    data_cfg = DataConfig(
+        batch_size=4, num_workers=0, shuffle_buffer=4, multiscale_crop=False, gain_augment=False, roll_augment=False
+    )
     model_cfg = _cavmae_model()
     (batch,) = _take(cavmae_shards, 1, data_cfg, model_cfg, seed=2)
     assert batch["video"].shape == (4, 3, 224, 224) and batch["audio"].shape == (4, 1, 1024, 128)
@@ -170,8 +190,11 @@ def test_cavmae_inputs_match_an_independent_decode(corpus, cavmae_shards):
     assert aug["key"] == batch["key"] and torch.equal(aug["video"], batch["video"])
     for t in range(4):
         a, b = aug["audio"][t, 0], batch["audio"][t, 0]
-        fits = [s for s in range(-1024, 1024)
-                if bool(((d := a[:, 0] - torch.roll(b[:, 0], s)) >= 0).all() and (d < 0.1).all())]
+        fits = [
+            s
+            for s in range(-1024, 1024)
+            if bool(((d := a[:, 0] - torch.roll(b[:, 0], s)) >= 0).all() and (d < 0.1).all())
+        ]
         assert fits, t
         noise = a - torch.roll(b, fits[0], 0)
         assert 0 <= noise.min() and noise.max() < 0.1 and noise.std() > 0
@@ -210,16 +233,16 @@ def test_exact_resume_with_two_workers(shards, monkeypatch):
     one = _take(shards, 6, data_cfg, model_cfg, seed=3)
     decoded = []
     original = loader.PretrainStream._decode_into
-    monkeypatch.setattr(loader.PretrainStream, "_decode_into",
-                        lambda self, *a: decoded.append(1) or original(self, *a))
+    monkeypatch.setattr(loader.PretrainStream, "_decode_into", lambda self, *a: decoded.append(1) or original(self, *a))
     _same(one[5:], _take(shards, 1, data_cfg, model_cfg, seed=3, start_batch=5))
     assert len(decoded) == 2  # one batch of 2, not 6
     monkeypatch.undo()
     ld = loader.make_pretrain_loader(shards, data_cfg, model_cfg, seed=3)
     _same(one[3:6], [_kept(to_device(b, "cpu")) for b in ld.epoch(1)])  # one epoch, as a finite pass
     other = _take(shards, 2, data_cfg, model_cfg, seed=4)
-    assert [b["key"] for b in other] != [b["key"] for b in one[:2]] or \
-        not torch.equal(other[0]["video_mask"], one[0]["video_mask"])
+    assert [b["key"] for b in other] != [b["key"] for b in one[:2]] or not torch.equal(
+        other[0]["video_mask"], one[0]["video_mask"]
+    )
 
 
 def test_two_nodes_two_workers_split_the_shards(shards):
@@ -227,8 +250,9 @@ def test_two_nodes_two_workers_split_the_shards(shards):
     and a rank's stream resumed at a recorded batch continues it."""
     data_cfg, model_cfg = _cfg(num_workers=2, batch_size=1, shuffle_buffer=2)
     shard_of = {load_index(p).keys[0]: p.name for p in shards.glob("shard-*.tar")}  # one clip per shard
-    streams = {r: loader.make_pretrain_loader(shards, data_cfg, model_cfg, rank=r, world_size=2, seed=1).stream
-               for r in (0, 1)}
+    streams = {
+        r: loader.make_pretrain_loader(shards, data_cfg, model_cfg, rank=r, world_size=2, seed=1).stream for r in (0, 1)
+    }
     for epoch in range(4):
         slots = [set(streams[r].epoch_shards(epoch, v)) for r in (0, 1) for v in (0, 1)]
         assert sum(map(len, slots)) == NUM_GOOD and set().union(*slots) == set(range(NUM_GOOD))
@@ -331,8 +355,10 @@ def test_garbage_shard_is_skipped_and_named_at_set_up(shards, tmp_path, caplog):
         ld = loader.make_pretrain_loader(tmp_path, data_cfg, model_cfg)
     names = [Path(s.path).name for s in ld.stream.shards]
     assert names == [p.name for p in good]
-    assert f"1 of {len(good) + 1} shards hold no readable sample and are left out: shard-000900.tar " \
-           f"(not a readable tar: " in caplog.text
+    assert (
+        f"1 of {len(good) + 1} shards hold no readable sample and are left out: shard-000900.tar "
+        f"(not a readable tar: " in caplog.text
+    )
     assert f"{good[0].with_suffix('.json').name}: unreadable index" in caplog.text
     it = iter(ld)
     batches = [next(it) for _ in range(ld.batches_per_epoch)]
@@ -352,8 +378,11 @@ def test_missing_empty_or_raw_corpus_directory_says_what_to_do(corpus, tmp_path)
     (tmp_path / "train-0.tar").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"1 other .tar files, e.g. train-0.tar"):
         loader.find_shards(tmp_path)
-    with pytest.raises(FileNotFoundError, match=rf"{corpus} holds media files \(dev/.*\), not shards: run "
-                                                rf"`hicmae-dist prepare --src {corpus} --out SHARD_DIR` first"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{corpus} holds media files \(dev/.*\), not shards: run "
+        rf"`hicmae-dist prepare --src {corpus} --out SHARD_DIR` first",
+    ):
         loader.make_pretrain_loader(corpus, *_cfg())
 
 
@@ -371,8 +400,9 @@ def test_truncated_shard_messages_give_the_byte_where_the_file_ends(shards, tmp_
     assert index.meta["short"].startswith(f"the file ends at byte {cut}, its index at {bounds[-1]}")
     reader = ShardReader([index])
     for i in (2, 3):  # the sample cut in two, and the one wholly past the end (a seek beyond the file)
-        with pytest.raises(IOError, match=f"shard ends at byte {cut}, sample {i} needs bytes "
-                                          f"{bounds[i]}:{bounds[i + 1]}"):
+        with pytest.raises(
+            IOError, match=f"shard ends at byte {cut}, sample {i} needs bytes {bounds[i]}:{bounds[i + 1]}"
+        ):
             reader.read(0, i)
     reader.close()
 
@@ -423,7 +453,7 @@ def test_multiscale_crop_and_fused_normalise():
     assert pairs == {(h, w) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1}
     for top, left, h, w in boxes:
         assert 0 <= top <= 160 - h and 0 <= left <= 160 - w
-    assert len({(t, l) for t, l, h, w in boxes if (h, w) == (120, 105)}) == 13
+    assert len({(top, left) for top, left, h, w in boxes if (h, w) == (120, 105)}) == 13
     frames = torch.randint(0, 256, (16, 3, 160, 160), dtype=torch.uint8)
     ref = video.to_model_input(frames, (10, 20, 120, 105), 160)
     assert ref.shape == (3, 16, 160, 160) and ref.dtype == torch.float32
@@ -432,8 +462,9 @@ def test_multiscale_crop_and_fused_normalise():
     # no crop: exactly the normalised stored pixels
     exact = (frames.float() / 255 - MEAN) / STD
     torch.testing.assert_close(video.to_model_input(frames, None, 160), exact.permute(1, 0, 2, 3))
-    torch.testing.assert_close(video.frames_into(torch.empty(3, 16, 160, 160), frames.permute(0, 2, 3, 1), None),
-                               exact.permute(1, 0, 2, 3))
+    torch.testing.assert_close(
+        video.frames_into(torch.empty(3, 16, 160, 160), frames.permute(0, 2, 3, 1), None), exact.permute(1, 0, 2, 3)
+    )
     # the face crop of a whole 224 frame
     big = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
     out = video.frames_into(torch.empty(3, 2, 160, 160), big, None, video.face_box(224, 160))

@@ -1,4 +1,5 @@
 """synth and prepare on real files: the corpus, the shards, bad clips, resuming (also after SIGKILL)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,7 @@ import pytest
 import webdataset as wds
 
 from hicmae_dist.data import video
-from hicmae_dist.data.prepare import (SkipClip, encode_clip, find_clips, parse_size, prepare_shards,
-                                      select_clips)
+from hicmae_dist.data.prepare import SkipClip, encode_clip, find_clips, parse_size, prepare_shards, select_clips
 from hicmae_dist.data.shards import ShardReader, load_index, parse_sample, scan_tar
 from hicmae_dist.data.synth import write_corpus
 from tests.data.conftest import BAD, NUM_GOOD, NUM_SYNTH, WAV_BESIDE
@@ -54,15 +54,19 @@ def test_synth_is_reproducible(tmp_path):
     require("ffmpeg", shutil.which("ffmpeg") is not None, "apt-get install ffmpeg")
 
     def files(root: Path) -> dict[str, str]:
-        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(root.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
 
     kw = dict(num_classes=2, duration_s=2.8, progress=False)
     a = write_corpus(tmp_path / "a", 1, seed=7, **kw)
     b = write_corpus(tmp_path / "b", 1, seed=7, **kw)
-    c = write_corpus(tmp_path / "c", 1, seed=8, **kw)
-    assert {k: v for k, v in a.items() if k not in ("out_dir", "labels")} == \
-           {k: v for k, v in b.items() if k not in ("out_dir", "labels")}
+    write_corpus(tmp_path / "c", 1, seed=8, **kw)
+    assert {k: v for k, v in a.items() if k not in ("out_dir", "labels")} == {
+        k: v for k, v in b.items() if k not in ("out_dir", "labels")
+    }
     assert files(tmp_path / "a") == files(tmp_path / "b")  # labels.csv and every media byte
     assert (tmp_path / "a/labels.csv").read_text() != (tmp_path / "c/labels.csv").read_text()
 
@@ -83,8 +87,14 @@ def test_prepare_skips_bad_clips_and_writes_the_rest(corpus, shards, labels):
     assert manifest["skipped_by_kind"] == {k: kinds.count(k) for k in set(kinds)}
     assert _shard_keys(shards) == sorted([*labels, WAV_BESIDE])
 
-    assert manifest["form"] == {"frames": "stride", "image_size": 160, "frame_stride": 4, "jpeg_quality": 90,
-                                "sample_rate": 16000, "audio_form": "wave"}
+    assert manifest["form"] == {
+        "frames": "stride",
+        "image_size": 160,
+        "frame_stride": 4,
+        "jpeg_quality": 90,
+        "sample_rate": 16000,
+        "audio_form": "wave",
+    }
     assert manifest["frames"] == NUM_GOOD * 20  # 80 frames, one in 4 kept
     assert manifest["seconds"] == pytest.approx(NUM_GOOD * 3.2, abs=0.5)
     tars = sorted(shards.glob("shard-*.tar"))
@@ -127,14 +137,13 @@ def test_shard_index_locates_every_sample(shards):
     with wds.TarWriter(str(shards.parent / "other.tar"), encoder=False) as w:
         w.write(sample)
     other = scan_tar(shards.parent / "other.tar")
-    blob = (shards.parent / "other.tar").read_bytes()[other.boundaries[0]:other.boundaries[1]]
-    assert {k: v for k, v in parse_sample(blob).items()} == sample
+    blob = (shards.parent / "other.tar").read_bytes()[other.boundaries[0] : other.boundaries[1]]
+    assert dict(parse_sample(blob)) == sample
 
 
 def test_prepare_options(corpus, tmp_path):
     clips = find_clips(corpus)
-    assert [c.key.split("/")[0] for c in select_clips(clips, speakers=["id09991", "id09995"])] == \
-        ["id09991", "id09995"]
+    assert [c.key.split("/")[0] for c in select_clips(clips, speakers=["id09991", "id09995"])] == ["id09991", "id09995"]
     assert {c.key.split("/")[0] for c in select_clips(clips, speakers=2)} == {"id00000", "id00001"}
     assert len(select_clips(clips, limit=3)) == 3
     assert parse_size("1GB") == 10**9 and parse_size("64MiB") == 64 * 2**20 and parse_size("200k") == 200_000
@@ -148,8 +157,9 @@ def test_prepare_options(corpus, tmp_path):
         prepare_shards(corpus, tmp_path / "x", full_frame=True, image_size=192, progress=False)
 
     # one speaker, whole frames, CAV-MAE's ten frames
-    manifest = prepare_shards(corpus, tmp_path / "ten", speakers=["id00001"], full_frame=True, frames="ten",
-                              progress=False)
+    manifest = prepare_shards(
+        corpus, tmp_path / "ten", speakers=["id00001"], full_frame=True, frames="ten", progress=False
+    )
     assert manifest["clips"] == 3 and manifest["form"]["image_size"] == 224 and manifest["form"]["frames"] == "ten"
     sample = next(iter(wds.tarfile_samples([{"url": str(next((tmp_path / "ten").glob("*.tar")))}])))
     meta = json.loads(sample["json"])
@@ -194,8 +204,21 @@ def test_prepare_survives_sigkill(corpus, labels, tmp_path, capsys):
             link.parent.mkdir(parents=True)
             link.symlink_to(corpus / "dev" / kind / f"{sources[i % len(sources)]}{ext}")
         keys.append(key)
-    cmd = [sys.executable, "-m", "hicmae_dist.cli", "prepare", "--src", str(src), "--out", str(out),
-           "--shard-size", "200kB", "--workers", "1", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hicmae_dist.cli",
+        "prepare",
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+        "--shard-size",
+        "200kB",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -221,6 +244,7 @@ def test_prepare_survives_sigkill(corpus, labels, tmp_path, capsys):
     assert _shard_keys(out) == sorted(keys)  # each clip exactly once
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["clips"] == 24 and manifest["num_skipped"] == 0
-    assert manifest["last_run"]["clips_done"] == 24 - sum(json.loads(t.with_suffix(".json").read_text())["clips"]
-                                                          for t in killed)
+    assert manifest["last_run"]["clips_done"] == 24 - sum(
+        json.loads(t.with_suffix(".json").read_text())["clips"] for t in killed
+    )
     assert not list(out.glob("*.tmp"))

@@ -1,5 +1,6 @@
 """The CAV-MAE release's JSON datafiles and class csv (written by `synth --multilabel`), multi-hot
 items, and the errors that name the bad entry."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,18 @@ from hicmae_dist.data.synth import write_downstream
 def release_set(tmp_path_factory) -> Path:
     """9 clips of 1-3 of 4 classes, 3 subjects, 3 folds (3 train / 3 val / 3 test)."""
     out = tmp_path_factory.mktemp("release") / "set"
-    summary = write_downstream(out, 9, num_classes=4, num_subjects=3, folds=3, seed=2, duration_s=2.6,
-                               multilabel=True, workers=2, progress=False)
+    summary = write_downstream(
+        out,
+        9,
+        num_classes=4,
+        num_subjects=3,
+        folds=3,
+        seed=2,
+        duration_s=2.6,
+        multilabel=True,
+        workers=2,
+        progress=False,
+    )
     assert summary["fold_sizes"][0] == {"train": 3, "val": 3, "test": 3} and 1 <= summary["labels_per_clip"] <= 3
     return out
 

@@ -1,4 +1,5 @@
 """Metrics against values worked out by hand (or from their formula) in the test."""
+
 import math
 
 import numpy as np
@@ -79,9 +80,13 @@ def test_average_precision_and_map():
 
 
 def test_retrieval_ranks_both_directions():
-    sim = np.array([[0.9, 0.1, 0.5],
-                    [0.8, 0.2, 0.1],   # query 1's match (0.2) ranks 2nd
-                    [0.7, 0.6, 0.3]])  # query 2's match ranks 3rd
+    sim = np.array(
+        [
+            [0.9, 0.1, 0.5],
+            [0.8, 0.2, 0.1],  # query 1's match (0.2) ranks 2nd
+            [0.7, 0.6, 0.3],
+        ]
+    )  # query 2's match ranks 3rd
     r = M.retrieval(sim)
     assert r["a2b_r@1"] == pytest.approx(1 / 3) and r["a2b_r@5"] == 1.0 and r["a2b_median_rank"] == 2.0
     # columns as queries: col 0 match 0.9 first; col 1 match 0.2 (0.6, 0.2, 0.1) -> 2nd; col 2 0.3 -> 2nd

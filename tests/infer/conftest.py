@@ -1,5 +1,6 @@
 """Inference tests' data: a small synthetic downstream set, its clips as lossless videos (the same
 pixels and samples as the frame folders and wavs), and a tiny fine-tuned run made once."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,28 @@ def lossless_video(frame_dir: Path, wav: Path, out: Path) -> Path:
     FFV1 RGB + PCM in Matroska at 25 fps: decoding it gives back the same pixels and samples."""
     frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(frame_dir.glob("*.jpg"))])
     h, w = frames.shape[1:3]
-    ffmpeg("-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", "25", "-i", "-", "-i", str(wav),
-           "-c:v", "ffv1", "-pix_fmt", "bgr0", "-c:a", "pcm_s16le", str(out), stdin=frames.tobytes())
+    ffmpeg(
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-s",
+        f"{w}x{h}",
+        "-r",
+        "25",
+        "-i",
+        "-",
+        "-i",
+        str(wav),
+        "-c:v",
+        "ffv1",
+        "-pix_fmt",
+        "bgr0",
+        "-c:a",
+        "pcm_s16le",
+        str(out),
+        stdin=frames.tobytes(),
+    )
     return out
 
 
@@ -51,14 +72,36 @@ def finetuned(downstream, tmp_path_factory) -> Path:
     """Fold 1 fine-tuned from scratch through the CLI, 1 epoch, the tiny preset, 2 test segments
     x 1 crop (the test pass `predict --segments 2` reproduces). Returns the run dir."""
     run_dir = tmp_path_factory.mktemp("infer") / "ft"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/hicmae-dist/torch_extensions"))
-    cmd = [sys.executable, "-m", "hicmae_dist.cli", "finetune", "--preset", "finetune-tiny-cpu", "--splits",
-           str(downstream / "splits"), "--folds", "1", "--from-scratch", "--run-dir", str(run_dir), "--no-progress",
-           "finetune.num_outputs=4", "finetune.epochs=1", "finetune.warmup_epochs=0", "data.batch_size=2",
-           "data.num_workers=0", "finetune.test_num_segment=2", "finetune.test_num_crop=1",
-           "tracking.enabled=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hicmae_dist.cli",
+        "finetune",
+        "--preset",
+        "finetune-tiny-cpu",
+        "--splits",
+        str(downstream / "splits"),
+        "--folds",
+        "1",
+        "--from-scratch",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        "finetune.num_outputs=4",
+        "finetune.epochs=1",
+        "finetune.warmup_epochs=0",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "finetune.test_num_segment=2",
+        "finetune.test_num_crop=1",
+        "tracking.enabled=false",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir

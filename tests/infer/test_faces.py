@@ -1,5 +1,6 @@
 """--faces detect: a real face (scikit-image's astronaut photo) moving through a synthetic video is
 found, tracked and cropped where it is."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,7 +38,7 @@ def _moving_face_video(photo: np.ndarray, frames: int) -> tuple[np.ndarray, list
     out = np.clip(rng.normal(110, 12, (frames, 480, 640, 3)), 0, 255).astype(np.uint8)
     corners = [(int(20 + STEP[0] * t), int(30 + STEP[1] * t)) for t in range(frames)]
     for t, (x, y) in enumerate(corners):
-        out[t, y:y + SIZE, x:x + SIZE] = photo
+        out[t, y : y + SIZE, x : x + SIZE] = photo
     return out, corners
 
 
@@ -82,11 +83,30 @@ def test_a_video_without_a_face_is_flagged_per_window(detector, tmp_path):
     from tests.infer.conftest import ffmpeg
 
     path = tmp_path / "pattern.mp4"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=size=320x240:rate=25", "-f", "lavfi", "-i", "sine=sample_rate=16000",
-           "-t", "3", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=320x240:rate=25",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=sample_rate=16000",
+        "-t",
+        "3",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        "-shortest",
+        str(path),
+    )
     recipe = Recipe.of(load_config("finetune-tiny-cpu").model)
-    prepared = prepare_clip(VideoInput("pattern", path), recipe, {"hop": None, "segments": None, "crops": 1},
-                            detector, "pad")
+    prepared = prepare_clip(
+        VideoInput("pattern", path), recipe, {"hop": None, "segments": None, "crops": 1}, detector, "pad"
+    )
     assert prepared.result.status == "no_face" and prepared.result.window_status == ["no_face"]
     (problem,) = prepared.result.problems
     assert problem.kind == "no_face" and "0.00-2.56 s" in problem.message

@@ -1,5 +1,6 @@
 """embed / predict on video files: the fine-tuning evaluation's preprocessing, its predictions
 reproduced, odd videos reported, faces tracked."""
+
 from __future__ import annotations
 
 import csv
@@ -15,7 +16,6 @@ import torch
 import hicmae_dist
 from hicmae_dist.data import downstream as ds
 from tests.infer.conftest import ffmpeg, lossless_video, read_wav
-from tests.support import require
 
 CLI = [sys.executable, "-m", "hicmae_dist.cli"]
 
@@ -68,8 +68,7 @@ def test_embed_equals_the_evaluation_path(downstream, tiny_weights, tmp_path):
     write_embeddings([by_segments], tmp_path / "e.npz")
     npz = np.load(tmp_path / "e.npz")
     assert npz["level"].tolist() == ["window", "window", "video"] and npz["start_s"].tolist() == [0.0, 0.64, 0.0]
-    np.testing.assert_allclose(npz["fusion"], torch.cat([expected, expected.mean(0, keepdim=True)]).numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(npz["fusion"], torch.cat([expected, expected.mean(0, keepdim=True)]).numpy(), atol=1e-5)
 
 
 def test_cavmae_embed_equals_its_ten_frame_test_views(downstream, tmp_path):
@@ -80,14 +79,27 @@ def test_cavmae_embed_equals_its_ten_frame_test_views(downstream, tmp_path):
     from hicmae_dist.models import build_finetune_model
     from hicmae_dist.train.finetune.task import Task
 
-    cfg = load_config("finetune-cavmae", ["model.arch=cavmae", "model.width=64", "model.heads=2",
-                                          "model.modality_depth=1", "model.shared_depth=1", "model.decoder_width=32",
-                                          "model.decoder_heads=2", "model.decoder_depth=1", "model.num_frames=1",
-                                          "model.image_size=224", "model.audio_frames=1024"]).model
+    cfg = load_config(
+        "finetune-cavmae",
+        [
+            "model.arch=cavmae",
+            "model.width=64",
+            "model.heads=2",
+            "model.modality_depth=1",
+            "model.shared_depth=1",
+            "model.decoder_width=32",
+            "model.decoder_heads=2",
+            "model.decoder_depth=1",
+            "model.num_frames=1",
+            "model.image_size=224",
+            "model.audio_frames=1024",
+        ],
+    ).model
     torch.manual_seed(0)
     net = build_finetune_model(cfg, 3)
-    model = InferenceModel(Loaded(net, cfg, Task("classification", 3, ("a", "b", "c"), "", (), None, {}), "test"),
-                           "cpu")
+    model = InferenceModel(
+        Loaded(net, cfg, Task("classification", 3, ("a", "b", "c"), "", (), None, {}), "test"), "cpu"
+    )
     item = ds.read_annotations(downstream / "splits" / "split02" / "test.csv")[0]
     path = lossless_video(item.frame_dir, item.wav_path, tmp_path / "clip.mkv")
     reference = ds.DownstreamDataset([item], cfg, "test")[0]  # (10, 3, 224, 224), (10, 1, 1024, 128)
@@ -127,17 +139,36 @@ def test_predict_reproduces_the_folds_test_pass(finetuned, downstream, cli_env_i
     fold's test pass with its validation-selected weights (predictions_best.csv), so its accuracy."""
     ids, labels = _test_videos(downstream, downstream / "splits" / "split01" / "test.csv", tmp_path / "videos")
     out = tmp_path / "pred.csv"
-    r = subprocess.run(CLI + ["predict", "--weights", str(finetuned), str(tmp_path / "videos" / "list.csv"),
-                              "--segments", "2", "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True, env=cli_env_infer, timeout=600)
+    r = subprocess.run(
+        CLI
+        + [
+            "predict",
+            "--weights",
+            str(finetuned),
+            str(tmp_path / "videos" / "list.csv"),
+            "--segments",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env_infer,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [row for row in csv.DictReader(out.open()) if row["level"] == "video"]
     assert [row["video_id"] for row in rows] == ids and all(row["status"] == "ok" for row in rows)
     names = [str(k) for k in range(4)]
     probs = np.array([[float(row[n]) for n in names] for row in rows])
     fold = finetuned / "fold01"
-    expected = np.array([[float(x) for x in line.split(",")[2].split()]
-                         for line in (fold / "predictions_best.csv").read_text().splitlines()[1:]])
+    expected = np.array(
+        [
+            [float(x) for x in line.split(",")[2].split()]
+            for line in (fold / "predictions_best.csv").read_text().splitlines()[1:]
+        ]
+    )
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     accuracy = float(np.mean(probs.argmax(1) == np.array(labels)))
     assert accuracy == pytest.approx(json.loads((fold / "results.json").read_text())["best"]["war"])
@@ -157,8 +188,16 @@ def _odd_videos(root: Path) -> Path:
     """320x240 at 30 fps with 44.1 kHz stereo AAC (6 s), the same without audio, the same cut to
     its first 60 kB (moov in front: a readable part), cut without its index (unreadable), 1 s."""
     root.mkdir()
-    src = ["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30", "-f", "lavfi", "-i",
-           "sine=frequency=440:sample_rate=44100"]
+    src = [
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=320x240:rate=30",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:sample_rate=44100",
+    ]
     enc = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-ac", "2", "-shortest"]
     ffmpeg(*src, "-t", "6", *enc, "-movflags", "+faststart", str(root / "full.mp4"))
     ffmpeg(*src, "-t", "6", *enc, str(root / "tail_index.mp4"))
@@ -173,9 +212,24 @@ def _odd_videos(root: Path) -> Path:
 def test_odd_videos_are_reported_and_the_rest_goes_on(tiny_weights, cli_env_infer, tmp_path):
     videos = _odd_videos(tmp_path / "videos")
     out = tmp_path / "emb.parquet"
-    r = subprocess.run(CLI + ["embed", "--weights", str(tiny_weights), str(videos), "--out", str(out),
-                              "--no-progress", "--batch-size", "3"],
-                       capture_output=True, text=True, env=cli_env_infer, timeout=600)
+    r = subprocess.run(
+        CLI
+        + [
+            "embed",
+            "--weights",
+            str(tiny_weights),
+            str(videos),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--batch-size",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env_infer,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     import pyarrow.parquet as pq
 
@@ -183,13 +237,16 @@ def test_odd_videos_are_reported_and_the_rest_goes_on(tiny_weights, cli_env_infe
     video = {row["video_id"]: row for row in table if row["level"] == "video"}
     windows = {vid: [row for row in table if row["level"] == "window" and row["video_id"] == vid] for vid in video}
     assert {k: v["status"] for k, v in video.items()} == {
-        "full": "ok", "silent": "no_audio", "one_second": "padded", "cut_index": "unreadable",
-        "truncated": "padded,audio_cut"}
+        "full": "ok",
+        "silent": "no_audio",
+        "one_second": "padded",
+        "cut_index": "unreadable",
+        "truncated": "padded,audio_cut",
+    }
     # 6 s at 30 fps = 150 frames at 25 fps: two back-to-back 2.56 s windows
     assert [(w["start_s"], w["end_s"]) for w in windows["full"]] == [(0.0, 2.56), (2.56, 5.12)]
     assert len(video["full"]["fusion"]) == 256 and np.isfinite(video["full"]["fusion"]).all()
-    np.testing.assert_allclose(video["full"]["fusion"], np.mean([w["fusion"] for w in windows["full"]], 0),
-                               atol=1e-6)
+    np.testing.assert_allclose(video["full"]["fusion"], np.mean([w["fusion"] for w in windows["full"]], 0), atol=1e-6)
     assert [(w["start_s"], w["end_s"], w["status"]) for w in windows["one_second"]] == [(0.0, 1.0, "padded")]
     assert windows["silent"] == [] and video["silent"]["fusion"] is None
     # the cut file keeps what it holds: 2.47 s of video (61 frames at 25 fps), one padded window,
@@ -199,8 +256,12 @@ def test_odd_videos_are_reported_and_the_rest_goes_on(tiny_weights, cli_env_infe
     kinds = {}
     for p in problems:
         kinds.setdefault(p["video_id"], []).append(p["kind"])
-    assert kinds == {"silent": ["no_audio"], "one_second": ["padded"], "cut_index": ["unreadable"],
-                     "truncated": ["padded", "audio_cut"]}
+    assert kinds == {
+        "silent": ["no_audio"],
+        "one_second": ["padded"],
+        "cut_index": ["unreadable"],
+        "truncated": ["padded", "audio_cut"],
+    }
     cut = [p["message"] for p in problems if p["video_id"] == "truncated" and p["kind"] == "audio_cut"]
     assert len(cut) == 1 and "audio track damaged after 2.3" in cut[0]
     messages = {p["video_id"]: p["message"] for p in problems if p["kind"] != "audio_cut"}
@@ -240,15 +301,16 @@ def test_a_fold_fine_tuned_from_another_size_loads_by_its_shapes(tmp_path, caplo
     fold = tmp_path / "ft" / "fold01"
     fold.mkdir(parents=True)
     (fold / "config.yaml").write_text(cfg.to_yaml())
-    torch.save(build_finetune_model(dataclasses.replace(cfg.model, width=128, heads=2), 4).state_dict(),
-               fold / "best.pth")
+    torch.save(
+        build_finetune_model(dataclasses.replace(cfg.model, width=128, heads=2), 4).state_dict(), fold / "best.pth"
+    )
     with caplog.at_level(logging.WARNING):
         model = hicmae_dist.load(tmp_path / "ft", device="cpu")
     assert (model.cfg.width, model.cfg.heads, model.names) == (128, 2, ("0", "1", "2", "3"))
     assert "does not fit its weights" in caplog.text
     # an authors' HiCMAE-T fine-tune saved under the tiny preset's section: the converter's size
-    from tests.models.test_convert import random_state
     from hicmae_dist.models.convert import to_ours
+    from tests.models.test_convert import random_state
 
     authors = to_ours({"model": random_state("hicmae_finetune_tiny")})
     torch.save(authors.state_dict, fold / "best.pth")
@@ -265,14 +327,37 @@ def test_an_unexpected_error_is_that_videos_status(monkeypatch, tmp_path):
     from hicmae_dist.infer.windows import Recipe
 
     path = tmp_path / "v.mp4"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=25", "-f", "lavfi", "-i", "sine=sample_rate=16000",
-           "-t", "1", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=160x120:rate=25",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=sample_rate=16000",
+        "-t",
+        "1",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        "-shortest",
+        str(path),
+    )
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(run, "window_inputs", boom)
-    prepared = run.prepare_clip(VideoInput("v", path), Recipe.of(load_config("finetune-tiny-cpu").model),
-                                {"hop": None, "segments": None, "crops": 1}, None, "pad")
+    prepared = run.prepare_clip(
+        VideoInput("v", path),
+        Recipe.of(load_config("finetune-tiny-cpu").model),
+        {"hop": None, "segments": None, "crops": 1},
+        None,
+        "pad",
+    )
     assert prepared.result.status == "failed" and prepared.video is None
     assert [(p.kind, p.message) for p in prepared.result.problems] == [("failed", "RuntimeError: boom")]

@@ -3,6 +3,7 @@ writes results of the documented schema, every backend that exists here reports 
 ones that cannot run say why, and out-of-memory is recorded (by estimate, by exception, by a
 failed allocation in a capped child process), never raised. No timed assertions.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,10 @@ import pytest
 import torch
 
 from hicmae_dist.bench import report
-from hicmae_dist.ops import gather as ops_gather
-from hicmae_dist.ops import triton as triton_pkg
 from hicmae_dist.bench.kernels import attention as kattn
 from hicmae_dist.bench.kernels import harness
+from hicmae_dist.ops import gather as ops_gather
+from hicmae_dist.ops import triton as triton_pkg
 from tests.support import require
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,10 +29,33 @@ MEM_LIMIT = "250MB"  # above every case below but the naive local loss at 4096 (
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> tuple[dict, Path, str]:
     out = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, "-m", "hicmae_dist.cli", "bench", "kernels", "--quick", "--threads", "1",
-           "--models", "hicmae-t", "--anchor-n", "256", "--head-dims", "64",
-           "--nce-batch", "1024", "4096", "--nce-dim", "64", "--mem-limit", MEM_LIMIT,
-           "--kernel-report", str(out / "absent.json"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hicmae_dist.cli",
+        "bench",
+        "kernels",
+        "--quick",
+        "--threads",
+        "1",
+        "--models",
+        "hicmae-t",
+        "--anchor-n",
+        "256",
+        "--head-dims",
+        "64",
+        "--nce-batch",
+        "1024",
+        "4096",
+        "--nce-dim",
+        "64",
+        "--mem-limit",
+        MEM_LIMIT,
+        "--kernel-report",
+        str(out / "absent.json"),
+        "--out",
+        str(out),
+    ]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     return json.loads((out / "results.json").read_text()), out, run.stdout
@@ -61,8 +85,24 @@ def test_schema_and_outputs(results):
     assert m["device"] == "cpu" and m["cpu"]["usable_cores"] >= 1 and m["versions"]["torch"] == torch.__version__
     assert res["settings"]["mem_limit_bytes"] == harness.parse_bytes(MEM_LIMIT)
     assert set(res["ops"]) == set(harness.OPS)
-    required = {"op", "case", "backend", "direction", "dtype", "shape", "status", "reason", "flops", "bytes",
-                "time", "tflops", "gbps", "peak_bytes", "memory_method", "estimate_bytes"}
+    required = {
+        "op",
+        "case",
+        "backend",
+        "direction",
+        "dtype",
+        "shape",
+        "status",
+        "reason",
+        "flops",
+        "bytes",
+        "time",
+        "tflops",
+        "gbps",
+        "peak_bytes",
+        "memory_method",
+        "estimate_bytes",
+    }
     for op in harness.OPS:
         for r in _records(res, op):
             assert required <= set(r), (op, set(required) - set(r))
@@ -177,21 +217,36 @@ def test_compare_prints_ratios(results, tmp_path):
 
 
 def _settings(mem_limit: int) -> harness.Settings:
-    return harness.Settings(device=torch.device("cpu"), dtype=torch.float32, quick=True, warmup=1, repeats=2,
-                            min_time=0.0, mem_limit=mem_limit, threads=1)
+    return harness.Settings(
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        quick=True,
+        warmup=1,
+        repeats=2,
+        min_time=0.0,
+        mem_limit=mem_limit,
+        threads=1,
+    )
 
 
-@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"), MemoryError(),
-                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
-                                                "allocate 1 bytes")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory"),
+        MemoryError(),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"),
+    ],
+)
 def test_oom_during_a_call_is_recorded(error):
     def make():
         def call():
             raise error
+
         return call
 
-    rec = harness.measure(_settings(2 ** 30), op="t", case="c", backend="b", direction="fwd", make=make,
-                          shape={}, dtype="float32")
+    rec = harness.measure(
+        _settings(2**30), op="t", case="c", backend="b", direction="fwd", make=make, shape={}, dtype="float32"
+    )
     assert rec["status"] == "oom" and rec["time"] is None
 
 
@@ -199,8 +254,17 @@ def test_oom_by_estimate_is_not_attempted():
     def make():
         raise AssertionError("must not run")
 
-    rec = harness.measure(_settings(2 ** 20), op="t", case="c", backend="b", direction="fwd", make=make,
-                          shape={}, dtype="float32", estimate=2 ** 21)
+    rec = harness.measure(
+        _settings(2**20),
+        op="t",
+        case="c",
+        backend="b",
+        direction="fwd",
+        make=make,
+        shape={},
+        dtype="float32",
+        estimate=2**21,
+    )
     assert rec["status"] == "oom" and "not attempted" in rec["reason"]
 
 
@@ -210,7 +274,7 @@ def allocate(nbytes: int) -> int:
 
 
 def test_failed_allocation_in_a_child_is_oom():
-    status, reason = harness.run_isolated(__name__, "allocate", {"nbytes": 8 * 2 ** 30}, _settings(2 ** 26))
+    status, reason = harness.run_isolated(__name__, "allocate", {"nbytes": 8 * 2**30}, _settings(2**26))
     assert status == "oom", reason
-    status, total = harness.run_isolated(__name__, "allocate", {"nbytes": 2 ** 20}, _settings(2 ** 26))
-    assert (status, total) == ("ok", 2 ** 20)
+    status, total = harness.run_isolated(__name__, "allocate", {"nbytes": 2**20}, _settings(2**26))
+    assert (status, total) == ("ok", 2**20)

@@ -1,6 +1,7 @@
 """A real single-node Slurm for the launch tests: slurm/local/start.sh at the start of the
 session (reused when one with the same settings is already up), slurm/local/stop.sh at the
 end (only when this session started it). Timings go to the terminal summary."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,11 @@ def slurm_cluster():
     started = False
     if os.geteuid() == 0:
         r = subprocess.run([str(START)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
-        require("Slurm packages (slurmctld, slurmd, slurmdbd, munge, mariadb)", r.returncode != 3,
-                "slurm/local/start.sh could not install them: " + r.stdout[-500:])
+        require(
+            "Slurm packages (slurmctld, slurmd, slurmdbd, munge, mariadb)",
+            r.returncode != 3,
+            "slurm/local/start.sh could not install them: " + r.stdout[-500:],
+        )
         assert r.returncode == 0, f"slurm/local/start.sh failed:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
         started = "already up" not in r.stdout
         TIMINGS["cluster start (s)"] = time.perf_counter() - t0
@@ -69,8 +73,11 @@ def slurm_session(slurm_cluster, tmp_path_factory):
     yield {"root": root, "env": env, "registry": root / "jobs.jsonl"}
     TIMINGS["slurm tests (s)"] = time.perf_counter() - t0
     # nothing of ours may outlive the session
-    rows = [json.loads(line) for line in (root / "jobs.jsonl").read_text().splitlines()] \
-        if (root / "jobs.jsonl").exists() else []
+    rows = (
+        [json.loads(line) for line in (root / "jobs.jsonl").read_text().splitlines()]
+        if (root / "jobs.jsonl").exists()
+        else []
+    )
     if rows:
         subprocess.run(["scancel", *[str(r["job_id"]) for r in rows]], capture_output=True, timeout=60)
 
@@ -104,8 +111,20 @@ class Slurm:
         return r
 
     def submit(self, run_dir: Path, *extra: str, steps: int) -> str:
-        r = self.cli("submit", "--cluster", "local", "--preset", "tiny-cpu", "--data", str(self.shards),
-                     "--run-dir", str(run_dir), *extra, f"train.steps={steps}", *FAST)
+        r = self.cli(
+            "submit",
+            "--cluster",
+            "local",
+            "--preset",
+            "tiny-cpu",
+            "--data",
+            str(self.shards),
+            "--run-dir",
+            str(run_dir),
+            *extra,
+            f"train.steps={steps}",
+            *FAST,
+        )
         m = re.search(r"submitted job (\d+)", r.stdout)
         assert m, r.stdout
         self.jobs.append(m.group(1))
@@ -124,8 +143,16 @@ class Slurm:
                 return value
             if job_id:
                 st = self.state(job_id).get("state", "")
-                if st in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                          "DEADLINE"):
+                if st in (
+                    "COMPLETED",
+                    "FAILED",
+                    "CANCELLED",
+                    "TIMEOUT",
+                    "NODE_FAIL",
+                    "OUT_OF_MEMORY",
+                    "BOOT_FAIL",
+                    "DEADLINE",
+                ):
                     value = predicate()  # it may have become true just before the end
                     if value:
                         return value
@@ -141,7 +168,9 @@ class Slurm:
             if state in states:
                 return state
             time.sleep(2)
-        pytest.fail(f"job {job_id} is {state or 'unknown'} after {timeout:.0f}s, expected {states}\n{self.logs(job_id)}")
+        pytest.fail(
+            f"job {job_id} is {state or 'unknown'} after {timeout:.0f}s, expected {states}\n{self.logs(job_id)}"
+        )
 
     def row(self, job_id: str) -> dict:
         """`hicmae-dist jobs JOB --json`, in this process (a CLI start costs seconds here)."""
@@ -154,7 +183,9 @@ class Slurm:
 
     def logs(self, job_id: str, tail: int = 40) -> str:
         out = []
-        for path in sorted(self.tmp.glob(f"**/slurm/{job_id}/*_log.*")) + sorted(self.tmp.glob(f"**/{job_id}/events.jsonl")):
+        for path in sorted(self.tmp.glob(f"**/slurm/{job_id}/*_log.*")) + sorted(
+            self.tmp.glob(f"**/{job_id}/events.jsonl")
+        ):
             lines = path.read_text(errors="replace").splitlines()
             out.append(f"----- {path.name} (last {tail} lines)\n" + "\n".join(lines[-tail:]))
         return "\n".join(out)

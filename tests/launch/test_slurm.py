@@ -1,5 +1,6 @@
 """`hicmae-dist submit` on a real Slurm (slurm/local/start.sh): 2 ranks over gloo, preemption,
 time limit, a failing job, cancel. Each job is the tiny preset for a handful of steps."""
+
 from __future__ import annotations
 
 import json
@@ -67,10 +68,33 @@ def test_preemption_checkpoints_requeues_and_resumes_the_same_mlflow_run(slurm: 
     # once finished 3 s after the second logged one, before Slurm preempted anything.
     run_dir, steps = tmp_path / "run", 40
     job = slurm.submit(run_dir, steps=steps)
-    slurm.wait("2 logged steps", lambda: (run_dir / "metrics.jsonl").exists() and len(_metric_steps(run_dir)) >= 2,
-               600, job_id=job)
-    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-n", "1", "-t", "1", "-J", "urgent",
-                             "-o", "/dev/null", "--wrap", "sleep 1"], capture_output=True, text=True, check=True)
+    slurm.wait(
+        "2 logged steps",
+        lambda: (run_dir / "metrics.jsonl").exists() and len(_metric_steps(run_dir)) >= 2,
+        600,
+        job_id=job,
+    )
+    urgent = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "urgent",
+            "-n",
+            "1",
+            "-t",
+            "1",
+            "-J",
+            "urgent",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     slurm.jobs.append(urgent.stdout.strip().split(";")[0])
     assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 900) == "COMPLETED", slurm.logs(job)
 
@@ -124,8 +148,9 @@ def test_time_limit_signals_checkpoints_requeues_and_finishes(one_cpu_jobs):
     seen the test lifts the limit and the run finishes."""
     s, tmp, jobs = one_cpu_jobs
     job, run_dir, steps = jobs["time_limit"], tmp / "time-limit", TIME_LIMIT_STEPS
-    requeue = s.wait("a time-limit requeue",
-                     lambda: [e for e in _events(run_dir, job) if e["event"] == "requeue"], 400, job_id=job)
+    requeue = s.wait(
+        "a time-limit requeue", lambda: [e for e in _events(run_dir, job) if e["event"] == "requeue"], 400, job_id=job
+    )
     assert requeue[0]["kind"] == "timeout", requeue
     assert requeue[0]["timeouts"] == 1 and 1 <= requeue[0]["step"] < steps
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=15"], check=True, capture_output=True)

@@ -1,4 +1,5 @@
 """`hicmae-dist submit --dry-run` and the launch layer's pure logic: no Slurm, no data."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,13 @@ CLI = [sys.executable, "-m", "hicmae_dist.cli"]
 def _dry_run(tmp_path, *args: str) -> subprocess.CompletedProcess:
     """The real entry point in a subprocess, with no sbatch, srun or scontrol on the PATH."""
     env = dict(os.environ, PATH=str(tmp_path))
-    return subprocess.run(CLI + ["submit", "--preset", "tiny-cpu", "--run-dir", str(tmp_path / "run"), "--dry-run",
-                                 *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        CLI + ["submit", "--preset", "tiny-cpu", "--run-dir", str(tmp_path / "run"), "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -42,9 +48,26 @@ def _sbatch_lines(out: str) -> set[str]:
 
 
 def test_dry_run_of_a_4_node_x_8_gpu_job(tmp_path):
-    r = _dry_run(tmp_path, "--cluster", "generic-gpu", "--nodes", "4", "--partition", "big", "--account", "proj",
-                 "--qos", "high", "--constraint", "a100|h100", "--time", "2-00:00:00",
-                 "--sbatch", "mail-type=END", "train.steps=1000")
+    r = _dry_run(
+        tmp_path,
+        "--cluster",
+        "generic-gpu",
+        "--nodes",
+        "4",
+        "--partition",
+        "big",
+        "--account",
+        "proj",
+        "--qos",
+        "high",
+        "--constraint",
+        "a100|h100",
+        "--time",
+        "2-00:00:00",
+        "--sbatch",
+        "mail-type=END",
+        "train.steps=1000",
+    )
     assert r.returncode == 0, r.stderr
     log_dir = tmp_path / "run" / "slurm"
     expected = {
@@ -77,25 +100,50 @@ def test_dry_run_of_a_4_node_x_8_gpu_job(tmp_path):
 
 
 def test_dry_run_of_a_cpu_job_and_flags_over_the_preset(tmp_path, dry_run):
-    r = dry_run("--cluster", "local", "--tasks-per-node", "4", "--nodes", "2", "--mem", "1.5G",
-                 "--sbatch", "exclusive", "--log-dir", str(tmp_path / "logs"), "--job-name", "t1")
+    r = dry_run(
+        "--cluster",
+        "local",
+        "--tasks-per-node",
+        "4",
+        "--nodes",
+        "2",
+        "--mem",
+        "1.5G",
+        "--sbatch",
+        "exclusive",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--job-name",
+        "t1",
+    )
     assert r.returncode == 0, r.stderr
     lines = _sbatch_lines(r.stdout)
-    assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --partition=debug", "#SBATCH --mem=1536M",
-            "#SBATCH --signal=USR2@30", "#SBATCH --time=60", "#SBATCH --exclusive", "#SBATCH --job-name=t1",
-            f"#SBATCH --output={tmp_path}/logs/%j/%j_0_log.out"} <= lines
+    assert {
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --partition=debug",
+        "#SBATCH --mem=1536M",
+        "#SBATCH --signal=USR2@30",
+        "#SBATCH --time=60",
+        "#SBATCH --exclusive",
+        "#SBATCH --job-name=t1",
+        f"#SBATCH --output={tmp_path}/logs/%j/%j_0_log.out",
+    } <= lines
     assert not any("gpus" in line for line in lines)
     assert "(gloo) = 8 rank(s)" in r.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--cluster", "nope"], "unknown cluster preset 'nope'"),
-    (["--time", "soon"], "time: expected minutes"),
-    (["--cluster", "generic-gpu", "--tasks-per-node", "2"], "one task per GPU"),
-    (["--time", "1", "--signal-delay-s", "90"], "not shorter than the time limit"),
-    (["--sbatch", "--bad option"], "sbatch long option"),
-    (["train.stpes=5"], "unknown config key 'train.stpes'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cluster", "nope"], "unknown cluster preset 'nope'"),
+        (["--time", "soon"], "time: expected minutes"),
+        (["--cluster", "generic-gpu", "--tasks-per-node", "2"], "one task per GPU"),
+        (["--time", "1", "--signal-delay-s", "90"], "not shorter than the time limit"),
+        (["--sbatch", "--bad option"], "sbatch long option"),
+        (["train.stpes=5"], "unknown config key 'train.stpes'"),
+    ],
+)
 def test_bad_job_settings_fail_before_submitting(dry_run, args, message):
     r = dry_run(*args)
     assert r.returncode == 2 and message in r.stderr, (r.returncode, r.stderr)
@@ -113,15 +161,32 @@ def test_submit_refuses_a_run_dir_whose_checkpoint_has_another_config(tmp_path, 
 
 
 def test_time_mem_and_sbatch_parsing():
-    assert [parse_time(v) for v in (30, "30", "1:30", "2:00:00", "1-00", "1-2:03", "1-00:00:01")] == \
-        [30, 30, 2, 120, 1440, 1563, 1441]
+    assert [parse_time(v) for v in (30, "30", "1:30", "2:00:00", "1-00", "1-2:03", "1-00:00:01")] == [
+        30,
+        30,
+        2,
+        120,
+        1440,
+        1563,
+        1441,
+    ]
     for bad in ("0", "x", "1:2:3:4", True):
         with pytest.raises(ConfigError):
             parse_time(bad)
-    assert [parse_mem(v) for v in ("16G", "16gb", "500M", "0", 0, "1.5G", None)] == \
-        ["16G", "16G", "500M", "0", "0", "1536M", None]
-    assert parse_sbatch(["exclusive", "mail_type=END", "gres=gpu:2"]) == \
-        {"exclusive": True, "mail-type": "END", "gres": "gpu:2"}
+    assert [parse_mem(v) for v in ("16G", "16gb", "500M", "0", 0, "1.5G", None)] == [
+        "16G",
+        "16G",
+        "500M",
+        "0",
+        "0",
+        "1536M",
+        None,
+    ]
+    assert parse_sbatch(["exclusive", "mail_type=END", "gres=gpu:2"]) == {
+        "exclusive": True,
+        "mail-type": "END",
+        "gres": "gpu:2",
+    }
     shape = resolve_shape(load_cluster("generic-gpu"), {"sbatch": ["exclusive=false"], "nodes": 3, "mem": None})
     assert shape.nodes == 3 and shape.tasks == 24 and "exclusive" not in shape.sbatch and shape.mem == "0"
 
@@ -131,8 +196,7 @@ def test_requeue_decisions():
     assert decide("preemption", "", 7, timeouts_used=9, max_timeouts=0) == ""  # always
     assert decide("signal", "", 7, timeouts_used=9, max_timeouts=0) == ""
     assert decide("timeout", "", 7, timeouts_used=1, max_timeouts=2) == ""
-    assert "2 time-limit requeue(s) used of max_timeouts=2" in decide("timeout", "", 7, timeouts_used=2,
-                                                                        max_timeouts=2)
+    assert "2 time-limit requeue(s) used of max_timeouts=2" in decide("timeout", "", 7, timeouts_used=2, max_timeouts=2)
     assert "stopped by SIGTERM" in decide("terminated", "SIGTERM", 7, timeouts_used=0, max_timeouts=3)
 
 
@@ -155,8 +219,16 @@ def test_dry_run_of_a_finetune_job(tmp_path, dry_run):
     """`submit --splits` runs the fine-tuning protocol in the job: its spec is resolved here."""
     for fold in (1, 2, 3):
         (tmp_path / "splits" / f"split{fold:02d}").mkdir(parents=True)
-    r = dry_run("--preset", "finetune-tiny-cpu", "--splits", str(tmp_path / "splits"), "--folds", "all",
-                "--from-scratch", "finetune.num_outputs=4")
+    r = dry_run(
+        "--preset",
+        "finetune-tiny-cpu",
+        "--splits",
+        str(tmp_path / "splits"),
+        "--folds",
+        "all",
+        "--from-scratch",
+        "finetune.num_outputs=4",
+    )
     assert r.returncode == 0, r.stderr
     assert "# finetune: preset finetune-tiny-cpu" in r.stdout and "from scratch" in r.stdout
     assert f"folds [1, 2, 3] of {tmp_path / 'splits'}" in r.stdout

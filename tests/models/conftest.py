@@ -1,4 +1,5 @@
 """Shared fixtures of the model tests."""
+
 import pytest
 import torch
 

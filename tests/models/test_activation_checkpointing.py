@@ -1,5 +1,6 @@
 """model.activation_checkpointing: every transformer block call runs under
 torch.utils.checkpoint (non-reentrant) in training, with bit-identical losses and gradients."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,20 +13,50 @@ from hicmae_dist.models.cavmae.model import CAVMAEPretrain
 from hicmae_dist.models.hicmae.config import HiCMAEConfig
 from hicmae_dist.models.hicmae.model import HiCMAEPretrain
 
-HICMAE_TINY = dict(width=64, heads=2, encoder_depth=4, intermediate_layers=[1, 2, 3],
-                   decoder_width=64, decoder_heads=2, decoder_depth=4)
-CAVMAE_TINY = dict(arch="cavmae", width=64, heads=2, modality_depth=2, shared_depth=1, decoder_width=32,
-                   decoder_heads=2, decoder_depth=2, num_frames=1, tubelet=1, image_size=48, audio_frames=64,
-                   mel_bins=32, video_mask_ratio=0.75, audio_mask_ratio=0.75, temperature=0.05,
-                   contrastive_weight=0.01)
+HICMAE_TINY = dict(
+    width=64,
+    heads=2,
+    encoder_depth=4,
+    intermediate_layers=[1, 2, 3],
+    decoder_width=64,
+    decoder_heads=2,
+    decoder_depth=4,
+)
+CAVMAE_TINY = dict(
+    arch="cavmae",
+    width=64,
+    heads=2,
+    modality_depth=2,
+    shared_depth=1,
+    decoder_width=32,
+    decoder_heads=2,
+    decoder_depth=2,
+    num_frames=1,
+    tubelet=1,
+    image_size=48,
+    audio_frames=64,
+    mel_bins=32,
+    video_mask_ratio=0.75,
+    audio_mask_ratio=0.75,
+    temperature=0.05,
+    contrastive_weight=0.01,
+)
 # (model, config, inputs, block calls per forward: unpacked, packed)
 ARCHS = {
     # 2 x 4 encoder blocks + 2 x 2 fusion blocks (2 packed layers) + 2 x 4 decoder blocks
-    "hicmae": (HiCMAEPretrain, HICMAE_TINY, lambda g: (torch.randn(2, 3, 16, 160, 160, generator=g),
-                                                       torch.randn(2, 1, 256, 128, generator=g)), (20, 18)),
+    "hicmae": (
+        HiCMAEPretrain,
+        HICMAE_TINY,
+        lambda g: (torch.randn(2, 3, 16, 160, 160, generator=g), torch.randn(2, 1, 256, 128, generator=g)),
+        (20, 18),
+    ),
     # 2 x 2 modality-specific blocks + 3 shared passes (1 packed) + 2 decoder blocks
-    "cavmae": (CAVMAEPretrain, CAVMAE_TINY, lambda g: (torch.randn(2, 3, 48, 48, generator=g),
-                                                       torch.randn(2, 64, 32, generator=g)), (9, 7)),
+    "cavmae": (
+        CAVMAEPretrain,
+        CAVMAE_TINY,
+        lambda g: (torch.randn(2, 3, 48, 48, generator=g), torch.randn(2, 64, 32, generator=g)),
+        (9, 7),
+    ),
 }
 
 
@@ -55,8 +86,10 @@ def test_losses_and_gradients_bit_identical(arch, pack, monkeypatch):
     for ckpt in (False, True):
         torch.manual_seed(0)
         config_cls = CAVMAEConfig if arch == "cavmae" else HiCMAEConfig
-        model = cls(config_cls(**tiny, drop_path=0.0),
-                    ExecutionConfig(attention_backend="sdpa", pack_fusion=pack, activation_checkpointing=ckpt))
+        model = cls(
+            config_cls(**tiny, drop_path=0.0),
+            ExecutionConfig(attention_backend="sdpa", pack_fusion=pack, activation_checkpointing=ckpt),
+        )
         masks = model.make_masks(2, torch.Generator().manual_seed(1))
         calls.clear()
         out[ckpt] = model(*inputs, *masks)

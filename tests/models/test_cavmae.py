@@ -4,6 +4,7 @@ The real-size model (191 M parameters) is built once for this module; everything
 tiny CAV-MAE. The module runs torch on one thread: on a shared 2-core machine OpenMP's second
 thread costs far more than it gives.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,18 +25,49 @@ from tests.models.upstream import read_key_file
 
 # The release's top-level modules -> ours.
 UPSTREAM_COMPONENT = {
-    "modality_a": "audio_encoder", "pos_embed_a": "audio_encoder", "patch_embed_a": "audio_encoder",
-    "blocks_a": "audio_encoder", "modality_v": "video_encoder", "pos_embed_v": "video_encoder",
-    "patch_embed_v": "video_encoder", "blocks_v": "video_encoder", "blocks_u": "shared", "norm_a": "shared",
-    "norm_v": "shared", "norm": "shared", "mask_token": "decoder", "decoder_modality_a": "decoder",
-    "decoder_modality_v": "decoder", "decoder_pos_embed_a": "decoder", "decoder_pos_embed_v": "decoder",
-    "decoder_embed": "decoder", "decoder_blocks": "decoder", "decoder_norm": "decoder",
-    "decoder_pred_a": "decoder", "decoder_pred_v": "decoder", "mlp_head": "head",
+    "modality_a": "audio_encoder",
+    "pos_embed_a": "audio_encoder",
+    "patch_embed_a": "audio_encoder",
+    "blocks_a": "audio_encoder",
+    "modality_v": "video_encoder",
+    "pos_embed_v": "video_encoder",
+    "patch_embed_v": "video_encoder",
+    "blocks_v": "video_encoder",
+    "blocks_u": "shared",
+    "norm_a": "shared",
+    "norm_v": "shared",
+    "norm": "shared",
+    "mask_token": "decoder",
+    "decoder_modality_a": "decoder",
+    "decoder_modality_v": "decoder",
+    "decoder_pos_embed_a": "decoder",
+    "decoder_pos_embed_v": "decoder",
+    "decoder_embed": "decoder",
+    "decoder_blocks": "decoder",
+    "decoder_norm": "decoder",
+    "decoder_pred_a": "decoder",
+    "decoder_pred_v": "decoder",
+    "mlp_head": "head",
 }
-TINY = dict(arch="cavmae", width=64, heads=2, modality_depth=2, shared_depth=1, decoder_width=32,
-            decoder_heads=2, decoder_depth=2, num_frames=1, tubelet=1, image_size=48, audio_frames=64,
-            mel_bins=32, video_mask_ratio=0.75, audio_mask_ratio=0.75, temperature=0.05,
-            contrastive_weight=0.01)  # 2 x 4 audio tokens, 3 x 3 image tokens
+TINY = dict(
+    arch="cavmae",
+    width=64,
+    heads=2,
+    modality_depth=2,
+    shared_depth=1,
+    decoder_width=32,
+    decoder_heads=2,
+    decoder_depth=2,
+    num_frames=1,
+    tubelet=1,
+    image_size=48,
+    audio_frames=64,
+    mel_bins=32,
+    video_mask_ratio=0.75,
+    audio_mask_ratio=0.75,
+    temperature=0.05,
+    contrastive_weight=0.01,
+)  # 2 x 4 audio tokens, 3 x 3 image tokens
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,11 +89,15 @@ def count(model, trainable=False) -> int:
 
 # --- layout: parameter counts and shapes ------------------------------------------------------
 
-@pytest.mark.parametrize("kind, num_classes, total, trainable, key_file", [
-    ("pretrain", None, 191_036_160, 190_129_920, "cavmae_pretrain"),
-    ("finetune", 527, 164_907_023, 164_907_023, "cavmae_finetune_527"),
-    ("finetune", 309, 164_739_381, 164_739_381, "cavmae_finetune_309"),
-])
+
+@pytest.mark.parametrize(
+    "kind, num_classes, total, trainable, key_file",
+    [
+        ("pretrain", None, 191_036_160, 190_129_920, "cavmae_pretrain"),
+        ("finetune", 527, 164_907_023, 164_907_023, "cavmae_finetune_527"),
+        ("finetune", 309, 164_739_381, 164_739_381, "cavmae_finetune_309"),
+    ],
+)
 def test_layout_matches_release(kind, num_classes, total, trainable, key_file):
     with torch.device("meta"):
         cfg = base_config()
@@ -77,14 +113,23 @@ def test_layout_matches_release(kind, num_classes, total, trainable, key_file):
     for top, n in per_module.items():
         theirs[UPSTREAM_COMPONENT[top]] += n
     assert ours == theirs
-    shapes = lambda items: Counter((k.split(".")[0].replace("head_norm", "head"), s) for k, s in items)
-    assert shapes((k, tuple(v.shape)) for k, v in model.state_dict().items()) == \
-        shapes((UPSTREAM_COMPONENT[k.split(".")[0]], s) for k, s in upstream.items())
+
+    def shapes(items):
+        return Counter((k.split(".")[0].replace("head_norm", "head"), s) for k, s in items)
+
+    assert shapes((k, tuple(v.shape)) for k, v in model.state_dict().items()) == shapes(
+        (UPSTREAM_COMPONENT[k.split(".")[0]], s) for k, s in upstream.items()
+    )
     # the frozen tensors are the release's: the position tables, in pretraining only
     assert sorted(n for n, p in model.named_parameters() if not p.requires_grad) == sorted(
-        {"pos_embed_a": "audio_encoder.pos_embed", "pos_embed_v": "video_encoder.pos_embed",
-         "decoder_pos_embed_a": "decoder.audio_pos_embed", "decoder_pos_embed_v": "decoder.video_pos_embed"}[k]
-        for k in frozen)
+        {
+            "pos_embed_a": "audio_encoder.pos_embed",
+            "pos_embed_v": "video_encoder.pos_embed",
+            "decoder_pos_embed_a": "decoder.audio_pos_embed",
+            "decoder_pos_embed_v": "decoder.video_pos_embed",
+        }[k]
+        for k in frozen
+    )
     assert (kind == "pretrain") == bool(frozen)
 
 
@@ -95,9 +140,11 @@ def test_config_and_presets():
     assert (cfg.temperature, cfg.contrastive_weight, cfg.symmetric_contrastive) == (0.05, 0.01, False)
     assert isinstance(build_model(tiny_config()), CAVMAEPretrain)
     assert isinstance(build_finetune_model(tiny_config(), 3), CAVMAEFinetune)
-    for override, message in [("model.num_frames=16", "model.num_frames: expected 1 for arch cavmae"),
-                              ("model.audio_mask_mode=diagonal", "model.audio_mask_mode: expected one of"),
-                              ("model.width=770", "model.width: expected a multiple of model.heads")]:
+    for override, message in [
+        ("model.num_frames=16", "model.num_frames: expected 1 for arch cavmae"),
+        ("model.audio_mask_mode=diagonal", "model.audio_mask_mode: expected one of"),
+        ("model.width=770", "model.width: expected a multiple of model.heads"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_config("cavmae-base-vox2", [override])
     with pytest.raises(ConfigError, match="model.audio_mask_mode: expected 'random' for arch hicmae"):
@@ -108,6 +155,7 @@ def test_config_and_presets():
 
 # --- positions ------------------------------------------------------------------------------------
 
+
 def test_sincos_2d():
     rows, cols, dim = 3, 5, 8
     table = sincos_2d(dim, rows, cols)
@@ -115,8 +163,12 @@ def test_sincos_2d():
     for r in range(rows):
         for c in range(cols):
             w = [1.0, 1.0 / 100.0]  # 10000^(-j / 2), j = 0, 1
-            expected = ([math.sin(c * x) for x in w] + [math.cos(c * x) for x in w]
-                        + [math.sin(r * x) for x in w] + [math.cos(r * x) for x in w])
+            expected = (
+                [math.sin(c * x) for x in w]
+                + [math.cos(c * x) for x in w]
+                + [math.sin(r * x) for x in w]
+                + [math.cos(r * x) for x in w]
+            )
             torch.testing.assert_close(table[r * cols + c], torch.tensor(expected), atol=1e-6, rtol=0)
 
 
@@ -137,6 +189,7 @@ def test_position_tables_and_token_grids():
 
 
 # --- masks ------------------------------------------------------------------------------------
+
 
 def test_random_masks_follow_spec():
     assert num_visible_mae(512, 0.75) == 128 and num_visible_mae(196, 0.75) == 49
@@ -185,6 +238,7 @@ def test_tf_mode_through_the_model():
 
 # --- losses from hand-built inputs ------------------------------------------------------------------------
 
+
 def test_patch_target_and_masked_mse_hand_built():
     # audio (B=1, T=16 frames, F=32 bins) -> 2 frequency patches x 1 time patch.
     # patch 0 (bins 0-15): value = bin index; patch 1 (bins 16-31): 5 everywhere but 1 pixel at 6
@@ -206,7 +260,8 @@ def test_patch_target_and_masked_mse_hand_built():
     assert masked_mse(pred, target, mask).item() == pytest.approx(expected, rel=1e-5)
     both = torch.tensor([[True, True]])
     assert masked_mse(pred, target, both).item() == pytest.approx(
-        0.25 + (n - 1) / n * (var1 / (var1 + 1e-6) + var0 / (var0 + 1e-6)) / 2, rel=1e-5)
+        0.25 + (n - 1) / n * (var1 / (var1 + 1e-6) + var0 / (var0 + 1e-6)) / 2, rel=1e-5
+    )
 
 
 def test_image_target_is_channel_last():
@@ -238,6 +293,7 @@ def test_contrastive_hand_built(symmetric):
 
 # --- the release's algorithm, written out on the release's key names, on a tiny model -------------------
 
+
 def _ln(sd, name, x):
     return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-5)
 
@@ -246,7 +302,7 @@ def _ref_block(sd, prefix, x, heads, norm=""):
     """timm Block with qkv bias: x += proj(attn(norm1(x))); x += fc2(gelu(fc1(norm2(x))))."""
     B, N, C = x.shape
     h = _ln(sd, f"{prefix}.norm1{norm}", x)
-    qkv = (h @ sd[f"{prefix}.attn.qkv.weight"].T + sd[f"{prefix}.attn.qkv.bias"])
+    qkv = h @ sd[f"{prefix}.attn.qkv.weight"].T + sd[f"{prefix}.attn.qkv.bias"]
     q, k, v = qkv.reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
     w = ((q @ k.transpose(-2, -1)) * (C // heads) ** -0.5).softmax(dim=-1)
     o = (w @ v).transpose(1, 2).reshape(B, N, C)
@@ -281,7 +337,7 @@ def _ref_patchify(x, c):
 def _ref_mae_loss(x, pred, mask, c):
     target = _ref_patchify(x, c)
     mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-    target = (target - mean) / (var + 1.e-6) ** .5
+    target = (target - mean) / (var + 1.0e-6) ** 0.5
     loss = ((pred - target) ** 2).mean(dim=-1)
     return (loss * mask).sum() / mask.sum()
 
@@ -323,8 +379,7 @@ def reference_pretrain(sd, cfg, audio, image, mask_a, mask_v, shuffle_seed=0):
     loss_v = _ref_mae_loss(image, pred_v, mask_v.float(), 3)
     total = F.normalize(ca.mean(1), dim=-1) @ F.normalize(cv.mean(1), dim=-1).T / 0.05
     nce = -torch.mean(torch.diag(F.log_softmax(total, dim=0)))
-    return {"loss_audio": loss_a, "loss_video": loss_v, "loss_contrastive": nce,
-            "loss": loss_a + loss_v + 0.01 * nce}
+    return {"loss_audio": loss_a, "loss_video": loss_v, "loss_contrastive": nce, "loss": loss_a + loss_v + 0.01 * nce}
 
 
 def reference_finetune(sd, cfg, audio, image, mode):
@@ -389,8 +444,12 @@ def test_finetune_matches_the_release_algorithm(mode):
     image, audio = tiny_inputs(2)
     expected = reference_finetune(sd, cfg, audio, image, mode)
     torch.testing.assert_close(model(image, audio), expected, atol=2e-5, rtol=2e-5)
-    only = {"audio": (None, audio), "video": (image, None), "audio_missing_video": (None, audio),
-            "video_missing_audio": (image, None)}.get(mode)
+    only = {
+        "audio": (None, audio),
+        "video": (image, None),
+        "audio_missing_video": (None, audio),
+        "video_missing_audio": (image, None),
+    }.get(mode)
     if only:  # the other modality is not needed
         torch.testing.assert_close(model(*only), expected, atol=2e-5, rtol=2e-5)
     # retrieval features: the pooled audio / video streams
@@ -460,10 +519,18 @@ def test_param_groups():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert decayed.isdisjoint(not_decayed) and decayed | not_decayed == trainable
     assert "audio_encoder.pos_embed" not in trainable  # frozen: in no group
-    assert {"audio_encoder.modality", "decoder.mask_token", "decoder.video_modality",
-            "shared.blocks.0.audio_norm1.weight", "decoder.audio_head.bias"} <= not_decayed
-    assert {"audio_encoder.patch_embed.weight", "shared.blocks.0.attn.qkv.weight",
-            "decoder.video_head.weight"} <= decayed
+    assert {
+        "audio_encoder.modality",
+        "decoder.mask_token",
+        "decoder.video_modality",
+        "shared.blocks.0.audio_norm1.weight",
+        "decoder.audio_head.bias",
+    } <= not_decayed
+    assert {
+        "audio_encoder.patch_embed.weight",
+        "shared.blocks.0.attn.qkv.weight",
+        "decoder.video_head.weight",
+    } <= decayed
     groups = CAVMAEFinetune(tiny_config(), 4).param_groups(0.05, head_lr_scale=10.0)
     head = [g for g in groups if g.get("lr_scale") == 10.0]
     assert sum(len(g["params"]) for g in head) == 4  # head_norm and head, weights and biases
@@ -481,6 +548,7 @@ def test_init():
 
 
 # --- real size ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def real_model():
@@ -502,8 +570,12 @@ def test_real_size_forward_backward(real_model):
     unused = set(model.unused_parameters())
     assert len(unused) == 2 * 4 * (11 + 11 + 8)  # the audio / video norms of the non-shared blocks
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == {"audio_encoder.pos_embed", "video_encoder.pos_embed", "decoder.audio_pos_embed",
-                      "decoder.video_pos_embed"}
+    assert frozen == {
+        "audio_encoder.pos_embed",
+        "video_encoder.pos_embed",
+        "decoder.audio_pos_embed",
+        "decoder.video_pos_embed",
+    }
     for name, p in model.named_parameters():
         if name in unused or name in frozen:
             assert p.grad is None, name

@@ -1,6 +1,7 @@
 """CAV-MAE with pack_fusion: the shared block's three passes (unified [audio, video], audio alone,
 video alone; one attention / MLP, three sets of LayerNorms) run as one packed varlen attention
 launch per shared block, with the results of the three separate passes."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,6 @@ from hicmae_dist.config import ExecutionConfig
 from hicmae_dist.models.cavmae import model as cavmae
 from hicmae_dist.models.cavmae.config import CAVMAEConfig
 from hicmae_dist.models.cavmae.model import Block, CAVMAEFinetune, CAVMAEPretrain, block_streams_packed
-
 from tests.models.test_cavmae import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,8 +26,14 @@ def _count_attention_calls(monkeypatch) -> list[dict]:
     real = cavmae.attention
 
     def counting(q, k, v, **kw):
-        calls.append({"q": tuple(q.shape), "varlen": kw.get("cu_seqlens_q") is not None,
-                      "cu_q": kw.get("cu_seqlens_q"), "cu_k": kw.get("cu_seqlens_k")})
+        calls.append(
+            {
+                "q": tuple(q.shape),
+                "varlen": kw.get("cu_seqlens_q") is not None,
+                "cu_q": kw.get("cu_seqlens_q"),
+                "cu_k": kw.get("cu_seqlens_k"),
+            }
+        )
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(cavmae, "attention", counting)
@@ -72,8 +78,10 @@ def test_pretrain_losses_and_gradients_equal_separate_passes(backend, monkeypatc
     torch.manual_seed(0)
     reference = CAVMAEPretrain(CAVMAEConfig(**TINY), ExecutionConfig(attention_backend=backend))
     _perturb_shared_norms(reference)
-    models = {False: reference,
-              True: CAVMAEPretrain(CAVMAEConfig(**TINY), ExecutionConfig(attention_backend=backend, pack_fusion=True))}
+    models = {
+        False: reference,
+        True: CAVMAEPretrain(CAVMAEConfig(**TINY), ExecutionConfig(attention_backend=backend, pack_fusion=True)),
+    }
     models[True].load_state_dict(reference.state_dict())
     masks = reference.make_masks(2, torch.Generator().manual_seed(1))
     out, grads = {}, {}
@@ -99,9 +107,12 @@ def test_finetune_logits_equal_with_packing():
     pack_fusion leaves its logits unchanged in every mode."""
     video, audio = _inputs(2, seed=3)
     torch.manual_seed(0)
-    models = {pack: CAVMAEFinetune(CAVMAEConfig(**TINY), 5,
-                                   execution=ExecutionConfig(attention_backend="sdpa", pack_fusion=pack)).eval()
-              for pack in (False, True)}
+    models = {
+        pack: CAVMAEFinetune(
+            CAVMAEConfig(**TINY), 5, execution=ExecutionConfig(attention_backend="sdpa", pack_fusion=pack)
+        ).eval()
+        for pack in (False, True)
+    }
     _perturb_shared_norms(models[False])
     models[True].load_state_dict(models[False].state_dict())
     for mode in CAVMAEFinetune.MODES:

@@ -3,6 +3,7 @@ random values, converted, strictly loaded, run, and round-tripped bit for bit.
 
 Real sizes throughout (up to 191 M parameters, one model at a time), batch 1, one thread.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -10,12 +11,18 @@ import torch
 
 from hicmae_dist.cli import main
 from hicmae_dist.models.cavmae.model import CAVMAEFinetune
-from hicmae_dist.models.convert import (ConversionError, load_ours, rename_key, to_ours, to_upstream,
-                                        torch_load_weights, unwrap)
+from hicmae_dist.models.convert import (
+    ConversionError,
+    load_ours,
+    rename_key,
+    to_ours,
+    to_upstream,
+    torch_load_weights,
+    unwrap,
+)
 from hicmae_dist.models.hicmae.upstream import RENAMES as HICMAE_RENAMES
 from hicmae_dist.models.info import example_inputs
 from tests.models.upstream import read_key_file
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,6 +147,7 @@ def test_missing_modality_modes_on_the_release_527_class_layout():
 
 # --- errors ---------------------------------------------------------------------------------------
 
+
 def test_left_over_missing_and_wrong_shape_are_named():
     theirs = random_state("hicmae_finetune_tiny")
     theirs["encoder.blocks.0.attn.k_bias"] = torch.zeros(256)  # not in the model
@@ -157,9 +165,12 @@ def test_left_over_missing_and_wrong_shape_are_named():
 def test_wrong_shape_message():
     theirs = random_state("cavmae_finetune_309")
     theirs["blocks_u.0.mlp.fc1.weight"] = torch.zeros(3072, 760)
-    with pytest.raises(ConversionError, match=r"1 shape mismatches:\n  blocks_u.0.mlp.fc1.weight -> "
-                                              r"shared.blocks.0.mlp.fc1.weight: \(3072, 760\) in the file, "
-                                              r"\(3072, 768\) in the model"):
+    with pytest.raises(
+        ConversionError,
+        match=r"1 shape mismatches:\n  blocks_u.0.mlp.fc1.weight -> "
+        r"shared.blocks.0.mlp.fc1.weight: \(3072, 760\) in the file, "
+        r"\(3072, 768\) in the model",
+    ):
         to_ours(theirs)
 
 
@@ -188,10 +199,14 @@ def test_rename_table_is_a_bijection_on_the_release_keys():
     # the brief's mapping, spot checks
     assert rename_key("video_encoder.patch_embed.weight", "hicmae", "upstream") == "encoder.patch_embed.proj.weight"
     assert rename_key("audio_decoder.mask_token", "hicmae", "upstream") == "mask_token_audio"
-    assert rename_key("fusion.audio_blocks.1.cross_norm_q.bias", "hicmae", "upstream") == \
-        "encoder_fusion.blocks_audio.1.cross_norm1.bias"
-    assert rename_key("video_decoder.blocks.2.cross_norm_kv.weight", "hicmae", "upstream") == \
-        "decoder.blocks.2.cross_norm2.weight"
+    assert (
+        rename_key("fusion.audio_blocks.1.cross_norm_q.bias", "hicmae", "upstream")
+        == "encoder_fusion.blocks_audio.1.cross_norm1.bias"
+    )
+    assert (
+        rename_key("video_decoder.blocks.2.cross_norm_kv.weight", "hicmae", "upstream")
+        == "decoder.blocks.2.cross_norm2.weight"
+    )
     assert rename_key("head_norm.bias", "hicmae", "upstream") == "fc_norm.bias"
     assert rename_key("shared.blocks.0.audio_norm2.weight", "cavmae", "upstream") == "blocks_u.0.norm2_a.weight"
     assert rename_key("head_norm.weight", "cavmae", "upstream") == "mlp_head.0.weight"
@@ -201,19 +216,34 @@ def test_rename_table_is_a_bijection_on_the_release_keys():
 
 # --- files and the CLI ------------------------------------------------------------------------------
 
+
 def test_cli_convert_both_ways(tmp_path, capsys):
     theirs = random_state("hicmae_finetune_tiny")
     src = tmp_path / "hicmae_tiny.pth"
     torch.save({"model": theirs, "epoch": 3}, src)
     assert main(["convert", "--from", "hicmae", str(src), str(tmp_path / "ours.pth")]) == 0
-    assert "hicmae finetune (width 256, heads 4, depth 10 + 2, 6 classes): 370 tensors, 20473370 parameters" \
+    assert (
+        "hicmae finetune (width 256, heads 4, depth 10 + 2, 6 classes): 370 tensors, 20473370 parameters"
         in capsys.readouterr().out
+    )
     ours = load_ours(tmp_path / "ours.pth")
     assert ours.kind == "finetune" and ours.cfg.width == 256 and ours.num_classes == 6
     model = ours.load_model()
     assert sum(p.numel() for p in model.parameters()) == 20_473_370
-    assert main(["convert", "--from", "hicmae", str(tmp_path / "ours.pth"), str(tmp_path / "theirs.pth"),
-                 "--to", "upstream"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "hicmae",
+                str(tmp_path / "ours.pth"),
+                str(tmp_path / "theirs.pth"),
+                "--to",
+                "upstream",
+            ]
+        )
+        == 0
+    )
     written = torch_load_weights(tmp_path / "theirs.pth")
     assert set(written) == {"model"} and set(written["model"]) == set(theirs)
     assert all(torch.equal(written["model"][k], v) for k, v in theirs.items())
@@ -228,19 +258,38 @@ def test_cli_convert_cavmae_module_prefix(tmp_path):
     from hicmae_dist.models.cavmae.config import CAVMAEConfig
 
     # a small CAV-MAE (its size is inferred from the file): 8 x 4 audio and 2 x 2 image tokens
-    cfg = CAVMAEConfig(arch="cavmae", width=128, heads=2, modality_depth=2, shared_depth=1, num_frames=1,
-                       image_size=32, audio_frames=64, mel_bins=128)
+    cfg = CAVMAEConfig(
+        arch="cavmae",
+        width=128,
+        heads=2,
+        modality_depth=2,
+        shared_depth=1,
+        num_frames=1,
+        image_size=32,
+        audio_frames=64,
+        mel_bins=128,
+    )
     theirs = to_upstream(CAVMAEFinetune(cfg, num_classes=7).state_dict(), "cavmae").state_dict
     torch.save({f"module.{k}": v for k, v in theirs.items()}, tmp_path / "as.pth")
     assert main(["convert", "--from", "cavmae", str(tmp_path / "as.pth"), str(tmp_path / "ours.pth")]) == 0
-    assert main(["convert", "--from", "cavmae", str(tmp_path / "ours.pth"), str(tmp_path / "back.pth"),
-                 "--to", "upstream"]) == 0
+    assert (
+        main(
+            ["convert", "--from", "cavmae", str(tmp_path / "ours.pth"), str(tmp_path / "back.pth"), "--to", "upstream"]
+        )
+        == 0
+    )
     back = torch_load_weights(tmp_path / "back.pth")
     assert all(k.startswith("module.") for k in back)  # as the released files
     assert all(torch.equal(back[f"module.{k}"], v) for k, v in theirs.items()) and len(back) == len(theirs)
     ours = load_ours(tmp_path / "ours.pth")
-    assert (ours.cfg.width, ours.cfg.heads, ours.cfg.modality_depth, ours.cfg.image_size, ours.cfg.audio_frames,
-            ours.num_classes) == (128, 2, 2, 32, 64, 7)
+    assert (
+        ours.cfg.width,
+        ours.cfg.heads,
+        ours.cfg.modality_depth,
+        ours.cfg.image_size,
+        ours.cfg.audio_frames,
+        ours.num_classes,
+    ) == (128, 2, 2, 32, 64, 7)
 
 
 def test_hicmae_training_checkpoint_with_args_loads(tmp_path):

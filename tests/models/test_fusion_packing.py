@@ -1,6 +1,7 @@
 """HiCMAE's fusion with pack_fusion: the two directions' cross-attentions (video queries on audio
 keys, audio queries on video keys) and the two self-attentions each run as one packed varlen
 attention launch, with the results of the separate launches."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,12 +9,19 @@ import torch
 
 from hicmae_dist.config import Config, ExecutionConfig
 from hicmae_dist.models import blocks
+from hicmae_dist.models.blocks import CSBlock, cs_block_pair_packed
 from hicmae_dist.models.hicmae.config import HiCMAEConfig
 from hicmae_dist.models.hicmae.model import HiCMAEFinetune, HiCMAEPretrain
-from hicmae_dist.models.blocks import CSBlock, cs_block_pair_packed
 
-TINY = dict(width=64, heads=2, encoder_depth=4, intermediate_layers=[1, 2, 3],
-            decoder_width=64, decoder_heads=2, decoder_depth=4)
+TINY = dict(
+    width=64,
+    heads=2,
+    encoder_depth=4,
+    intermediate_layers=[1, 2, 3],
+    decoder_width=64,
+    decoder_heads=2,
+    decoder_depth=4,
+)
 
 
 def _inputs(batch, seed=0):
@@ -26,8 +34,15 @@ def _count_attention_calls(monkeypatch) -> list[dict]:
     real = blocks.attention
 
     def counting(q, k, v, **kw):
-        calls.append({"q": tuple(q.shape), "k": tuple(k.shape), "varlen": kw.get("cu_seqlens_q") is not None,
-                      "cu_q": kw.get("cu_seqlens_q"), "cu_k": kw.get("cu_seqlens_k")})
+        calls.append(
+            {
+                "q": tuple(q.shape),
+                "k": tuple(k.shape),
+                "varlen": kw.get("cu_seqlens_q") is not None,
+                "cu_q": kw.get("cu_seqlens_q"),
+                "cu_k": kw.get("cu_seqlens_k"),
+            }
+        )
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(blocks, "attention", counting)
@@ -66,8 +81,9 @@ def test_pretrain_losses_and_gradients_equal_separate_launches(backend, monkeypa
     models = {}
     for pack in (False, True):
         torch.manual_seed(0)
-        models[pack] = HiCMAEPretrain(HiCMAEConfig(**TINY),
-                                      ExecutionConfig(attention_backend=backend, pack_fusion=pack))
+        models[pack] = HiCMAEPretrain(
+            HiCMAEConfig(**TINY), ExecutionConfig(attention_backend=backend, pack_fusion=pack)
+        )
     masks = models[False].make_masks(2, torch.Generator().manual_seed(1))
     out, grads = {}, {}
     calls = _count_attention_calls(monkeypatch)
@@ -90,8 +106,9 @@ def test_finetune_equal_with_packing():
     logits = {}
     for pack in (False, True):
         torch.manual_seed(0)
-        model = HiCMAEFinetune(HiCMAEConfig(**TINY), 5, execution=ExecutionConfig(attention_backend="sdpa",
-                                                                    pack_fusion=pack)).eval()
+        model = HiCMAEFinetune(
+            HiCMAEConfig(**TINY), 5, execution=ExecutionConfig(attention_backend="sdpa", pack_fusion=pack)
+        ).eval()
         logits[pack] = model(video, audio)
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-6)
 

@@ -1,4 +1,5 @@
 """HiCMAE against docs/models.md#hicmae and the authors' state-dict layout (tests/models/upstream_keys)."""
+
 from __future__ import annotations
 
 import math
@@ -9,9 +10,9 @@ import torch
 
 from hicmae_dist.config import ExecutionConfig
 from hicmae_dist.models import build_model
+from hicmae_dist.models.blocks import Attention, CrossAttention, DropPath, sinusoid_table
 from hicmae_dist.models.hicmae.config import HiCMAEConfig
 from hicmae_dist.models.hicmae.model import HiCMAEFinetune, HiCMAEPretrain
-from hicmae_dist.models.blocks import Attention, CrossAttention, DropPath, sinusoid_table
 from hicmae_dist.models.targets import IMAGENET_MEAN, IMAGENET_STD, audio_target, video_target
 from tests.models.upstream import read_key_file
 
@@ -20,39 +21,76 @@ SIZES = {  # width, heads (and decoder width / heads for pretraining), docs/mode
     "small": dict(width=384, heads=6, decoder_width=192, decoder_heads=3),
     "base": dict(width=512, heads=8, decoder_width=384, decoder_heads=6),
 }
-TINY = dict(width=64, heads=2, encoder_depth=4, intermediate_layers=[1, 2, 3],
-            decoder_width=64, decoder_heads=2, decoder_depth=4)  # the tiny-cpu preset's model
+TINY = dict(
+    width=64,
+    heads=2,
+    encoder_depth=4,
+    intermediate_layers=[1, 2, 3],
+    decoder_width=64,
+    decoder_heads=2,
+    decoder_depth=4,
+)  # the tiny-cpu preset's model
 
 # Counts from the key files' headers, per component of ours (the release's top modules in comments).
 PRETRAIN_COUNTS = {
-    "small": {"total": 50_584_576,
-              "video_encoder": 18_331_776,  # encoder
-              "audio_encoder": 17_840_256,  # encoder_audio
-              "fusion": 9_467_904,  # encoder_fusion
-              "video_decoder": 2_521_920 + 73_728 + 192,  # decoder + encoder_to_decoder + mask_token
-              "audio_decoder": 2_274_880 + 73_728 + 192},  # the same, _audio
-    "base": {"total": 99_609_344,
-             "video_encoder": 32_306_688,
-             "audio_encoder": 31_651_328,
-             "fusion": 16_818_176,
-             "video_decoder": 9_465_984 + 196_608 + 384,
-             "audio_decoder": 8_973_184 + 196_608 + 384},
+    "small": {
+        "total": 50_584_576,
+        "video_encoder": 18_331_776,  # encoder
+        "audio_encoder": 17_840_256,  # encoder_audio
+        "fusion": 9_467_904,  # encoder_fusion
+        "video_decoder": 2_521_920 + 73_728 + 192,  # decoder + encoder_to_decoder + mask_token
+        "audio_decoder": 2_274_880 + 73_728 + 192,
+    },  # the same, _audio
+    "base": {
+        "total": 99_609_344,
+        "video_encoder": 32_306_688,
+        "audio_encoder": 31_651_328,
+        "fusion": 16_818_176,
+        "video_decoder": 9_465_984 + 196_608 + 384,
+        "audio_decoder": 8_973_184 + 196_608 + 384,
+    },
 }
 FINETUNE_COUNTS = {  # 6 classes
-    "tiny": {"total": 20_473_370, "video_encoder": 8_289_024, "audio_encoder": 7_961_344,
-             "fusion": 4_214_784, "head_norm": 2_048, "head": 6_150},  # head_norm: fc_norm
-    "small": {"total": 45_652_250, "video_encoder": 18_331_776, "audio_encoder": 17_840_256,
-              "fusion": 9_467_904, "head_norm": 3_072, "head": 9_222},
-    "base": {"total": 80_792_602, "video_encoder": 32_306_688, "audio_encoder": 31_651_328,
-             "fusion": 16_818_176, "head_norm": 4_096, "head": 12_294},
+    "tiny": {
+        "total": 20_473_370,
+        "video_encoder": 8_289_024,
+        "audio_encoder": 7_961_344,
+        "fusion": 4_214_784,
+        "head_norm": 2_048,
+        "head": 6_150,
+    },  # head_norm: fc_norm
+    "small": {
+        "total": 45_652_250,
+        "video_encoder": 18_331_776,
+        "audio_encoder": 17_840_256,
+        "fusion": 9_467_904,
+        "head_norm": 3_072,
+        "head": 9_222,
+    },
+    "base": {
+        "total": 80_792_602,
+        "video_encoder": 32_306_688,
+        "audio_encoder": 31_651_328,
+        "fusion": 16_818_176,
+        "head_norm": 4_096,
+        "head": 12_294,
+    },
 }
 # The release's top-level modules -> ours.
 UPSTREAM_COMPONENT = {
-    "encoder": "video_encoder", "encoder_audio": "audio_encoder", "encoder_fusion": "fusion",
-    "decoder": "video_decoder", "encoder_to_decoder": "video_decoder", "mask_token": "video_decoder",
-    "decoder_audio": "audio_decoder", "encoder_to_decoder_audio": "audio_decoder",
-    "mask_token_audio": "audio_decoder", "video_layer_weights": "video_layer_weights",
-    "audio_layer_weights": "audio_layer_weights", "fc_norm": "head_norm", "head": "head",
+    "encoder": "video_encoder",
+    "encoder_audio": "audio_encoder",
+    "encoder_fusion": "fusion",
+    "decoder": "video_decoder",
+    "encoder_to_decoder": "video_decoder",
+    "mask_token": "video_decoder",
+    "decoder_audio": "audio_decoder",
+    "encoder_to_decoder_audio": "audio_decoder",
+    "mask_token_audio": "audio_decoder",
+    "video_layer_weights": "video_layer_weights",
+    "audio_layer_weights": "audio_layer_weights",
+    "fc_norm": "head_norm",
+    "head": "head",
 }
 
 
@@ -92,11 +130,13 @@ def check_layout(model: torch.nn.Module, counts: dict[str, int], key_file: str) 
     for top, n in per_module.items():
         upstream_counts[UPSTREAM_COMPONENT[top]] += n
     assert {k: v for k, v in ours.items() if k != "total"} == dict(upstream_counts)
-    assert component_shapes({k: tuple(v.shape) for k, v in state.items()}) == \
-        component_shapes(upstream, UPSTREAM_COMPONENT.__getitem__)
+    assert component_shapes({k: tuple(v.shape) for k, v in state.items()}) == component_shapes(
+        upstream, UPSTREAM_COMPONENT.__getitem__
+    )
 
 
 # --- layout: parameter counts and shapes ------------------------------------------------------
+
 
 @pytest.mark.parametrize("size", ["small", "base"])
 def test_pretrain_layout_matches_release(size):
@@ -118,6 +158,7 @@ def test_build_model():
 
 # --- blocks ---------------------------------------------------------------------------------
 
+
 def test_sinusoid_table():
     table = sinusoid_table(7, 6)
     assert table.shape == (7, 6) and table.dtype == torch.float32
@@ -130,7 +171,10 @@ def test_sinusoid_table():
 
 def _manual_attention(q, k, v, heads):
     """(B, N, C) projections -> softmax(q k^T / sqrt(D)) v, heads merged."""
-    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, N, D)
+
+    def split(t):
+        return t.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, N, D)
+
     q, k, v = split(q), split(k), split(v)
     w = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
     return (w @ v).transpose(1, 2).flatten(2)
@@ -173,6 +217,7 @@ def test_drop_path():
 
 # --- targets ---------------------------------------------------------------------------------
 
+
 def _imagenet_normalise(pixels):  # (B, 3, T, H, W) in [0, 1]
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
@@ -193,12 +238,16 @@ def test_video_target_hand_built(frame_diff):
     target = video_target(_imagenet_normalise(pixels[None]), tubelet=2, patch=16, frame_diff=frame_diff)
     assert target.shape == (1, 1, 2 * 16 * 16 * 3)
 
-    sign = lambda bit: 2.0 * bit - 1.0  # 0 -> -1, 1 -> +1
-    expected = torch.stack([sign(c % 2) * _two_level_z(0.5), sign(r % 2) * _two_level_z(0.3),
-                            sign(f) * _two_level_z(0.25)], dim=-1)  # (frame, row, col, channel)
+    def sign(bit):
+        return 2.0 * bit - 1.0  # 0 -> -1, 1 -> +1
+
+    expected = torch.stack(
+        [sign(c % 2) * _two_level_z(0.5), sign(r % 2) * _two_level_z(0.3), sign(f) * _two_level_z(0.25)], dim=-1
+    )  # (frame, row, col, channel)
     if frame_diff:  # frame 1 - frame 0: the red and green patterns cancel, blue doubles
-        expected[1] = torch.stack([torch.zeros(16, 16), torch.zeros(16, 16),
-                                   torch.full((16, 16), 2 * _two_level_z(0.25))], dim=-1)
+        expected[1] = torch.stack(
+            [torch.zeros(16, 16), torch.zeros(16, 16), torch.full((16, 16), 2 * _two_level_z(0.25))], dim=-1
+        )
     torch.testing.assert_close(target[0, 0], expected.flatten().float(), atol=2e-5, rtol=0)
 
 
@@ -211,8 +260,9 @@ def reference_video_target(video, tubelet, patch, frame_diff):
         for t in range(T // tubelet):
             for h in range(H // patch):
                 for w in range(W // patch):
-                    cube = pixels[b, :, t * tubelet:(t + 1) * tubelet, h * patch:(h + 1) * patch,
-                                  w * patch:(w + 1) * patch].permute(1, 2, 3, 0)  # (frame, row, col, channel)
+                    cube = pixels[
+                        b, :, t * tubelet : (t + 1) * tubelet, h * patch : (h + 1) * patch, w * patch : (w + 1) * patch
+                    ].permute(1, 2, 3, 0)  # (frame, row, col, channel)
                     values = cube.reshape(-1, 3)
                     cube = (cube - values.mean(0)) / (values.std(0) + 1e-6)
                     if frame_diff:
@@ -224,8 +274,7 @@ def reference_video_target(video, tubelet, patch, frame_diff):
 @pytest.mark.parametrize("frame_diff", [False, True])
 def test_video_target_token_order(frame_diff):
     video = torch.randn(2, 3, 4, 32, 48, generator=torch.Generator().manual_seed(0))  # 2 x 2 x 3 tokens
-    torch.testing.assert_close(video_target(video, 2, 16, frame_diff),
-                               reference_video_target(video, 2, 16, frame_diff))
+    torch.testing.assert_close(video_target(video, 2, 16, frame_diff), reference_video_target(video, 2, 16, frame_diff))
 
 
 def test_audio_target_hand_built():
@@ -234,8 +283,7 @@ def test_audio_target_hand_built():
     audio = torch.cat([r, 100 + 3 * c])[None, None]  # (1, 1, 32, 16)
     target = audio_target(audio, patch=16)
     std = math.sqrt(16 * sum((i - 7.5) ** 2 for i in range(16)) / 255)
-    expected = torch.stack([((r - 7.5) / (std + 1e-6)).flatten(),
-                            (3 * (c - 7.5) / (3 * std + 1e-6)).flatten()])
+    expected = torch.stack([((r - 7.5) / (std + 1e-6)).flatten(), (3 * (c - 7.5) / (3 * std + 1e-6)).flatten()])
     torch.testing.assert_close(target[0], expected, atol=1e-5, rtol=0)
 
 
@@ -245,7 +293,7 @@ def reference_audio_target(audio, patch):
     for b in range(B):
         for t in range(T // patch):
             for f in range(Fq // patch):
-                p = audio[b, 0, t * patch:(t + 1) * patch, f * patch:(f + 1) * patch].flatten()
+                p = audio[b, 0, t * patch : (t + 1) * patch, f * patch : (f + 1) * patch].flatten()
                 rows.append((p - p.mean()) / (p.std() + 1e-6))
     return torch.stack(rows).view(B, -1, patch * patch)
 
@@ -256,6 +304,7 @@ def test_audio_target_token_order():
 
 
 # --- masks and optimiser groups ----------------------------------------------------------------
+
 
 def test_make_masks_follow_spec():
     model = HiCMAEPretrain(model_config(**TINY))
@@ -277,10 +326,19 @@ def test_param_groups():
     decayed = {names[id(p)] for p in decay["params"]}
     not_decayed = {names[id(p)] for p in no_decay["params"]}
     assert decayed.isdisjoint(not_decayed) and decayed | not_decayed == set(names.values())
-    assert {"video_decoder.mask_token", "audio_decoder.mask_token", "video_encoder.blocks.0.attn.q_bias",
-            "video_encoder.norm.weight", "fusion.video_blocks.0.mlp.fc1.bias"} <= not_decayed
-    assert {"video_encoder.patch_embed.weight", "video_encoder.blocks.0.attn.qkv.weight",
-            "video_decoder.encoder_to_decoder.weight", "audio_decoder.head.weight"} <= decayed
+    assert {
+        "video_decoder.mask_token",
+        "audio_decoder.mask_token",
+        "video_encoder.blocks.0.attn.q_bias",
+        "video_encoder.norm.weight",
+        "fusion.video_blocks.0.mlp.fc1.bias",
+    } <= not_decayed
+    assert {
+        "video_encoder.patch_embed.weight",
+        "video_encoder.blocks.0.attn.qkv.weight",
+        "video_decoder.encoder_to_decoder.weight",
+        "audio_decoder.head.weight",
+    } <= decayed
     assert all(names[id(p)].endswith("weight") for p in decay["params"])
 
 
@@ -295,6 +353,7 @@ def test_init():
 
 # --- the pretraining forward ----------------------------------------------------------------------
 
+
 def inputs(batch, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, 16, 160, 160, generator=g), torch.randn(batch, 1, 256, 128, generator=g)
@@ -308,8 +367,15 @@ def test_small_forward_backward():
     video_mask, audio_mask = model.make_masks(2, torch.Generator().manual_seed(0))
     assert ((~video_mask).sum(1) == 80).all() and ((~audio_mask).sum(1) == 26).all()
     out = model(video, audio, video_mask, audio_mask)
-    assert set(out) == {"loss", "loss_video", "loss_audio", "loss_contrastive",
-                        "loss_contrastive_l3", "loss_contrastive_l6", "loss_contrastive_l9"}
+    assert set(out) == {
+        "loss",
+        "loss_video",
+        "loss_audio",
+        "loss_contrastive",
+        "loss_contrastive_l3",
+        "loss_contrastive_l6",
+        "loss_contrastive_l9",
+    }
     assert all(v.shape == () and torch.isfinite(v) for v in out.values())
     parts = [out[f"loss_contrastive_l{i}"] for i in (3, 6, 9)]
     torch.testing.assert_close(out["loss_contrastive"], sum(parts))
@@ -347,6 +413,7 @@ def test_attention_backends_agree():
 def _capture(module, store, key, inputs_too=False):
     def hook(_module, args, output):
         store.setdefault(key, []).append(args if inputs_too else output)
+
     return module.register_forward_hook(hook)
 
 
@@ -381,7 +448,7 @@ def test_reconstruction_loss_is_over_masked_tokens_only():
     b, token = 0, int((~video_mask[0]).nonzero()[0])
     ti, hi, wi = token // 100, (token % 100) // 10, token % 10
     video3 = video.clone()
-    video3[b, :, 2 * ti:2 * ti + 2, 16 * hi:16 * hi + 16, 16 * wi:16 * wi + 16] += 1.0
+    video3[b, :, 2 * ti : 2 * ti + 2, 16 * hi : 16 * hi + 16, 16 * wi : 16 * wi + 16] += 1.0
     out3 = model(video3, audio, video_mask, audio_mask)
     assert not torch.isclose(out3["loss_contrastive"], out["loss_contrastive"])
 
@@ -416,6 +483,7 @@ def test_decoder_skips_deepest_first_and_fusion_is_simultaneous():
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------
+
 
 def test_finetune_forward():
     torch.manual_seed(0)

@@ -1,19 +1,19 @@
 """Parameter and MAC accounting (`hicmae-dist info`) and the model benchmark (`bench model`)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from hicmae_dist.bench.model import bench_model
 from hicmae_dist.cli import main
 from hicmae_dist.config import ExecutionConfig
 from hicmae_dist.models import build_finetune_model, build_model
-from hicmae_dist.bench.model import bench_model
 from hicmae_dist.models.cavmae.config import CAVMAEConfig
 from hicmae_dist.models.hicmae.config import HiCMAEConfig
 from hicmae_dist.models.info import MODELS, example_inputs, info_report, model_config
 from hicmae_dist.models.macs import macs
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,11 +51,36 @@ def test_finetune_macs_match_the_spec():
         assert got == pytest.approx(spec, abs=0.06), name
 
 
-TINY_HICMAE = dict(width=64, heads=2, encoder_depth=4, intermediate_layers=[1, 2, 3], decoder_width=32,
-                   decoder_heads=2, decoder_depth=4, num_frames=4, image_size=48, audio_frames=64, mel_bins=32)
-TINY_CAVMAE = dict(arch="cavmae", width=64, heads=2, modality_depth=2, shared_depth=2, decoder_width=32,
-                   decoder_heads=2, decoder_depth=2, num_frames=1, tubelet=1, image_size=48, audio_frames=64,
-                   mel_bins=32, video_mask_ratio=0.75, audio_mask_ratio=0.5)
+TINY_HICMAE = dict(
+    width=64,
+    heads=2,
+    encoder_depth=4,
+    intermediate_layers=[1, 2, 3],
+    decoder_width=32,
+    decoder_heads=2,
+    decoder_depth=4,
+    num_frames=4,
+    image_size=48,
+    audio_frames=64,
+    mel_bins=32,
+)
+TINY_CAVMAE = dict(
+    arch="cavmae",
+    width=64,
+    heads=2,
+    modality_depth=2,
+    shared_depth=2,
+    decoder_width=32,
+    decoder_heads=2,
+    decoder_depth=2,
+    num_frames=1,
+    tubelet=1,
+    image_size=48,
+    audio_frames=64,
+    mel_bins=32,
+    video_mask_ratio=0.75,
+    audio_mask_ratio=0.5,
+)
 REFERENCE = ExecutionConfig(attention_backend="reference")
 
 

@@ -1,5 +1,6 @@
 """The model-family registry: every sub-package of hicmae_dist.models with a SPEC, and the
 config side of a family (its class picked by model.arch, its presets found by path)."""
+
 import pytest
 
 from hicmae_dist.config import ConfigError, config_from_dict, list_presets, load_config, model_config_from_dict
@@ -43,10 +44,17 @@ def test_configs_saved_before_the_execution_section_still_load():
     old["model"].update(attention_backend="reference", pack_fusion=True, activation_checkpointing=True)
     old["train"]["compile"] = True
     again = config_from_dict(old)
-    assert (again.execution.attention_backend, again.execution.pack_fusion, again.execution.compile) == \
-        ("reference", True, True)
+    assert (again.execution.attention_backend, again.execution.pack_fusion, again.execution.compile) == (
+        "reference",
+        True,
+        True,
+    )
     assert again.hash() == cfg.hash() and again.model == cfg.model
     cav = load_config("cavmae-base-vox2").model
-    saved = {**{k: v for k, v in cav.__dict__.items() if k not in ("modality_depth", "shared_depth")},
-             "encoder_depth": 11, "fusion_depth": 1, "attention_backend": "auto"}
+    saved = {
+        **{k: v for k, v in cav.__dict__.items() if k not in ("modality_depth", "shared_depth")},
+        "encoder_depth": 11,
+        "fusion_depth": 1,
+        "attention_backend": "auto",
+    }
     assert model_config_from_dict(saved) == cav

@@ -3,6 +3,7 @@
 upstream_keys/<name>.txt was dumped from each release's model (key, shape, dtype per line; a
 header with the per-top-module parameter counts and, for CAV-MAE, its frozen parameters).
 """
+
 from __future__ import annotations
 
 import ast

@@ -2,6 +2,7 @@
 precision PyTorch math path), cross-attention shapes, key padding, the packed varlen layout, the
 backend choice. The triton kernels run in tests/ops/triton_interp and tests/ops/triton_aot
 (own processes, see test_triton_subprocess.py)."""
+
 import importlib
 import logging
 
@@ -77,8 +78,9 @@ def _per_segment(q, k, v, cu_q, cu_k):
         if d == c:
             outs.append(torch.zeros_like(q[a:b]))
             continue
-        seg = attention_reference(q[a:b].transpose(0, 1)[None], k[c:d].transpose(0, 1)[None],
-                                  v[c:d].transpose(0, 1)[None])
+        seg = attention_reference(
+            q[a:b].transpose(0, 1)[None], k[c:d].transpose(0, 1)[None], v[c:d].transpose(0, 1)[None]
+        )
         outs.append(seg[0].transpose(0, 1))
     return torch.cat(outs)
 
@@ -98,8 +100,7 @@ def test_varlen_matches_each_segment_alone(backend):
     grads_ref = torch.autograd.grad(expected, (q, k, v), g)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b)
-    again = attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=40,
-                      max_seqlen_k=33, backend=backend)
+    again = attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=40, max_seqlen_k=33, backend=backend)
     torch.testing.assert_close(again, out)
 
 
@@ -109,9 +110,14 @@ def test_varlen_sdpa_within_2x_of_plain_math_error(dtype):
     q, k, v = (t.to(dtype) for t in (q64, k64, v64))
     exact = _per_segment(q64, k64, v64, cu_q, cu_k)
     ours = attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="sdpa")
-    plain = torch.cat([((q[a:b].transpose(0, 1) @ k[c:d].transpose(0, 1).transpose(-1, -2))
-                        * 32 ** -0.5).softmax(-1) @ v[c:d].transpose(0, 1)
-                       for a, b, c, d in ((0, 7, 0, 30), (7, 37, 30, 42))], dim=1).transpose(0, 1)
+    plain = torch.cat(
+        [
+            ((q[a:b].transpose(0, 1) @ k[c:d].transpose(0, 1).transpose(-1, -2)) * 32**-0.5).softmax(-1)
+            @ v[c:d].transpose(0, 1)
+            for a, b, c, d in ((0, 7, 0, 30), (7, 37, 30, 42))
+        ],
+        dim=1,
+    ).transpose(0, 1)
     err_ours = (ours.double() - exact).abs().max().item()
     err_plain = (plain.double() - exact).abs().max().item()
     assert ours.dtype == dtype and err_ours <= 2 * err_plain + 1e-12
@@ -143,8 +149,7 @@ def test_varlen_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="max_seqlen for cu_seqlens_k is 4, but a segment has 5"):
         attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=4, max_seqlen_k=4)
     with pytest.raises(ValueError, match="key_padding_mask is for the dense layout"):
-        attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                  key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+        attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"expected q \(total_q, H, D\)"):
         attention(q[None], k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     _, _, _, (qd, kd, vd) = _inputs(4, 5, torch.float32)
@@ -157,6 +162,7 @@ def test_varlen_bad_inputs_are_clear_errors():
 def test_xformers_absent_is_a_clear_error():
     try:
         import xformers  # noqa: F401
+
         pytest.skip("xformers is installed here")
     except ImportError:
         pass
@@ -192,7 +198,9 @@ def test_auto_on_cuda_never_falls_back_silently(monkeypatch, caplog):
     fake_q = torch.empty(1, 1, 1, 48)
     with caplog.at_level(logging.INFO, logger="hicmae_dist.ops.attention"):
         assert attention_mod.resolve_backend("auto", torch.device("cuda"), fake_q) == "sdpa"
-    assert any("cannot run triton (head dim 48 unsupported)" in r.getMessage() and
-               r.levelno == logging.WARNING for r in caplog.records)
+    assert any(
+        "cannot run triton (head dim 48 unsupported)" in r.getMessage() and r.levelno == logging.WARNING
+        for r in caplog.records
+    )
     monkeypatch.setattr(attention_mod, "_triton_error", lambda q: None)
     assert attention_mod.resolve_backend("auto", torch.device("cuda"), fake_q) == "triton"

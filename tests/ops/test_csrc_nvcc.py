@@ -3,6 +3,7 @@ extension build, and ptxas reports no register spills in any kernel. The ptxas r
 (registers, spills, shared memory, stack per kernel and arch) goes to build/csrc_report.json, a
 sibling of the Triton AOT tests' build/kernel_report.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,14 +47,19 @@ def compile_flags() -> list[str]:
     includes += [str(p) for p in sorted(site.glob("nvidia/cu*/include")) if p.is_dir()]
     includes = [p for p in includes if Path(p).is_dir()]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return (["-O3", "-std=c++17", "-lineinfo", "-DHICMAE_WITH_CUDA", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-            + list(cpp_extension.COMMON_NVCC_FLAGS) + [f"-I{p}" for p in includes])
+    return (
+        ["-O3", "-std=c++17", "-lineinfo", "-DHICMAE_WITH_CUDA", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+        + list(cpp_extension.COMMON_NVCC_FLAGS)
+        + [f"-I{p}" for p in includes]
+    )
 
 
 # --- ptxas -v parsing -----------------------------------------------------------------------------
 _ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\w+)'")
-_PROPS = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
-                    r"(?P<loads>\d+) bytes spill loads")
+_PROPS = re.compile(
+    r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
+    r"(?P<loads>\d+) bytes spill loads"
+)
 _USED = re.compile(r"Used (?P<regs>\d+) registers")
 _SMEM = re.compile(r"(?P<smem>\d+) bytes smem")
 
@@ -73,12 +79,18 @@ def parse_ptxas(text: str) -> list[dict]:
     current = None
     for line in text.splitlines():
         if m := _ENTRY.search(line):
-            current = {"mangled": m["name"], "arch": m["arch"], "registers": None, "spill_stores": None,
-                       "spill_loads": None, "stack_bytes": None, "shared_bytes": 0}
+            current = {
+                "mangled": m["name"],
+                "arch": m["arch"],
+                "registers": None,
+                "spill_stores": None,
+                "spill_loads": None,
+                "stack_bytes": None,
+                "shared_bytes": 0,
+            }
             records.append(current)
         elif current is not None and (m := _PROPS.search(line)):
-            current.update(stack_bytes=int(m["stack"]), spill_stores=int(m["stores"]),
-                           spill_loads=int(m["loads"]))
+            current.update(stack_bytes=int(m["stack"]), spill_stores=int(m["stores"]), spill_loads=int(m["loads"]))
         elif current is not None and (m := _USED.search(line)):
             current["registers"] = int(m["regs"])
             if s := _SMEM.search(line):
@@ -101,13 +113,27 @@ ptxas info    : Used 32 registers, used 1 barriers, 128 bytes smem, 400 bytes cm
 
 # --- the compile ----------------------------------------------------------------------------------
 def _compile(nvcc: str, flags: list[str], source: Path, arch: str, out_dir: Path) -> dict:
-    cmd = [nvcc, "-cubin", f"-arch={arch}", "-Xptxas", "-v", *flags, "-o",
-           str(out_dir / f"{source.stem}.{arch}.cubin"), str(source)]
+    cmd = [
+        nvcc,
+        "-cubin",
+        f"-arch={arch}",
+        "-Xptxas",
+        "-v",
+        *flags,
+        "-o",
+        str(out_dir / f"{source.stem}.{arch}.cubin"),
+        str(source),
+    ]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    return {"source": source.name, "arch": arch, "returncode": proc.returncode,
-            "seconds": round(time.monotonic() - start, 1), "output": proc.stdout + proc.stderr,
-            "kernels": parse_ptxas(proc.stdout + proc.stderr)}
+    return {
+        "source": source.name,
+        "arch": arch,
+        "returncode": proc.returncode,
+        "seconds": round(time.monotonic() - start, 1),
+        "output": proc.stdout + proc.stderr,
+        "kernels": parse_ptxas(proc.stdout + proc.stderr),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +147,27 @@ def compiled(tmp_path_factory) -> dict[tuple[str, str], dict]:
         results = list(pool.map(lambda job: _compile(nvcc, flags, job[0], job[1], out_dir), jobs))
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps({
-        "generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "nvcc": version[-1] if version else None,
-        "python": sys.version.split()[0],
-        "records": [{"source": r["source"], "arch": r["arch"], "compile_seconds": r["seconds"],
-                     **{k: v for k, v in kernel.items() if k != "mangled"}}
-                    for r in results for kernel in r["kernels"]],
-    }, indent=1) + "\n")
+    REPORT.write_text(
+        json.dumps(
+            {
+                "generated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "nvcc": version[-1] if version else None,
+                "python": sys.version.split()[0],
+                "records": [
+                    {
+                        "source": r["source"],
+                        "arch": r["arch"],
+                        "compile_seconds": r["seconds"],
+                        **{k: v for k, v in kernel.items() if k != "mangled"},
+                    }
+                    for r in results
+                    for kernel in r["kernels"]
+                ],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return {(r["source"], r["arch"]): r for r in results}
 
 
@@ -145,8 +185,11 @@ def test_compiles_without_spills(compiled, source, arch):
     for k in kernels:
         assert k["arch"] == arch
         assert k["registers"] is not None and k["spill_stores"] is not None, f"unparsed ptxas record {k}"
-    spilling = [f"{k['kernel']}: {k['spill_stores']} bytes spill stores, {k['spill_loads']} bytes spill loads"
-                for k in kernels if k["spill_stores"] or k["spill_loads"]]
+    spilling = [
+        f"{k['kernel']}: {k['spill_stores']} bytes spill stores, {k['spill_loads']} bytes spill loads"
+        for k in kernels
+        if k["spill_stores"] or k["spill_loads"]
+    ]
     assert not spilling, f"{source} ({arch}) spills registers:\n" + "\n".join(spilling)
 
 

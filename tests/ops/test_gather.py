@@ -1,4 +1,5 @@
 """The native visible-token gather equals the PyTorch indexing it replaces, values and gradients."""
+
 import pytest
 import torch
 
@@ -70,7 +71,10 @@ def test_backward_equals_torch_several_dtypes(dtype):
 
 
 def test_cuda_kernels_registered_when_built_with_cuda():
-    require("hicmae_dist._C with CUDA kernels", gather.native_built_with_cuda(),
-            "built without nvcc; tests/ops/test_tokens.py checks the build found it when present")
+    require(
+        "hicmae_dist._C with CUDA kernels",
+        gather.native_built_with_cuda(),
+        "built without nvcc; tests/ops/test_tokens.py checks the build found it when present",
+    )
     for op in ("gather_visible", "gather_visible_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hicmae_dist::{op}", "CUDA"), op

@@ -1,5 +1,6 @@
 """The native decoder re-assembly and target normalisation equal the PyTorch maths they replace
 (values and gradients, several dtypes), pass opcheck, and leave HiCMAE's losses bit-identical."""
+
 import shutil
 
 import pytest
@@ -51,10 +52,13 @@ def test_assemble_gradients_equal_torch(dtype):
     visible, mask_token, pos, vi, mi = _assemble_inputs(dtype, requires_grad=True)
     pos.requires_grad_(True)
     upstream = torch.randn(3, 50, 12, generator=torch.Generator().manual_seed(5)).to(dtype)
-    ours = torch.autograd.grad((tokens.assemble_decoder_tokens(visible, mask_token, pos, vi, mi)
-                                * upstream).sum(), (visible, mask_token, pos))
-    ref = torch.autograd.grad((tokens.assemble_decoder_tokens_reference(visible, mask_token, pos, vi, mi)
-                               * upstream).sum(), (visible, mask_token, pos))
+    ours = torch.autograd.grad(
+        (tokens.assemble_decoder_tokens(visible, mask_token, pos, vi, mi) * upstream).sum(), (visible, mask_token, pos)
+    )
+    ref = torch.autograd.grad(
+        (tokens.assemble_decoder_tokens_reference(visible, mask_token, pos, vi, mi) * upstream).sum(),
+        (visible, mask_token, pos),
+    )
     for a, b in zip(ours, ref):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
@@ -87,10 +91,13 @@ def test_assemble_errors():
 
 def test_assemble_opcheck():
     visible, mask_token, pos, vi, mi = _assemble_inputs(torch.float32, B=2, N=10, C=4, requires_grad=True)
-    torch.library.opcheck(torch.ops.hicmae_dist.assemble_decoder_tokens.default,
-                          (visible, mask_token.reshape(-1), pos, vi, mi))
-    torch.library.opcheck(torch.ops.hicmae_dist.assemble_decoder_tokens.default,
-                          (visible.detach(), mask_token.detach().reshape(-1), pos, vi, mi))
+    torch.library.opcheck(
+        torch.ops.hicmae_dist.assemble_decoder_tokens.default, (visible, mask_token.reshape(-1), pos, vi, mi)
+    )
+    torch.library.opcheck(
+        torch.ops.hicmae_dist.assemble_decoder_tokens.default,
+        (visible.detach(), mask_token.detach().reshape(-1), pos, vi, mi),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,8 +168,15 @@ def test_targets_bit_identical_to_the_torch_maths(frame_diff):
     assert torch.equal(targets.audio_target(audio, 16), old_audio_target(audio, 16))
 
 
-TINY = dict(width=64, heads=2, encoder_depth=4, intermediate_layers=[1, 2, 3],
-            decoder_width=64, decoder_heads=2, decoder_depth=4)
+TINY = dict(
+    width=64,
+    heads=2,
+    encoder_depth=4,
+    intermediate_layers=[1, 2, 3],
+    decoder_width=64,
+    decoder_heads=2,
+    decoder_depth=4,
+)
 
 
 def _losses_and_grads(model, batch):
@@ -199,6 +213,7 @@ def test_hicmae_losses_bit_identical_with_the_native_ops(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 def _nvcc_present() -> bool:
     from pathlib import Path
+
     return shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
 
 
@@ -212,6 +227,7 @@ def test_extension_built_with_cuda_kernels_when_nvcc_is_present():
     require("a CUDA build of torch", torch.version.cuda is not None)
     assert gather.native_built_with_cuda(), (
         "hicmae_dist._C was built without its CUDA sources although nvcc is here: rebuild with "
-        "`pip install --no-build-isolation --no-deps -e .` and read setup.py's 'building' line")
+        "`pip install --no-build-isolation --no-deps -e .` and read setup.py's 'building' line"
+    )
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hicmae_dist::{op}", "CUDA"), op

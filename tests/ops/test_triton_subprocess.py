@@ -6,6 +6,7 @@ so neither can run inside this process; both directories collect nothing here (s
 conftest.py). A failing run fails here with the child's output; so does a run that collects no
 test (pytest exit 5).
 """
+
 from __future__ import annotations
 
 import os
@@ -40,11 +41,12 @@ def test_triton_directory_in_subprocess(subdir):
     try:
         run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{' '.join(cmd)} timed out after {err.timeout}s\n{err.stdout or ''}",
-                    pytrace=False)
+        pytest.fail(f"{' '.join(cmd)} timed out after {err.timeout}s\n{err.stdout or ''}", pytrace=False)
     took = time.monotonic() - start
-    output = f"$ {' '.join(f'{k}={v}' for k, v in set_vars.items())} {' '.join(cmd)}\n" \
-             f"(exit {run.returncode}, {took:.0f}s)\n{run.stdout}\n{run.stderr}"
+    output = (
+        f"$ {' '.join(f'{k}={v}' for k, v in set_vars.items())} {' '.join(cmd)}\n"
+        f"(exit {run.returncode}, {took:.0f}s)\n{run.stdout}\n{run.stderr}"
+    )
     if run.returncode == 5:
         pytest.fail(f"{target} collected no tests\n{output}", pytrace=False)
     if run.returncode != 0:

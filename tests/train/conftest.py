@@ -1,4 +1,5 @@
 """A small synthetic corpus, sharded once per test session, for the training tests."""
+
 import os
 import shutil
 from pathlib import Path
@@ -25,8 +26,11 @@ def cli_env() -> dict[str, str]:
     """The environment of a `hicmae-dist` subprocess: cached DeepSpeed JIT ops, no progress bars."""
     # Not the in-process tests' torch.distributed variables (test_faults): a child would try to
     # join their group, or bind the port the pytest process holds.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/hicmae-dist/torch_extensions"))
     env["TQDM_DISABLE"] = "1"
     return env
@@ -41,9 +45,22 @@ def two_minute_run(shards, cli_env, tmp_path_factory):
     import sys
 
     run_dir = tmp_path_factory.mktemp("two_minute") / "run"
-    cmd = [sys.executable, "-m", "hicmae_dist.cli", "pretrain", "--preset", "tiny-cpu", "--data", str(shards),
-           "--run-dir", str(run_dir), "train.steps=120", "train.warmup_steps=10",
-           "train.log_every=10", "train.checkpoint_every=60"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hicmae_dist.cli",
+        "pretrain",
+        "--preset",
+        "tiny-cpu",
+        "--data",
+        str(shards),
+        "--run-dir",
+        str(run_dir),
+        "train.steps=120",
+        "train.warmup_steps=10",
+        "train.log_every=10",
+        "train.checkpoint_every=60",
+    ]
     return run_dir, subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=900)
 
 
@@ -56,6 +73,7 @@ def engine():
     from hicmae_dist.train.engine import build_engine, build_model_for_engine
 
     init_distributed()
-    cfg = load_config("tiny-cpu", ["model.width=32", "model.decoder_width=32", "data.batch_size=2",
-                                   "data.num_workers=0"])
+    cfg = load_config(
+        "tiny-cpu", ["model.width=32", "model.decoder_width=32", "data.batch_size=2", "data.num_workers=0"]
+    )
     return build_engine(build_model_for_engine(cfg, 1), cfg, 1)

@@ -1,6 +1,7 @@
 """Checkpoints a week-long job can trust: verified before a resume (a bad one is moved aside and
 the one before it used), the config and data identity checked before any weight is loaded, and
 a full disk reported in one line with the last good checkpoint intact."""
+
 import json
 import logging
 import os
@@ -14,11 +15,20 @@ import pytest
 import torch
 
 from hicmae_dist.config import load_config
-from hicmae_dist.train import checkpoint, pretrain as pretrain_mod, runtime as runtime_mod
+from hicmae_dist.train import checkpoint
+from hicmae_dist.train import pretrain as pretrain_mod
+from hicmae_dist.train import runtime as runtime_mod
 from tests.support import require
 
-TINY = ["model.width=32", "model.decoder_width=32", "data.batch_size=2", "data.num_workers=0",
-        "train.warmup_steps=1", "train.log_every=1", "tracking.enabled=false"]
+TINY = [
+    "model.width=32",
+    "model.decoder_width=32",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "train.warmup_steps=1",
+    "train.log_every=1",
+    "tracking.enabled=false",
+]
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
@@ -143,10 +153,29 @@ def test_changed_config_or_data_is_refused_before_any_weight_is_loaded(shards, c
         assert "config hash" not in msg and "\n" not in msg
 
     # the CLI: the refusal, not a size-mismatch traceback from loading the weights
-    r = subprocess.run([sys.executable, "-m", "hicmae_dist.cli", "pretrain", "--preset", "tiny-cpu", "--data",
-                        str(shards), "--run-dir", str(tmp_path / "run"), "--no-progress", *TINY, "train.steps=4",
-                        "model.width=128", "model.decoder_width=64"], capture_output=True, text=True, env=cli_env,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hicmae_dist.cli",
+            "pretrain",
+            "--preset",
+            "tiny-cpu",
+            "--data",
+            str(shards),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+            *TINY,
+            "train.steps=4",
+            "model.width=128",
+            "model.decoder_width=64",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=300,
+    )
     assert r.returncode == 1 and "config hash" in r.stderr and "--allow-config-change" in r.stderr
     assert "size mismatch" not in r.stderr and "Traceback" not in r.stderr
     (line,) = [x for x in r.stderr.splitlines() if x.startswith("hicmae-dist pretrain:")]
@@ -162,8 +191,14 @@ def test_changed_config_or_data_is_refused_before_any_weight_is_loaded(shards, c
 
 
 def _rank(rank: int, port: int, shards: str, run_dir: str, steps: int, queue) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     summary = _pretrain(shards, run_dir, f"train.steps={steps}", "train.checkpoint_every=2")
@@ -212,8 +247,12 @@ def small_disk(tmp_path):
     """A tmpfs mounted on tmp_path/disk (root only); resize(bytes) remounts it."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)],
-                             capture_output=True, text=True).returncode == 0
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True
+        ).returncode
+        == 0
+    )
     require("a tmpfs mount", mounted, "the full-disk test mounts a small tmpfs: run it as root")
 
     def resize(size: int) -> None:
@@ -232,8 +271,13 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_good_checkpoint
     disk, resize = small_disk
     run_dir = disk / "run"
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # off the full disk: the run's status must get there
-    args = ("train.checkpoint_every=2", "train.keep_checkpoints=2", "tracking.enabled=true",
-            "tracking.system_metrics_s=0", f"tracking.uri={store}")
+    args = (
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=2",
+        "tracking.enabled=true",
+        "tracking.system_metrics_s=0",
+        f"tracking.uri={store}",
+    )
     run_id = _pretrain(shards, run_dir, "train.steps=2", *args)["mlflow_run_id"]
     root = run_dir / "checkpoints"
     size = sum(p.stat().st_size for p in (root / "step00000002").iterdir())

@@ -1,4 +1,5 @@
 """Faults a week-long job meets: a crash in the middle of a save, non-finite losses."""
+
 import json
 import os
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from hicmae_dist.config import load_config
-from hicmae_dist.train import checkpoint, pretrain as pretrain_mod
+from hicmae_dist.train import checkpoint
+from hicmae_dist.train import pretrain as pretrain_mod
 from hicmae_dist.train.rundir import RunDir
 from tests.support import run_ranks
 
@@ -74,9 +76,19 @@ def _pretrain_with_nans(monkeypatch, shards, run_dir, bad_calls, steps):
 
     real = engine_mod.build_model_for_engine
     monkeypatch.setattr(pretrain_mod, "build_model_for_engine", lambda cfg, ws: _NanAt(real(cfg, ws), bad_calls))
-    cfg = load_config("tiny-cpu", TINY + [f"train.steps={steps}", "train.warmup_steps=1", "train.log_every=1",
-                                          "train.checkpoint_every=2", "train.max_nonfinite_in_a_row=3",
-                                          f"data.shards={shards}", "tracking.enabled=false"])
+    cfg = load_config(
+        "tiny-cpu",
+        TINY
+        + [
+            f"train.steps={steps}",
+            "train.warmup_steps=1",
+            "train.log_every=1",
+            "train.checkpoint_every=2",
+            "train.max_nonfinite_in_a_row=3",
+            f"data.shards={shards}",
+            "tracking.enabled=false",
+        ],
+    )
     return pretrain_mod.pretrain(cfg, run_dir, progress=False)
 
 
@@ -94,11 +106,18 @@ def test_nonfinite_losses_in_a_row_stop_the_run_with_a_checkpoint(engine, shards
     assert RunDir(tmp_path).latest_checkpoint().name == "step00000002"
 
 
-def _pretrain_rank(rank: int, world_size: int, port: int, shards: str, run_dir: str, grad_accum: int, bad_calls: list,
-                   queue) -> None:
+def _pretrain_rank(
+    rank: int, world_size: int, port: int, shards: str, run_dir: str, grad_accum: int, bad_calls: list, queue
+) -> None:
     """One of 2 gloo ranks pretraining; rank 1's model returns NaN losses on `bad_calls`."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     from hicmae_dist.train import engine as engine_mod
 
@@ -109,9 +128,19 @@ def _pretrain_rank(rank: int, world_size: int, port: int, shards: str, run_dir: 
         return wrapped[-1]
 
     pretrain_mod.build_model_for_engine = build
-    cfg = load_config("tiny-cpu", TINY + ["train.steps=4", "train.warmup_steps=1", "train.log_every=1",
-                                          "train.checkpoint_every=2", f"train.grad_accum={grad_accum}",
-                                          f"data.shards={shards}", "tracking.enabled=false"])
+    cfg = load_config(
+        "tiny-cpu",
+        TINY
+        + [
+            "train.steps=4",
+            "train.warmup_steps=1",
+            "train.log_every=1",
+            "train.checkpoint_every=2",
+            f"train.grad_accum={grad_accum}",
+            f"data.shards={shards}",
+            "tracking.enabled=false",
+        ],
+    )
     summary = pretrain_mod.pretrain(cfg, run_dir, progress=False)
     weights = {k: v.numpy().copy() for k, v in wrapped[0].model.state_dict().items()}  # plain pickles
     queue.put((rank, summary["steps"], summary["nonfinite_skipped"], wrapped[0].calls, weights))
@@ -123,8 +152,9 @@ def test_nan_on_one_rank_skips_the_step_on_both(shards, tmp_path, grad_accum, ba
     """ZeRO-2 over gloo, a NaN loss on rank 1 only (step 3; with grad_accum 2 in its second
     micro-batch): both ranks skip that step, nothing hangs, the weights stay identical and both
     finish 4 steps with one skip."""
-    results = sorted(run_ranks(_pretrain_rank, 2, (str(shards), str(tmp_path), grad_accum, bad_calls), expect=2,
-                               timeout_s=300))
+    results = sorted(
+        run_ranks(_pretrain_rank, 2, (str(shards), str(tmp_path), grad_accum, bad_calls), expect=2, timeout_s=300)
+    )
     (_, steps0, skipped0, calls0, w0), (_, steps1, skipped1, calls1, w1) = results
     assert (steps0, skipped0) == (steps1, skipped1) == (4, 1)
     assert calls0 == calls1 == 5 * grad_accum  # 4 steps + the refused one, every micro-batch run on both
@@ -149,13 +179,23 @@ def test_losses_reach_the_host_once_per_log_window(engine, shards, tmp_path, mon
             if self.is_floating_point() and "hicmae_dist" in sys._getframe(1).f_code.co_filename:
                 reads[name] += 1
             return real(self, *args, **kwargs)
+
         return wrapper
 
     for name in reads:
         monkeypatch.setattr(torch.Tensor, name, counted(name))
-    cfg = load_config("tiny-cpu", TINY + ["train.steps=20", "train.warmup_steps=2", "train.log_every=10",
-                                          "train.checkpoint_every=100", f"data.shards={shards}",
-                                          "tracking.enabled=false"])
+    cfg = load_config(
+        "tiny-cpu",
+        TINY
+        + [
+            "train.steps=20",
+            "train.warmup_steps=2",
+            "train.log_every=10",
+            "train.checkpoint_every=100",
+            f"data.shards={shards}",
+            "tracking.enabled=false",
+        ],
+    )
     summary = pretrain_mod.pretrain(cfg, tmp_path, progress=False)
     monkeypatch.undo()
     assert summary["steps"] == 20

@@ -1,6 +1,7 @@
 """Fine-tuning end to end through the CLI: a pretrained tiny model against the same fine-tune
 from scratch over 3 synthetic folds, retrieval and the linear probe, and fine-tuning from an
 authors'-format checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -53,9 +54,19 @@ def test_finetune_from_an_authors_format_checkpoint(downstream, cli_env, tmp_pat
     ckpt = tmp_path / "hicmae_tiny_finetuned.pth"
     torch.save({"model": random_state("hicmae_finetune_tiny")}, ckpt)
     run_dir = tmp_path / "ft"
-    summary = _finetune(_small_splits(downstream, tmp_path / "splits"), run_dir, cli_env, "--pretrained", str(ckpt),
-                        "finetune.num_outputs=4", "finetune.epochs=1", "finetune.warmup_epochs=0",
-                        "data.batch_size=2", "finetune.test_num_segment=1", "finetune.test_num_crop=1")
+    summary = _finetune(
+        _small_splits(downstream, tmp_path / "splits"),
+        run_dir,
+        cli_env,
+        "--pretrained",
+        str(ckpt),
+        "finetune.num_outputs=4",
+        "finetune.epochs=1",
+        "finetune.warmup_epochs=0",
+        "data.batch_size=2",
+        "finetune.test_num_segment=1",
+        "finetune.test_num_crop=1",
+    )
     result = json.loads((run_dir / "fold01" / "results.json").read_text())
     weights = load_weights(ckpt)
     assert weights.cfg.width == 256 and weights.kind == "finetune" and weights.num_classes == 6
@@ -87,8 +98,16 @@ def _mlflow_runs(run_dir: Path):
 def test_three_fold_protocol_table_mlflow_and_rerun(downstream, cli_env, tmp_path):
     run_dir = tmp_path / "kfold"
     splits = _small_splits(downstream, tmp_path / "splits", folds=(1, 2, 3), train=4, val=2, test=3)
-    args = ["--folds", "1-3", "--from-scratch", "finetune.num_outputs=4", "finetune.epochs=1",
-            "finetune.warmup_epochs=0", "data.batch_size=4", "data.num_workers=0"]
+    args = [
+        "--folds",
+        "1-3",
+        "--from-scratch",
+        "finetune.num_outputs=4",
+        "finetune.epochs=1",
+        "finetune.warmup_epochs=0",
+        "data.batch_size=4",
+        "data.num_workers=0",
+    ]
     summary = _finetune(splits, run_dir, cli_env, *args)
     assert summary["folds"] == [1, 2, 3]
     for which in ("last", "best"):
@@ -113,20 +132,43 @@ def test_three_fold_protocol_table_mlflow_and_rerun(downstream, cli_env, tmp_pat
     assert {"best_uar_mean", "best_uar_std", "last_war_mean"} <= set(parent.data.metrics)
     # a rerun finds every fold done: nothing trained again, the same table
     before = (run_dir / "fold02" / "results.json").stat().st_mtime_ns
-    again = _run(["finetune", "--preset", "finetune-tiny-cpu", "--splits", str(splits), "--run-dir", str(run_dir),
-                  "--no-progress", *args], cli_env)
+    again = _run(
+        [
+            "finetune",
+            "--preset",
+            "finetune-tiny-cpu",
+            "--splits",
+            str(splits),
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            *args,
+        ],
+        cli_env,
+    )
     assert (run_dir / "fold02" / "results.json").stat().st_mtime_ns == before
     assert "| best val uar | mean ± std |" in again.stdout
 
 
 def test_regression_with_ccc_loss(cli_env, tmp_path):
     out = tmp_path / "reg"
-    write_downstream(out, 12, num_classes=4, num_subjects=6, folds=3, seed=2, regression=True, workers=2,
-                     progress=False)
+    write_downstream(
+        out, 12, num_classes=4, num_subjects=6, folds=3, seed=2, regression=True, workers=2, progress=False
+    )
     run_dir = tmp_path / "ft"
-    summary = _finetune(out / "splits", run_dir, cli_env, "--from-scratch", "finetune.task=regression",
-                        "finetune.num_outputs=2", "finetune.regression_loss=ccc", "finetune.epochs=1",
-                        "finetune.warmup_epochs=0", "data.batch_size=4", "finetune.test_num_crop=1")
+    summary = _finetune(
+        out / "splits",
+        run_dir,
+        cli_env,
+        "--from-scratch",
+        "finetune.task=regression",
+        "finetune.num_outputs=2",
+        "finetune.regression_loss=ccc",
+        "finetune.epochs=1",
+        "finetune.warmup_epochs=0",
+        "data.batch_size=4",
+        "finetune.test_num_crop=1",
+    )
     result = json.loads((run_dir / "fold01" / "results.json").read_text())
     assert {"ccc_d0", "ccc_d1", "pcc_d0", "mse_d1", "ccc"} <= set(result["last"])
     assert -1.0 <= summary["best"]["ccc"]["mean"] <= 1.0 and "| best val ccc |" in (run_dir / "results.md").read_text()
@@ -141,19 +183,48 @@ def test_pretrained_features_beat_random_ones_and_retrieval_runs(two_minute_run,
     probe = {}
     for name, init in (("pretrained", ["--pretrained", str(run_dir)]), ("random", ["--from-scratch"])):
         out = tmp_path / f"probe_{name}.json"
-        _run(["eval", "linear-probe", *init, "--preset", "finetune-tiny-cpu", "--splits", str(downstream / "splits"),
-              "--fold", "1", "--no-progress", "--json", str(out), "finetune.num_outputs=4"], cli_env)
+        _run(
+            [
+                "eval",
+                "linear-probe",
+                *init,
+                "--preset",
+                "finetune-tiny-cpu",
+                "--splits",
+                str(downstream / "splits"),
+                "--fold",
+                "1",
+                "--no-progress",
+                "--json",
+                str(out),
+                "finetune.num_outputs=4",
+            ],
+            cli_env,
+        )
         probe[name] = json.loads(out.read_text())
     assert probe["pretrained"]["pretrained_tensors"] > 100 and probe["random"]["pretrained_tensors"] == 0
     assert probe["pretrained"]["test"]["war"] >= 0.5  # well above chance
     assert probe["pretrained"]["test"]["war"] > probe["random"]["test"]["war"]
 
     everything = tmp_path / "all.csv"
-    ds.write_annotations(everything, sum((ds.read_annotations(downstream / "splits" / f"split0{f}" / "test.csv")
-                                         for f in (1, 2, 3)), []))
+    ds.write_annotations(
+        everything, sum((ds.read_annotations(downstream / "splits" / f"split0{f}" / "test.csv") for f in (1, 2, 3)), [])
+    )
     out = tmp_path / "retrieval.json"
-    _run(["eval", "retrieval", "--weights", str(run_dir), "--annotations", str(everything), "--no-progress",
-          "--json", str(out)], cli_env)
+    _run(
+        [
+            "eval",
+            "retrieval",
+            "--weights",
+            str(run_dir),
+            "--annotations",
+            str(everything),
+            "--no-progress",
+            "--json",
+            str(out),
+        ],
+        cli_env,
+    )
     result = json.loads(out.read_text())
     assert result["clips"] == 48 and result["chance_r@1"] == pytest.approx(1 / 48)
     for direction in ("video_to_audio", "audio_to_video"):
@@ -165,23 +236,57 @@ def test_cavmae_multimodal_finetune_with_its_head_lr(downstream, cli_env, tmp_pa
     """A narrow CAV-MAE from scratch, multimodal mode, Adam with the head at 10x: the other modes'
     LayerNorms are frozen (no gradient reaches them) and one short fold runs."""
     run_dir = tmp_path / "cav"
-    summary = _finetune(_small_splits(downstream, tmp_path / "splits"), run_dir, cli_env, "--preset",
-                        "finetune-cavmae", "--from-scratch",
-                        "finetune.num_outputs=4", "finetune.epochs=1", "finetune.warmup_epochs=0",
-                        "data.batch_size=2", "data.num_workers=0", "train.bf16=false", "model.arch=cavmae",
-                        "model.width=64", "model.heads=2", "model.modality_depth=1", "model.shared_depth=1",
-                        "model.decoder_width=32", "model.decoder_heads=2", "model.decoder_depth=1",
-                        "model.num_frames=1", "model.image_size=224", "model.audio_frames=1024")
+    summary = _finetune(
+        _small_splits(downstream, tmp_path / "splits"),
+        run_dir,
+        cli_env,
+        "--preset",
+        "finetune-cavmae",
+        "--from-scratch",
+        "finetune.num_outputs=4",
+        "finetune.epochs=1",
+        "finetune.warmup_epochs=0",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "train.bf16=false",
+        "model.arch=cavmae",
+        "model.width=64",
+        "model.heads=2",
+        "model.modality_depth=1",
+        "model.shared_depth=1",
+        "model.decoder_width=32",
+        "model.decoder_heads=2",
+        "model.decoder_depth=1",
+        "model.num_frames=1",
+        "model.image_size=224",
+        "model.audio_frames=1024",
+    )
     result = json.loads((run_dir / "fold01" / "results.json").read_text())
     assert result["test_views"] == 10  # CAV-MAE's 10-frame test ensemble
     assert summary["folds"] == [1] and len(result["last"]["confusion"]) == 4
 
 
-CAVMAE_TINY = ["--preset", "finetune-cavmae", "--from-scratch", "finetune.num_outputs=4", "finetune.warmup_epochs=0",
-               "data.batch_size=2", "data.num_workers=0", "train.bf16=false", "model.arch=cavmae", "model.width=64",
-               "model.heads=2", "model.modality_depth=1", "model.shared_depth=1", "model.decoder_width=32",
-               "model.decoder_heads=2", "model.decoder_depth=1", "model.num_frames=1", "model.image_size=224",
-               "model.audio_frames=1024"]
+CAVMAE_TINY = [
+    "--preset",
+    "finetune-cavmae",
+    "--from-scratch",
+    "finetune.num_outputs=4",
+    "finetune.warmup_epochs=0",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "train.bf16=false",
+    "model.arch=cavmae",
+    "model.width=64",
+    "model.heads=2",
+    "model.modality_depth=1",
+    "model.shared_depth=1",
+    "model.decoder_width=32",
+    "model.decoder_heads=2",
+    "model.decoder_depth=1",
+    "model.num_frames=1",
+    "model.image_size=224",
+    "model.audio_frames=1024",
+]
 
 
 def test_cavmae_eval_modes_and_weight_average(downstream, cli_env, tmp_path):
@@ -190,9 +295,17 @@ def test_cavmae_eval_modes_and_weight_average(downstream, cli_env, tmp_path):
     missing-modality modes, with the last, the selected and the averaged weights."""
     run_dir = tmp_path / "cav"
     modes = ("audio_missing_video", "video_missing_audio")
-    summary = _finetune(_small_splits(downstream, tmp_path / "splits"), run_dir, cli_env, *CAVMAE_TINY,
-                        "finetune.epochs=3", "train.keep_checkpoints=1", "finetune.weight_average=[0, 1]",
-                        "--eval-modes", ",".join(modes))
+    summary = _finetune(
+        _small_splits(downstream, tmp_path / "splits"),
+        run_dir,
+        cli_env,
+        *CAVMAE_TINY,
+        "finetune.epochs=3",
+        "train.keep_checkpoints=1",
+        "finetune.weight_average=[0, 1]",
+        "--eval-modes",
+        ",".join(modes),
+    )
     fold = run_dir / "fold01"
     result = json.loads((fold / "results.json").read_text())
     selections = [f"{w}{m}" for w in ("last", "best", "averaged") for m in ("", *(f"_{m}" for m in modes))]
@@ -233,9 +346,22 @@ def test_sigterm_mid_epoch_then_rerun_continues_the_fold(downstream, cli_env, tm
 
     splits = _small_splits(downstream, tmp_path / "splits", train=6, val=2, test=2)
     run_dir = tmp_path / "ft"
-    cmd = CLI + ["finetune", "--preset", "finetune-tiny-cpu", "--splits", str(splits), "--run-dir", str(run_dir),
-                 "--no-progress", "--from-scratch", "finetune.num_outputs=4", "finetune.epochs=2",
-                 "data.batch_size=2", "data.num_workers=0", "finetune.test_num_segment=1"]
+    cmd = CLI + [
+        "finetune",
+        "--preset",
+        "finetune-tiny-cpu",
+        "--splits",
+        str(splits),
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        "--from-scratch",
+        "finetune.num_outputs=4",
+        "finetune.epochs=2",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "finetune.test_num_segment=1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
     latest = run_dir / "fold01" / "checkpoints" / "latest"
     # Epoch 0's history row is written just before its checkpoint, and the stop is agreed at the next
@@ -250,7 +376,9 @@ def test_sigterm_mid_epoch_then_rerun_continues_the_fold(downstream, cli_env, tm
     assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]  # saved, not finished
     assert "interrupted in fold 1" in out
     state = json.loads((run_dir / "fold01" / "checkpoints" / latest.read_text() / "state.json").read_text())
-    assert state["epoch"] == 1 and 0 < state["batch_in_epoch"] < 3 and not (run_dir / "fold01" / "results.json").exists()
+    assert (
+        state["epoch"] == 1 and 0 < state["batch_in_epoch"] < 3 and not (run_dir / "fold01" / "results.json").exists()
+    )
     r = _run(cmd[3:], cli_env)
     assert "| last epoch | 1 |" in r.stdout
     history = json.loads((run_dir / "fold01" / "history.json").read_text())

@@ -1,6 +1,7 @@
 """Multi-label fine-tuning end to end through the CLI: the two-minute pretraining fine-tuned on a
 synthetic multi-label set in the CAV-MAE release's JSON layout, with balanced sampling, against
 the label-frequency baseline."""
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,25 @@ def multilabel_set(tmp_path_factory) -> Path:
     """72 clips of 1-3 of 5 classes from 18 subjects in 6 folds (48 train / 12 val / 12 test):
     with 24 training clips the tiny model does not learn five detectors in a few epochs."""
     out = tmp_path_factory.mktemp("multilabel") / "set"
-    write_downstream(out, 72, num_classes=5, num_subjects=18, folds=6, seed=1, duration_s=2.8, multilabel=True,
-                     workers=2, progress=False)
+    write_downstream(
+        out,
+        72,
+        num_classes=5,
+        num_subjects=18,
+        folds=6,
+        seed=1,
+        duration_s=2.8,
+        multilabel=True,
+        workers=2,
+        progress=False,
+    )
     return out
 
 
 def _frequency_baseline(splits: dict[str, list[ds.DownstreamItem]], k: int) -> float:
     """Test mAP of scoring every clip with the classes' training frequencies: each class's AP is
     then its positive rate in test (all scores tie)."""
+
     def multi_hot(items):
         y = np.zeros((len(items), k))
         for row, item in enumerate(items):
@@ -47,11 +59,27 @@ def test_multilabel_finetune_beats_the_label_frequency_baseline(two_minute_run, 
     run_dir, r = two_minute_run
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "ft"
-    cmd = ["finetune", "--preset", "finetune-tiny-cpu", "--pretrained", str(run_dir), "--splits",
-           str(multilabel_set / "splits"), "--run-dir", str(out), "--no-progress", "finetune.task=multilabel",
-           "finetune.balanced_sampling=true", "finetune.epochs=6", "finetune.test_num_segment=1",
-           "data.batch_size=4", "finetune.layer_decay=1.0", "train.base_lr=6.4e-2", "finetune.label_smoothing=0",
-           "data.num_workers=0"]
+    cmd = [
+        "finetune",
+        "--preset",
+        "finetune-tiny-cpu",
+        "--pretrained",
+        str(run_dir),
+        "--splits",
+        str(multilabel_set / "splits"),
+        "--run-dir",
+        str(out),
+        "--no-progress",
+        "finetune.task=multilabel",
+        "finetune.balanced_sampling=true",
+        "finetune.epochs=6",
+        "finetune.test_num_segment=1",
+        "data.batch_size=4",
+        "finetune.layer_decay=1.0",
+        "train.base_lr=6.4e-2",
+        "finetune.label_smoothing=0",
+        "data.num_workers=0",
+    ]
     p = subprocess.run(CLI + cmd, capture_output=True, text=True, env=cli_env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((out / "fold01" / "results.json").read_text())

@@ -1,6 +1,7 @@
 """Multi-label fine-tuning pieces without a training run: the release's smoothed and mixed
 multi-hot targets, the BCE loss, balanced sampling (frequencies and resume), the CAV-MAE dataset
 presets and their recipes."""
+
 from __future__ import annotations
 
 import types
@@ -126,9 +127,21 @@ def test_finetune_dataset_flag_applies_the_recipe_and_reads_the_class_names(tmp_
         (split / f"{name}.json").write_text('{"data": []}')
     rows = ["index,mid,display_name"] + [f"{i},/m/x{i},sound {i}" for i in range(527)]
     (tmp_path / "splits" / "class_labels_indices.csv").write_text("\n".join(rows) + "\n")
-    code = cli.main(["finetune", "--preset", "finetune-cavmae", "--dataset", "audioset-20k", "--splits",
-                     str(tmp_path / "splits"), "--run-dir", str(tmp_path / "run"), "--dry-run",
-                     "finetune.head_lr_scale=7"])
+    code = cli.main(
+        [
+            "finetune",
+            "--preset",
+            "finetune-cavmae",
+            "--dataset",
+            "audioset-20k",
+            "--splits",
+            str(tmp_path / "splits"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--dry-run",
+            "finetune.head_lr_scale=7",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0
     assert "dataset audioset-20k: the authors' recipe applied" in err and "train.base_lr=5e-05" in err

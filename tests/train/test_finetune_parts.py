@@ -1,5 +1,6 @@
 """Fine-tuning pieces without a training run: the validation split, mixing, losses, layer decay,
 dataset presets, the fold sampler and the protocol table."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ def _items(subjects_clips: dict[str, int], root: Path, label_of=lambda i: i % 3)
     items, i = [], 0
     for subject, n in subjects_clips.items():
         for c in range(n):
-            items.append(ds.DownstreamItem(root / "frames" / subject / f"{c:05d}", root / f"{subject}_{c}.wav",
-                                           (label_of(i),)))
+            items.append(
+                ds.DownstreamItem(root / "frames" / subject / f"{c:05d}", root / f"{subject}_{c}.wav", (label_of(i),))
+            )
             i += 1
     return items
 
@@ -107,16 +109,18 @@ def test_mixup_mixes_both_modalities_with_one_lambda():
     assert torch.allclose(target, lam * smooth + (1 - lam) * smooth.flip(0))
     assert torch.allclose(target.sum(1), torch.ones(4))
     # the release's mixing: the audio is left alone
-    v2, a2, _ = mix_batch(video.clone(), audio.clone(), labels, 3, _ft(cutmix=0.0, mix_video_only=True),
-                             np.random.default_rng(0))
+    v2, a2, _ = mix_batch(
+        video.clone(), audio.clone(), labels, 3, _ft(cutmix=0.0, mix_video_only=True), np.random.default_rng(0)
+    )
     assert torch.equal(a2, audio) and torch.allclose(v2, v)
 
 
 def test_cutmix_cuts_the_same_fraction_from_both_modalities():
     for seed in range(5):
         video, audio = torch.rand(2, 3, 2, 40, 40), torch.rand(2, 1, 100, 8)
-        v, a, target = mix_batch(video.clone(), audio.clone(), torch.tensor([0, 1]), 2, _ft(mixup=0.0),
-                                    np.random.default_rng(seed))
+        v, a, target = mix_batch(
+            video.clone(), audio.clone(), torch.tensor([0, 1]), 2, _ft(mixup=0.0), np.random.default_rng(seed)
+        )
         pasted_v = (v != video)[0, 0, 0].float().mean().item()  # fraction of pixels from the other clip
         pasted_a = (a != audio)[0, 0, :, 0].float().mean().item()  # fraction of audio frames
         lam = 1 - pasted_v
@@ -141,9 +145,9 @@ def test_layer_decay_scales_follow_the_spec():
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
-    assert scale_of[id(named["video_encoder.patch_embed.weight"])] == pytest.approx(0.75 ** 13)
-    assert scale_of[id(named["audio_encoder.blocks.0.attn.qkv.weight"])] == pytest.approx(0.75 ** 12)
-    assert scale_of[id(named["video_encoder.blocks.9.mlp.fc1.weight"])] == pytest.approx(0.75 ** 3)
+    assert scale_of[id(named["video_encoder.patch_embed.weight"])] == pytest.approx(0.75**13)
+    assert scale_of[id(named["audio_encoder.blocks.0.attn.qkv.weight"])] == pytest.approx(0.75**12)
+    assert scale_of[id(named["video_encoder.blocks.9.mlp.fc1.weight"])] == pytest.approx(0.75**3)
     assert scale_of[id(named["fusion.audio_blocks.1.mlp.fc2.weight"])] == pytest.approx(0.75)
     assert scale_of[id(named["head.weight"])] == 1.0 and decay_of[id(named["head.bias"])] == 0.0
     assert len(scale_of) == len(named)  # every parameter in exactly one group
@@ -151,8 +155,9 @@ def test_layer_decay_scales_follow_the_spec():
 
     opt = torch.optim.AdamW([{**g, "params": [torch.zeros(1, requires_grad=True)]} for g in groups])
     set_lr(opt, 1e-3)
-    assert sorted({round(g["lr"] / 1e-3, 9) for g in opt.param_groups}) == \
-        sorted({round(0.75 ** k, 9) for k in range(14)})
+    assert sorted({round(g["lr"] / 1e-3, 9) for g in opt.param_groups}) == sorted(
+        {round(0.75**k, 9) for k in range(14)}
+    )
 
 
 def test_epoch_batches_split_ranks_and_resume_inside_an_epoch():
@@ -185,8 +190,10 @@ def test_encoder_weights_load_and_the_wrong_model_is_named():
     weights = Converted("hicmae", "pretrain", cfg, None, pre.state_dict())
     model = build_finetune_model(cfg, 4)
     report = load_encoder_weights(model, weights)
-    assert torch.equal(model.state_dict()["audio_encoder.blocks.3.mlp.fc1.weight"],
-                       pre.state_dict()["audio_encoder.blocks.3.mlp.fc1.weight"])
+    assert torch.equal(
+        model.state_dict()["audio_encoder.blocks.3.mlp.fc1.weight"],
+        pre.state_dict()["audio_encoder.blocks.3.mlp.fc1.weight"],
+    )
     assert report["initialised"] == 6 and report["dropped"] == len(pre.state_dict()) - report["loaded"]
     wider = build_finetune_model(type(cfg)(**{**cfg.__dict__, "width": 128, "heads": 4}), 4)
     with pytest.raises(ValueError, match="lack .* backbone tensors"):
@@ -195,9 +202,14 @@ def test_encoder_weights_load_and_the_wrong_model_is_named():
 
 def test_protocol_table_has_folds_mean_std_and_the_paper():
     task = resolve_task(load_config("finetune-tiny-cpu", ["finetune.dataset=crema-d"]))
-    per_fold = {f: {"best_epoch": f, "last": {"uar": u, "war": w, "weighted_f1": 0.5, "macro_f1": 0.5},
-                    "best": {"uar": u + 0.1, "war": w, "weighted_f1": 0.5, "macro_f1": 0.5}}
-                for f, (u, w) in zip((1, 2, 3), ((0.5, 0.6), (0.7, 0.6), (0.6, 0.9)))}
+    per_fold = {
+        f: {
+            "best_epoch": f,
+            "last": {"uar": u, "war": w, "weighted_f1": 0.5, "macro_f1": 0.5},
+            "best": {"uar": u + 0.1, "war": w, "weighted_f1": 0.5, "macro_f1": 0.5},
+        }
+        for f, (u, w) in zip((1, 2, 3), ((0.5, 0.6), (0.7, 0.6), (0.6, 0.9)))
+    }
     summary = summarize(per_fold, task)
     assert summary["last"]["uar"]["mean"] == pytest.approx(0.6)
     assert summary["last"]["uar"]["std"] == pytest.approx(np.std([0.5, 0.7, 0.6]))
@@ -208,8 +220,14 @@ def test_protocol_table_has_folds_mean_std_and_the_paper():
 
 
 def _finish_rank(rank: int, world_size: int, port: int, queue) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     from hicmae_dist import comm
     from hicmae_dist.train.finetune import fold as fold_mod
 

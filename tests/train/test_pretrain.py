@@ -1,5 +1,6 @@
 """End to end on the CPU: the real CLI pretrains the tiny preset on real shards with DeepSpeed,
 logs to MLflow, checkpoints, and resumes after a SIGKILL."""
+
 import json
 import os
 import random
@@ -22,8 +23,17 @@ CLI = [sys.executable, "-m", "hicmae_dist.cli"]
 
 
 def _pretrain_cmd(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return CLI + ["pretrain", "--preset", "tiny-cpu", "--data", str(shards), "--run-dir", str(run_dir),
-                  "--no-progress", *overrides]
+    return CLI + [
+        "pretrain",
+        "--preset",
+        "tiny-cpu",
+        "--data",
+        str(shards),
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        *overrides,
+    ]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -40,14 +50,19 @@ def _mlflow_history(run_dir: Path, key: str):
 
 
 def test_dry_run_prints_resolved_config_without_data():
-    out = subprocess.run(CLI + ["pretrain", "--preset", "tiny-cpu", "--dry-run", "model.width=128",
-                                "train.zero_stage=1"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        CLI + ["pretrain", "--preset", "tiny-cpu", "--dry-run", "model.width=128", "train.zero_stage=1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "width: 128" in out and '"stage": 1' in out and "heads: 2" in out
 
 
 def test_bad_override_fails_naming_the_key():
-    r = subprocess.run(CLI + ["pretrain", "--preset", "tiny-cpu", "--dry-run", "train.stpes=5"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        CLI + ["pretrain", "--preset", "tiny-cpu", "--dry-run", "train.stpes=5"], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "unknown config key 'train.stpes'" in r.stderr
 
 
@@ -96,16 +111,35 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(shards, cli_env, 
     same weights, to the bit, as an uninterrupted run; one MLflow run whose step metrics have no
     gap and no repeat."""
     steps, every = 16, 4
-    args = (f"train.steps={steps}", "train.warmup_steps=4", "train.log_every=2", f"train.checkpoint_every={every}",
-            "model.width=32", "model.decoder_width=32", "data.batch_size=2", "train.grad_accum=2")
+    args = (
+        f"train.steps={steps}",
+        "train.warmup_steps=4",
+        "train.log_every=2",
+        f"train.checkpoint_every={every}",
+        "model.width=32",
+        "model.decoder_width=32",
+        "data.batch_size=2",
+        "train.grad_accum=2",
+    )
     reference = tmp_path / "uninterrupted"
-    r = subprocess.run(_pretrain_cmd(shards, reference, *args, "tracking.enabled=false"), capture_output=True,
-                       text=True, env=cli_env, timeout=900)
+    r = subprocess.run(
+        _pretrain_cmd(shards, reference, *args, "tracking.enabled=false"),
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_pretrain_cmd(shards, run_dir, *args), env=cli_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _pretrain_cmd(shards, run_dir, *args),
+        env=cli_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.time() + 600
     while not (latest.exists() and latest.read_text() >= f"step{every:08d}"):
@@ -118,8 +152,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(shards, cli_env, 
     killed_at = latest.read_text()
     assert killed_at != f"step{steps:08d}", "the run finished before the kill; make it longer"
 
-    r = subprocess.run(_pretrain_cmd(shards, run_dir, *args), capture_output=True, text=True, env=cli_env,
-                       timeout=900)
+    r = subprocess.run(_pretrain_cmd(shards, run_dir, *args), capture_output=True, text=True, env=cli_env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     resumed_from = int(killed_at.removeprefix("step"))
     assert f"this session from {resumed_from}" in r.stdout
@@ -148,10 +181,18 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(shards, cli_env, 
 @pytest.mark.slow
 def test_sigterm_checkpoints_at_the_next_step_and_resume_repeats_nothing(shards, cli_env, tmp_path):
     run_dir = tmp_path / "run"
-    args = ("train.steps=12", "train.warmup_steps=2", "train.log_every=1", "train.checkpoint_every=100",
-            "model.width=32", "model.decoder_width=32", "data.batch_size=4")
-    proc = subprocess.Popen(_pretrain_cmd(shards, run_dir, *args), env=cli_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = (
+        "train.steps=12",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+        "train.checkpoint_every=100",
+        "model.width=32",
+        "model.decoder_width=32",
+        "data.batch_size=4",
+    )
+    proc = subprocess.Popen(
+        _pretrain_cmd(shards, run_dir, *args), env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 600
     while not ((run_dir / "metrics.jsonl").exists() and len(_metrics(run_dir)) >= 3):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -165,8 +206,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_repeats_nothing(shards,
     assert 3 <= stopped < 12
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
 
-    r = subprocess.run(_pretrain_cmd(shards, run_dir, *args), capture_output=True, text=True, env=cli_env,
-                       timeout=900)
+    r = subprocess.run(_pretrain_cmd(shards, run_dir, *args), capture_output=True, text=True, env=cli_env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     runs, history = _mlflow_history(run_dir, "loss")
     (hist,) = history.values()
@@ -178,8 +218,16 @@ def _torchrun(nproc: int) -> list[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={port}", "-m", "hicmae_dist.cli"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "hicmae_dist.cli",
+    ]
 
 
 @pytest.mark.slow
@@ -187,12 +235,19 @@ def test_resume_at_another_world_size_through_universal_checkpoint(shards, cli_e
     """2 ranks -> 1 rank -> 2 ranks, one run directory: each resume converts the checkpoint to
     DeepSpeed's universal format and continues the step count, the loss and the MLflow run."""
     run_dir = tmp_path / "run"
-    base = ("train.warmup_steps=2", "train.log_every=2", "train.checkpoint_every=4", "model.width=32",
-            "model.decoder_width=32", "data.batch_size=2", "data.num_workers=0")
+    base = (
+        "train.warmup_steps=2",
+        "train.log_every=2",
+        "train.checkpoint_every=4",
+        "model.width=32",
+        "model.decoder_width=32",
+        "data.batch_size=2",
+        "data.num_workers=0",
+    )
 
     def run(nproc, steps):
         cmd = _pretrain_cmd(shards, run_dir, *base, f"train.steps={steps}")
-        cmd = _torchrun(nproc) + cmd[len(CLI):] if nproc > 1 else cmd
+        cmd = _torchrun(nproc) + cmd[len(CLI) :] if nproc > 1 else cmd
         r = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout
@@ -226,12 +281,28 @@ class MlflowServer:
     def start(self) -> None:
         import urllib.request
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-                                      str(self.port), "--workers", "1", "--backend-store-uri",
-                                      f"sqlite:///{self.store / 'mlflow.db'}",
-                                      "--artifacts-destination", str(self.store / "artifacts")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.store / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.store / "artifacts"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.time() + 120
         while True:
             try:
@@ -262,11 +333,26 @@ def mlflow_server(tmp_path):
 def test_tracking_to_a_real_mlflow_server_with_system_metrics(shards, cli_env, tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    r = subprocess.run(_pretrain_cmd(shards, tmp_path / "run", "--tracking-uri", mlflow_server, "train.steps=6",
-                                     "train.warmup_steps=1", "train.log_every=2", "tracking.system_metrics_s=1",
-                                     "tracking.experiment=server-test", "model.width=32", "model.decoder_width=32",
-                                     "data.batch_size=2"),
-                       capture_output=True, text=True, env=cli_env, timeout=900)
+    r = subprocess.run(
+        _pretrain_cmd(
+            shards,
+            tmp_path / "run",
+            "--tracking-uri",
+            mlflow_server,
+            "train.steps=6",
+            "train.warmup_steps=1",
+            "train.log_every=2",
+            "tracking.system_metrics_s=1",
+            "tracking.experiment=server-test",
+            "model.width=32",
+            "model.decoder_width=32",
+            "data.batch_size=2",
+        ),
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     client = MlflowClient(tracking_uri=mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])
@@ -297,10 +383,22 @@ def test_tracking_server_killed_mid_run_training_goes_on_and_sync_sends_one_valu
     server = MlflowServer(tmp_path / "server")
     server.start()
     run_dir, steps = tmp_path / "run", 10
-    cmd = _pretrain_cmd(shards, run_dir, "--tracking-uri", server.uri, f"train.steps={steps}", "train.warmup_steps=2",
-                        "train.log_every=1", "train.checkpoint_every=4", "train.keep_checkpoints=3",
-                        "tracking.system_metrics_s=1", "tracking.experiment=outage", "model.width=32",
-                        "model.decoder_width=32", "data.batch_size=2")
+    cmd = _pretrain_cmd(
+        shards,
+        run_dir,
+        "--tracking-uri",
+        server.uri,
+        f"train.steps={steps}",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+        "train.checkpoint_every=4",
+        "train.keep_checkpoints=3",
+        "tracking.system_metrics_s=1",
+        "tracking.experiment=outage",
+        "model.width=32",
+        "model.decoder_width=32",
+        "data.batch_size=2",
+    )
     client = MlflowClient(tracking_uri=server.uri)
 
     def mlflow_steps() -> list[int]:
@@ -312,8 +410,9 @@ def test_tracking_server_killed_mid_run_training_goes_on_and_sync_sends_one_valu
         return _metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
 
     try:
-        proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         _wait_for("step 5 in MLflow", lambda: len(mlflow_steps()) >= 5, proc)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -362,9 +461,13 @@ def test_unreachable_tracking_uri_is_one_line_within_seconds(shards, cli_env, tm
         s.bind(("127.0.0.1", 0))
         uri = f"http://127.0.0.1:{s.getsockname()[1]}"
     start = time.time()
-    r = subprocess.run(_pretrain_cmd(shards, tmp_path / "run", "--tracking-uri", uri, "train.steps=2",
-                                      "train.warmup_steps=1"),
-                       capture_output=True, text=True, env=cli_env, timeout=120)
+    r = subprocess.run(
+        _pretrain_cmd(shards, tmp_path / "run", "--tracking-uri", uri, "train.steps=2", "train.warmup_steps=1"),
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=120,
+    )
     took = time.time() - start
     assert r.returncode != 0 and took < 15, (r.returncode, took)
     assert "Traceback" not in r.stderr

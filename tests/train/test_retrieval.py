@@ -1,5 +1,6 @@
 """Retrieval as the CAV-MAE paper reports it: R@k and median rank on a constructed case of known
 ranks, the seeded subset, and `eval retrieval` on a CAV-MAE model over synthetic clips."""
+
 from __future__ import annotations
 
 import json
@@ -59,16 +60,44 @@ def test_cavmae_retrieval_cli_on_a_seeded_subset(cli_env, tmp_path):
 
     write_downstream(tmp_path / "set", 12, num_classes=4, num_subjects=6, folds=3, seed=3, workers=2, progress=False)
     clips = tmp_path / "clips.csv"  # every clip once: the three folds' test splits
-    ds.write_annotations(clips, sum((ds.read_annotations(tmp_path / "set" / "splits" / f"split0{f}" / "test.csv")
-                                     for f in (1, 2, 3)), []))
-    cfg = CAVMAEConfig(width=64, heads=2, modality_depth=1, shared_depth=1, decoder_width=32, decoder_heads=2,
-                       decoder_depth=1, num_frames=1, image_size=224, audio_frames=1024)
+    ds.write_annotations(
+        clips,
+        sum((ds.read_annotations(tmp_path / "set" / "splits" / f"split0{f}" / "test.csv") for f in (1, 2, 3)), []),
+    )
+    cfg = CAVMAEConfig(
+        width=64,
+        heads=2,
+        modality_depth=1,
+        shared_depth=1,
+        decoder_width=32,
+        decoder_heads=2,
+        decoder_depth=1,
+        num_frames=1,
+        image_size=224,
+        audio_frames=1024,
+    )
     torch.manual_seed(0)
     weights = tmp_path / "cav.pth"
     torch.save(ours_file_payload(Converted("cavmae", "pretrain", cfg, None, CAVMAEPretrain(cfg).state_dict())), weights)
     out = tmp_path / "r.json"
-    cmd = [sys.executable, "-m", "hicmae_dist.cli", "eval", "retrieval", "--weights", str(weights),
-           "--annotations", str(clips), "--subset", "8", "--seed", "1", "--no-progress", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hicmae_dist.cli",
+        "eval",
+        "retrieval",
+        "--weights",
+        str(weights),
+        "--annotations",
+        str(clips),
+        "--subset",
+        "8",
+        "--seed",
+        "1",
+        "--no-progress",
+        "--json",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())

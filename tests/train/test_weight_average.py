@@ -2,6 +2,7 @@
 model, one step per "epoch", a checkpoint after each with only the newest kept by retention;
 the average of epochs start..end equals the arithmetic mean of the whole-model weights gathered
 at those epochs' ends, tensor by tensor."""
+
 import os
 
 import pytest
@@ -24,8 +25,14 @@ def _whole_weights(engine) -> dict[str, torch.Tensor]:
 
 
 def _rank(rank: int, world_size: int, port: int, out_dir: str, queue) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     from pathlib import Path
 
@@ -38,8 +45,16 @@ def _rank(rank: int, world_size: int, port: int, out_dir: str, queue) -> None:
 
     init_distributed()
     for stage in STAGES:
-        cfg = load_config("tiny-cpu", [f"train.zero_stage={stage}", "data.batch_size=1", "model.width=32",
-                                       "model.decoder_width=32", "model.contrastive_weight=0"])
+        cfg = load_config(
+            "tiny-cpu",
+            [
+                f"train.zero_stage={stage}",
+                "data.batch_size=1",
+                "model.width=32",
+                "model.decoder_width=32",
+                "model.contrastive_weight=0",
+            ],
+        )
         torch.manual_seed(0)
         engine = build_engine(build_model_for_engine(cfg, world_size), cfg, world_size)
         for group in engine.optimizer.param_groups:
@@ -53,16 +68,30 @@ def _rank(rank: int, world_size: int, port: int, out_dir: str, queue) -> None:
             batch = (video, audio, *engine.module.make_masks(1, generator=g))
             train_step(engine, 1, lambda: batch, lambda b: {"loss": engine(*b)["loss"]}, stop_requested=False)
             per_epoch.append(_whole_weights(engine))
-            save_checkpoint(engine, run.path, epoch + 1, {"epoch": epoch + 1, "batch_in_epoch": 0}, keep=1,
-                            keep_also=keeps_for_average(list(RANGES[0])))
+            save_checkpoint(
+                engine,
+                run.path,
+                epoch + 1,
+                {"epoch": epoch + 1, "batch_in_epoch": 0},
+                keep=1,
+                keep_also=keeps_for_average(list(RANGES[0])),
+            )
         if rank == 0:
             for start, end in RANGES:
                 averaged = average_weights(epoch_checkpoints(run, [start, end]))
-                want = {k: torch.stack([w[k] for w in per_epoch[start:end + 1]]).mean(0) for k in per_epoch[0]}
+                want = {k: torch.stack([w[k] for w in per_epoch[start : end + 1]]).mean(0) for k in per_epoch[0]}
                 worst = max((averaged[k] - want[k]).abs().max().item() for k in want)
                 moved = max((per_epoch[start][k] - per_epoch[end][k]).abs().max().item() for k in want)
-                queue.put((stage, (start, end), sorted(averaged) == sorted(want), worst, moved,
-                           len(run.complete_checkpoints())))
+                queue.put(
+                    (
+                        stage,
+                        (start, end),
+                        sorted(averaged) == sorted(want),
+                        worst,
+                        moved,
+                        len(run.complete_checkpoints()),
+                    )
+                )
         torch.distributed.barrier()
 
 

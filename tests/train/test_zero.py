@@ -1,6 +1,7 @@
 """ZeRO stages on 1 and 2 CPU ranks over gloo, with and without gradient accumulation: the same
 losses for the same global batch, a NaN in one micro-batch of one rank refused on every rank
 without a trace, and each rank holding the share of optimizer state its stage promises."""
+
 import os
 
 import pytest
@@ -31,8 +32,12 @@ def _fixed_batches(cfg):
 def _optimizer_state_bytes(engine) -> int:
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
-    return sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()
-               if torch.is_tensor(t) and t.dim() > 0)
+    return sum(
+        t.numel() * t.element_size()
+        for st in inner.state.values()
+        for t in st.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
 
 
 # (grad_accum, poisoned): every world size runs each; the global batch is always GLOBAL_BATCH.
@@ -42,8 +47,14 @@ RUNS = ((1, False), (2, False), (2, True))
 
 
 def _run(rank: int, world_size: int, port: int, queue) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     from hicmae_dist.comm import init_distributed
 
@@ -62,9 +73,17 @@ def _train(rank: int, world_size: int, stage: int, grad_accum: int, poisoned: bo
     # Contrastive negatives are per micro-batch, so only the reconstruction terms are comparable
     # across world sizes and accumulation: switch the contrastive term off for this test.
     micro = GLOBAL_BATCH // (world_size * grad_accum)
-    cfg = load_config("tiny-cpu", [f"train.zero_stage={stage}", f"data.batch_size={micro}",
-                                   f"train.grad_accum={grad_accum}", "model.contrastive_weight=0", "model.width=32",
-                                   "model.decoder_width=32"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            f"train.zero_stage={stage}",
+            f"data.batch_size={micro}",
+            f"train.grad_accum={grad_accum}",
+            "model.contrastive_weight=0",
+            "model.width=32",
+            "model.decoder_width=32",
+        ],
+    )
     torch.manual_seed(0)
     engine = build_engine(build_model_for_engine(cfg, world_size), cfg, world_size)
     for group in engine.optimizer.param_groups:
@@ -103,8 +122,9 @@ def _train(rank: int, world_size: int, stage: int, grad_accum: int, poisoned: bo
 def _launch(world_size: int) -> dict:
     """{(stage, grad_accum, poisoned): [(rank, losses, skipped, optimizer-state bytes), ...]}."""
     results: dict = {}
-    for stage, k, poisoned, rank, *rest in run_ranks(_run, world_size, (), len(STAGES) * len(RUNS) * world_size,
-                                                     timeout_s=900):
+    for stage, k, poisoned, rank, *rest in run_ranks(
+        _run, world_size, (), len(STAGES) * len(RUNS) * world_size, timeout_s=900
+    ):
         results.setdefault((stage, k, poisoned), []).append((rank, *rest))
     return results
 

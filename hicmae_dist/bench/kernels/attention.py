@@ -25,6 +25,7 @@ backends add is not counted: it shows as lower TFLOP/s.
     python -m kernels.attention --quick
     python -m kernels.attention --anchor-n 512 1024 --head-dims 64 --backends sdpa-flash reference
 """
+
 from __future__ import annotations
 
 import random
@@ -35,9 +36,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from hicmae_dist.bench import report
-from hicmae_dist.ops.attention import attention, resolve_backend
 from hicmae_dist.bench.kernels import harness
 from hicmae_dist.bench.kernels.shapes import batch_of, chosen_models, model_calls
+from hicmae_dist.ops.attention import attention, resolve_backend
 
 NAME = "attention"
 BACKENDS = ("triton", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "xformers", "reference")
@@ -51,6 +52,7 @@ BWD_FACTOR = 2.5
 @dataclass(frozen=True)
 class Case:
     """seqlens_q / seqlens_k: one length per sequence (dense: all equal)."""
+
     name: str
     group: str  # "model" | "anchor"
     layout: str  # "dense" | "varlen"
@@ -115,9 +117,18 @@ def model_cases(s: harness.Settings) -> list[Case]:
         shape = "x".join(f"{q}/{k}" if q != k else str(q) for q, k in zip(sq, sk))
         name = f"{call['model']} {call['layout']} {shape} h{call['heads']}"
         # the packed launch holds, per sample, each of its segments (see blocks._cu_seqlens)
-        cases.append(Case(name, "model", call["layout"], call["heads"], call["head_dim"],
-                          tuple(q for q in sq for _ in range(b)), tuple(k for k in sk for _ in range(b)),
-                          call["count"]))
+        cases.append(
+            Case(
+                name,
+                "model",
+                call["layout"],
+                call["heads"],
+                call["head_dim"],
+                tuple(q for q in sq for _ in range(b)),
+                tuple(k for k in sk for _ in range(b)),
+                call["count"],
+            )
+        )
     return cases
 
 
@@ -141,8 +152,12 @@ def _sdpa_kernel(backend: str):
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    kind = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend[5:]]
+    kind = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[backend[5:]]
     return sdpa_kernel([kind])
 
 
@@ -157,10 +172,12 @@ def _inputs(case: Case, s: harness.Settings, grad: bool):
     if case.layout == "dense":
         B, nq, nk = case.batch, case.seqlens_q[0], case.seqlens_k[0]
         return rand(B, H, nq, D), rand(B, H, nk, D), rand(B, H, nk, D), {}
-    cu = [torch.tensor([0, *lens], device=s.device).cumsum(0).to(torch.int32)
-          for lens in (case.seqlens_q, case.seqlens_k)]
-    kw = dict(cu_seqlens_q=cu[0], cu_seqlens_k=cu[1], max_seqlen_q=max(case.seqlens_q),
-              max_seqlen_k=max(case.seqlens_k))
+    cu = [
+        torch.tensor([0, *lens], device=s.device).cumsum(0).to(torch.int32) for lens in (case.seqlens_q, case.seqlens_k)
+    ]
+    kw = dict(
+        cu_seqlens_q=cu[0], cu_seqlens_k=cu[1], max_seqlen_q=max(case.seqlens_q), max_seqlen_k=max(case.seqlens_k)
+    )
     return rand(sum(case.seqlens_q), H, D), rand(sum(case.seqlens_k), H, D), rand(sum(case.seqlens_k), H, D), kw
 
 
@@ -185,8 +202,9 @@ def make_call(case: Case, backend: str, direction: str, s: harness.Settings):
         except RuntimeError as err:
             if "No available kernel" in str(err) or "No viable backend" in str(err):
                 why = "; ".join(str(w.message) for w in caught) or str(err).split(".")[0]
-                raise harness.Unavailable(f"torch SDPA has no {backend[5:]} kernel for this input on "
-                                          f"{s.device.type} ({why})") from None
+                raise harness.Unavailable(
+                    f"torch SDPA has no {backend[5:]} kernel for this input on {s.device.type} ({why})"
+                ) from None
             raise
     return harness.directional(forward, (q, k, v), direction, out)
 
@@ -195,23 +213,42 @@ def run(s: harness.Settings) -> dict:
     a = s.args
     cases = model_cases(s)
     grid = QUICK_ANCHOR if s.quick else dict(tokens=ANCHOR_TOKENS, width=ANCHOR_WIDTH, n=ANCHOR_N)
-    cases += anchor_cases(grid["n"] if a.anchor_n is None else a.anchor_n, a.head_dims, a.layouts,
-                          a.anchor_tokens or grid["tokens"], grid["width"])
+    cases += anchor_cases(
+        grid["n"] if a.anchor_n is None else a.anchor_n,
+        a.head_dims,
+        a.layouts,
+        a.anchor_tokens or grid["tokens"],
+        grid["width"],
+    )
     cases = [c for c in cases if c.layout in a.layouts]
     elem = torch.finfo(s.dtype).bits // 8
     records = []
     for case in cases:
         shape = {k: v for k, v in asdict(case).items() if k not in ("name", "seqlens_q", "seqlens_k")}
-        shape.update(batch=case.batch, max_seqlen_q=max(case.seqlens_q), max_seqlen_k=max(case.seqlens_k),
-                     tokens_q=sum(case.seqlens_q), tokens_k=sum(case.seqlens_k))
+        shape.update(
+            batch=case.batch,
+            max_seqlen_q=max(case.seqlens_q),
+            max_seqlen_k=max(case.seqlens_k),
+            tokens_q=sum(case.seqlens_q),
+            tokens_k=sum(case.seqlens_k),
+        )
         for backend in a.backends:
             for direction in a.directions:
-                records.append(harness.measure(
-                    s, op=NAME, case=case.name, backend=backend, direction=direction,
-                    make=lambda: make_call(case, backend, direction, s), shape=shape,
-                    dtype=str(s.dtype)[6:], flops=flops(case, direction),
-                    bytes_=io_bytes(case, direction, elem),
-                    estimate=estimate_bytes(case, backend, direction, elem)))
+                records.append(
+                    harness.measure(
+                        s,
+                        op=NAME,
+                        case=case.name,
+                        backend=backend,
+                        direction=direction,
+                        make=lambda: make_call(case, backend, direction, s),
+                        shape=shape,
+                        dtype=str(s.dtype)[6:],
+                        flops=flops(case, direction),
+                        bytes_=io_bytes(case, direction, elem),
+                        estimate=estimate_bytes(case, backend, direction, elem),
+                    )
+                )
     return {"records": records}
 
 
@@ -220,15 +257,22 @@ def run(s: harness.Settings) -> dict:
 # ----------------------------------------------------------------------------------------------
 def shape_text(r: dict) -> str:
     sh = r["shape"]
-    n = (f"{sh['max_seqlen_q']}" if sh["max_seqlen_q"] == sh["max_seqlen_k"]
-         else f"{sh['max_seqlen_q']}/{sh['max_seqlen_k']}")
+    n = (
+        f"{sh['max_seqlen_q']}"
+        if sh["max_seqlen_q"] == sh["max_seqlen_k"]
+        else f"{sh['max_seqlen_q']}/{sh['max_seqlen_k']}"
+    )
     return f"B{sh['batch']} H{sh['heads']} N{'<=' if sh['layout'] == 'varlen' else ''}{n} d{sh['head_dim']}"
 
 
 def markdown(section: dict) -> str:
-    return ("FLOPs per call: fwd 4·H·Σ Nq·Nk·D, bwd 2.5× fwd (non-causal). TFLOP/s from the median; "
-            "IQR = 25th-75th percentile.\n\n" + report.pivot_table(section["records"], shape_text, "tflops")
-            + "\n\nEvery record:\n\n" + report.timing_table(section["records"], shape_text))
+    return (
+        "FLOPs per call: fwd 4·H·Σ Nq·Nk·D, bwd 2.5× fwd (non-causal). TFLOP/s from the median; "
+        "IQR = 25th-75th percentile.\n\n"
+        + report.pivot_table(section["records"], shape_text, "tflops")
+        + "\n\nEvery record:\n\n"
+        + report.timing_table(section["records"], shape_text)
+    )
 
 
 def plot(section: dict, out) -> list:
@@ -240,27 +284,49 @@ def plot(section: dict, out) -> list:
     for r in anchors:
         sh = r["shape"]
         key = (sh["layout"], sh["head_dim"], r["direction"])
-        panel = panels.setdefault(key, {"title": f"{key[0]} d{key[1]} {key[2]}", "xlabel": "N (tokens per sequence)",
-                                        "ylabel": "TFLOP/s", "series": {}})
+        panel = panels.setdefault(
+            key,
+            {
+                "title": f"{key[0]} d{key[1]} {key[2]}",
+                "xlabel": "N (tokens per sequence)",
+                "ylabel": "TFLOP/s",
+                "series": {},
+            },
+        )
         panel["series"].setdefault(r["backend"], []).append((sh["n"], r["tflops"]))
     order = sorted(panels, key=lambda k: (k[0], k[1], harness.DIRECTIONS.index(k[2])))
-    return [report.line_plot(out / "attention_tflops.png", [panels[k] for k in order],
-                              f"attention, {anchors[0]['dtype']}")]
+    return [
+        report.line_plot(out / "attention_tflops.png", [panels[k] for k in order], f"attention, {anchors[0]['dtype']}")
+    ]
 
 
 def add_arguments(p) -> None:
     g = p.add_argument_group("attention")
-    g.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), metavar="BACKEND",
-                   help=f"attention backends (default all: {' '.join(BACKENDS)})")
+    g.add_argument(
+        "--backends",
+        nargs="+",
+        choices=BACKENDS,
+        default=list(BACKENDS),
+        metavar="BACKEND",
+        help=f"attention backends (default all: {' '.join(BACKENDS)})",
+    )
     g.add_argument("--directions", nargs="+", choices=harness.DIRECTIONS, default=list(harness.DIRECTIONS))
     g.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
-    g.add_argument("--anchor-n", nargs="*", type=int, default=None,
-                   help=f"anchor sequence lengths (default {' '.join(map(str, ANCHOR_N))}; --quick "
-                        f"{' '.join(map(str, QUICK_ANCHOR['n']))} with a 1k-token budget; none: no anchors)")
+    g.add_argument(
+        "--anchor-n",
+        nargs="*",
+        type=int,
+        default=None,
+        help=f"anchor sequence lengths (default {' '.join(map(str, ANCHOR_N))}; --quick "
+        f"{' '.join(map(str, QUICK_ANCHOR['n']))} with a 1k-token budget; none: no anchors)",
+    )
     g.add_argument("--head-dims", nargs="+", type=int, default=[64, 128], help="anchor head dims (default 64 128)")
-    g.add_argument("--anchor-tokens", type=int, default=None,
-                   help=f"anchor token budget, batch = budget / N (default {ANCHOR_TOKENS}; --quick "
-                        f"{QUICK_ANCHOR['tokens']})")
+    g.add_argument(
+        "--anchor-tokens",
+        type=int,
+        default=None,
+        help=f"anchor token budget, batch = budget / N (default {ANCHOR_TOKENS}; --quick {QUICK_ANCHOR['tokens']})",
+    )
 
 
 def main(argv=None, prog: str | None = None) -> int:

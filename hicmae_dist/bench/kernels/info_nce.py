@@ -21,6 +21,7 @@ per direction, backward twice that (dx and dy), two directions.
     python -m kernels.info_nce --quick
     python -m kernels.info_nce --nce-batch 4096 8192 16384 65536 --nce-dim 256 --nce-negatives local
 """
+
 from __future__ import annotations
 
 import statistics
@@ -33,16 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from hicmae_dist.bench import report, timing
-from hicmae_dist.ops.info_nce import (DEFAULT_CHUNK, _info_nce_fwd_flops, info_nce, info_nce_reference,
-                                      resolve_backend)
 from hicmae_dist.bench.kernels import harness
+from hicmae_dist.ops.info_nce import DEFAULT_CHUNK, _info_nce_fwd_flops, info_nce, info_nce_reference, resolve_backend
 
 OPS_MODULE = sys.modules["hicmae_dist.ops.info_nce"]  # (hicmae_dist.ops.info_nce is the function)
 
 NAME = "info_nce"
 BACKENDS = ("triton", "torch", "naive")
 NEGATIVES = ("local", "global")
-BATCHES = tuple(1024 * 2 ** i for i in range(9))  # 1k ... 256k
+BATCHES = tuple(1024 * 2**i for i in range(9))  # 1k ... 256k
 DIMS = (256, 512)
 QUICK = dict(batches=(1024, 4096), dims=(64,))
 TEMPERATURE = 0.07
@@ -57,8 +57,16 @@ CHUNK_TILES = 6  # chunk x chunk fp32 tiles the torch path holds at once (scores
 # ----------------------------------------------------------------------------------------------
 def shape(negatives: str, batch: int, dim: int, world: int, chunk: int) -> dict:
     rows = batch // world if negatives == "global" else batch
-    return {"negatives": negatives, "batch": batch, "rows": rows, "cols": batch, "dim": dim,
-            "world": world if negatives == "global" else 1, "chunk": chunk, "symmetric": True}
+    return {
+        "negatives": negatives,
+        "batch": batch,
+        "rows": rows,
+        "cols": batch,
+        "dim": dim,
+        "world": world if negatives == "global" else 1,
+        "chunk": chunk,
+        "symmetric": True,
+    }
 
 
 def flops(sh: dict) -> float:
@@ -85,8 +93,10 @@ def _naive_global(a, b, gathered, temperature):
     """The full-logits loss of rank 0: its rows (M, D) against all gathered columns (N, D)."""
     d = a.shape[1]
     target = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(a @ gathered[:, d:].T / temperature, target)
-                  + F.cross_entropy(b @ gathered[:, :d].T / temperature, target))
+    return 0.5 * (
+        F.cross_entropy(a @ gathered[:, d:].T / temperature, target)
+        + F.cross_entropy(b @ gathered[:, :d].T / temperature, target)
+    )
 
 
 def loss_fn(backend: str, sh: dict, a, b, others):
@@ -142,8 +152,7 @@ def point(backend: str, sh: dict, device: str, repeats: int) -> dict:
         call(a, b, others)
         timing.sync(dev)
         times.append(time.perf_counter() - t0)
-    return {"times": times, "peak_bytes": mem.delta, "memory_method": f"fresh process: {mem.method}",
-            "loss": loss}
+    return {"times": times, "peak_bytes": mem.delta, "memory_method": f"fresh process: {mem.method}", "loss": loss}
 
 
 def measure_point(s: harness.Settings, backend: str, sh: dict) -> dict:
@@ -158,8 +167,11 @@ def measure_point(s: harness.Settings, backend: str, sh: dict) -> dict:
             harness.log_record(rec)
             return rec
     if est > s.mem_limit:
-        harness.set_status(rec, "oom", f"estimated {report.fmt_bytes(est)} > memory limit "
-                                       f"{report.fmt_bytes(s.mem_limit)}: not attempted")
+        harness.set_status(
+            rec,
+            "oom",
+            f"estimated {report.fmt_bytes(est)} > memory limit {report.fmt_bytes(s.mem_limit)}: not attempted",
+        )
     else:
         kwargs = dict(backend=backend, sh=sh, device=str(s.device), repeats=s.repeats)
         status, payload = harness.run_isolated("hicmae_dist.bench.kernels.info_nce", "point", kwargs, s)
@@ -178,8 +190,13 @@ def run(s: harness.Settings) -> dict:
     a = s.args
     batches = a.nce_batch or (QUICK["batches"] if s.quick else BATCHES)
     dims = a.nce_dim or (QUICK["dims"] if s.quick else DIMS)
-    records = [measure_point(s, backend, shape(neg, batch, dim, a.nce_world, a.nce_chunk))
-               for neg in a.nce_negatives for dim in dims for batch in batches for backend in a.nce_backends]
+    records = [
+        measure_point(s, backend, shape(neg, batch, dim, a.nce_world, a.nce_chunk))
+        for neg in a.nce_negatives
+        for dim in dims
+        for batch in batches
+        for backend in a.nce_backends
+    ]
     return {"records": records, "summary": summarize(records)}
 
 
@@ -190,7 +207,7 @@ def calibrate(records: list[dict]) -> dict | None:
     """Logits-sized fp32 matrices the naive loss really holds: median over its measured points
     of peak / (4 rows cols), from the largest problems (>= 4096^2 logits) when there are any."""
     naive = [r for r in records if r["backend"] == "naive" and r["status"] == "ok" and r["peak_bytes"]]
-    big = [r for r in naive if r["shape"]["rows"] * r["shape"]["cols"] >= 4096 ** 2] or naive
+    big = [r for r in naive if r["shape"]["rows"] * r["shape"]["cols"] >= 4096**2] or naive
     if not big:
         return None
     per = [r["peak_bytes"] / (4 * r["shape"]["rows"] * r["shape"]["cols"]) for r in big]
@@ -210,10 +227,18 @@ def summarize(records: list[dict]) -> dict:
             source = f"estimate: {cal['matrices']:.2f} x 4 rows cols bytes"
         else:
             naive_bytes, source = NAIVE_MATRICES * 4 * sh["rows"] * sh["cols"], "estimate (uncalibrated)"
-        rows.append({"case": ours["case"], "backend": ours["backend"], "ours_bytes": ours["peak_bytes"],
-                     "ours_s": ours["time"]["median_ms"] / 1e3, "naive_bytes": naive_bytes, "naive_source": source,
-                     "naive_s": naive["time"]["median_ms"] / 1e3 if naive and naive["status"] == "ok" else None,
-                     "ratio": naive_bytes / max(ours["peak_bytes"], 1)})
+        rows.append(
+            {
+                "case": ours["case"],
+                "backend": ours["backend"],
+                "ours_bytes": ours["peak_bytes"],
+                "ours_s": ours["time"]["median_ms"] / 1e3,
+                "naive_bytes": naive_bytes,
+                "naive_source": source,
+                "naive_s": naive["time"]["median_ms"] / 1e3 if naive and naive["status"] == "ok" else None,
+                "ratio": naive_bytes / max(ours["peak_bytes"], 1),
+            }
+        )
     return {"calibration": cal, "memory_vs_naive": rows}
 
 
@@ -225,16 +250,35 @@ def shape_text(r: dict) -> str:
 def markdown(section: dict) -> str:
     summary = section["summary"]
     cal = summary["calibration"]
-    rows = [[r["case"], r["backend"], report.fmt_bytes(r["ours_bytes"]), report.fmt_bytes(r["naive_bytes"]),
-             r["naive_source"], f"{r['ratio']:.0f}x", f"{r['ours_s']:.3g}", report.sig(r["naive_s"])]
-            for r in summary["memory_vs_naive"]]
-    text = ("Forward + backward, symmetric, fp32; memory = peak rise in a fresh process (CUDA: "
-            "max_memory_allocated).\n\n" + report.timing_table(section["records"], shape_text))
-    text += ("\n\nMemory against the naive loss"
-             + (f" (naive calibrated: {cal['matrices']:.2f} logits-sized fp32 matrices, from "
-                f"{', '.join(cal['from'])})" if cal else "") + ":\n\n")
-    return text + report.md_table(["case", "ours", "ours mem", "naive mem", "naive from", "naive / ours",
-                                    "ours s", "naive s"], rows)
+    rows = [
+        [
+            r["case"],
+            r["backend"],
+            report.fmt_bytes(r["ours_bytes"]),
+            report.fmt_bytes(r["naive_bytes"]),
+            r["naive_source"],
+            f"{r['ratio']:.0f}x",
+            f"{r['ours_s']:.3g}",
+            report.sig(r["naive_s"]),
+        ]
+        for r in summary["memory_vs_naive"]
+    ]
+    text = (
+        "Forward + backward, symmetric, fp32; memory = peak rise in a fresh process (CUDA: "
+        "max_memory_allocated).\n\n" + report.timing_table(section["records"], shape_text)
+    )
+    text += (
+        "\n\nMemory against the naive loss"
+        + (
+            f" (naive calibrated: {cal['matrices']:.2f} logits-sized fp32 matrices, from {', '.join(cal['from'])})"
+            if cal
+            else ""
+        )
+        + ":\n\n"
+    )
+    return text + report.md_table(
+        ["case", "ours", "ours mem", "naive mem", "naive from", "naive / ours", "ours s", "naive s"], rows
+    )
 
 
 def plot(section: dict, out) -> list:
@@ -244,23 +288,31 @@ def plot(section: dict, out) -> list:
     mem, secs = {}, {}
     for r in ok:
         label = f"{r['backend']} {r['shape']['negatives']} d{r['shape']['dim']}"
-        mem.setdefault(label, []).append((r["shape"]["batch"], r["peak_bytes"] / 2 ** 20))
+        mem.setdefault(label, []).append((r["shape"]["batch"], r["peak_bytes"] / 2**20))
         secs.setdefault(label, []).append((r["shape"]["batch"], r["time"]["median_ms"] / 1e3))
-    panels = [{"title": "peak memory", "xlabel": "global batch", "ylabel": "MB", "series": mem, "logy": True},
-              {"title": "time (fwd + bwd)", "xlabel": "global batch", "ylabel": "s", "series": secs, "logy": True}]
+    panels = [
+        {"title": "peak memory", "xlabel": "global batch", "ylabel": "MB", "series": mem, "logy": True},
+        {"title": "time (fwd + bwd)", "xlabel": "global batch", "ylabel": "s", "series": secs, "logy": True},
+    ]
     return [report.line_plot(out / "info_nce_memory.png", panels, "info_nce vs naive")]
 
 
 def add_arguments(p) -> None:
     g = p.add_argument_group("info_nce")
-    g.add_argument("--nce-batch", nargs="+", type=int, default=None,
-                   help="global batches (default 1k 2k ... 256k; --quick 1024 4096)")
+    g.add_argument(
+        "--nce-batch",
+        nargs="+",
+        type=int,
+        default=None,
+        help="global batches (default 1k 2k ... 256k; --quick 1024 4096)",
+    )
     g.add_argument("--nce-dim", nargs="+", type=int, default=None, help="feature dims (default 256 512; --quick 64)")
     g.add_argument("--nce-negatives", nargs="+", choices=NEGATIVES, default=list(NEGATIVES))
     g.add_argument("--nce-backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     g.add_argument("--nce-world", type=int, default=8, help="ranks of the global-negatives view (default 8)")
-    g.add_argument("--nce-chunk", type=int, default=DEFAULT_CHUNK,
-                   help=f"tile of the torch path (default {DEFAULT_CHUNK})")
+    g.add_argument(
+        "--nce-chunk", type=int, default=DEFAULT_CHUNK, help=f"tile of the torch path (default {DEFAULT_CHUNK})"
+    )
 
 
 def main(argv=None, prog: str | None = None) -> int:

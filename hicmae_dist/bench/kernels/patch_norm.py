@@ -7,6 +7,7 @@ the compulsory traffic, read x once and write y once (the CUDA kernel reads twic
 
     python -m kernels.patch_norm --quick
 """
+
 from __future__ import annotations
 
 import math
@@ -14,10 +15,10 @@ import math
 import torch
 
 from hicmae_dist.bench import report
-from hicmae_dist.ops import tokens as ops_tokens
 from hicmae_dist.bench.kernels import harness
 from hicmae_dist.bench.kernels.shapes import batch_of, chosen_models, model_calls
 from hicmae_dist.bench.kernels.tokens import _native_error
+from hicmae_dist.ops import tokens as ops_tokens
 
 NAME = "patch_norm"
 BACKENDS = ("native", "reference")
@@ -27,8 +28,7 @@ def make_call(shape: dict, backend: str, s: harness.Settings):
     if backend == "native" and (why := _native_error()):
         raise harness.Unavailable(why)
     g = torch.Generator(device=s.device).manual_seed(0)
-    x = torch.randn(shape["rows"], shape["frames"], shape["pixels"], shape["channels"], generator=g,
-                    device=s.device)
+    x = torch.randn(shape["rows"], shape["frames"], shape["pixels"], shape["channels"], generator=g, device=s.device)
     fn = torch.ops.hicmae_dist.patch_norm if backend == "native" else ops_tokens.patch_norm_reference
     return lambda: fn(x, shape["frame_diff"])
 
@@ -43,11 +43,22 @@ def run(s: harness.Settings) -> dict:
         shape.update(rows=batch * call["rows"], batch=batch, calls_per_step=call["count"])
         numel = math.prod(shape[k] for k in ("rows", "frames", "pixels", "channels"))
         case = f"{call['model']} {shape['frames']}x{shape['pixels']}x{shape['channels']}" + (
-            " frame-diff" if shape["frame_diff"] else "")
+            " frame-diff" if shape["frame_diff"] else ""
+        )
         for backend in BACKENDS:
-            records.append(harness.measure(s, op=NAME, case=case, backend=backend, direction="fwd",
-                                           make=lambda: make_call(shape, backend, s), shape=shape,
-                                           dtype="float32", bytes_=2 * 4 * numel))
+            records.append(
+                harness.measure(
+                    s,
+                    op=NAME,
+                    case=case,
+                    backend=backend,
+                    direction="fwd",
+                    make=lambda: make_call(shape, backend, s),
+                    shape=shape,
+                    dtype="float32",
+                    bytes_=2 * 4 * numel,
+                )
+            )
     return {"records": records}
 
 
@@ -56,8 +67,7 @@ def shape_text(r: dict) -> str:
 
 
 def markdown(section: dict) -> str:
-    return ("Forward only, fp32; GB/s of read x + write y.\n\n"
-            + report.timing_table(section["records"], shape_text))
+    return "Forward only, fp32; GB/s of read x + write y.\n\n" + report.timing_table(section["records"], shape_text)
 
 
 def add_arguments(p) -> None:

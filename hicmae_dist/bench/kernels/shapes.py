@@ -10,6 +10,7 @@ Cheap (seconds): the ops' shapes depend on the token counts, heads and widths on
 trace runs a narrow copy of each model (head dim ENC_D in the encoders and fusion, DEC_D in
 the decoders: distinct, so each call maps back to its real head dim and width) on one thread.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,7 @@ def batch_of(model: str, s) -> int:
     return s.args.model_batch or (QUICK_BATCH if s.quick else preset_batch(model))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_calls(models: tuple[str, ...]) -> tuple[dict, ...]:
     """Distinct op calls of one pretraining forward at batch 1, per model:
     {"model", "op", "count", ...shapes}, op one of
@@ -62,16 +63,16 @@ def model_calls(models: tuple[str, ...]) -> tuple[dict, ...]:
         for name in models:
             real = load_config(MODELS[name]).model
             for pack in (False, True):
-                narrow = dataclasses.replace(real, width=real.heads * ENC_D,
-                                             decoder_width=real.decoder_heads * DEC_D)
+                narrow = dataclasses.replace(real, width=real.heads * ENC_D, decoder_width=real.decoder_heads * DEC_D)
                 if narrow.width == narrow.decoder_width:
                     raise RuntimeError(f"{name}: the narrow copy cannot tell encoder and decoder widths apart")
                 width = {narrow.width: real.width, narrow.decoder_width: real.decoder_width}
                 head_dim = {ENC_D: real.width // real.heads, DEC_D: real.decoder_width // real.decoder_heads}
                 calls: list[tuple] = []
                 with ExitStack() as stack:
-                    for module, fn_name, recorder in _recorders(calls, blocks, cavmae, hicmae, targets, width,
-                                                                head_dim):
+                    for module, fn_name, recorder in _recorders(
+                        calls, blocks, cavmae, hicmae, targets, width, head_dim
+                    ):
                         stack.enter_context(mock.patch.object(module, fn_name, recorder(getattr(module, fn_name))))
                     torch.manual_seed(0)
                     model = build_model(narrow, ExecutionConfig(pack_fusion=pack))
@@ -91,46 +92,86 @@ def model_calls(models: tuple[str, ...]) -> tuple[dict, ...]:
 
 def _recorders(calls, blocks, cavmae, hicmae, targets, width, head_dim):
     """(module, function name, wrapper factory) for every op the models call."""
+
     def attention(_real):
         def stub(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, key_padding_mask=None, **_):
             if key_padding_mask is not None:
                 raise RuntimeError("the models pass no key padding mask; teach bench/kernels/shapes.py about it")
             if cu_seqlens_q is None:
-                rec = (("op", "attention"), ("layout", "dense"), ("heads", q.shape[1]),
-                       ("head_dim", head_dim[q.shape[-1]]), ("seqlens_q", (q.shape[2],)),
-                       ("seqlens_k", (k.shape[2],)))
+                rec = (
+                    ("op", "attention"),
+                    ("layout", "dense"),
+                    ("heads", q.shape[1]),
+                    ("head_dim", head_dim[q.shape[-1]]),
+                    ("seqlens_q", (q.shape[2],)),
+                    ("seqlens_k", (k.shape[2],)),
+                )
             else:
-                rec = (("op", "attention"), ("layout", "varlen"), ("heads", q.shape[1]),
-                       ("head_dim", head_dim[q.shape[-1]]),
-                       ("seqlens_q", tuple(cu_seqlens_q.diff().tolist())),
-                       ("seqlens_k", tuple(cu_seqlens_k.diff().tolist())))
+                rec = (
+                    ("op", "attention"),
+                    ("layout", "varlen"),
+                    ("heads", q.shape[1]),
+                    ("head_dim", head_dim[q.shape[-1]]),
+                    ("seqlens_q", tuple(cu_seqlens_q.diff().tolist())),
+                    ("seqlens_k", tuple(cu_seqlens_k.diff().tolist())),
+                )
             calls.append(rec)
             return q.new_zeros(q.shape)  # shape-only: the forward needs no real attention
+
         return stub
 
     def gather(real):
         def wrapper(x, idx):
-            calls.append((("op", "gather_visible"), ("tokens", x.shape[1]), ("kept", idx.shape[1]),
-                          ("width", width.get(x.shape[2], x.shape[2])), ("grad", x.requires_grad)))
+            calls.append(
+                (
+                    ("op", "gather_visible"),
+                    ("tokens", x.shape[1]),
+                    ("kept", idx.shape[1]),
+                    ("width", width.get(x.shape[2], x.shape[2])),
+                    ("grad", x.requires_grad),
+                )
+            )
             return real(x, idx)
+
         return wrapper
 
     def assemble(real):
         def wrapper(visible, mask_token, pos, visible_idx, masked_idx):
-            calls.append((("op", "assemble_decoder_tokens"), ("visible", visible.shape[1]),
-                          ("masked", masked_idx.shape[1]), ("positions", pos.shape[0]),
-                          ("width", width[visible.shape[2]]),
-                          ("grad", (visible.requires_grad, mask_token.requires_grad, pos.requires_grad))))
+            calls.append(
+                (
+                    ("op", "assemble_decoder_tokens"),
+                    ("visible", visible.shape[1]),
+                    ("masked", masked_idx.shape[1]),
+                    ("positions", pos.shape[0]),
+                    ("width", width[visible.shape[2]]),
+                    ("grad", (visible.requires_grad, mask_token.requires_grad, pos.requires_grad)),
+                )
+            )
             return real(visible, mask_token, pos, visible_idx, masked_idx)
+
         return wrapper
 
     def patch_norm(real):
         def wrapper(x, frame_diff=False):
-            calls.append((("op", "patch_norm"), ("rows", x.shape[0]), ("frames", x.shape[1]),
-                          ("pixels", x.shape[2]), ("channels", x.shape[3]), ("frame_diff", bool(frame_diff))))
+            calls.append(
+                (
+                    ("op", "patch_norm"),
+                    ("rows", x.shape[0]),
+                    ("frames", x.shape[1]),
+                    ("pixels", x.shape[2]),
+                    ("channels", x.shape[3]),
+                    ("frame_diff", bool(frame_diff)),
+                )
+            )
             return real(x, frame_diff)
+
         return wrapper
 
-    return [(blocks, "attention", attention), (cavmae, "attention", attention),
-            (hicmae, "gather_visible", gather), (cavmae, "gather_visible", gather),
-            (hicmae, "assemble_decoder_tokens", assemble), (targets, "patch_norm", patch_norm)]
+    return [
+        (blocks, "attention", attention),
+        (cavmae, "attention", attention),
+        (hicmae, "gather_visible", gather),
+        (cavmae, "gather_visible", gather),
+        (hicmae, "assemble_decoder_tokens", assemble),
+        (targets, "patch_norm", patch_norm),
+    ]

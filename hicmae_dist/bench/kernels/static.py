@@ -20,6 +20,7 @@ forward + backward 215 TFLOP/s and FA3 forward 333 TFLOP/s at N=512, d=64 on an 
 
     python -m kernels.static --quick
 """
+
 from __future__ import annotations
 
 import json
@@ -57,10 +58,12 @@ def sm90_jobs(quick: bool) -> list[dict]:
     from hicmae_dist.ops.triton import aot
 
     dims, dtypes = ((64,), (torch.bfloat16,)) if quick else ((64, 128), (torch.float16, torch.bfloat16))
-    jobs = [j for j in aot.attention_jobs() if j["arch"] == "sm90" and j["head_dim"] in dims
-            and j["dtype"] in dtypes and (j["kpm"] or not quick)]
-    jobs += [j for j in aot.info_nce_jobs() if j["arch"] == "sm90"
-             and (j["dtype"] != torch.float16 or not quick)]
+    jobs = [
+        j
+        for j in aot.attention_jobs()
+        if j["arch"] == "sm90" and j["head_dim"] in dims and j["dtype"] in dtypes and (j["kpm"] or not quick)
+    ]
+    jobs += [j for j in aot.info_nce_jobs() if j["arch"] == "sm90" and (j["dtype"] != torch.float16 or not quick)]
     return jobs
 
 
@@ -85,8 +88,18 @@ def compile_missing(ids: list[str]) -> dict[str, dict]:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.json"
-        run = subprocess.run([sys.executable, "-c", "from hicmae_dist.bench.kernels.static import compile_child; compile_child()",
-                              str(out), *ids], env=env, capture_output=True, text=True)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from hicmae_dist.bench.kernels.static import compile_child; compile_child()",
+                str(out),
+                *ids,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if run.returncode != 0:
             raise RuntimeError(f"compile child failed (exit {run.returncode}): {run.stderr[-1500:]}")
         return {r["id"]: r for r in json.loads(out.read_text())}
@@ -120,18 +133,29 @@ def triton_rows(s: harness.Settings) -> tuple[list[dict], str]:
     rows = []
     for job in jobs:
         rec = report.get(aot.job_id(job))
-        row = {"id": aot.job_id(job), "op": job["op"], "kind": job["kind"] if job["op"] == "attention"
-               else f"nce_{job['kind']}", "dtype": str(job["dtype"])[6:], "precision": job["precision"],
-               "group": job["group"], "head_dim": job.get("head_dim", "any"),
-               "layout": (("varlen" if job["varlen"] else "dense") + ("+kpm" if job["kpm"] else ""))
-               if job["op"] == "attention" else "-", "config": aot.config_text(_config_dict(job["config"]))}
+        row = {
+            "id": aot.job_id(job),
+            "op": job["op"],
+            "kind": job["kind"] if job["op"] == "attention" else f"nce_{job['kind']}",
+            "dtype": str(job["dtype"])[6:],
+            "precision": job["precision"],
+            "group": job["group"],
+            "head_dim": job.get("head_dim", "any"),
+            "layout": (("varlen" if job["varlen"] else "dense") + ("+kpm" if job["kpm"] else ""))
+            if job["op"] == "attention"
+            else "-",
+            "config": aot.config_text(_config_dict(job["config"])),
+        }
         if rec is None:
             row.update(status="unavailable", reason=why_missing)
         elif "error" in rec:
             row.update(status="error", reason=rec["error"])
         else:
-            row.update(status="ok", reason=None, **{k: rec[k] for k in ("registers", "spill_stores", "spill_loads",
-                                                                         "shared_bytes", "wgmma")})
+            row.update(
+                status="ok",
+                reason=None,
+                **{k: rec[k] for k in ("registers", "spill_stores", "spill_loads", "shared_bytes", "wgmma")},
+            )
         row.update(roofline(job))
         rows.append(row)
     return rows, source
@@ -139,6 +163,7 @@ def triton_rows(s: harness.Settings) -> tuple[list[dict], str]:
 
 def _config_dict(cfg) -> dict:
     import dataclasses
+
     return dataclasses.asdict(cfg)
 
 
@@ -149,14 +174,18 @@ def _short_call() -> dict:
     """MODEL's shortest dense self-attention call (HiCMAE-B: the audio encoder's) at its batch."""
     from hicmae_dist.bench.kernels.shapes import model_calls, preset_batch
 
-    calls = [c for c in model_calls((MODEL,)) if c["op"] == "attention" and c["layout"] == "dense"
-             and c["seqlens_q"] == c["seqlens_k"]]
+    calls = [
+        c
+        for c in model_calls((MODEL,))
+        if c["op"] == "attention" and c["layout"] == "dense" and c["seqlens_q"] == c["seqlens_k"]
+    ]
     c = min(calls, key=lambda c: c["seqlens_q"][0])
     return dict(batch=preset_batch(MODEL), heads=c["heads"], n=c["seqlens_q"][0], head_dim=c["head_dim"])
 
 
-def attention_kernel_cost(kind: str, batch: int, heads: int, n: int, d: int, elem: int,
-                          block_m: int = 1, block_n: int = 1) -> tuple[float, float]:
+def attention_kernel_cost(
+    kind: str, batch: int, heads: int, n: int, d: int, elem: int, block_m: int = 1, block_n: int = 1
+) -> tuple[float, float]:
     """(executed FLOPs, compulsory bytes) of one launch on (B, H, N, d), non-causal. mm = B H N^2 d
     with the query rows padded to block_m and the key rows to block_n (the tiles compute them):
     fwd 4 mm (q k^T, p v); bwd_pre 2 B H N d (delta = rowsum(dO o)); bwd_dkdv 8 mm (recomputed
@@ -164,11 +193,13 @@ def attention_kernel_cost(kind: str, batch: int, heads: int, n: int, d: int, ele
     bwd_pre o dO + delta; bwd_dkdv q k v dO + lse, delta + dk dv; bwd_dq q k v dO + lse, delta + dq."""
     bhn = batch * heads * n
     mm = batch * heads * math.ceil(n / block_m) * block_m * math.ceil(n / block_n) * block_n * d
-    return {"fwd": (4 * mm, elem * 4 * bhn * d + 4 * bhn),
-            "fwd_short": (4 * mm, elem * 4 * bhn * d + 4 * bhn),
-            "bwd_pre": (2 * bhn * d, elem * 2 * bhn * d + 4 * bhn),
-            "bwd_dkdv": (8 * mm, elem * 6 * bhn * d + 8 * bhn),
-            "bwd_dq": (6 * mm, elem * 5 * bhn * d + 8 * bhn)}[kind]
+    return {
+        "fwd": (4 * mm, elem * 4 * bhn * d + 4 * bhn),
+        "fwd_short": (4 * mm, elem * 4 * bhn * d + 4 * bhn),
+        "bwd_pre": (2 * bhn * d, elem * 2 * bhn * d + 4 * bhn),
+        "bwd_dkdv": (8 * mm, elem * 6 * bhn * d + 8 * bhn),
+        "bwd_dq": (6 * mm, elem * 5 * bhn * d + 8 * bhn),
+    }[kind]
 
 
 def nce_kernel_cost(kind: str, m: int, n: int, d: int, elem: int, block_do: int) -> tuple[float, float]:
@@ -177,16 +208,23 @@ def nce_kernel_cost(kind: str, m: int, n: int, d: int, elem: int, block_do: int)
     matmul (2 m n d). Bytes: x, y once, plus lse / loss / gradient vectors and dx or dy."""
     slices = math.ceil(d / block_do) if block_do else 1
     xy = elem * (m + n) * d
-    return {"fwd": (2 * m * n * d, xy + 8 * m),
-            "bwd_dx": ((2 * slices + 2) * m * n * d, xy + 12 * m + elem * m * d),
-            "bwd_dy": ((2 * slices + 2) * m * n * d, xy + 8 * m + elem * n * d)}[kind]
+    return {
+        "fwd": (2 * m * n * d, xy + 8 * m),
+        "bwd_dx": ((2 * slices + 2) * m * n * d, xy + 12 * m + elem * m * d),
+        "bwd_dy": ((2 * slices + 2) * m * n * d, xy + 8 * m + elem * n * d),
+    }[kind]
 
 
 def _floors(flops: float, nbytes: float, group: str) -> dict:
     t_flop, t_mem = flops / H100_FLOPS[group], nbytes / H100_BYTES
-    return {"gflop": flops / 1e9, "mbytes": nbytes / 1e6, "intensity": flops / max(nbytes, 1),
-            "floor_compute_us": t_flop * 1e6, "floor_memory_us": t_mem * 1e6,
-            "bound": "compute" if t_flop >= t_mem else "memory"}
+    return {
+        "gflop": flops / 1e9,
+        "mbytes": nbytes / 1e6,
+        "intensity": flops / max(nbytes, 1),
+        "floor_compute_us": t_flop * 1e6,
+        "floor_memory_us": t_mem * 1e6,
+        "bound": "compute" if t_flop >= t_mem else "memory",
+    }
 
 
 def roofline(job: dict) -> dict:
@@ -223,11 +261,19 @@ def anchor_rows() -> list[dict]:
         for kind in kernels[direction]:
             f, b = attention_kernel_cost(kind, a["batch"], a["heads"], a["n"], a["head_dim"], 2)
             ours_us += max(f / H100_FLOPS["16"], b / H100_BYTES) * 1e6
-        rows.append({"anchor": name, "direction": direction,
-                     "shape": f"B{a['batch']} H{a['heads']} N{a['n']} d{a['head_dim']} bf16",
-                     "useful_gflop": useful / 1e9, "floor_us": useful / H100_FLOPS["16"] * 1e6,
-                     "anchor_tflops": tflops / 1e12, "anchor_us": useful / tflops * 1e6,
-                     "ours_floor_us": ours_us, "ours_best_tflops": useful / (ours_us * 1e-6) / 1e12})
+        rows.append(
+            {
+                "anchor": name,
+                "direction": direction,
+                "shape": f"B{a['batch']} H{a['heads']} N{a['n']} d{a['head_dim']} bf16",
+                "useful_gflop": useful / 1e9,
+                "floor_us": useful / H100_FLOPS["16"] * 1e6,
+                "anchor_tflops": tflops / 1e12,
+                "anchor_us": useful / tflops * 1e6,
+                "ours_floor_us": ours_us,
+                "ours_best_tflops": useful / (ours_us * 1e-6) / 1e12,
+            }
+        )
     return rows
 
 
@@ -247,13 +293,21 @@ def csrc_rows(path: Path) -> tuple[list[dict], str]:
     norm = max((c for c in calls if c["op"] == "patch_norm"), key=lambda c: c["rows"])
     numel = b * norm["rows"] * norm["frames"] * norm["pixels"] * norm["channels"]
     # bf16 activations (the models train in bf16); fp32 targets
-    work = {"gather_rows_kernel": (tokens.io_bytes(gather, b, "fwd", 2),
-                                   f"gather {gather['tokens']}->{gather['kept']} C{gather['width']} B{b} bf16"),
-            "gather_backward_kernel": (tokens.io_bytes(gather, b, "bwd", 2), "its backward"),
-            "assemble_kernel": (tokens.io_bytes(assemble, b, "fwd", 2),
-                                f"assemble {assemble['visible']}+{assemble['masked']} C{assemble['width']} B{b} bf16"),
-            "patch_norm_kernel": (2 * 4 * numel, f"patch_norm ({b * norm['rows']}, {norm['frames']}, "
-                                                 f"{norm['pixels']}, {norm['channels']}) fp32")}
+    work = {
+        "gather_rows_kernel": (
+            tokens.io_bytes(gather, b, "fwd", 2),
+            f"gather {gather['tokens']}->{gather['kept']} C{gather['width']} B{b} bf16",
+        ),
+        "gather_backward_kernel": (tokens.io_bytes(gather, b, "bwd", 2), "its backward"),
+        "assemble_kernel": (
+            tokens.io_bytes(assemble, b, "fwd", 2),
+            f"assemble {assemble['visible']}+{assemble['masked']} C{assemble['width']} B{b} bf16",
+        ),
+        "patch_norm_kernel": (
+            2 * 4 * numel,
+            f"patch_norm ({b * norm['rows']}, {norm['frames']}, {norm['pixels']}, {norm['channels']}) fp32",
+        ),
+    }
     families: dict[str, list[dict]] = {}
     for r in report["records"]:
         if r["arch"] == "sm_90a":
@@ -261,12 +315,19 @@ def csrc_rows(path: Path) -> tuple[list[dict], str]:
     rows = []
     for name, recs in sorted(families.items()):
         nbytes, shape = work.get(name, (None, None))
-        rows.append({"kernel": name, "instantiations": len(recs), "registers": max(r["registers"] for r in recs),
-                     "spill_bytes": sum(r["spill_stores"] + r["spill_loads"] for r in recs),
-                     "shared_bytes": max(r["shared_bytes"] for r in recs),
-                     "stack_bytes": max(r["stack_bytes"] for r in recs),
-                     "shape": shape, "mbytes": nbytes / 1e6 if nbytes else None,
-                     "floor_memory_us": nbytes / H100_BYTES * 1e6 if nbytes else None})
+        rows.append(
+            {
+                "kernel": name,
+                "instantiations": len(recs),
+                "registers": max(r["registers"] for r in recs),
+                "spill_bytes": sum(r["spill_stores"] + r["spill_loads"] for r in recs),
+                "shared_bytes": max(r["shared_bytes"] for r in recs),
+                "stack_bytes": max(r["stack_bytes"] for r in recs),
+                "shape": shape,
+                "mbytes": nbytes / 1e6 if nbytes else None,
+                "floor_memory_us": nbytes / H100_BYTES * 1e6 if nbytes else None,
+            }
+        )
     return rows, f"{path} ({report.get('generated')}, {report.get('nvcc')})"
 
 
@@ -274,12 +335,23 @@ def run(s: harness.Settings) -> dict:
     triton, triton_source = triton_rows(s)
     csrc, csrc_source = csrc_rows(Path(s.args.csrc_report))
     for row in triton:
-        harness.log.info("static | %s: %s", row["id"], row["status"] if row["status"] != "ok" else
-                         f"{row['registers']} regs, {row['spill_stores'] + row['spill_loads']} B spilled, "
-                         f"{row['shared_bytes'] / 1024:.1f} KB smem, wgmma {row['wgmma']}")
-    return {"records": [], "kernels": triton, "triton_source": triton_source, "csrc": csrc,
-            "csrc_source": csrc_source, "anchors": anchor_rows(),
-            "h100": {"flops": H100_FLOPS, "bytes_per_s": H100_BYTES}}
+        harness.log.info(
+            "static | %s: %s",
+            row["id"],
+            row["status"]
+            if row["status"] != "ok"
+            else f"{row['registers']} regs, {row['spill_stores'] + row['spill_loads']} B spilled, "
+            f"{row['shared_bytes'] / 1024:.1f} KB smem, wgmma {row['wgmma']}",
+        )
+    return {
+        "records": [],
+        "kernels": triton,
+        "triton_source": triton_source,
+        "csrc": csrc,
+        "csrc_source": csrc_source,
+        "anchors": anchor_rows(),
+        "h100": {"flops": H100_FLOPS, "bytes_per_s": H100_BYTES},
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,42 +361,114 @@ def markdown(section: dict) -> str:
     rows = []
     for r in section["kernels"]:
         if r["status"] == "ok":
-            stats = [r["registers"], r["spill_stores"] + r["spill_loads"], f"{r['shared_bytes'] / 1024:.1f}",
-                     "yes" if r["wgmma"] else "no"]
+            stats = [
+                r["registers"],
+                r["spill_stores"] + r["spill_loads"],
+                f"{r['shared_bytes'] / 1024:.1f}",
+                "yes" if r["wgmma"] else "no",
+            ]
         else:
             stats = [f"{r['status']}: {r['reason']}", "", "", ""]
         dtype = r["dtype"] + (f"/{r['precision']}" if r["precision"] else "")
         kind = r["kind"] + (f" ({r['layout']})" if r["layout"] not in ("dense+kpm", "-") else "")
-        rows.append([kind, r["head_dim"], dtype, r["config"], *stats, r["shape"], f"{r['gflop']:.3g}",
-                     f"{r['mbytes']:.3g}", report.sig(r["intensity"]), f"{r['floor_compute_us']:.3g}",
-                     f"{r['floor_memory_us']:.3g}", r["bound"]])
-    text = (f"Triton kernels, sm_90 ({section['triton_source']}). Config = block_m/block_n(/block_k/block_do)"
-            f"/warps/stages. Floors on an H100: {H100_FLOPS['16'] / 1e12:.0f} TFLOP/s bf16/fp16, "
-            f"{H100_FLOPS['tf32'] / 1e12:.0f} tf32, {H100_FLOPS['ieee'] / 1e12:.0f} fp32 FMA, "
-            f"{H100_BYTES / 1e12:.1f} TB/s; FLOPs executed (recomputation included), bytes compulsory.\n\n")
-    text += report.md_table(["kernel", "d", "dtype", "config", "regs", "spill B", "smem KB", "wgmma", "shape",
-                              "GFLOP", "MB", "FLOP/B", "compute floor µs", "memory floor µs", "bound"], rows)
+        rows.append(
+            [
+                kind,
+                r["head_dim"],
+                dtype,
+                r["config"],
+                *stats,
+                r["shape"],
+                f"{r['gflop']:.3g}",
+                f"{r['mbytes']:.3g}",
+                report.sig(r["intensity"]),
+                f"{r['floor_compute_us']:.3g}",
+                f"{r['floor_memory_us']:.3g}",
+                r["bound"],
+            ]
+        )
+    text = (
+        f"Triton kernels, sm_90 ({section['triton_source']}). Config = block_m/block_n(/block_k/block_do)"
+        f"/warps/stages. Floors on an H100: {H100_FLOPS['16'] / 1e12:.0f} TFLOP/s bf16/fp16, "
+        f"{H100_FLOPS['tf32'] / 1e12:.0f} tf32, {H100_FLOPS['ieee'] / 1e12:.0f} fp32 FMA, "
+        f"{H100_BYTES / 1e12:.1f} TB/s; FLOPs executed (recomputation included), bytes compulsory.\n\n"
+    )
+    text += report.md_table(
+        [
+            "kernel",
+            "d",
+            "dtype",
+            "config",
+            "regs",
+            "spill B",
+            "smem KB",
+            "wgmma",
+            "shape",
+            "GFLOP",
+            "MB",
+            "FLOP/B",
+            "compute floor µs",
+            "memory floor µs",
+            "bound",
+        ],
+        rows,
+    )
     text += "\n\nAnchors (H100, N=512, d=64): the gap to close.\n\n" + report.md_table(
-        ["anchor", "shape", "useful GFLOP", "H100 floor µs", "anchor TFLOP/s", "anchor µs",
-         "ours: kernel floors µs", "ours: best useful TFLOP/s"],
-        [[a["anchor"], a["shape"], f"{a['useful_gflop']:.1f}", f"{a['floor_us']:.0f}", f"{a['anchor_tflops']:.0f}",
-          f"{a['anchor_us']:.0f}", f"{a['ours_floor_us']:.0f}", f"{a['ours_best_tflops']:.0f}"]
-         for a in section["anchors"]])
+        [
+            "anchor",
+            "shape",
+            "useful GFLOP",
+            "H100 floor µs",
+            "anchor TFLOP/s",
+            "anchor µs",
+            "ours: kernel floors µs",
+            "ours: best useful TFLOP/s",
+        ],
+        [
+            [
+                a["anchor"],
+                a["shape"],
+                f"{a['useful_gflop']:.1f}",
+                f"{a['floor_us']:.0f}",
+                f"{a['anchor_tflops']:.0f}",
+                f"{a['anchor_us']:.0f}",
+                f"{a['ours_floor_us']:.0f}",
+                f"{a['ours_best_tflops']:.0f}",
+            ]
+            for a in section["anchors"]
+        ],
+    )
     text += f"\n\nCUDA kernels of csrc/, sm_90a ({section['csrc_source']}): memory-bound, floor at 3.0 TB/s.\n\n"
     if section["csrc"]:
         text += report.md_table(
             ["kernel", "instantiations", "regs (max)", "spill B", "smem B", "stack B", "call", "MB", "floor µs"],
-            [[r["kernel"], r["instantiations"], r["registers"], r["spill_bytes"], r["shared_bytes"], r["stack_bytes"],
-              r["shape"] or "-", report.sig(r["mbytes"]), report.sig(r["floor_memory_us"])]
-             for r in section["csrc"]])
+            [
+                [
+                    r["kernel"],
+                    r["instantiations"],
+                    r["registers"],
+                    r["spill_bytes"],
+                    r["shared_bytes"],
+                    r["stack_bytes"],
+                    r["shape"] or "-",
+                    report.sig(r["mbytes"]),
+                    report.sig(r["floor_memory_us"]),
+                ]
+                for r in section["csrc"]
+            ],
+        )
     return text
 
 
 def add_arguments(p) -> None:
     g = p.add_argument_group("static")
-    g.add_argument("--kernel-report", type=Path, default=None,
-                   help="Triton AOT report to read (default build/kernel_report.json or $HICMAE_KERNEL_REPORT); "
-                        "sm_90 configs missing from it are compiled here")
+    g.add_argument(
+        "--kernel-report",
+        type=Path,
+        default=None,
+        help="Triton AOT report to read (default build/kernel_report.json or $HICMAE_KERNEL_REPORT); "
+        "sm_90 configs missing from it are compiled here",
+    )
     g.add_argument("--csrc-report", type=Path, default=CSRC_REPORT, help=f"nvcc report (default {CSRC_REPORT})")
     g.add_argument("--no-compile", action="store_true", help="only read the reports; never compile")
 

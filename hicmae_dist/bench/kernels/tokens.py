@@ -13,15 +13,16 @@ byte written once; formulas in `io_bytes`).
 
     python -m kernels.tokens --quick
 """
+
 from __future__ import annotations
 
 import torch
 
 from hicmae_dist.bench import report
-from hicmae_dist.ops import gather as ops_gather
-from hicmae_dist.ops import tokens as ops_tokens
 from hicmae_dist.bench.kernels import harness
 from hicmae_dist.bench.kernels.shapes import batch_of, chosen_models, model_calls
+from hicmae_dist.ops import gather as ops_gather
+from hicmae_dist.ops import tokens as ops_tokens
 
 NAME = "tokens"
 BACKENDS = ("native", "reference")
@@ -76,8 +77,11 @@ def make_call(call: dict, batch: int, backend: str, direction: str, s: harness.S
         visible = torch.randn(batch, call["visible"], C, generator=g, device=dev, dtype=dt).requires_grad_(needs[0])
         mask_token = torch.randn(C, generator=g, device=dev, dtype=dt).requires_grad_(needs[1])
         pos = torch.randn(n, C, generator=g, device=dev, dtype=dt).requires_grad_(needs[2])
-        fn = (torch.ops.hicmae_dist.assemble_decoder_tokens if backend == "native"
-              else ops_tokens.assemble_decoder_tokens_reference)
+        fn = (
+            torch.ops.hicmae_dist.assemble_decoder_tokens
+            if backend == "native"
+            else ops_tokens.assemble_decoder_tokens_reference
+        )
         args = (visible, mask_token, pos, vis_idx, mask_idx)
         leaves = tuple(t for t, need in zip(args[:3], needs) if need)
     return harness.directional(lambda: fn(*args), leaves, direction)
@@ -100,11 +104,20 @@ def run(s: harness.Settings) -> dict:
         shape = {k: v for k, v in call.items() if k not in ("model", "count")}
         shape.update(batch=batch, calls_per_step=call["count"])
         for backend in BACKENDS:
-            for direction in (harness.DIRECTIONS if grad else ("fwd",)):
-                records.append(harness.measure(
-                    s, op=NAME, case=case_name(call), backend=backend, direction=direction,
-                    make=lambda: make_call(call, batch, backend, direction, s), shape=shape,
-                    dtype=str(s.dtype)[6:], bytes_=io_bytes(call, batch, direction, elem)))
+            for direction in harness.DIRECTIONS if grad else ("fwd",):
+                records.append(
+                    harness.measure(
+                        s,
+                        op=NAME,
+                        case=case_name(call),
+                        backend=backend,
+                        direction=direction,
+                        make=lambda: make_call(call, batch, backend, direction, s),
+                        shape=shape,
+                        dtype=str(s.dtype)[6:],
+                        bytes_=io_bytes(call, batch, direction, elem),
+                    )
+                )
     return {"records": records}
 
 
@@ -113,9 +126,12 @@ def shape_text(r: dict) -> str:
 
 
 def markdown(section: dict) -> str:
-    return ("Memory-bound: GB/s of the compulsory traffic (hicmae_dist/bench/kernels/tokens.py `io_bytes`).\n\n"
-            + report.pivot_table(section["records"], shape_text, "gbps")
-            + "\n\nEvery record:\n\n" + report.timing_table(section["records"], shape_text))
+    return (
+        "Memory-bound: GB/s of the compulsory traffic (hicmae_dist/bench/kernels/tokens.py `io_bytes`).\n\n"
+        + report.pivot_table(section["records"], shape_text, "gbps")
+        + "\n\nEvery record:\n\n"
+        + report.timing_table(section["records"], shape_text)
+    )
 
 
 def add_arguments(p) -> None:

@@ -20,6 +20,7 @@ video-only). Both have exactly the parameter tensors of the authors' release und
     `unused_parameters`), 4 LayerNorms per modality-specific and decoder block.
 LayerNorm eps 1e-5, qkv Linear with bias, head_dim 64 (the decoder: 512 / 16 = 32).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,16 @@ import torch.nn.functional as F
 
 from hicmae_dist.config import ExecutionConfig, ModelConfig
 from hicmae_dist.masking import audio_structured_mask, mae_random_mask, split_indices_to
-from hicmae_dist.models.blocks import (DropPath, Mlp, _cu_seqlens, _merge_heads, _split_heads, drop_path_rates,
-                                       init_weights, maybe_checkpoint)
+from hicmae_dist.models.blocks import (
+    DropPath,
+    Mlp,
+    _cu_seqlens,
+    _merge_heads,
+    _split_heads,
+    drop_path_rates,
+    init_weights,
+    maybe_checkpoint,
+)
 from hicmae_dist.ops import attention, gather_visible, info_nce
 
 LN_EPS = 1e-5  # torch's default, as the release (nn.LayerNorm)
@@ -52,8 +61,9 @@ def sincos_2d(dim: int, rows: int, cols: int) -> torch.Tensor:
         raise ValueError(f"sincos_2d: dim {dim} must be a multiple of 4")
     quarter = dim // 4
     omega = 1.0 / torch.pow(10000.0, torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
-    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
-                          indexing="ij")
+    r, c = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij"
+    )
 
     def one_axis(pos: torch.Tensor) -> torch.Tensor:  # (rows, cols) -> (rows * cols, D/2)
         angle = pos.reshape(-1, 1) * omega
@@ -85,8 +95,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, N, C), heads contiguous in C
-        out = attention(_split_heads(q, self.heads), _split_heads(k, self.heads),
-                        _split_heads(v, self.heads), backend=self.backend)  # (B, H, N, D)
+        out = attention(
+            _split_heads(q, self.heads), _split_heads(k, self.heads), _split_heads(v, self.heads), backend=self.backend
+        )  # (B, H, N, D)
         return self.proj(_merge_heads(out))
 
 
@@ -95,8 +106,15 @@ class Block(nn.Module):
     x += Attn(LN1_s(x)); x += MLP(LN2_s(x)) for s in unified (norm1/2), audio (audio_norm1/2),
     video (video_norm1/2). `streams` says which the model runs it with (the others are unused)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 backend: str = "auto", streams: tuple[str, ...] = ("unified",)):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        backend: str = "auto",
+        streams: tuple[str, ...] = ("unified",),
+    ):
         super().__init__()
         self.streams = streams
         for prefix in _NORM_PREFIX.values():
@@ -130,8 +148,7 @@ def block_streams_packed(block: Block, streams: tuple[str, ...], *xs: torch.Tens
         raise ValueError(f"block_streams_packed: {len(streams)} streams for {len(xs)} inputs")
     B, C = xs[0].shape[0], xs[0].shape[2]
     if any(x.shape[0] != B or x.shape[2] != C for x in xs):
-        raise ValueError(f"block_streams_packed: inputs must share batch and width, got "
-                         f"{[tuple(x.shape) for x in xs]}")
+        raise ValueError(f"block_streams_packed: inputs must share batch and width, got {[tuple(x.shape) for x in xs]}")
     heads = block.attn.heads
     lengths = [x.shape[1] for x in xs]
     rows = [B * n for n in lengths]
@@ -140,10 +157,16 @@ def block_streams_packed(block: Block, streams: tuple[str, ...], *xs: torch.Tens
     normed = torch.cat([getattr(block, f"{p}norm1")(x).reshape(-1, C) for p, x in zip(prefixes, xs)])
     q, k, v = block.attn.qkv(normed).chunk(3, dim=-1)  # 3 x (total, C), heads contiguous in C
     cu = _cu_seqlens([(B, n) for n in lengths], normed.device)
-    out = attention(q.reshape(-1, heads, C // heads), k.reshape(-1, heads, C // heads),
-                    v.reshape(-1, heads, C // heads), cu_seqlens_q=cu, cu_seqlens_k=cu,
-                    max_seqlen_q=max(lengths), max_seqlen_k=max(lengths),
-                    backend=block.attn.backend)  # (total, H, D)
+    out = attention(
+        q.reshape(-1, heads, C // heads),
+        k.reshape(-1, heads, C // heads),
+        v.reshape(-1, heads, C // heads),
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu,
+        max_seqlen_q=max(lengths),
+        max_seqlen_k=max(lengths),
+        backend=block.attn.backend,
+    )  # (total, H, D)
     attn_out = block.attn.proj(out.reshape(-1, C)).split(rows)
     ys = [x + block.drop_path(o.reshape(x.shape)) for x, o in zip(xs, attn_out)]
 
@@ -152,8 +175,15 @@ def block_streams_packed(block: Block, streams: tuple[str, ...], *xs: torch.Tens
     return tuple(y + block.drop_path(o.reshape(y.shape)) for y, o in zip(ys, mlp_out))
 
 
-def _blocks(cfg: ModelConfig, backend: str, depth: int, dim: int, heads: int, streams: tuple[str, ...],
-            drop_path: float | None = None) -> nn.ModuleList:
+def _blocks(
+    cfg: ModelConfig,
+    backend: str,
+    depth: int,
+    dim: int,
+    heads: int,
+    streams: tuple[str, ...],
+    drop_path: float | None = None,
+) -> nn.ModuleList:
     rates = drop_path_rates(cfg.drop_path if drop_path is None else drop_path, depth)
     return nn.ModuleList(Block(dim, heads, cfg.mlp_ratio, p, backend, streams) for p in rates)
 
@@ -163,8 +193,9 @@ class ModalityEncoder(nn.Module):
     + a learnable modality vector, then modality_depth Blocks (unified norms). No final norm: the
     shared blocks follow."""
 
-    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig, in_chans: int, grid: tuple[int, int],
-                 trainable_pos: bool):
+    def __init__(
+        self, cfg: ModelConfig, execution: ExecutionConfig, in_chans: int, grid: tuple[int, int], trainable_pos: bool
+    ):
         super().__init__()
         self.grid = grid
         self.patch_embed = nn.Conv2d(in_chans, cfg.width, kernel_size=cfg.patch, stride=cfg.patch)
@@ -177,8 +208,10 @@ class ModalityEncoder(nn.Module):
         """x (B, c, rows * p, cols * p); visible_idx (B, Nv) tokens kept, None for all -> (B, Nv, C)."""
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, C), row-major
         if tokens.shape[1] != self.pos_embed.shape[1]:
-            raise ValueError(f"input {tuple(x.shape)} gives {tokens.shape[1]} tokens; "
-                             f"the model is built for {self.pos_embed.shape[1]} ({self.grid[0]} x {self.grid[1]})")
+            raise ValueError(
+                f"input {tuple(x.shape)} gives {tokens.shape[1]} tokens; "
+                f"the model is built for {self.pos_embed.shape[1]} ({self.grid[0]} x {self.grid[1]})"
+            )
         tokens = tokens + self.pos_embed.to(tokens.dtype) + self.modality.to(tokens.dtype)
         if visible_idx is not None:
             tokens = gather_visible(tokens, visible_idx)  # (B, Nv, C), original order kept
@@ -229,12 +262,13 @@ class JointDecoder(nn.Module):
         self.video_modality = nn.Parameter(torch.zeros(1, 1, width))
         self.audio_pos_embed = nn.Parameter(sincos_2d(width, *audio_grid(cfg))[None], requires_grad=False)
         self.video_pos_embed = nn.Parameter(sincos_2d(width, *video_grid(cfg))[None], requires_grad=False)
-        self.blocks = _blocks(cfg, execution.attention_backend, cfg.decoder_depth, width, cfg.decoder_heads,
-                              ("unified",), drop_path=0.0)
+        self.blocks = _blocks(
+            cfg, execution.attention_backend, cfg.decoder_depth, width, cfg.decoder_heads, ("unified",), drop_path=0.0
+        )
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
         self.checkpointing = execution.activation_checkpointing
-        self.audio_head = nn.Linear(width, cfg.patch ** 2)
-        self.video_head = nn.Linear(width, 3 * cfg.patch ** 2)
+        self.audio_head = nn.Linear(width, cfg.patch**2)
+        self.video_head = nn.Linear(width, 3 * cfg.patch**2)
 
     def _unshuffle(self, visible: torch.Tensor, visible_idx: torch.Tensor, masked_idx: torch.Tensor) -> torch.Tensor:
         """visible (B, Nv, Cd) at token indices visible_idx; mask tokens at masked_idx -> (B, N, Cd)
@@ -244,8 +278,14 @@ class JointDecoder(nn.Module):
         restore = torch.argsort(torch.cat([visible_idx, masked_idx], dim=1), dim=1)  # inverse permutation
         return gather_visible(x, restore)
 
-    def forward(self, latent: torch.Tensor, audio_visible: torch.Tensor, audio_masked: torch.Tensor,
-                video_visible: torch.Tensor, video_masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        latent: torch.Tensor,
+        audio_visible: torch.Tensor,
+        audio_masked: torch.Tensor,
+        video_visible: torch.Tensor,
+        video_masked: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """latent (B, Nav + Nvv, C): the unified stream's output, [visible audio, visible video].
         Returns (audio (B, Na, p*p), video (B, Nv, 3*p*p)) predictions for every token."""
         x = self.encoder_to_decoder(latent)  # (B, Nav + Nvv, Cd)
@@ -258,7 +298,7 @@ class JointDecoder(nn.Module):
         for block in self.blocks:
             x = maybe_checkpoint(self.checkpointing, block, block, x)
         x = self.norm(x)
-        return self.audio_head(x[:, :self.num_audio]), self.video_head(x[:, self.num_audio:])
+        return self.audio_head(x[:, : self.num_audio]), self.video_head(x[:, self.num_audio :])
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -307,9 +347,20 @@ def _video_input(video: torch.Tensor) -> torch.Tensor:
 
 def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Biases, norms and other 1-D parameters, mask token, modality vectors and position tables."""
-    return (param.ndim <= 1 or name.endswith(".bias")
-            or name.rsplit(".", 1)[-1] in ("mask_token", "modality", "audio_modality", "video_modality",
-                                           "pos_embed", "audio_pos_embed", "video_pos_embed"))
+    return (
+        param.ndim <= 1
+        or name.endswith(".bias")
+        or name.rsplit(".", 1)[-1]
+        in (
+            "mask_token",
+            "modality",
+            "audio_modality",
+            "video_modality",
+            "pos_embed",
+            "audio_pos_embed",
+            "video_pos_embed",
+        )
+    )
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
@@ -322,8 +373,10 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, flo
         if param.requires_grad:
             key = (_no_weight_decay(name, param), lr_scales.get(name.split(".")[0], 1.0))
             groups.setdefault(key, []).append(param)
-    out = [{"params": groups.get((False, 1.0), []), "weight_decay": weight_decay},
-           {"params": groups.get((True, 1.0), []), "weight_decay": 0.0}]
+    out = [
+        {"params": groups.get((False, 1.0), []), "weight_decay": weight_decay},
+        {"params": groups.get((True, 1.0), []), "weight_decay": 0.0},
+    ]
     for (no_decay, scale), params in sorted(groups.items(), key=lambda kv: kv[0]):
         if scale != 1.0:
             out.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale})
@@ -358,16 +411,21 @@ class CAVMAEPretrain(nn.Module):
         self.decoder = JointDecoder(cfg, execution)
         _init(self)
 
-    def make_masks(self, batch_size: int, generator: torch.Generator | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_masks(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(video_mask (B, Nv_all), audio_mask (B, Na_all)) bool, True = masked, one row per sample:
         unstructured masking of the image, cfg.audio_mask_mode masking of the audio."""
         freq, time = audio_grid(self.cfg)
-        video = torch.stack([mae_random_mask(self.num_video_tokens, self.cfg.video_mask_ratio, generator)
-                             for _ in range(batch_size)])
-        audio = torch.stack([audio_structured_mask(freq, time, self.cfg.audio_mask_ratio,
-                                                   self.cfg.audio_mask_mode, generator)
-                             for _ in range(batch_size)])
+        video = torch.stack(
+            [mae_random_mask(self.num_video_tokens, self.cfg.video_mask_ratio, generator) for _ in range(batch_size)]
+        )
+        audio = torch.stack(
+            [
+                audio_structured_mask(freq, time, self.cfg.audio_mask_ratio, self.cfg.audio_mask_mode, generator)
+                for _ in range(batch_size)
+            ]
+        )
         return video, audio
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -386,23 +444,27 @@ class CAVMAEPretrain(nn.Module):
         a = F.normalize(audio.float().mean(dim=1), dim=-1)  # (B, C)
         v = F.normalize(video.float().mean(dim=1), dim=-1)  # (B, C)
         # info_nce(x, y) takes cross-entropy over the rows of x @ y.T = S.T, i.e. over S's columns
-        return info_nce(v, a, self.cfg.temperature, symmetric=bool(self.cfg.symmetric_contrastive),
-                        negatives=self.cfg.negatives)
+        return info_nce(
+            v, a, self.cfg.temperature, symmetric=bool(self.cfg.symmetric_contrastive), negatives=self.cfg.negatives
+        )
 
     def retrieval_features(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unmasked inputs -> (video (B, C), audio (B, C)): mean-pooled single-modality shared-block
         outputs (the release's forward_feat, pooled); cosine similarity ranks them."""
         return _retrieval_features(self, video, audio)
 
-    def forward(self, video: torch.Tensor, audio: torch.Tensor, video_mask: torch.Tensor,
-                audio_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, video: torch.Tensor, audio: torch.Tensor, video_mask: torch.Tensor, audio_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """video (B, 3, H, W) ImageNet-normalised frame; audio (B, 1, T, F) or (B, T, F) normalised
         fbank, time first; video_mask (B, Nv_all), audio_mask (B, Na_all) bool, True = masked, the
         same count per row. Returns the scalar losses."""
         cfg = self.cfg
         video, audio = _video_input(video), _audio_input(audio)  # (B, 3, H, W), (B, 1, F, T)
-        for name, mask, num_tokens in (("video_mask", video_mask, self.num_video_tokens),
-                                       ("audio_mask", audio_mask, self.num_audio_tokens)):
+        for name, mask, num_tokens in (
+            ("video_mask", video_mask, self.num_video_tokens),
+            ("audio_mask", audio_mask, self.num_audio_tokens),
+        ):
             if mask.shape != (video.shape[0], num_tokens):
                 raise ValueError(f"{name}: expected ({video.shape[0]}, {num_tokens}), got {tuple(mask.shape)}")
         video_visible, video_masked = split_indices_to(video_mask, video.device)  # (B, Nvv), (B, Nvm)
@@ -414,13 +476,16 @@ class CAVMAEPretrain(nn.Module):
         joint = torch.cat([audio_tokens, video_tokens], dim=1)  # (B, Nav + Nvv, C)
         if self.pack_fusion:  # the shared blocks' three passes in one varlen launch per block
             latent, audio_stream, video_stream = self.shared.forward_packed(
-                (joint, audio_tokens, video_tokens), ("unified", "audio", "video"))
+                (joint, audio_tokens, video_tokens), ("unified", "audio", "video")
+            )
         else:
             latent = self.shared(joint, "unified")
         audio_pred, video_pred = self.decoder(latent, audio_visible, audio_masked, video_visible, video_masked)
 
-        out = {"loss_audio": masked_mse(audio_pred, patch_target(audio, cfg.patch), audio_mask),
-               "loss_video": masked_mse(video_pred, patch_target(video, cfg.patch), video_mask)}
+        out = {
+            "loss_audio": masked_mse(audio_pred, patch_target(audio, cfg.patch), audio_mask),
+            "loss_video": masked_mse(video_pred, patch_target(video, cfg.patch), video_mask),
+        }
         if not self.pack_fusion:  # after the decoder, as before: the same drop path draws
             audio_stream, video_stream = self.shared(audio_tokens, "audio"), self.shared(video_tokens, "video")
         out["loss_contrastive"] = self.contrastive_loss(audio_stream, video_stream)
@@ -443,13 +508,24 @@ class CAVMAEFinetune(nn.Module):
 
     MODES = ("multimodal", "audio", "video", "audio_missing_video", "video_missing_audio")
     # the modality each mode reads (None: both) and the shared-block streams it runs
-    _INPUT = {"multimodal": None, "audio": "audio", "video": "video",
-              "audio_missing_video": "audio", "video_missing_audio": "video"}
-    _STREAMS = {"multimodal": ("unified",), "audio": ("audio",), "video": ("video",),
-                "audio_missing_video": ("unified", "audio"), "video_missing_audio": ("unified", "video")}
+    _INPUT = {
+        "multimodal": None,
+        "audio": "audio",
+        "video": "video",
+        "audio_missing_video": "audio",
+        "video_missing_audio": "video",
+    }
+    _STREAMS = {
+        "multimodal": ("unified",),
+        "audio": ("audio",),
+        "video": ("video",),
+        "audio_missing_video": ("unified", "audio"),
+        "video_missing_audio": ("unified", "video"),
+    }
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, mode: str = "multimodal",
-                 execution: ExecutionConfig | None = None):
+    def __init__(
+        self, cfg: ModelConfig, num_classes: int, mode: str = "multimodal", execution: ExecutionConfig | None = None
+    ):
         super().__init__()
         if cfg.arch != "cavmae":
             raise ValueError(f"CAVMAEFinetune needs model.arch 'cavmae', got {cfg.arch!r}")
@@ -483,22 +559,26 @@ class CAVMAEFinetune(nn.Module):
         for stream in STREAMS:
             if stream not in self._STREAMS[mode]:
                 prefix = _NORM_PREFIX[stream]
-                names += [n for n, _ in self.shared.named_parameters(prefix="shared")
-                          if n.split(".")[-2] in (f"{prefix}norm1", f"{prefix}norm2", f"{prefix}norm")]
+                names += [
+                    n
+                    for n, _ in self.shared.named_parameters(prefix="shared")
+                    if n.split(".")[-2] in (f"{prefix}norm1", f"{prefix}norm2", f"{prefix}norm")
+                ]
         unused_encoder = {"audio": "video_encoder.", "video": "audio_encoder.", None: None}[self._INPUT[mode]]
         unused = set(names)
-        return [n for n, _ in self.named_parameters()
-                if n in unused or (unused_encoder and n.startswith(unused_encoder))]
+        return [
+            n for n, _ in self.named_parameters() if n in unused or (unused_encoder and n.startswith(unused_encoder))
+        ]
 
-    def features(self, video: torch.Tensor | None, audio: torch.Tensor | None,
-                 mode: str | None = None) -> torch.Tensor:
+    def features(self, video: torch.Tensor | None, audio: torch.Tensor | None, mode: str | None = None) -> torch.Tensor:
         """The pooled, normalised-stream feature (B, C) the head classifies."""
         mode = mode or self.mode
         self._check_mode(mode)
         modality = self._INPUT[mode]
         if modality is None:
-            tokens = torch.cat([self.audio_encoder(_audio_input(audio)), self.video_encoder(_video_input(video))],
-                               dim=1)  # (B, Na + Nv, C)
+            tokens = torch.cat(
+                [self.audio_encoder(_audio_input(audio)), self.video_encoder(_video_input(video))], dim=1
+            )  # (B, Na + Nv, C)
         elif modality == "audio":
             tokens = self.audio_encoder(_audio_input(audio))  # (B, Na, C)
         else:
@@ -517,8 +597,9 @@ class CAVMAEFinetune(nn.Module):
         return _retrieval_features(self, video, audio)
 
 
-def _retrieval_features(model: nn.Module, video: torch.Tensor, audio: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def _retrieval_features(
+    model: nn.Module, video: torch.Tensor, audio: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     a = model.shared(model.audio_encoder(_audio_input(audio)), "audio").mean(dim=1)
     v = model.shared(model.video_encoder(_video_input(video)), "video").mean(dim=1)
     return v, a

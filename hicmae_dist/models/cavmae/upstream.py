@@ -4,6 +4,7 @@ what the authors' files say about the model (kind, size, layout).
 RENAMES rows are (ours, theirs) prefixes; "$" = the whole key. Order matters: specific rows
 first. COMPONENTS rename parts inside a block's keys.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,10 @@ RENAMES: list[tuple[str, str]] = [
     ("head.", "mlp_head.1."),
 ]
 COMPONENTS: list[tuple[str, str]] = [
-    ("audio_norm1", "norm1_a"), ("audio_norm2", "norm2_a"), ("video_norm1", "norm1_v"), ("video_norm2", "norm2_v"),
+    ("audio_norm1", "norm1_a"),
+    ("audio_norm2", "norm2_a"),
+    ("video_norm1", "norm1_v"),
+    ("video_norm2", "norm2_v"),
 ]
 
 # --- reading the authors' files --------------------------------------------------------------------
@@ -61,17 +65,28 @@ def infer_config(state: dict[str, torch.Tensor], kind: str) -> ModelConfig:
     base = load_config(PRESET).model
     audio_tokens, video_tokens = key_shape(state, "pos_embed_a")[1], key_shape(state, "pos_embed_v")[1]
     freq_tokens = base.mel_bins // patch
-    side = int(round(video_tokens ** 0.5))
+    side = int(round(video_tokens**0.5))
     if audio_tokens % freq_tokens or side * side != video_tokens:
-        raise ConversionError(f"token grids: {audio_tokens} audio tokens are not {freq_tokens} frequency rows, "
-                              f"or {video_tokens} image tokens not a square")
-    fields = dict(width=width, heads=width // 64, patch=patch, modality_depth=key_depth(state, "blocks_a."),
-                  shared_depth=key_depth(state, "blocks_u."), image_size=side * patch,
-                  audio_frames=audio_tokens // freq_tokens * patch)
+        raise ConversionError(
+            f"token grids: {audio_tokens} audio tokens are not {freq_tokens} frequency rows, "
+            f"or {video_tokens} image tokens not a square"
+        )
+    fields = dict(
+        width=width,
+        heads=width // 64,
+        patch=patch,
+        modality_depth=key_depth(state, "blocks_a."),
+        shared_depth=key_depth(state, "blocks_u."),
+        image_size=side * patch,
+        audio_frames=audio_tokens // freq_tokens * patch,
+    )
     if kind == "pretrain":
         decoder_width = key_shape(state, "decoder_embed.weight")[0]
-        fields.update(decoder_width=decoder_width, decoder_heads=decoder_width // 32,
-                      decoder_depth=key_depth(state, "decoder_blocks."))
+        fields.update(
+            decoder_width=decoder_width,
+            decoder_heads=decoder_width // 32,
+            decoder_depth=key_depth(state, "decoder_blocks."),
+        )
     return dataclasses.replace(base, **fields)
 
 

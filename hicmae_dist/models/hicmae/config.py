@@ -1,5 +1,6 @@
 """HiCMAE's model section (docs/models.md#hicmae; defaults are HiCMAE-S). Imports nothing from
 hicmae_dist but hicmae_dist.config."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,20 +20,35 @@ class HiCMAEConfig(ModelConfig):
 
     def validate_family(self) -> None:
         expect(self.fusion_depth >= 0, "model.fusion_depth", ">= 0", self.fusion_depth)
-        expect(self.audio_mask_mode == "random", "model.audio_mask_mode", "'random' for arch hicmae",
-               self.audio_mask_mode)
-        expect(self.symmetric_contrastive in (None, True), "model.symmetric_contrastive",
-               "null or true for arch hicmae (its contrastive loss is symmetric)", self.symmetric_contrastive)
+        expect(
+            self.audio_mask_mode == "random", "model.audio_mask_mode", "'random' for arch hicmae", self.audio_mask_mode
+        )
+        expect(
+            self.symmetric_contrastive in (None, True),
+            "model.symmetric_contrastive",
+            "null or true for arch hicmae (its contrastive loss is symmetric)",
+            self.symmetric_contrastive,
+        )
         layers = self.intermediate_layers
-        expect(len(layers) > 0 and all(0 <= i < self.encoder_depth for i in layers)
-               and layers == sorted(set(layers)), "model.intermediate_layers",
-               f"increasing block indices in [0, {self.encoder_depth})", layers)
-        expect(layers[-1] == self.encoder_depth - 1, "model.intermediate_layers",
-               "to end with the last encoder block", layers)
-        expect(self.decoder_depth == len(layers) + 1, "model.decoder_depth",
-               f"len(model.intermediate_layers) + 1 = {len(layers) + 1}", self.decoder_depth)
-        expect(self.num_frames % self.tubelet == 0, "model.num_frames",
-               "a multiple of model.tubelet", self.num_frames)
+        expect(
+            len(layers) > 0 and all(0 <= i < self.encoder_depth for i in layers) and layers == sorted(set(layers)),
+            "model.intermediate_layers",
+            f"increasing block indices in [0, {self.encoder_depth})",
+            layers,
+        )
+        expect(
+            layers[-1] == self.encoder_depth - 1,
+            "model.intermediate_layers",
+            "to end with the last encoder block",
+            layers,
+        )
+        expect(
+            self.decoder_depth == len(layers) + 1,
+            "model.decoder_depth",
+            f"len(model.intermediate_layers) + 1 = {len(layers) + 1}",
+            self.decoder_depth,
+        )
+        expect(self.num_frames % self.tubelet == 0, "model.num_frames", "a multiple of model.tubelet", self.num_frames)
 
     def depth_summary(self) -> str:
         return f"depth {self.encoder_depth} + {self.fusion_depth}"

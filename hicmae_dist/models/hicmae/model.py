@@ -10,6 +10,7 @@ hierarchical feature fusion. Both have exactly the parameter tensors of the auth
 (same shapes, same counts) under our names; the sinusoid position tables are non-persistent
 buffers, as they are not in the release's state dict either.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,16 @@ import torch.nn.functional as F
 from hicmae_dist.config import ExecutionConfig, ModelConfig
 from hicmae_dist.masking import random_mask, split_indices_to, tube_mask
 from hicmae_dist.models import targets
-from hicmae_dist.models.blocks import (LN_EPS, Block, CSBlock, cs_block_pair_packed, drop_path_rates,
-                                       init_weights, maybe_checkpoint, sinusoid_table)
+from hicmae_dist.models.blocks import (
+    LN_EPS,
+    Block,
+    CSBlock,
+    cs_block_pair_packed,
+    drop_path_rates,
+    init_weights,
+    maybe_checkpoint,
+    sinusoid_table,
+)
 from hicmae_dist.ops import assemble_decoder_tokens, gather_visible, info_nce
 
 
@@ -46,7 +55,8 @@ class Encoder(nn.Module):
         self.register_buffer("pos_embed", sinusoid_table(num_tokens, cfg.width), persistent=False)
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, p, execution.attention_backend)
-            for p in drop_path_rates(cfg.drop_path, cfg.encoder_depth))
+            for p in drop_path_rates(cfg.drop_path, cfg.encoder_depth)
+        )
         self.norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.checkpointing = execution.activation_checkpointing
 
@@ -58,8 +68,10 @@ class Encoder(nn.Module):
         """
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, C), flat token order
         if tokens.shape[1] != self.pos_embed.shape[0]:
-            raise ValueError(f"input {tuple(x.shape)} gives {tokens.shape[1]} tokens; "
-                             f"the model is built for {self.pos_embed.shape[0]}")
+            raise ValueError(
+                f"input {tuple(x.shape)} gives {tokens.shape[1]} tokens; "
+                f"the model is built for {self.pos_embed.shape[0]}"
+            )
         tokens = tokens + self.pos_embed.to(tokens.dtype)
         if visible_idx is not None:
             tokens = gather_visible(tokens, visible_idx)  # (B, Nv, C), original order kept
@@ -96,21 +108,26 @@ class FusionEncoder(nn.Module):
         self.checkpointing = execution.activation_checkpointing
         rates = drop_path_rates(cfg.drop_path, cfg.fusion_depth)
         self.video_blocks = nn.ModuleList(
-            CSBlock(cfg.width, cfg.heads, cfg.mlp_ratio, p, execution.attention_backend) for p in rates)
+            CSBlock(cfg.width, cfg.heads, cfg.mlp_ratio, p, execution.attention_backend) for p in rates
+        )
         self.video_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.audio_blocks = nn.ModuleList(
-            CSBlock(cfg.width, cfg.heads, cfg.mlp_ratio, p, execution.attention_backend) for p in rates)
+            CSBlock(cfg.width, cfg.heads, cfg.mlp_ratio, p, execution.attention_backend) for p in rates
+        )
         self.audio_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """video: (B, Nv, C), audio: (B, Na, C) -> the same shapes."""
         for video_block, audio_block in zip(self.video_blocks, self.audio_blocks):
             if self.pack:
-                video, audio = maybe_checkpoint(self.checkpointing, self, cs_block_pair_packed,
-                                                video_block, audio_block, video, audio)
+                video, audio = maybe_checkpoint(
+                    self.checkpointing, self, cs_block_pair_packed, video_block, audio_block, video, audio
+                )
             else:  # simultaneous update
-                video, audio = (maybe_checkpoint(self.checkpointing, video_block, video_block, video, audio),
-                                maybe_checkpoint(self.checkpointing, audio_block, audio_block, audio, video))
+                video, audio = (
+                    maybe_checkpoint(self.checkpointing, video_block, video_block, video, audio),
+                    maybe_checkpoint(self.checkpointing, audio_block, audio_block, audio, video),
+                )
         return self.video_norm(video), self.audio_norm(audio)
 
 
@@ -131,15 +148,17 @@ class Decoder(nn.Module):
         rates = drop_path_rates(cfg.drop_path, cfg.decoder_depth)
         self.blocks = nn.ModuleList(
             [Block(width, cfg.decoder_heads, cfg.mlp_ratio, rates[0], execution.attention_backend)]
-            + [CSBlock(width, cfg.decoder_heads, cfg.mlp_ratio, p, execution.attention_backend) for p in rates[1:]])
+            + [CSBlock(width, cfg.decoder_heads, cfg.mlp_ratio, p, execution.attention_backend) for p in rates[1:]]
+        )
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
         self.head = nn.Linear(width, patch_dim)
         self.checkpointing = execution.activation_checkpointing
         # the release truncates at one standard deviation
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
-    def forward(self, fused: torch.Tensor, skips: list[torch.Tensor], visible_idx: torch.Tensor,
-                masked_idx: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, fused: torch.Tensor, skips: list[torch.Tensor], visible_idx: torch.Tensor, masked_idx: torch.Tensor
+    ) -> torch.Tensor:
         """fused: (B, Nv, C) fusion output; skips: intermediate encoder features, shallow to deep,
         each (B, Nv, C); visible_idx (B, Nv), masked_idx (B, Nm) flat token indices.
         Returns (B, Nm, patch_dim), rows in masked_idx order."""
@@ -147,13 +166,14 @@ class Decoder(nn.Module):
         pos_visible = pos[visible_idx]  # (B, Nv, Cd)
         # [visible + pos, mask_token + pos...], never unshuffled: the position code carries each
         # location (one native op, = torch.cat([e2d(fused) + pos[vis], mask + pos[masked]], 1))
-        x = assemble_decoder_tokens(self.encoder_to_decoder(fused), self.mask_token, pos,
-                                    visible_idx, masked_idx)  # (B, N, Cd)
+        x = assemble_decoder_tokens(
+            self.encoder_to_decoder(fused), self.mask_token, pos, visible_idx, masked_idx
+        )  # (B, N, Cd)
         contexts = [self.encoder_to_decoder(f) + pos_visible for f in reversed(skips)]  # deepest first
         x = maybe_checkpoint(self.checkpointing, self.blocks[0], self.blocks[0], x)  # (B, N, Cd)
         for block, context in zip(self.blocks[1:], contexts, strict=True):
             x = maybe_checkpoint(self.checkpointing, block, block, x, context)
-        return self.head(self.norm(x[:, fused.shape[1]:]))  # the masked tokens follow the visible ones
+        return self.head(self.norm(x[:, fused.shape[1] :]))  # the masked tokens follow the visible ones
 
 
 def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -167,12 +187,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if _no_weight_decay(name, param) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def retrieval_features(model: nn.Module, video: torch.Tensor, audio: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_features(model: nn.Module, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(video (B, C), audio (B, C)): mean over all tokens of each encoder's normalised output."""
     return model.video_encoder(video)[-1].mean(dim=1), model.audio_encoder(audio)[-1].mean(dim=1)
 
@@ -190,19 +208,20 @@ class HiCMAEPretrain(nn.Module):
         self.video_encoder = make_video_encoder(cfg, execution)
         self.audio_encoder = make_audio_encoder(cfg, execution)
         self.fusion = FusionEncoder(cfg, execution)
-        self.video_decoder = Decoder(cfg, execution, self.num_video_tokens, 3 * cfg.tubelet * cfg.patch ** 2)
-        self.audio_decoder = Decoder(cfg, execution, self.num_audio_tokens, cfg.patch ** 2)
+        self.video_decoder = Decoder(cfg, execution, self.num_video_tokens, 3 * cfg.tubelet * cfg.patch**2)
+        self.audio_decoder = Decoder(cfg, execution, self.num_audio_tokens, cfg.patch**2)
         self.apply(init_weights)
 
-    def make_masks(self, batch_size: int, generator: torch.Generator | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_masks(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(video_mask (B, Nv_all), audio_mask (B, Na_all)) bool, True = masked: tube masking of
         the video (one spatial mask over all temporal slices), random masking of the audio."""
         t, h, w = video_grid(self.cfg)
-        video = torch.stack([tube_mask(t, h * w, self.cfg.video_mask_ratio, generator)
-                             for _ in range(batch_size)])
-        audio = torch.stack([random_mask(self.num_audio_tokens, self.cfg.audio_mask_ratio, generator)
-                             for _ in range(batch_size)])
+        video = torch.stack([tube_mask(t, h * w, self.cfg.video_mask_ratio, generator) for _ in range(batch_size)])
+        audio = torch.stack(
+            [random_mask(self.num_audio_tokens, self.cfg.audio_mask_ratio, generator) for _ in range(batch_size)]
+        )
         return video, audio
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -219,14 +238,17 @@ class HiCMAEPretrain(nn.Module):
         a = F.normalize(audio.float().mean(dim=1), dim=-1)  # (B, C)
         return info_nce(v, a, self.cfg.temperature, symmetric=True, negatives=self.cfg.negatives)
 
-    def forward(self, video: torch.Tensor, audio: torch.Tensor, video_mask: torch.Tensor,
-                audio_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, video: torch.Tensor, audio: torch.Tensor, video_mask: torch.Tensor, audio_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """video (B, 3, T, H, W) ImageNet-normalised; audio (B, 1, T_a, F) normalised fbank;
         video_mask (B, Nv_all), audio_mask (B, Na_all) bool, True = masked, the same count per row.
         Returns the scalar losses."""
         cfg = self.cfg
-        for name, mask, num_tokens in (("video_mask", video_mask, self.num_video_tokens),
-                                       ("audio_mask", audio_mask, self.num_audio_tokens)):
+        for name, mask, num_tokens in (
+            ("video_mask", video_mask, self.num_video_tokens),
+            ("audio_mask", audio_mask, self.num_audio_tokens),
+        ):
             if mask.shape != (video.shape[0], num_tokens):
                 raise ValueError(f"{name}: expected ({video.shape[0]}, {num_tokens}), got {tuple(mask.shape)}")
         video_visible, video_masked = split_indices_to(video_mask, video.device)  # (B, Nv), (B, Nvm)
@@ -239,8 +261,10 @@ class HiCMAEPretrain(nn.Module):
         audio_skips = [audio_layers[i] for i in cfg.intermediate_layers]
 
         # hierarchical cross-modal contrastive loss, one term per intermediate layer
-        out = {f"loss_contrastive_l{i}": self.contrastive_loss(v, a)
-               for i, v, a in zip(cfg.intermediate_layers, video_skips, audio_skips)}
+        out = {
+            f"loss_contrastive_l{i}": self.contrastive_loss(v, a)
+            for i, v, a in zip(cfg.intermediate_layers, video_skips, audio_skips)
+        }
 
         video_fused, audio_fused = self.fusion(video_layers[-1], audio_layers[-1])
         video_pred = self.video_decoder(video_fused, video_skips, video_visible, video_masked)  # (B, Nvm, 1536)
@@ -252,8 +276,7 @@ class HiCMAEPretrain(nn.Module):
         out["loss_video"] = F.mse_loss(video_pred.float(), gather_visible(video_target, video_masked))
         out["loss_audio"] = F.mse_loss(audio_pred.float(), gather_visible(audio_target, audio_masked))
         out["loss_contrastive"] = sum(out[f"loss_contrastive_l{i}"] for i in cfg.intermediate_layers)
-        out["loss"] = (out["loss_video"] + out["loss_audio"]
-                       + cfg.contrastive_weight * out["loss_contrastive"])
+        out["loss"] = out["loss_video"] + out["loss_audio"] + cfg.contrastive_weight * out["loss_contrastive"]
         return out
 
 
@@ -267,13 +290,19 @@ class HiCMAEFinetune(nn.Module):
 
     ACTIVATIONS = {None: nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, head_activation: str | None = None,
-                 execution: ExecutionConfig | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_classes: int,
+        head_activation: str | None = None,
+        execution: ExecutionConfig | None = None,
+    ):
         super().__init__()
         execution = execution or ExecutionConfig()  # how it runs; the maths are cfg's
         if head_activation not in self.ACTIVATIONS:
-            raise ValueError(f"head_activation {head_activation!r}: expected one of "
-                             f"{', '.join(map(str, self.ACTIVATIONS))}")
+            raise ValueError(
+                f"head_activation {head_activation!r}: expected one of {', '.join(map(str, self.ACTIVATIONS))}"
+            )
         self.cfg = cfg
         self.video_layer_weights = nn.Parameter(torch.full((cfg.encoder_depth,), 1 / cfg.encoder_depth))
         self.audio_layer_weights = nn.Parameter(torch.full((cfg.encoder_depth,), 1 / cfg.encoder_depth))
@@ -295,9 +324,14 @@ class HiCMAEFinetune(nn.Module):
         for name, param in self.named_parameters():
             if param.requires_grad:
                 layer, no_decay = self.layer_id(name), _no_weight_decay(name, param)
-                group = groups.setdefault((layer, no_decay), {
-                    "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                    "lr_scale": layer_decay ** (top - layer)})
+                group = groups.setdefault(
+                    (layer, no_decay),
+                    {
+                        "params": [],
+                        "weight_decay": 0.0 if no_decay else weight_decay,
+                        "lr_scale": layer_decay ** (top - layer),
+                    },
+                )
                 group["params"].append(param)
         return [groups[k] for k in sorted(groups)]
 
@@ -327,9 +361,15 @@ class HiCMAEFinetune(nn.Module):
         video_layers = self.video_encoder(video)  # depth x (B, Nv, C)
         audio_layers = self.audio_encoder(audio)  # depth x (B, Na, C)
         video_fused, audio_fused = self.fusion(video_layers[-1], audio_layers[-1])
-        return torch.cat([self._weighted_layers(video_layers, self.video_layer_weights),
-                          self._weighted_layers(audio_layers, self.audio_layer_weights),
-                          video_fused.mean(dim=1), audio_fused.mean(dim=1)], dim=-1)  # (B, 4C)
+        return torch.cat(
+            [
+                self._weighted_layers(video_layers, self.video_layer_weights),
+                self._weighted_layers(audio_layers, self.audio_layer_weights),
+                video_fused.mean(dim=1),
+                audio_fused.mean(dim=1),
+            ],
+            dim=-1,
+        )  # (B, 4C)
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """video (B, 3, T, H, W), audio (B, 1, T_a, F) -> (B, num_classes)."""

@@ -1,4 +1,5 @@
 """HiCMAE's ModelSpec: what the rest of the package needs to know about the family."""
+
 from __future__ import annotations
 
 from pathlib import Path

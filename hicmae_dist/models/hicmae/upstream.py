@@ -4,6 +4,7 @@ what the authors' files say about the model (kind, size, layout).
 RENAMES rows are (ours, theirs) prefixes; "$" = the whole key. Order matters: specific rows
 first. COMPONENTS rename parts inside a block's keys.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,13 +51,21 @@ def upstream_kind(state: dict[str, torch.Tensor]) -> str:
 def infer_config(state: dict[str, torch.Tensor], kind: str) -> ModelConfig:
     """The model section of a file in the authors' naming (not validated)."""
     width, _, tubelet, patch, _ = key_shape(state, "encoder.patch_embed.proj.weight")
-    fields = dict(width=width, heads=width // 64, patch=patch, tubelet=tubelet,
-                  encoder_depth=key_depth(state, "encoder.blocks."),
-                  fusion_depth=key_depth(state, "encoder_fusion.blocks."))
+    fields = dict(
+        width=width,
+        heads=width // 64,
+        patch=patch,
+        tubelet=tubelet,
+        encoder_depth=key_depth(state, "encoder.blocks."),
+        fusion_depth=key_depth(state, "encoder_fusion.blocks."),
+    )
     if kind == "pretrain":
         decoder_width = key_shape(state, "decoder.norm.weight")[0]
-        fields.update(decoder_width=decoder_width, decoder_heads=decoder_width // 64,
-                      decoder_depth=key_depth(state, "decoder.blocks."))
+        fields.update(
+            decoder_width=decoder_width,
+            decoder_heads=decoder_width // 64,
+            decoder_depth=key_depth(state, "decoder.blocks."),
+        )
     # the sinusoid tables are not in the file: the spec's token grids; the decoder of a
     # fine-tune file is unknown: the preset of that width, if any
     base = load_config(PRESETS_BY_WIDTH[width]).model if width in PRESETS_BY_WIDTH else Config().model

@@ -10,6 +10,7 @@ They run on CUDA devices of compute capability 8.0 or newer, and on CPU tensors 
 interpreter is on (TRITON_INTERPRET=1 in the environment before Triton is imported): that is
 how the tests run them on a machine without a GPU.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,7 +21,7 @@ import torch
 __all__ = ["available", "interpreting", "import_error"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def import_error() -> str | None:
     """None when `import triton` works, else the error as text."""
     try:
@@ -36,6 +37,7 @@ def interpreting() -> bool:
     if import_error() is not None:
         return False
     import triton
+
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
         return bool(knobs.runtime.interpret)
@@ -51,8 +53,10 @@ def available(device: torch.device | str) -> tuple[bool, str]:
     if device.type == "cpu":
         if interpreting():
             return True, ""
-        return False, ("triton kernels need CUDA tensors; CPU tensors run only under the Triton "
-                       "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+        return False, (
+            "triton kernels need CUDA tensors; CPU tensors run only under the Triton "
+            "interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        )
     if device.type != "cuda":
         return False, f"triton kernels need CUDA tensors, got device {device}"
     if interpreting():

@@ -21,20 +21,28 @@ torch.library ops: `hicmae_dist::flash_attn_fwd` and `hicmae_dist::flash_attn_bw
 (meta) implementations and the autograd formula registered, so the op works under
 torch.compile and passes torch.library.opcheck (run on CPU tensors under the interpreter).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from hicmae_dist.ops.triton import interpreting
-from hicmae_dist.ops.triton.launch import (GRID_LIMIT, TRITON_DTYPE_NAMES, arch_family, check_ready,
-                                           compile_ahead, device_guard, dot_precision, input_group,
-                                           last_contiguous)
+from hicmae_dist.ops.triton.launch import (
+    GRID_LIMIT,
+    TRITON_DTYPE_NAMES,
+    arch_family,
+    check_ready,
+    compile_ahead,
+    device_guard,
+    dot_precision,
+    input_group,
+    last_contiguous,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -130,22 +138,43 @@ def _mma_operand(x, OUT, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, KPM, CU_Q, CU_K,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_om, stride_oh,
-    stride_lb, stride_lh,
+    Q,
+    K,
+    V,
+    O,  # noqa: E741  (Q, K, V, O: the attention paper's names)
+    LSE,
+    KPM,
+    CU_Q,
+    CU_K,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_lb,
+    stride_lh,
     stride_pb,
-    seqlen_q, seqlen_k, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One program per query tile of BLOCK_M rows; streams the key tiles through an online
     softmax (running max m_i, running sum l_i, in log2 units)."""
-    off_h, off_b, q_start, n_q, k_start, n_k = _program_segments(CU_Q, CU_K, seqlen_q, seqlen_k,
-                                                                 IS_VARLEN)
+    off_h, off_b, q_start, n_q, k_start, n_k = _program_segments(CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
     start_m = tl.program_id(0) * BLOCK_M
     if start_m >= n_q:
         return
@@ -185,19 +214,28 @@ def _attn_fwd(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(_tile_ptrs(O, o_row0, offs_m, stride_om, offs_d), out.to(O.dtype.element_ty),
-             mask=m_valid[:, None])
+    tl.store(_tile_ptrs(O, o_row0, offs_m, stride_om, offs_d), out.to(O.dtype.element_ty), mask=m_valid[:, None])
     tl.store(LSE + l_row0 + offs_m, lse, mask=m_valid)
 
 
 @triton.jit
 def _attn_bwd_preprocess(
-    O, DO, DELTA, CU_Q,
-    stride_ob, stride_om, stride_oh,
-    stride_dob, stride_dom, stride_doh,
-    stride_lb, stride_lh,
+    O,  # noqa: E741
+    DO,
+    DELTA,
+    CU_Q,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_lb,
+    stride_lh,
     seqlen_q,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """delta[row] = sum_d O[row, d] * dO[row, d] in fp32."""
     pid_m = tl.program_id(0)
@@ -220,24 +258,53 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh,
-    stride_dkb, stride_dkn, stride_dkh,
-    stride_dvb, stride_dvn, stride_dvh,
-    stride_lb, stride_lh,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    KPM,
+    CU_Q,
+    CU_K,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dkb,
+    stride_dkn,
+    stride_dkh,
+    stride_dvb,
+    stride_dvn,
+    stride_dvh,
+    stride_lb,
+    stride_lh,
     stride_pb,
-    seqlen_q, seqlen_k, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One program per key tile of BLOCK_N rows; loops over the query tiles of BLOCK_M rows.
     Padded keys (beyond the segment or key_padding_mask False) get exactly zero dK, dV."""
-    off_h, off_b, q_start, n_q, k_start, n_k = _program_segments(CU_Q, CU_K, seqlen_q, seqlen_k,
-                                                                 IS_VARLEN)
+    off_h, off_b, q_start, n_q, k_start, n_k = _program_segments(CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
     start_n = tl.program_id(0) * BLOCK_N
     if start_n >= n_k:
         return
@@ -285,22 +352,48 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh,
-    stride_dqb, stride_dqm, stride_dqh,
-    stride_lb, stride_lh,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    KPM,
+    CU_Q,
+    CU_K,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dqb,
+    stride_dqm,
+    stride_dqh,
+    stride_lb,
+    stride_lh,
     stride_pb,
-    seqlen_q, seqlen_k, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One program per query tile of BLOCK_M rows; loops over the key tiles of BLOCK_N rows."""
-    off_h, off_b, q_start, n_q, k_start, n_k = _program_segments(CU_Q, CU_K, seqlen_q, seqlen_k,
-                                                                 IS_VARLEN)
+    off_h, off_b, q_start, n_q, k_start, n_k = _program_segments(CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
     start_m = tl.program_id(0) * BLOCK_M
     if start_m >= n_q:
         return
@@ -340,12 +433,10 @@ def _attn_bwd_dq(
         dq = tl.dot(_mma_operand(ds, DQ, UPCAST), k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(_tile_ptrs(DQ, dq_row0, offs_m, stride_dqm, offs_d), dq.to(DQ.dtype.element_ty),
-             mask=m_valid[:, None])
+    tl.store(_tile_ptrs(DQ, dq_row0, offs_m, stride_dqm, offs_d), dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
 
 
-KERNELS = {"fwd": _attn_fwd, "bwd_pre": _attn_bwd_preprocess, "bwd_dkdv": _attn_bwd_dkdv,
-           "bwd_dq": _attn_bwd_dq}
+KERNELS = {"fwd": _attn_fwd, "bwd_pre": _attn_bwd_preprocess, "bwd_dkdv": _attn_bwd_dkdv, "bwd_dq": _attn_bwd_dq}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,6 +446,7 @@ KERNELS = {"fwd": _attn_fwd, "bwd_pre": _attn_bwd_preprocess, "bwd_dkdv": _attn_
 class AttnTileConfig:
     """Launch parameters of one kernel. block_m: query rows per tile; block_n: key rows per
     tile (bwd_dkdv holds a key tile and loops over query tiles; fwd and bwd_dq the reverse)."""
+
     block_m: int
     block_n: int
     num_warps: int
@@ -393,17 +485,22 @@ def _fill_configs() -> None:
             "bwd_dq": {32: C(128, 32, 4, 3), 64: C(128, 64, 8, 2), 128: C(128, 32, 8, 3)},
         },
         ("sm90", "tf32"): {
-            "fwd": same(C(64, 32, 8, 2)), "fwd_short": same(C(64, 32, 8, 2)),
-            "bwd_dkdv": same(C(32, 64, 8, 2)), "bwd_dq": same(C(64, 32, 8, 2)),
+            "fwd": same(C(64, 32, 8, 2)),
+            "fwd_short": same(C(64, 32, 8, 2)),
+            "bwd_dkdv": same(C(32, 64, 8, 2)),
+            "bwd_dq": same(C(64, 32, 8, 2)),
         },
         ("sm80", "tf32"): {
-            "fwd": same(C(64, 32, 8, 2)), "fwd_short": same(C(64, 32, 8, 2)),
+            "fwd": same(C(64, 32, 8, 2)),
+            "fwd_short": same(C(64, 32, 8, 2)),
             "bwd_dkdv": {32: C(32, 64, 8, 2), 64: C(16, 64, 8, 2), 128: C(32, 32, 8, 2)},
             "bwd_dq": same(C(64, 32, 8, 2)),
         },
         ("sm90", "ieee"): {
-            "fwd": same(C(32, 32, 8, 1)), "fwd_short": same(C(32, 32, 8, 1)),
-            "bwd_dkdv": same(C(32, 32, 8, 1)), "bwd_dq": same(C(32, 32, 8, 1)),
+            "fwd": same(C(32, 32, 8, 1)),
+            "fwd_short": same(C(32, 32, 8, 1)),
+            "bwd_dkdv": same(C(32, 32, 8, 1)),
+            "bwd_dq": same(C(32, 32, 8, 1)),
         },
     }
     table[("sm80", "ieee")] = table[("sm90", "ieee")]
@@ -420,8 +517,7 @@ def _fill_configs() -> None:
 _fill_configs()
 
 
-def pick_config(kind: str, head_dim: int, dtype: torch.dtype, arch: str,
-                max_seqlen_q: int = 1 << 30) -> AttnTileConfig:
+def pick_config(kind: str, head_dim: int, dtype: torch.dtype, arch: str, max_seqlen_q: int = 1 << 30) -> AttnTileConfig:
     if kind == "fwd" and max_seqlen_q <= SHORT_SEQLEN:
         kind = "fwd_short"
     return CONFIGS[(arch, kind, head_dim, input_group(dtype))]
@@ -468,8 +564,10 @@ class _Problem:
             self.seqlen_k = k.shape[2]
             self.max_q, self.max_k = self.seqlen_q, self.seqlen_k
         if self.batch > GRID_LIMIT or self.heads > GRID_LIMIT:
-            raise ValueError(f"triton attention: at most {GRID_LIMIT} sequences and heads per "
-                             f"launch, got {self.batch} and {self.heads}")
+            raise ValueError(
+                f"triton attention: at most {GRID_LIMIT} sequences and heads per "
+                f"launch, got {self.batch} and {self.heads}"
+            )
 
     def grid(self, block: int, rows: int):
         return (triton.cdiv(max(rows, 1), block), self.heads, max(self.batch, 1))
@@ -499,9 +597,21 @@ def _placeholders(q, cu_seqlens_q, cu_seqlens_k, key_padding_mask):
     return cu_q, cu_k, kpm, stride_pb
 
 
-def flash_attn_forward(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                       max_seqlen_k=None, key_padding_mask=None, softmax_scale=None, *,
-                       config: AttnTileConfig | None = None, out=None, lse=None):
+def flash_attn_forward(
+    q,
+    k,
+    v,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    key_padding_mask=None,
+    softmax_scale=None,
+    *,
+    config: AttnTileConfig | None = None,
+    out=None,
+    lse=None,
+):
     """Launch the forward kernel. Shapes as the module docstring; returns (out, lse).
 
     config: launch parameters (default `pick_config`); out / lse: preallocated outputs (the
@@ -519,22 +629,56 @@ def flash_attn_forward(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
     cu_q, cu_k, kpm, stride_pb = _placeholders(q, cu_seqlens_q, cu_seqlens_k, key_padding_mask)
     with device_guard(q):
         _attn_fwd[pb.grid(config.block_m, pb.max_q)](
-            q, k, v, out, lse, kpm, cu_q, cu_k,
-            *_strides(q, pb.varlen), *_strides(k, pb.varlen), *_strides(v, pb.varlen),
-            *_strides(out, pb.varlen), *_lse_strides(lse, pb.varlen), stride_pb,
-            pb.seqlen_q, pb.seqlen_k, scale * LOG2E,
-            HEAD_DIM=pb.head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            IS_VARLEN=pb.varlen, HAS_KPM=key_padding_mask is not None, UPCAST=interpreting(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            kpm,
+            cu_q,
+            cu_k,
+            *_strides(q, pb.varlen),
+            *_strides(k, pb.varlen),
+            *_strides(v, pb.varlen),
+            *_strides(out, pb.varlen),
+            *_lse_strides(lse, pb.varlen),
+            stride_pb,
+            pb.seqlen_q,
+            pb.seqlen_k,
+            scale * LOG2E,
+            HEAD_DIM=pb.head_dim,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            IS_VARLEN=pb.varlen,
+            HAS_KPM=key_padding_mask is not None,
+            UPCAST=interpreting(),
             DOT_PRECISION=dot_precision(q.dtype),
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
         )
     return out, lse
 
 
-def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None,
-                        max_seqlen_q=None, max_seqlen_k=None, key_padding_mask=None,
-                        softmax_scale=None, *, configs: dict[str, AttnTileConfig] | None = None,
-                        dq=None, dk=None, dv=None, delta=None):
+def flash_attn_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    key_padding_mask=None,
+    softmax_scale=None,
+    *,
+    configs: dict[str, AttnTileConfig] | None = None,
+    dq=None,
+    dk=None,
+    dv=None,
+    delta=None,
+):
     """Launch the three backward kernels; returns (dq, dk, dv) in the inputs' dtype.
 
     configs: {"bwd_pre" | "bwd_dkdv" | "bwd_dq": AttnTileConfig}, missing ones from
@@ -556,8 +700,9 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k
         return dq, dk, dv
     cu_q, cu_k, kpm, stride_pb = _placeholders(q, cu_seqlens_q, cu_seqlens_k, key_padding_mask)
     common = dict(HEAD_DIM=pb.head_dim, IS_VARLEN=pb.varlen)
-    flags = dict(common, HAS_KPM=key_padding_mask is not None, UPCAST=interpreting(),
-                 DOT_PRECISION=dot_precision(q.dtype))
+    flags = dict(
+        common, HAS_KPM=key_padding_mask is not None, UPCAST=interpreting(), DOT_PRECISION=dot_precision(q.dtype)
+    )
     lse_strides = _lse_strides(lse, pb.varlen)
     if delta.stride() != lse.stride():
         raise ValueError("flash_attn_backward: delta must have lse's layout")
@@ -565,27 +710,81 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k
         if dq.numel():
             c = configs["bwd_pre"]
             _attn_bwd_preprocess[pb.grid(c.block_m, pb.max_q)](
-                out, dout, delta, cu_q, *_strides(out, pb.varlen), *_strides(dout, pb.varlen),
-                *lse_strides, pb.seqlen_q, BLOCK_M=c.block_m, **common,
-                num_warps=c.num_warps, num_stages=c.num_stages)
+                out,
+                dout,
+                delta,
+                cu_q,
+                *_strides(out, pb.varlen),
+                *_strides(dout, pb.varlen),
+                *lse_strides,
+                pb.seqlen_q,
+                BLOCK_M=c.block_m,
+                **common,
+                num_warps=c.num_warps,
+                num_stages=c.num_stages,
+            )
         if dk.numel():
             c = configs["bwd_dkdv"]
             _attn_bwd_dkdv[pb.grid(c.block_n, pb.max_k)](
-                q, k, v, dout, lse, delta, dk, dv, kpm, cu_q, cu_k,
-                *_strides(q, pb.varlen), *_strides(k, pb.varlen), *_strides(v, pb.varlen),
-                *_strides(dout, pb.varlen), *_strides(dk, pb.varlen), *_strides(dv, pb.varlen),
-                *lse_strides, stride_pb, pb.seqlen_q, pb.seqlen_k, scale * LOG2E, scale,
-                BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags,
-                num_warps=c.num_warps, num_stages=c.num_stages)
+                q,
+                k,
+                v,
+                dout,
+                lse,
+                delta,
+                dk,
+                dv,
+                kpm,
+                cu_q,
+                cu_k,
+                *_strides(q, pb.varlen),
+                *_strides(k, pb.varlen),
+                *_strides(v, pb.varlen),
+                *_strides(dout, pb.varlen),
+                *_strides(dk, pb.varlen),
+                *_strides(dv, pb.varlen),
+                *lse_strides,
+                stride_pb,
+                pb.seqlen_q,
+                pb.seqlen_k,
+                scale * LOG2E,
+                scale,
+                BLOCK_M=c.block_m,
+                BLOCK_N=c.block_n,
+                **flags,
+                num_warps=c.num_warps,
+                num_stages=c.num_stages,
+            )
         if dq.numel():
             c = configs["bwd_dq"]
             _attn_bwd_dq[pb.grid(c.block_m, pb.max_q)](
-                q, k, v, dout, lse, delta, dq, kpm, cu_q, cu_k,
-                *_strides(q, pb.varlen), *_strides(k, pb.varlen), *_strides(v, pb.varlen),
-                *_strides(dout, pb.varlen), *_strides(dq, pb.varlen),
-                *lse_strides, stride_pb, pb.seqlen_q, pb.seqlen_k, scale * LOG2E, scale,
-                BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags,
-                num_warps=c.num_warps, num_stages=c.num_stages)
+                q,
+                k,
+                v,
+                dout,
+                lse,
+                delta,
+                dq,
+                kpm,
+                cu_q,
+                cu_k,
+                *_strides(q, pb.varlen),
+                *_strides(k, pb.varlen),
+                *_strides(v, pb.varlen),
+                *_strides(dout, pb.varlen),
+                *_strides(dq, pb.varlen),
+                *lse_strides,
+                stride_pb,
+                pb.seqlen_q,
+                pb.seqlen_k,
+                scale * LOG2E,
+                scale,
+                BLOCK_M=c.block_m,
+                BLOCK_N=c.block_n,
+                **flags,
+                num_warps=c.num_warps,
+                num_stages=c.num_stages,
+            )
     return dq, dk, dv
 
 
@@ -593,48 +792,64 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k
 # torch.library ops
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("hicmae_dist::flash_attn_fwd", mutates_args=())
-def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-                   max_seqlen_q: int, max_seqlen_k: int,
-                   key_padding_mask: Optional[torch.Tensor],
-                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    key_padding_mask: torch.Tensor | None,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse): out like q ((B, H, Nq, D) in (B, Nq, H, D) memory, or (total_q, H, D)),
     lse float32 (B, H, Nq) or (H, total_q), in log2 units (see the module docstring)."""
-    return flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              key_padding_mask, softmax_scale)
+    return flash_attn_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, softmax_scale
+    )
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
-      softmax_scale):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, softmax_scale):
     if cu_seqlens_q is not None:
         return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     B, H, Nq, D = q.shape
-    return (q.new_empty(B, Nq, H, D).transpose(1, 2),
-            q.new_empty(B, H, Nq, dtype=torch.float32))
+    return (q.new_empty(B, Nq, H, D).transpose(1, 2), q.new_empty(B, H, Nq, dtype=torch.float32))
 
 
 @torch.library.custom_op("hicmae_dist::flash_attn_bwd", mutates_args=())
-def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   out: torch.Tensor, lse: torch.Tensor,
-                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-                   max_seqlen_q: int, max_seqlen_k: int,
-                   key_padding_mask: Optional[torch.Tensor],
-                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def flash_attn_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    key_padding_mask: torch.Tensor | None,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv), shaped like q, k, v."""
-    return flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                               max_seqlen_k, key_padding_mask, softmax_scale)
+    return flash_attn_backward(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, softmax_scale
+    )
 
 
 @flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      key_padding_mask, softmax_scale):
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, softmax_scale):
     if cu_seqlens_q is not None:
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    return (q.new_empty(B, Nq, H, D).transpose(1, 2), k.new_empty(B, Nk, H, D).transpose(1, 2),
-            v.new_empty(B, Nk, H, D).transpose(1, 2))
+    return (
+        q.new_empty(B, Nq, H, D).transpose(1, 2),
+        k.new_empty(B, Nk, H, D).transpose(1, 2),
+        v.new_empty(B, Nk, H, D).transpose(1, 2),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -647,16 +862,25 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, kpm = ctx.saved_tensors
-    dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, kpm,
-                                ctx.scale)
+    dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, kpm, ctx.scale)
     return dq, dk, dv, None, None, None, None, None, None
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def flash_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                    max_seqlen_k=None, key_padding_mask=None, softmax_scale=None) -> torch.Tensor:
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    key_padding_mask=None,
+    softmax_scale=None,
+) -> torch.Tensor:
     """The `triton` backend of `hicmae_dist.ops.attention` (inputs already validated there):
     the registered op, differentiable. Returns out only."""
     if cu_seqlens_q is not None:
@@ -664,8 +888,7 @@ def flash_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
     else:
         max_q, max_k = q.shape[2], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, _ = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, key_padding_mask,
-                            float(scale))
+    out, _ = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, key_padding_mask, float(scale))
     return out
 
 
@@ -677,17 +900,29 @@ def flash_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
 _NOT_DIVISIBLE = {"seqlen_q", "seqlen_k", "stride_lb", "stride_lh", "stride_pb"}
 
 
-def aot_compile(kind: str, head_dim: int, dtype: torch.dtype, config: AttnTileConfig,
-                capability: int, *,
-                varlen: bool = False, kpm: bool = True, precision: str | None = None):
+def aot_compile(
+    kind: str,
+    head_dim: int,
+    dtype: torch.dtype,
+    config: AttnTileConfig,
+    capability: int,
+    *,
+    varlen: bool = False,
+    kpm: bool = True,
+    precision: str | None = None,
+):
     """Compile one kernel for a CUDA compute capability (80, 90, ...) without a GPU. Returns
     Triton's compiled kernel (asm["ptx"], asm["cubin"], metadata.shared, ...)."""
     kernel = kernel_of(kind)
     elem = TRITON_DTYPE_NAMES[dtype]
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": config.block_m, "IS_VARLEN": varlen}
     if kind != "bwd_pre":
-        constexprs.update(BLOCK_N=config.block_n, HAS_KPM=kpm, UPCAST=False,
-                          DOT_PRECISION=precision or ("tf32" if dtype != torch.float32 else "ieee"))
+        constexprs.update(
+            BLOCK_N=config.block_n,
+            HAS_KPM=kpm,
+            UPCAST=False,
+            DOT_PRECISION=precision or ("tf32" if dtype != torch.float32 else "ieee"),
+        )
     fp32_ptrs = {"LSE", "DELTA"}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -706,7 +941,7 @@ def aot_compile(kind: str, head_dim: int, dtype: torch.dtype, config: AttnTileCo
         else:
             signature[name] = "i32"
         if (signature[name].startswith("*") and name != "KPM") or (
-                name.startswith("stride_") and name not in _NOT_DIVISIBLE):
+            name.startswith("stride_") and name not in _NOT_DIVISIBLE
+        ):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return compile_ahead(kernel, signature, constexprs, attrs, capability, config.num_warps,
-                         config.num_stages)
+    return compile_ahead(kernel, signature, constexprs, attrs, capability, config.num_warps, config.num_stages)

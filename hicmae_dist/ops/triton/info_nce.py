@@ -24,6 +24,7 @@ rounded to the input dtype before the second matmul, as on the GPU.
 Configs per (arch family, kernel, input group), not autotuned; the AOT tests
 (tests/ops/triton_aot/test_info_nce_aot.py) compile each for sm_90 and sm_80 and check spills.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,19 +35,39 @@ import triton.language as tl
 
 from hicmae_dist.ops.backends import TRITON_DTYPES as DTYPES
 from hicmae_dist.ops.triton import interpreting
-from hicmae_dist.ops.triton.launch import (GRID_LIMIT, TRITON_DTYPE_NAMES, arch_family, check_ready,
-                                           compile_ahead, device_guard, dot_precision, input_group,
-                                           last_contiguous)
-
+from hicmae_dist.ops.triton.launch import (
+    GRID_LIMIT,
+    TRITON_DTYPE_NAMES,
+    arch_family,
+    check_ready,
+    compile_ahead,
+    device_guard,
+    dot_precision,
+    input_group,
+    last_contiguous,
+)
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _scores(X, Y, offs_m, offs_n, m_valid, n_valid, stride_xm, stride_yn, D,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _scores(
+    X,
+    Y,
+    offs_m,
+    offs_n,
+    m_valid,
+    n_valid,
+    stride_xm,
+    stride_yn,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """x[offs_m] . y[offs_n] over the whole feature dim, fp32 (BLOCK_M, BLOCK_N)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
@@ -65,10 +86,22 @@ def _scores(X, Y, offs_m, offs_n, m_valid, n_valid, stride_xm, stride_yn, D,
 
 @triton.jit
 def _nce_fwd(
-    X, Y, SCALE, LOSS, LSE,
-    M, N, D, offset, stride_xm, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    X,
+    Y,
+    SCALE,
+    LOSS,
+    LSE,
+    M,
+    N,
+    D,
+    offset,
+    stride_xm,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,8 +114,25 @@ def _nce_fwd(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
-        s = _scores(X, Y, offs_m, offs_n, m_valid, n_valid, stride_xm, stride_yn, D,
-                    BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION) * c
+        s = (
+            _scores(
+                X,
+                Y,
+                offs_m,
+                offs_n,
+                m_valid,
+                n_valid,
+                stride_xm,
+                stride_yn,
+                D,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                UPCAST,
+                DOT_PRECISION,
+            )
+            * c
+        )
         s = tl.where(n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has a valid column
         p = tl.math.exp2(s - m_new[:, None])
@@ -98,10 +148,26 @@ def _nce_fwd(
 
 @triton.jit
 def _nce_bwd_dx(
-    X, Y, SCALE, GROW, LSE, DX, DSROW,
-    M, N, D, offset, stride_xm, stride_yn, stride_dxm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    X,
+    Y,
+    SCALE,
+    GROW,
+    LSE,
+    DX,
+    DSROW,
+    M,
+    N,
+    D,
+    offset,
+    stride_xm,
+    stride_yn,
+    stride_dxm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -120,30 +186,65 @@ def _nce_bwd_dx(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
-        s = _scores(X, Y, offs_m, offs_n, m_valid, n_valid, stride_xm, stride_yn, D,
-                    BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
+        s = _scores(
+            X,
+            Y,
+            offs_m,
+            offs_n,
+            m_valid,
+            n_valid,
+            stride_xm,
+            stride_yn,
+            D,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            UPCAST,
+            DOT_PRECISION,
+        )
         p = tl.where(n_valid[None, :], tl.math.exp2(s * c - lse2[:, None]), 0.0)
         dz = g[:, None] * (p - tl.where(offs_n[None, :] == target[:, None], 1.0, 0.0))
         dsum += tl.sum(dz * s, 1)
-        y = tl.load(Y + offs_n.to(tl.int64)[:, None] * stride_yn + offs_do[None, :],
-                    mask=n_valid[:, None] & do_valid[None, :], other=0.0)
+        y = tl.load(
+            Y + offs_n.to(tl.int64)[:, None] * stride_yn + offs_do[None, :],
+            mask=n_valid[:, None] & do_valid[None, :],
+            other=0.0,
+        )
         dz_in = dz.to(dtype)
         if UPCAST:
             y = y.to(tl.float32)
             dz_in = dz_in.to(tl.float32)
         acc = tl.dot(dz_in, y, acc, input_precision=DOT_PRECISION)
-    tl.store(DX + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_do[None, :],
-             (acc * scale).to(dtype), mask=m_valid[:, None] & do_valid[None, :])
+    tl.store(
+        DX + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_do[None, :],
+        (acc * scale).to(dtype),
+        mask=m_valid[:, None] & do_valid[None, :],
+    )
     if pid_d == 0:
         tl.store(DSROW + offs_m, dsum, mask=m_valid)
 
 
 @triton.jit
 def _nce_bwd_dy(
-    X, Y, SCALE, GROW, LSE, DY,
-    M, N, D, offset, stride_xm, stride_yn, stride_dym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    X,
+    Y,
+    SCALE,
+    GROW,
+    LSE,
+    DY,
+    M,
+    N,
+    D,
+    offset,
+    stride_xm,
+    stride_yn,
+    stride_dym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -160,19 +261,39 @@ def _nce_bwd_dy(
         m_valid = offs_m < M
         lse2 = tl.load(LSE + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
         g = tl.load(GROW + offs_m, mask=m_valid, other=0.0).to(tl.float32)
-        s = _scores(X, Y, offs_m, offs_n, m_valid, n_valid, stride_xm, stride_yn, D,
-                    BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
+        s = _scores(
+            X,
+            Y,
+            offs_m,
+            offs_n,
+            m_valid,
+            n_valid,
+            stride_xm,
+            stride_yn,
+            D,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            UPCAST,
+            DOT_PRECISION,
+        )
         p = tl.math.exp2(s * c - lse2[:, None])
         dz = g[:, None] * (p - tl.where(offs_n[None, :] == (offs_m + offset)[:, None], 1.0, 0.0))
-        x = tl.load(X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_do[None, :],
-                    mask=m_valid[:, None] & do_valid[None, :], other=0.0)
+        x = tl.load(
+            X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_do[None, :],
+            mask=m_valid[:, None] & do_valid[None, :],
+            other=0.0,
+        )
         dz_in = dz.to(dtype)
         if UPCAST:
             x = x.to(tl.float32)
             dz_in = dz_in.to(tl.float32)
         acc = tl.dot(tl.trans(dz_in), x, acc, input_precision=DOT_PRECISION)
-    tl.store(DY + offs_n.to(tl.int64)[:, None] * stride_dym + offs_do[None, :],
-             (acc * scale).to(dtype), mask=n_valid[:, None] & do_valid[None, :])
+    tl.store(
+        DY + offs_n.to(tl.int64)[:, None] * stride_dym + offs_do[None, :],
+        (acc * scale).to(dtype),
+        mask=n_valid[:, None] & do_valid[None, :],
+    )
 
 
 KERNELS = {"fwd": _nce_fwd, "bwd_dx": _nce_bwd_dx, "bwd_dy": _nce_bwd_dy}
@@ -185,6 +306,7 @@ KERNELS = {"fwd": _nce_fwd, "bwd_dx": _nce_bwd_dx, "bwd_dy": _nce_bwd_dy}
 class NceTileConfig:
     """block_m: rows per tile; block_n: columns per tile; block_k: feature slice of the score
     loop; block_do: feature slice of a gradient program (unused by fwd)."""
+
     block_m: int
     block_n: int
     block_k: int
@@ -202,12 +324,9 @@ CONFIGS: dict[tuple[str, str, str], NceTileConfig] = {}
 def _fill_configs() -> None:
     C = NceTileConfig
     table = {
-        "16": {"fwd": C(64, 64, 64, 0, 4, 3), "bwd_dx": C(64, 64, 64, 128, 8, 2),
-               "bwd_dy": C(64, 64, 64, 128, 8, 2)},
-        "tf32": {"fwd": C(64, 64, 32, 0, 4, 3), "bwd_dx": C(64, 64, 32, 64, 8, 2),
-                 "bwd_dy": C(64, 64, 32, 64, 8, 2)},
-        "ieee": {"fwd": C(32, 32, 32, 0, 4, 1), "bwd_dx": C(32, 32, 32, 32, 4, 1),
-                 "bwd_dy": C(32, 32, 32, 32, 4, 1)},
+        "16": {"fwd": C(64, 64, 64, 0, 4, 3), "bwd_dx": C(64, 64, 64, 128, 8, 2), "bwd_dy": C(64, 64, 64, 128, 8, 2)},
+        "tf32": {"fwd": C(64, 64, 32, 0, 4, 3), "bwd_dx": C(64, 64, 32, 64, 8, 2), "bwd_dy": C(64, 64, 32, 64, 8, 2)},
+        "ieee": {"fwd": C(32, 32, 32, 0, 4, 1), "bwd_dx": C(32, 32, 32, 32, 4, 1), "bwd_dy": C(32, 32, 32, 32, 4, 1)},
     }
     for arch in ("sm90", "sm80", "sm86"):
         for group, kinds in table.items():
@@ -228,8 +347,7 @@ def pick_config(kind: str, dtype: torch.dtype, arch: str) -> NceTileConfig:
 def _check_ready(x: torch.Tensor) -> None:
     check_ready("info_nce", x)
     if x.dtype not in DTYPES:
-        raise RuntimeError(f"ops.info_nce backend 'triton' takes float16, bfloat16 or float32, "
-                           f"got {x.dtype}")
+        raise RuntimeError(f"ops.info_nce backend 'triton' takes float16, bfloat16 or float32, got {x.dtype}")
 
 
 def _prep(x, y, scale):
@@ -238,8 +356,16 @@ def _prep(x, y, scale):
     return x, y, scale
 
 
-def info_nce_forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int, *,
-                     config: NceTileConfig | None = None, row_loss=None, lse=None):
+def info_nce_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    offset: int,
+    *,
+    config: NceTileConfig | None = None,
+    row_loss=None,
+    lse=None,
+):
     """Launch the forward kernel. x (M, D), y (N, D), scale 0-d tensor; returns (row_loss (M,),
     lse (M,)) fp32. row_loss / lse may be preallocated (the tests pass NaN-filled buffers)."""
     _check_ready(x)
@@ -253,16 +379,41 @@ def info_nce_forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offs
         return row_loss, lse
     with device_guard(x):
         _nce_fwd[(triton.cdiv(M, config.block_m),)](
-            x, y, scale, row_loss, lse, M, N, D, offset, x.stride(0), y.stride(0),
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            UPCAST=interpreting(), DOT_PRECISION=dot_precision(x.dtype),
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            x,
+            y,
+            scale,
+            row_loss,
+            lse,
+            M,
+            N,
+            D,
+            offset,
+            x.stride(0),
+            y.stride(0),
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k,
+            UPCAST=interpreting(),
+            DOT_PRECISION=dot_precision(x.dtype),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     return row_loss, lse
 
 
-def info_nce_backward(grad_row: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                      scale: torch.Tensor, lse: torch.Tensor, offset: int, *,
-                      configs: dict[str, NceTileConfig] | None = None, dx=None, dy=None, dsrow=None):
+def info_nce_backward(
+    grad_row: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    offset: int,
+    *,
+    configs: dict[str, NceTileConfig] | None = None,
+    dx=None,
+    dy=None,
+    dsrow=None,
+):
     """Launch the two backward kernels; returns (dx, dy, dscale): dx, dy in the inputs' dtype,
     dscale a 0-d fp32 tensor (d loss / d scale). Outputs may be preallocated."""
     _check_ready(x)
@@ -286,15 +437,52 @@ def info_nce_backward(grad_row: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
         grid = (triton.cdiv(M, c.block_m), triton.cdiv(D, c.block_do))
         assert grid[1] <= GRID_LIMIT
         _nce_bwd_dx[grid](
-            x, y, scale, grad_row, lse, dx, dsrow, M, N, D, offset, x.stride(0), y.stride(0),
-            dx.stride(0), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-            BLOCK_DO=c.block_do, **flags, num_warps=c.num_warps, num_stages=c.num_stages)
+            x,
+            y,
+            scale,
+            grad_row,
+            lse,
+            dx,
+            dsrow,
+            M,
+            N,
+            D,
+            offset,
+            x.stride(0),
+            y.stride(0),
+            dx.stride(0),
+            BLOCK_M=c.block_m,
+            BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k,
+            BLOCK_DO=c.block_do,
+            **flags,
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
         c = configs["bwd_dy"]
         grid = (triton.cdiv(N, c.block_n), triton.cdiv(D, c.block_do))
         _nce_bwd_dy[grid](
-            x, y, scale, grad_row, lse, dy, M, N, D, offset, x.stride(0), y.stride(0),
-            dy.stride(0), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-            BLOCK_DO=c.block_do, **flags, num_warps=c.num_warps, num_stages=c.num_stages)
+            x,
+            y,
+            scale,
+            grad_row,
+            lse,
+            dy,
+            M,
+            N,
+            D,
+            offset,
+            x.stride(0),
+            y.stride(0),
+            dy.stride(0),
+            BLOCK_M=c.block_m,
+            BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k,
+            BLOCK_DO=c.block_do,
+            **flags,
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
     return dx, dy, dsrow.sum()
 
 
@@ -305,13 +493,16 @@ _FP32_PTRS = {"SCALE", "LOSS", "LSE", "GROW", "DSROW"}
 _NOT_DIVISIBLE = {"M", "N", "D", "offset"}
 
 
-def aot_compile(kind: str, dtype: torch.dtype, config: NceTileConfig, capability: int, *,
-                precision: str | None = None):
+def aot_compile(kind: str, dtype: torch.dtype, config: NceTileConfig, capability: int, *, precision: str | None = None):
     """Compile one kernel for a CUDA compute capability without a GPU; Triton's compiled kernel."""
     kernel = KERNELS[kind]
-    constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-                  "BLOCK_K": config.block_k, "UPCAST": False,
-                  "DOT_PRECISION": precision or ("tf32" if dtype != torch.float32 else "ieee")}
+    constexprs = {
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": config.block_k,
+        "UPCAST": False,
+        "DOT_PRECISION": precision or ("tf32" if dtype != torch.float32 else "ieee"),
+    }
     if kind != "fwd":
         constexprs["BLOCK_DO"] = config.block_do
     signature, attrs = {}, {}
@@ -324,8 +515,6 @@ def aot_compile(kind: str, dtype: torch.dtype, config: NceTileConfig, capability
             signature[name] = f"*{TRITON_DTYPE_NAMES[dtype]}"
         else:
             signature[name] = "i32"
-        if signature[name].startswith("*") or (name.startswith("stride_")
-                                               and name not in _NOT_DIVISIBLE):
+        if signature[name].startswith("*") or (name.startswith("stride_") and name not in _NOT_DIVISIBLE):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return compile_ahead(kernel, signature, constexprs, attrs, capability, config.num_warps,
-                         config.num_stages)
+    return compile_ahead(kernel, signature, constexprs, attrs, capability, config.num_warps, config.num_stages)

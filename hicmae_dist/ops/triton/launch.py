@@ -4,6 +4,7 @@ pick a tile config, the device guard, the readiness check, and compiling ahead o
 The kernels and their tile configs live beside each op (attention.py, info_nce.py); this module
 holds no kernel, so importing it costs only `import triton`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,13 +63,15 @@ def last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def compile_ahead(kernel, signature: dict[str, str], constexprs: dict, attrs: dict,
-                  capability: int, num_warps: int, num_stages: int):
+def compile_ahead(
+    kernel, signature: dict[str, str], constexprs: dict, attrs: dict, capability: int, num_warps: int, num_stages: int
+):
     """Compile one kernel for a CUDA compute capability (80, 90, ...) without a GPU. Returns
     Triton's compiled kernel (asm["ptx"], asm["cubin"], metadata.shared, ...)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(
+        src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )

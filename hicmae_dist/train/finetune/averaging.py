@@ -6,6 +6,7 @@ The weights come from the fold's epoch checkpoints (export.checkpoint_weights: Z
 gathered); the fold keeps the checkpoints of that range past train.keep_checkpoints
 (keeps_for_average).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,9 +45,11 @@ def epoch_checkpoints(run: RunDir, epochs: list[int]) -> list[Path]:
             found[closed] = ckpt  # the newest wins (a resumed epoch saved again)
     missing = [e for e in range(epochs[0], epochs[1] + 1) if e not in found]
     if missing:
-        raise FileNotFoundError(f"{run.checkpoints}: no checkpoint closes epoch(s) {missing} (0-based) for "
-                                f"finetune.weight_average {epochs}; were they removed, or was weight_average set "
-                                f"after those epochs ran?")
+        raise FileNotFoundError(
+            f"{run.checkpoints}: no checkpoint closes epoch(s) {missing} (0-based) for "
+            f"finetune.weight_average {epochs}; were they removed, or was weight_average set "
+            f"after those epochs ran?"
+        )
     return [found[e] for e in range(epochs[0], epochs[1] + 1)]
 
 
@@ -66,8 +69,9 @@ def write_average(run: RunDir, epochs: list[int]) -> Path:
     """Rank 0: the average of epochs start..end written to run.averaged_weights (then renamed)."""
     checkpoints = epoch_checkpoints(run, epochs)
     averaged = average_weights(checkpoints)
-    log.info("weight average of epochs %d-%d (0-based): %s", epochs[0], epochs[1],
-             ", ".join(c.name for c in checkpoints))
+    log.info(
+        "weight average of epochs %d-%d (0-based): %s", epochs[0], epochs[1], ", ".join(c.name for c in checkpoints)
+    )
     out = run.averaged_weights
     tmp = out.with_name(f".{out.name}.tmp")
     torch.save(averaged, tmp)

@@ -1,6 +1,7 @@
 """Evaluation of a fine-tuned model: predictions over a split (multi-view averaged), their
 metrics, and the test pass with the last, the validation-selected and the averaged weights, in
 the training mode and the requested CAV-MAE eval modes."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,16 @@ from hicmae_dist.train.rundir import RunDir
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader, task: Task, device, dtype, progress: bool = False,
-            desc: str = "eval", mode: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def predict(
+    model: torch.nn.Module,
+    loader,
+    task: Task,
+    device,
+    dtype,
+    progress: bool = False,
+    desc: str = "eval",
+    mode: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(targets, outputs, keys) over a val/test loader: class probabilities (N, K) (softmax, or
     per-class sigmoids for a multi-label task) or regression outputs (N, D), averaged over the
     views of multi-view (test) samples (the release averages the sigmoids of its 10 frames).
@@ -53,8 +62,18 @@ def score(targets: np.ndarray, outputs: np.ndarray, task: Task) -> dict[str, flo
     return M.classification_metrics(targets, outputs)
 
 
-def test_pass(model: torch.nn.Module, dataset, cfg: Config, task: Task, run: RunDir, device, dtype,
-              best_epoch: int, best_score: float, progress: bool) -> dict[str, Any]:
+def test_pass(
+    model: torch.nn.Module,
+    dataset,
+    cfg: Config,
+    task: Task,
+    run: RunDir,
+    device,
+    dtype,
+    best_epoch: int,
+    best_score: float,
+    progress: bool,
+) -> dict[str, Any]:
     """The test split with each set of weights: the last, the validation-selected ones
     (run.best_weights, of epoch best_epoch) and with finetune.weight_average the averaged ones
     (run.averaged_weights); each in the training mode, then in every finetune.eval_modes mode.
@@ -62,8 +81,13 @@ def test_pass(model: torch.nn.Module, dataset, cfg: Config, task: Task, run: Run
     with "_<mode>" appended for an eval mode (e.g. "best_audio_missing_video")."""
     ft = cfg.finetune
     loader = make_loader(dataset, cfg, batch_size=max(1, cfg.data.batch_size // max(1, dataset.num_views)))
-    out: dict[str, Any] = {"best_epoch": best_epoch, "best_val": best_score, "select_metric": task.select_metric,
-                           "test_views": dataset.num_views, "selections": []}
+    out: dict[str, Any] = {
+        "best_epoch": best_epoch,
+        "best_val": best_score,
+        "select_metric": task.select_metric,
+        "test_views": dataset.num_views,
+        "selections": [],
+    }
     weights = {"last": None, "best": run.best_weights}
     if ft.weight_average:
         weights["averaged"] = run.averaged_weights

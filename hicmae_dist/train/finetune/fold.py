@@ -3,6 +3,7 @@ epochs (the best epoch's weights kept), then the test split once with the last, 
 selected and (finetune.weight_average) once with the averaged weights, each in the training mode
 and every finetune.eval_modes mode. finetune_fold() is the loop over epochs; FoldRun holds what its steps
 share (train_epoch, validate, _finish)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,16 @@ from hicmae_dist.train.finetune.sampling import EpochBatches, balanced_weights, 
 from hicmae_dist.train.finetune.task import Task, build_finetune, finetune_model_config, resolve_task, task_loss
 from hicmae_dist.train.progress import Progress
 from hicmae_dist.train.rundir import RunDir
-from hicmae_dist.train.runtime import (clear_stop, compute_dtype, open_tracker, refuse_existing, restore,
-                                       seed_everything, stop_requested, why_stopped)
+from hicmae_dist.train.runtime import (
+    clear_stop,
+    compute_dtype,
+    open_tracker,
+    refuse_existing,
+    restore,
+    seed_everything,
+    stop_requested,
+    why_stopped,
+)
 from hicmae_dist.train.step import scheduled_step
 
 log = logging.getLogger(__name__)
@@ -105,6 +114,7 @@ def _broadcast_best(epoch: int, best: float, device) -> tuple[int, float]:
 
 # --- set-up ----------------------------------------------------------------------------------------
 
+
 def _classes(item: DownstreamItem, task: Task) -> tuple[int, ...]:
     """The classes of a clip: all its labels in a multi-label set, the first otherwise."""
     return tuple(item.label) if task.multilabel else tuple(item.label[:1])
@@ -118,34 +128,50 @@ def sampling_weights(train: list[DownstreamItem], task: Task) -> torch.Tensor:
     return balanced_weights(multi_hot)
 
 
-def _prepare(cfg: Config, splits: dict[str, list[DownstreamItem]], task: Task, pretrained: Converted | None,
-             world_size: int) -> tuple[dict[str, DownstreamDataset], ModelConfig, int]:
+def _prepare(
+    cfg: Config, splits: dict[str, list[DownstreamItem]], task: Task, pretrained: Converted | None, world_size: int
+) -> tuple[dict[str, DownstreamDataset], ModelConfig, int]:
     """(datasets, model config, steps per epoch), after the checks; sets train.steps and
     train.warmup_steps from the epochs (whole global batches per epoch)."""
     ft = cfg.finetune
     if cfg.train.zero_stage == 3:
-        raise ConfigError("train.zero_stage: fine-tuning supports stages 0-2 (evaluation needs the whole model "
-                          "on rank 0; the fine-tuning models fit one GPU)")
+        raise ConfigError(
+            "train.zero_stage: fine-tuning supports stages 0-2 (evaluation needs the whole model "
+            "on rank 0; the fine-tuning models fit one GPU)"
+        )
     if ft.balanced_sampling and task.regression:
         raise ConfigError("finetune.balanced_sampling: weights come from class counts; a regression task has none")
     mcfg = finetune_model_config(cfg, pretrained)
     _check_eval_modes(ft.eval_modes, mcfg.arch)
-    datasets = {name: DownstreamDataset(items, mcfg, name, regression=task.regression, seed=cfg.train.seed,
-                                        test_num_segment=ft.test_num_segment, test_num_crop=ft.test_num_crop,
-                                        crop_scale=(ft.crop_scale_min, 1.0),
-                                        multi_hot=task.num_outputs if task.multilabel else 0)
-                for name, items in splits.items()}
+    datasets = {
+        name: DownstreamDataset(
+            items,
+            mcfg,
+            name,
+            regression=task.regression,
+            seed=cfg.train.seed,
+            test_num_segment=ft.test_num_segment,
+            test_num_crop=ft.test_num_crop,
+            crop_scale=(ft.crop_scale_min, 1.0),
+            multi_hot=task.num_outputs if task.multilabel else 0,
+        )
+        for name, items in splits.items()
+    }
     batch = global_batch(cfg, world_size)
     steps_per_epoch = len(datasets["train"]) // batch
     if steps_per_epoch < 1:
-        raise ConfigError(f"data.batch_size: {len(datasets['train'])} training clips make no whole global batch of "
-                          f"{batch}; lower data.batch_size")
+        raise ConfigError(
+            f"data.batch_size: {len(datasets['train'])} training clips make no whole global batch of "
+            f"{batch}; lower data.batch_size"
+        )
     if not task.regression:
         for name, items in splits.items():
             bad = next((i for i in items if not all(0 <= c < task.num_outputs for c in _classes(i, task))), None)
             if bad is not None:
-                raise ValueError(f"{name} clip {bad.frame_dir}: labels {bad.label} outside [0, {task.num_outputs}): "
-                                 f"finetune.num_outputs or the dataset preset does not match the split files")
+                raise ValueError(
+                    f"{name} clip {bad.frame_dir}: labels {bad.label} outside [0, {task.num_outputs}): "
+                    f"finetune.num_outputs or the dataset preset does not match the split files"
+                )
     cfg.train.steps = ft.epochs * steps_per_epoch
     cfg.train.warmup_steps = ft.warmup_epochs * steps_per_epoch
     if ft.lr_milestone_epochs:
@@ -159,20 +185,34 @@ def _check_eval_modes(modes: list[str], arch: str) -> None:
         raise ConfigError(f"finetune.eval_modes {modes}: only CAV-MAE has test modes; this model is {arch}")
     unknown = [m for m in modes if m not in CAVMAEFinetune.MODES]
     if unknown:
-        raise ConfigError(f"finetune.eval_modes: unknown mode(s) {unknown}; expected some of "
-                          f"{', '.join(CAVMAEFinetune.MODES)}")
+        raise ConfigError(
+            f"finetune.eval_modes: unknown mode(s) {unknown}; expected some of {', '.join(CAVMAEFinetune.MODES)}"
+        )
 
 
 def _save(fold: FoldRun) -> None:
     """Collective: the fold's checkpoint; those finetune.weight_average needs outlive the
     train.keep_checkpoints newest."""
     wa = fold.cfg.finetune.weight_average
-    save_checkpoint(fold.engine, fold.run.path, fold.state.step, vars(fold.state), fold.cfg.train.keep_checkpoints,
-                    keep_also=keeps_for_average(wa) if wa else None)
+    save_checkpoint(
+        fold.engine,
+        fold.run.path,
+        fold.state.step,
+        vars(fold.state),
+        fold.cfg.train.keep_checkpoints,
+        keep_also=keeps_for_average(wa) if wa else None,
+    )
 
 
-def _start(cfg: Config, task: Task, pretrained: Converted | None, run: RunDir, resume: str,
-           allow_config_change: bool, world_size: int):
+def _start(
+    cfg: Config,
+    task: Task,
+    pretrained: Converted | None,
+    run: RunDir,
+    resume: str,
+    allow_config_change: bool,
+    world_size: int,
+):
     """(engine, state, load report): the model from the pretrained weights, or the fold's newest
     checkpoint that verifies, restored."""
     seed_everything(cfg.train.seed)
@@ -187,8 +227,16 @@ def _start(cfg: Config, task: Task, pretrained: Converted | None, run: RunDir, r
     return engine, state, load_report
 
 
-def _open_run(cfg: Config, run: RunDir, tracking_uri: str | None, rank0: bool, state: FoldState, params: dict,
-              tags: dict | None, parent_run_id: str | None) -> Tracker:
+def _open_run(
+    cfg: Config,
+    run: RunDir,
+    tracking_uri: str | None,
+    rank0: bool,
+    state: FoldState,
+    params: dict,
+    tags: dict | None,
+    parent_run_id: str | None,
+) -> Tracker:
     """The fold's MLflow run (nested under the protocol's); a new one gets tags, params, config."""
     tracker, _ = open_tracker(cfg, run.path, tracking_uri, rank0, state.mlflow_run_id)
     state.mlflow_run_id = tracker.run_id
@@ -203,12 +251,20 @@ def _open_run(cfg: Config, run: RunDir, tracking_uri: str | None, rank0: bool, s
 
 def _fold_params(splits: dict[str, list[DownstreamItem]], task: Task, load_report: dict, mcfg) -> dict[str, Any]:
     """The fold's MLflow params besides the config."""
-    return {"task": task.kind, "num_outputs": task.num_outputs, "train_clips": len(splits["train"]),
-            "val_clips": len(splits["val"]), "test_clips": len(splits["test"]),
-            "pretrained_tensors": load_report["loaded"], "model_arch": mcfg.arch, "model_width": mcfg.width}
+    return {
+        "task": task.kind,
+        "num_outputs": task.num_outputs,
+        "train_clips": len(splits["train"]),
+        "val_clips": len(splits["val"]),
+        "test_clips": len(splits["test"]),
+        "pretrained_tensors": load_report["loaded"],
+        "model_arch": mcfg.arch,
+        "model_width": mcfg.width,
+    }
 
 
 # --- the epochs ------------------------------------------------------------------------------------
+
 
 def _batch_source(fold: FoldRun, batches):
     """(next_batch, forward) for train_step over one epoch's batches: mixing on the host, then
@@ -243,8 +299,16 @@ def train_epoch(fold: FoldRun, epoch: int) -> tuple[dict[str, Any] | None, str |
     cfg, state, engine, k = fold.cfg, fold.state, fold.engine, fold.cfg.train.grad_accum
     fold.datasets["train"].set_epoch(epoch)
     # batch_in_epoch counts micro-batches: a resume skips them unread
-    sampler = EpochBatches(len(fold.datasets["train"]), cfg.data.batch_size, fold.rank, fold.world_size,
-                           cfg.train.seed, epoch, state.batch_in_epoch, weights=fold.weights)
+    sampler = EpochBatches(
+        len(fold.datasets["train"]),
+        cfg.data.batch_size,
+        fold.rank,
+        fold.world_size,
+        cfg.train.seed,
+        epoch,
+        state.batch_in_epoch,
+        weights=fold.weights,
+    )
     next_batch, forward = _batch_source(fold, iter(make_loader(fold.datasets["train"], cfg, batch_sampler=sampler)))
     # the epoch's and the log window's loss sums, on the device: read once per window
     epoch_loss, window_loss, epoch_n, window_n, start = 0.0, 0.0, 0, 0, time.perf_counter()
@@ -269,8 +333,12 @@ def train_epoch(fold: FoldRun, epoch: int) -> tuple[dict[str, Any] | None, str |
             _save(fold)
             log.warning("stopping in epoch %d at step %d (%s); checkpoint saved", epoch, state.step, interrupted)
             return None, interrupted
-    return {"epoch": epoch, "step": state.step, "train_loss": float(epoch_loss / epoch_n) if epoch_n else None,
-            "epoch_s": time.perf_counter() - start}, None
+    return {
+        "epoch": epoch,
+        "step": state.step,
+        "train_loss": float(epoch_loss / epoch_n) if epoch_n else None,
+        "epoch_s": time.perf_counter() - start,
+    }, None
 
 
 def validate(fold: FoldRun, epoch: int, row: dict[str, Any]) -> None:
@@ -280,8 +348,15 @@ def validate(fold: FoldRun, epoch: int, row: dict[str, Any]) -> None:
     ft = cfg.finetune
     last = epoch == ft.epochs - 1
     if fold.rank0 and ((epoch + 1) % ft.eval_every == 0 or last):
-        t, o, _ = predict(engine.module, make_loader(fold.datasets["val"], cfg, batch_size=cfg.data.batch_size),
-                          task, engine.device, fold.dtype, fold.eval_bars, desc="val")
+        t, o, _ = predict(
+            engine.module,
+            make_loader(fold.datasets["val"], cfg, batch_size=cfg.data.batch_size),
+            task,
+            engine.device,
+            fold.dtype,
+            fold.eval_bars,
+            desc="val",
+        )
         val = score(t, o, task)
         row.update({f"val_{k}": v for k, v in val.items()})
         if val[task.select_metric] > state.best_score:
@@ -299,12 +374,35 @@ def _finish(fold: FoldRun, history: list[dict[str, Any]], load_report: dict, val
     ft, tracker, run = fold.cfg.finetune, fold.tracker, fold.run
     if ft.weight_average:
         write_average(run, ft.weight_average)
-    results = test_pass(fold.engine.module, fold.datasets["test"], fold.cfg, fold.task, run, fold.engine.device,
-                        fold.dtype, fold.state.best_epoch, fold.state.best_score, fold.eval_bars)
-    results.update(fold_dir=str(run.path.resolve()), mlflow_run_id=tracker.run_id, load_report=load_report,
-                   val_split=val_split, epochs=ft.epochs, history=history)
-    tracker.log_metrics(ft.epochs, {f"test_{which}_{k}": v for which in results["selections"]
-                                    for k, v in results[which].items() if k != "confusion"})
+    results = test_pass(
+        fold.engine.module,
+        fold.datasets["test"],
+        fold.cfg,
+        fold.task,
+        run,
+        fold.engine.device,
+        fold.dtype,
+        fold.state.best_epoch,
+        fold.state.best_score,
+        fold.eval_bars,
+    )
+    results.update(
+        fold_dir=str(run.path.resolve()),
+        mlflow_run_id=tracker.run_id,
+        load_report=load_report,
+        val_split=val_split,
+        epochs=ft.epochs,
+        history=history,
+    )
+    tracker.log_metrics(
+        ft.epochs,
+        {
+            f"test_{which}_{k}": v
+            for which in results["selections"]
+            for k, v in results[which].items()
+            if k != "confusion"
+        },
+    )
     for png in run.confusion_plots():
         tracker.log_artifact(png)
     write_json_atomic(run.results, results)
@@ -313,10 +411,21 @@ def _finish(fold: FoldRun, history: list[dict[str, Any]], load_report: dict, val
     return results
 
 
-def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir: Path, *,
-                  pretrained: Converted | None, task: Task | None = None, resume: str = "auto",
-                  tracking_uri: str | None = None, parent_run_id: str | None = None, tags: dict | None = None,
-                  val_split: str = "", progress: bool = True, allow_config_change: bool = False) -> dict[str, Any]:
+def finetune_fold(
+    cfg: Config,
+    splits: dict[str, list[DownstreamItem]],
+    run_dir: Path,
+    *,
+    pretrained: Converted | None,
+    task: Task | None = None,
+    resume: str = "auto",
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict | None = None,
+    val_split: str = "",
+    progress: bool = True,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
     """Fine-tune on splits['train'], select on splits['val'], test on splits['test'] (module
     docstring). Returns the fold's results (also written to run_dir/results.json)."""
     dist_env = comm.init_distributed()
@@ -327,20 +436,53 @@ def finetune_fold(cfg: Config, splits: dict[str, list[DownstreamItem]], run_dir:
     engine, state, load_report = _start(cfg, task, pretrained, run, resume, allow_config_change, dist_env.world_size)
     # config.yaml and the params record the model trained (the pretrained weights' sizes); the hash
     # stays the requested config's, so runs written before this keep resuming
-    tracker = _open_run(dataclasses.replace(cfg, model=mcfg), run, tracking_uri, rank0, state,
-                        _fold_params(splits, task, load_report, mcfg), tags, parent_run_id)
-    log.info("fine-tuning %s (%s, %d outputs): %d train / %d val / %d test clips, %d epochs x %d steps, "
-             "pretrained tensors loaded: %s", mcfg.arch, task.kind, task.num_outputs, len(splits["train"]),
-             len(splits["val"]), len(splits["test"]), ft.epochs, steps_per_epoch, load_report)
+    tracker = _open_run(
+        dataclasses.replace(cfg, model=mcfg),
+        run,
+        tracking_uri,
+        rank0,
+        state,
+        _fold_params(splits, task, load_report, mcfg),
+        tags,
+        parent_run_id,
+    )
+    log.info(
+        "fine-tuning %s (%s, %d outputs): %d train / %d val / %d test clips, %d epochs x %d steps, "
+        "pretrained tensors loaded: %s",
+        mcfg.arch,
+        task.kind,
+        task.num_outputs,
+        len(splits["train"]),
+        len(splits["val"]),
+        len(splits["test"]),
+        ft.epochs,
+        steps_per_epoch,
+        load_report,
+    )
     history = json.loads(run.history.read_text()) if rank0 and run.history.exists() else []
     history = [h for h in history if h["epoch"] < state.epoch]  # epochs finished before the checkpoint
     reporter = Progress(cfg.train.steps, state.step, f"finetune {run.name}", enabled=rank0, bar=progress)
     weights = sampling_weights(splits["train"], task) if ft.balanced_sampling else None
     if weights is not None:
-        log.info("balanced sampling: clip weights %.3g .. %.3g, drawn with replacement each epoch",
-                 float(weights.min()), float(weights.max()))
-    fold = FoldRun(cfg, task, run, engine, state, datasets, tracker, reporter, dist_env.rank, dist_env.world_size,
-                   global_batch(cfg, dist_env.world_size), weights)
+        log.info(
+            "balanced sampling: clip weights %.3g .. %.3g, drawn with replacement each epoch",
+            float(weights.min()),
+            float(weights.max()),
+        )
+    fold = FoldRun(
+        cfg,
+        task,
+        run,
+        engine,
+        state,
+        datasets,
+        tracker,
+        reporter,
+        dist_env.rank,
+        dist_env.world_size,
+        global_batch(cfg, dist_env.world_size),
+        weights,
+    )
     interrupted = None
     try:
         while state.epoch < ft.epochs and interrupted is None:

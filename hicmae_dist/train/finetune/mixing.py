@@ -1,5 +1,6 @@
 """Mixup / CutMix with label smoothing for fine-tuning batches (timm's 'batch' mode); multi-hot
 targets are smoothed and mixed as the CAV-MAE release's dataloader does."""
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,11 @@ def mix_batch(video: torch.Tensor, audio: torch.Tensor, labels: torch.Tensor, nu
     targets (B, K)); the inputs are modified in place.
     """
     multi_hot = labels.dim() == 2
-    targets = smooth_multi_hot(labels, ft.label_smoothing) if multi_hot else \
-        smooth_one_hot(labels, num_classes, ft.label_smoothing)
+    targets = (
+        smooth_multi_hot(labels, ft.label_smoothing)
+        if multi_hot
+        else smooth_one_hot(labels, num_classes, ft.label_smoothing)
+    )
     use_mixup, use_cutmix = ft.mixup > 0, ft.cutmix > 0
     if not (use_mixup or use_cutmix) or rng.random() >= ft.mix_prob:
         return video, audio, targets
@@ -61,7 +65,7 @@ def mix_batch(video: torch.Tensor, audio: torch.Tensor, labels: torch.Tensor, nu
             frames = audio.shape[-2]
             span = round((1.0 - lam) * frames)
             start = int(rng.integers(0, frames - span + 1))
-            audio[..., start:start + span, :] = audio.flip(0)[..., start:start + span, :]
+            audio[..., start : start + span, :] = audio.flip(0)[..., start : start + span, :]
     else:
         partner = video.flip(0)  # a copy, taken before the in-place blend
         video.mul_(lam).add_(partner, alpha=1.0 - lam)

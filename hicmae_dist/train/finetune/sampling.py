@@ -1,4 +1,5 @@
 """Which clips each rank reads: per-epoch batches for training, every clip in order for evaluation."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,17 @@ class EpochBatches(torch.utils.data.Sampler):
     `start` skips batches already trained (a resume inside an epoch), without reading them.
     Either order is a function of (seed, epoch) alone: a resume repeats and skips no draw."""
 
-    def __init__(self, size: int, batch: int, rank: int, world: int, seed: int, epoch: int, start: int = 0,
-                 weights: torch.Tensor | None = None):
+    def __init__(
+        self,
+        size: int,
+        batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        weights: torch.Tensor | None = None,
+    ):
         if weights is not None and len(weights) != size:
             raise ValueError(f"{len(weights)} sampling weights for {size} clips")
         self.size, self.batch, self.rank, self.world = size, batch, rank, world
@@ -35,16 +45,20 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g) if self.weights is None else \
-            torch.multinomial(self.weights, self.size, replacement=True, generator=g)
+        order = (
+            torch.randperm(self.size, generator=g)
+            if self.weights is None
+            else torch.multinomial(self.weights, self.size, replacement=True, generator=g)
+        )
         per_step = self.batch * self.world
         for b in range(self.start, self.size // per_step):
-            rows = order[b * per_step:(b + 1) * per_step]
-            yield rows[self.rank::self.world].tolist()
+            rows = order[b * per_step : (b + 1) * per_step]
+            yield rows[self.rank :: self.world].tolist()
 
 
 def make_loader(dataset, cfg: Config, batch_sampler=None, batch_size: int = 1):
     """Training: batch_sampler (EpochBatches); evaluation: every clip in order."""
     batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
-    return torch.utils.data.DataLoader(dataset, **batching, num_workers=cfg.data.num_workers,
-                                       pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(
+        dataset, **batching, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available()
+    )

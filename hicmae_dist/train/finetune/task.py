@@ -1,10 +1,11 @@
 """What a fold trains: the task (from the dataset preset or finetune.*), the model and its
 optimiser groups, the pretrained encoder weights, and the task's loss."""
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,11 @@ class Task:
         return self.kind == "multilabel"
 
 
-_DEFAULT_REPORT = {"classification": ("uar", "war", "weighted_f1"), "multilabel": ("map", "auc"),
-                   "regression": ("ccc", "pcc")}
+_DEFAULT_REPORT = {
+    "classification": ("uar", "war", "weighted_f1"),
+    "multilabel": ("map", "auc"),
+    "regression": ("ccc", "pcc"),
+}
 
 
 def resolve_task(cfg: Config, class_names: Sequence[str] = ()) -> Task:
@@ -52,15 +56,25 @@ def resolve_task(cfg: Config, class_names: Sequence[str] = ()) -> Task:
     expected = len(names) or (preset.num_outputs if preset else 0)  # what the dataset or csv says
     num = ft.num_outputs or expected
     if num < 1:
-        raise ConfigError("finetune.num_outputs: expected the number of classes (or regression dimensions) "
-                          "when finetune.dataset is not set")
+        raise ConfigError(
+            "finetune.num_outputs: expected the number of classes (or regression dimensions) "
+            "when finetune.dataset is not set"
+        )
     if expected and num != expected:
         raise ConfigError(f"finetune.num_outputs: {num}, but dataset {ft.dataset or '(class csv)'} has {expected}")
     names = names or tuple(f"d{i}" if kind == "regression" else str(i) for i in range(num))
     report = preset.metrics if preset else _DEFAULT_REPORT[kind]
     select = ft.select_metric or report[0]
-    return Task(kind, num, tuple(names), select, tuple(report), preset.subject if preset else DEFAULT_SUBJECT,
-                dict(preset.paper) if preset else {}, preset.paper_model if preset else "")
+    return Task(
+        kind,
+        num,
+        tuple(names),
+        select,
+        tuple(report),
+        preset.subject if preset else DEFAULT_SUBJECT,
+        dict(preset.paper) if preset else {},
+        preset.paper_model if preset else "",
+    )
 
 
 def finetune_model_config(cfg: Config, pretrained: Converted | None) -> ModelConfig:
@@ -84,9 +98,11 @@ def load_encoder_weights(model: torch.nn.Module, pretrained: Converted) -> dict[
     missing = [k for k in own if k not in take]
     backbone_missing = [k for k in missing if not k.startswith(_FRESH)]
     if backbone_missing:
-        raise ValueError(f"the pretrained weights ({pretrained.arch} {pretrained.kind}) lack {len(backbone_missing)} "
-                         f"backbone tensors of the fine-tuning model, e.g. {backbone_missing[:5]}: "
-                         f"another architecture or size?")
+        raise ValueError(
+            f"the pretrained weights ({pretrained.arch} {pretrained.kind}) lack {len(backbone_missing)} "
+            f"backbone tensors of the fine-tuning model, e.g. {backbone_missing[:5]}: "
+            f"another architecture or size?"
+        )
     model.load_state_dict(take, strict=False)
     return {"loaded": len(take), "initialised": len(missing), "dropped": len(pretrained.state_dict) - len(take)}
 
@@ -102,6 +118,7 @@ def build_finetune(cfg: Config, task: Task, pretrained: Converted | None) -> tup
 
 
 # --- losses ---------------------------------------------------------------------------------------------
+
 
 def ccc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - Lin's CCC (population moments), averaged over the dimensions; (B, D) inputs."""

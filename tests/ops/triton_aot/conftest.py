@@ -4,6 +4,7 @@ starts it). Without HICMAE_TRITON_AOT=1 this directory collects nothing in a nor
 asking for it explicitly is a usage error:
     HICMAE_TRITON_AOT=1 python -m pytest -q tests/ops/triton_aot
 """
+
 import os
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def pytest_configure(config):
     for arg in config.args:
         path = Path(str(arg).split("::")[0]).resolve()
         if path == HERE or HERE in path.parents:
-            raise pytest.UsageError(f"{HERE.name} runs only with {ENV}=1 and without "
-                                    f"TRITON_INTERPRET (tests/ops/test_triton_subprocess.py "
-                                    f"sets them)")
+            raise pytest.UsageError(
+                f"{HERE.name} runs only with {ENV}=1 and without "
+                f"TRITON_INTERPRET (tests/ops/test_triton_subprocess.py "
+                f"sets them)"
+            )

@@ -7,6 +7,7 @@ no register spills and shared memory within the per-block limit of its arch; on 
 the PTX of the fp16 / bf16 forward. The records go to $HICMAE_KERNEL_REPORT or
 build/kernel_report.json (and its .txt table), which the benchmarks (hicmae_dist/bench/kernels/static.py) reuse.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -5,6 +5,7 @@ limit. The records are merged into the same report as the attention kernels'
 ($HICMAE_KERNEL_REPORT or build/kernel_report.json, plus the .txt table), replacing earlier
 info_nce records.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -3,6 +3,7 @@ run in their own process (tests/ops/test_triton_subprocess.py starts it). Withou
 this directory collects nothing in a normal run, and asking for it explicitly is a usage error:
     TRITON_INTERPRET=1 python -m pytest -q tests/ops/triton_interp
 """
+
 import os
 from pathlib import Path
 
@@ -21,5 +22,6 @@ def pytest_configure(config):
     for arg in config.args:
         path = Path(str(arg).split("::")[0]).resolve()
         if path == HERE or HERE in path.parents:
-            raise pytest.UsageError(f"{HERE.name} runs only with {ENV}=1 in the environment "
-                                    f"(tests/ops/test_triton_subprocess.py sets it)")
+            raise pytest.UsageError(
+                f"{HERE.name} runs only with {ENV}=1 in the environment (tests/ops/test_triton_subprocess.py sets it)"
+            )

@@ -5,6 +5,7 @@ error must be at most 2x that of a same-precision PyTorch path (3x for gradients
 into NaN-filled buffers so an element a kernel forgets to write shows up. Small shapes: the
 interpreter runs one program at a time.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 from hicmae_dist.ops import attention, attention_reference
-from hicmae_dist.ops.attention import TRITON_HEAD_DIMS
 from hicmae_dist.ops import triton as triton_pkg
+from hicmae_dist.ops.attention import TRITON_HEAD_DIMS
 from tests.support import require
 
 require("triton", triton_pkg.import_error() is None, str(triton_pkg.import_error()))
@@ -35,8 +36,7 @@ class Case:
     """Random inputs in fp64 plus their `dtype` copies. Dense: (B, H, N, D) views of
     (B, N, H, D) memory, as the models pass them. Varlen: packed (total, H, D)."""
 
-    def __init__(self, dtype, head_dim, *, heads=2, seed=0, dense=None, varlen=None,
-                 kpm_all_false_row=False):
+    def __init__(self, dtype, head_dim, *, heads=2, seed=0, dense=None, varlen=None, kpm_all_false_row=False):
         g = torch.Generator().manual_seed(seed)
         self.dtype, self.head_dim = dtype, head_dim
         self.cu_q = self.cu_k = self.kpm = None
@@ -68,8 +68,13 @@ class Case:
         return self.cu_q is not None
 
     def kwargs(self):
-        return dict(cu_seqlens_q=self.cu_q, cu_seqlens_k=self.cu_k, max_seqlen_q=self.max_q,
-                    max_seqlen_k=self.max_k, key_padding_mask=self.kpm)
+        return dict(
+            cu_seqlens_q=self.cu_q,
+            cu_seqlens_k=self.cu_k,
+            max_seqlen_q=self.max_q,
+            max_seqlen_k=self.max_k,
+            key_padding_mask=self.kpm,
+        )
 
     def reference(self):
         """fp64 output and gradients."""
@@ -83,9 +88,12 @@ class Case:
         q, k, v = (t.detach().clone().requires_grad_() for t in (self.q, self.k, self.v))
         if self.varlen:
             cq, ck = self.cu_q.tolist(), self.cu_k.tolist()
-            outs = [_plain_dense(q[a:b].transpose(0, 1)[None], k[c:d].transpose(0, 1)[None],
-                                 v[c:d].transpose(0, 1)[None], None)[0].transpose(0, 1)
-                    for a, b, c, d in zip(cq, cq[1:], ck, ck[1:])]
+            outs = [
+                _plain_dense(
+                    q[a:b].transpose(0, 1)[None], k[c:d].transpose(0, 1)[None], v[c:d].transpose(0, 1)[None], None
+                )[0].transpose(0, 1)
+                for a, b, c, d in zip(cq, cq[1:], ck, ck[1:])
+            ]
             out = torch.cat(outs)
         else:
             out = _plain_dense(q, k, v, self.kpm)
@@ -130,13 +138,12 @@ def run_kernels(case: Case, fwd_config=None, bwd_configs=None):
         dk = _nan_like(case.k, (B, Nk, H, D)).transpose(1, 2)
         dv = _nan_like(case.v, (B, Nk, H, D)).transpose(1, 2)
     delta = torch.full_like(lse_buf, float("nan"))
-    out, lse = fa.flash_attn_forward(case.q, case.k, case.v, **kw, config=fwd_config,
-                                     out=out_buf, lse=lse_buf)
+    out, lse = fa.flash_attn_forward(case.q, case.k, case.v, **kw, config=fwd_config, out=out_buf, lse=lse_buf)
     assert out is out_buf and lse is lse_buf
-    grads = fa.flash_attn_backward(case.do, case.q, case.k, case.v, out, lse, **kw,
-                                   configs=bwd_configs, dq=dq, dk=dk, dv=dv, delta=delta)
-    for name, t in (("out", out), ("lse", lse), ("delta", delta), ("dq", grads[0]),
-                    ("dk", grads[1]), ("dv", grads[2])):
+    grads = fa.flash_attn_backward(
+        case.do, case.q, case.k, case.v, out, lse, **kw, configs=bwd_configs, dq=dq, dk=dk, dv=dv, delta=delta
+    )
+    for name, t in (("out", out), ("lse", lse), ("delta", delta), ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])):
         assert not torch.isnan(t).any(), f"{name}: elements left unwritten (NaN poison shows)"
     return out, lse, grads
 
@@ -154,12 +161,12 @@ def check_against_baselines(case: Case, out, grads):
     plain = case.plain()
     err = _err(out, ref[0])
     err_plain = _err(plain[0], ref[0])
-    floor = 2.0 ** -22 * (1 + ref[0].abs().max().item())
+    floor = 2.0**-22 * (1 + ref[0].abs().max().item())
     assert out.shape == ref[0].shape and out.dtype == case.dtype
     assert err <= 2 * err_plain + floor, f"out: error {err:.3g} > 2 x plain {err_plain:.3g}"
     for name, g, r, p in zip(("dq", "dk", "dv"), grads, ref[1:], plain[1:]):
         e, ep = _err(g, r), _err(p, r)
-        floor = 2.0 ** -18 * (1 + r.abs().max().item()) if r.numel() else 0.0
+        floor = 2.0**-18 * (1 + r.abs().max().item()) if r.numel() else 0.0
         assert g.shape == r.shape and g.dtype == case.dtype
         assert e <= 3 * ep + floor, f"{name}: error {e:.3g} > 3 x plain {ep:.3g}"
 
@@ -225,8 +232,7 @@ def _config_cases():
     for (arch, kind, head_dim, group), cfg in sorted(fa.CONFIGS.items()):
         key = (fa.kernel_of(kind).__name__, head_dim, group, cfg.block_m, cfg.block_n)
         seen.setdefault(key, (kind, head_dim, group, cfg, f"{arch}"))
-    return [pytest.param(*v, id=f"{v[0]}-d{v[1]}-{v[2]}-m{v[3].block_m}n{v[3].block_n}")
-            for v in seen.values()]
+    return [pytest.param(*v, id=f"{v[0]}-d{v[1]}-{v[2]}-m{v[3].block_m}n{v[3].block_n}") for v in seen.values()]
 
 
 @pytest.mark.parametrize("kind, head_dim, group, config, arch", _config_cases())
@@ -274,6 +280,7 @@ def test_public_api_triton_backend_dense_and_varlen():
 
 def test_auto_on_cpu_still_picks_sdpa_under_the_interpreter():
     from hicmae_dist.ops.attention import resolve_backend
+
     q = torch.randn(1, 1, 4, 32)
     assert resolve_backend("auto", q.device, q) == "sdpa"
     assert resolve_backend("triton", q.device, q) == "triton"
@@ -292,7 +299,7 @@ def test_opcheck_forward_and_backward_ops():
     torch.manual_seed(0)
     dense = Case(torch.float32, 32, dense=(2, 9, 12, True), seed=21)
     varlen = Case(torch.float32, 32, varlen=([1, 17, 0], [5, 9, 3]), seed=22)
-    scale = 32 ** -0.5
+    scale = 32**-0.5
     for case in (dense, varlen):
         q, k, v = (t.detach().clone().requires_grad_() for t in (case.q, case.k, case.v))
         max_q = case.max_q if case.varlen else q.shape[2]
@@ -300,8 +307,20 @@ def test_opcheck_forward_and_backward_ops():
         args = (q, k, v, case.cu_q, case.cu_k, max_q, max_k, case.kpm, scale)
         torch.library.opcheck(torch.ops.hicmae_dist.flash_attn_fwd.default, args)
         out, lse = torch.ops.hicmae_dist.flash_attn_fwd(*args)
-        bwd_args = (case.do, q.detach(), k.detach(), v.detach(), out.detach(), lse,
-                    case.cu_q, case.cu_k, max_q, max_k, case.kpm, scale)
+        bwd_args = (
+            case.do,
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out.detach(),
+            lse,
+            case.cu_q,
+            case.cu_k,
+            max_q,
+            max_k,
+            case.kpm,
+            scale,
+        )
         torch.library.opcheck(torch.ops.hicmae_dist.flash_attn_bwd.default, bwd_args)
 
 
@@ -315,6 +334,5 @@ def test_torch_compile_graph_with_the_op():
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     compiled(q, k, v).backward()
     check_against_baselines_sum = attention_reference(case.q64, case.k64, case.v64, case.kpm)
-    torch.testing.assert_close(f(q, k, v).double(), check_against_baselines_sum.sum(),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(f(q, k, v).double(), check_against_baselines_sum.sum(), rtol=1e-5, atol=1e-4)
     assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -6,6 +6,7 @@ the full logits (3x for gradients), plus a floor at fp32 rounding. Outputs go in
 buffers so an element a kernel forgets to write shows up. Small shapes and 16-wide tiles: the
 interpreter runs one program at a time.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -69,19 +70,31 @@ def test_kernels_against_reference(dtype, M, N, D, offset):
     rl, lse = tn.info_nce_forward(x, y, scale, offset, config=SMALL, row_loss=rl_buf, lse=lse_buf)
     assert rl is rl_buf and lse is lse_buf
     dx_buf, dy_buf, ds_buf = _nan((M, D), dtype), _nan((N, D), dtype), _nan(M, torch.float32)
-    dx, dy, ds = tn.info_nce_backward(g.float(), x, y, scale, lse, offset,
-                                      configs={"bwd_dx": SMALL, "bwd_dy": SMALL},
-                                      dx=dx_buf, dy=dy_buf, dsrow=ds_buf)
+    dx, dy, ds = tn.info_nce_backward(
+        g.float(),
+        x,
+        y,
+        scale,
+        lse,
+        offset,
+        configs={"bwd_dx": SMALL, "bwd_dy": SMALL},
+        dx=dx_buf,
+        dy=dy_buf,
+        dsrow=ds_buf,
+    )
     for name, t in (("row_loss", rl), ("lse", lse), ("dx", dx), ("dy", dy), ("dsrow", ds_buf)):
         assert not torch.isnan(t).any(), f"{name}: elements left unwritten (NaN poison shows)"
     assert dx.dtype == dtype and dy.dtype == dtype and rl.dtype == torch.float32
     lse_ref = torch.logsumexp((x.double() @ y.double().T) * scale.double(), 1)
-    floor = 2.0 ** -20 * (1 + ref[0].abs().max().item())
+    floor = 2.0**-20 * (1 + ref[0].abs().max().item())
     assert _err(lse, lse_ref) <= 2 * _err(plain[0], ref[0]) + floor + 1e-5
     assert _err(rl, ref[0]) <= 2 * _err(plain[0], ref[0]) + floor, "row_loss"
-    for name, got, r, p in (("dx", dx, ref[1], plain[1]), ("dy", dy, ref[2], plain[2]),
-                            ("dscale", ds, ref[3], plain[3])):
-        floor = 2.0 ** -16 * (1 + r.abs().max().item())
+    for name, got, r, p in (
+        ("dx", dx, ref[1], plain[1]),
+        ("dy", dy, ref[2], plain[2]),
+        ("dscale", ds, ref[3], plain[3]),
+    ):
+        floor = 2.0**-16 * (1 + r.abs().max().item())
         e, ep = _err(got, r), _err(p, r)
         assert e <= 3 * ep + floor, f"{name}: error {e:.3g} > 3 x plain {ep:.3g}"
 
