@@ -3,8 +3,10 @@
 The CPU kernels (csrc/*.cpp) are always built. The CUDA kernels (csrc/*.cu) join them as a
 CUDAExtension when nvcc and a CUDA build of torch are present, for sm_80 and sm_90a (or for
 TORCH_CUDA_ARCH_LIST when it is set); HICMAE_NO_CUDA=1 builds the CPU kernels only. The build
-says which it made. Install with `pip install --no-build-isolation -e .` (the build imports the
-installed torch).
+says which it made (`pip install -v` shows it; `hicmae-dist --version` afterwards).
+`pip install --no-build-isolation [-e] .` builds against the torch already installed; a plain
+`pip install .` or `python -m build` builds against the torch==2.13.0 pip puts in its isolated
+build environment (pyproject.toml's build-system requires), which may be another build of it.
 """
 
 import os

@@ -169,7 +169,7 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 
 
 def _add_bench_verbs(sub: argparse._SubParsersAction) -> None:
-    """bench model, data and kernels (hicmae_dist/bench and kernels/)."""
+    """bench model, data and kernels (hicmae_dist/bench)."""
     s = sub.add_parser("bench", help="benchmarks", description="Benchmarks; `bench model` times a model.")
     what = s.add_subparsers(dest="what", required=True, metavar="WHAT")
     for add_bench in (_add_bench_model, _add_bench_data, _add_bench_kernels):
@@ -226,7 +226,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 
 def _add_bench_kernels(what: argparse._SubParsersAction) -> None:
-    """`bench kernels`: the kernel microbenchmarks of kernels/."""
+    """`bench kernels`: the kernel microbenchmarks (hicmae_dist/bench/kernels)."""
     from hicmae_dist.bench.kernels.harness import add_arguments
 
     k = what.add_parser(
@@ -1033,9 +1033,15 @@ def version_text() -> str:
     else:
         native = f"hicmae_dist._C with {'CPU + CUDA' if gather.native_built_with_cuda() else 'CPU'} kernels"
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
-    return (
+    text = (
         f"hicmae-dist {__version__}: {native}; torch {torch.__version__} ({cuda}); Python {platform.python_version()}"
     )
+    if torch.version.cuda and gather.native_available() and not gather.native_built_with_cuda():
+        text += (
+            "\nnote: torch is a CUDA build but hicmae_dist._C has no CUDA kernels (built without nvcc, or "
+            "in an isolated build against another torch): `pip install --no-build-isolation .` where nvcc is"
+        )
+    return text
 
 
 class _VersionAction(argparse.Action):

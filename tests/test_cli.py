@@ -316,3 +316,24 @@ def test_finetune_bad_folds_is_a_usage_error(tmp_path, capsys):
         code, err = _main(capsys, *args, "--folds", folds)
         assert code == 2
         _one_line(err, "finetune", f"--folds {folds!r}")
+
+
+def test_version_names_the_package_and_the_native_build(capsys, monkeypatch):
+    import hicmae_dist
+    from hicmae_dist.ops import gather
+
+    try:
+        cli.main(["--version"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"hicmae-dist {hicmae_dist.__version__}: "), out
+    if gather.native_available():
+        kind = "CPU + CUDA" if gather.native_built_with_cuda() else "CPU"
+        assert f"hicmae_dist._C with {kind} kernels" in out, out
+    # a CUDA torch beside an extension without CUDA kernels (a plain isolated `pip install .`) is named
+    monkeypatch.setattr(gather, "native_built_with_cuda", lambda: False)
+    monkeypatch.setattr(gather, "native_available", lambda: True)
+    monkeypatch.setattr("torch.version.cuda", "13.0")
+    text = cli.version_text()
+    assert "with CPU kernels" in text and "pip install --no-build-isolation" in text, text
