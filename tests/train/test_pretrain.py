@@ -419,8 +419,16 @@ def test_tracking_server_killed_mid_run_training_goes_on_and_sync_sends_one_valu
         killed_at = (run_dir / "checkpoints" / "latest").read_text()
         assert killed_at == "step00000004", killed_at
 
+        # The killed attempt may have logged past step 7 before MLflow saw step 5: wait for the
+        # resume's own step 7 (it first rewrites metrics.jsonl up to its checkpoint), not those.
+        resumed_at = time.time()
         proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for("step 7", lambda: any(r["step"] >= 7 for r in rows()), proc)
+
+        def resumed_to_step_7() -> bool:
+            rewritten = run_dir.joinpath("metrics.jsonl").stat().st_mtime > resumed_at
+            return rewritten and any(r["step"] >= 7 for r in rows())
+
+        _wait_for("the resume's step 7", resumed_to_step_7, proc)
         server.kill()
         out, err = proc.communicate(timeout=900)
         ended = time.time()
