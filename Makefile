@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev,faces]"
 	$(BIN)/python -c "from hicmae_dist.ops import gather as g; assert g.native_available(), 'hicmae_dist._C did not build'; \
-	  print('hicmae_dist._C built', 'with CUDA kernels' if g.native_built_with_cuda() else 'CPU kernels only')"
+	  print(g.native_build())"
 	touch $@
 
 $(DEMO_DIR)/corpus/labels.csv: | $(STAMP)

@@ -1028,13 +1028,10 @@ def version_text() -> str:
     from hicmae_dist import __version__
     from hicmae_dist.ops import gather
 
-    if not gather.native_available():
-        native = f"hicmae_dist._C not built ({gather._NATIVE_ERROR}): PyTorch fallbacks"
-    else:
-        native = f"hicmae_dist._C with {'CPU + CUDA' if gather.native_built_with_cuda() else 'CPU'} kernels"
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
     text = (
-        f"hicmae-dist {__version__}: {native}; torch {torch.__version__} ({cuda}); Python {platform.python_version()}"
+        f"hicmae-dist {__version__}: {gather.native_build()}; torch {torch.__version__} ({cuda}); "
+        f"Python {platform.python_version()}"
     )
     if torch.version.cuda and gather.native_available() and not gather.native_built_with_cuda():
         text += (

@@ -21,9 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_PARENTS = {"/", "/tmp", "/var/tmp", "/home", "/root", "/srv", "/opt", "/mnt", "/scratch"}
 
 
+def _require_git_checkout() -> None:
+    require("a git checkout (git ls-files, git clone)", shutil.which("git") is not None and (REPO / ".git").exists())
+
+
 def _tracked_files() -> list[Path]:
-    if shutil.which("git") is None or not (REPO / ".git").exists():
-        require("a git checkout (git ls-files)", False)
+    _require_git_checkout()
     out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
     return [REPO / name for name in out.decode().split("\0") if name]
 
@@ -46,7 +49,7 @@ def test_no_tracked_file_names_the_folder_beside_or_the_machine_path():
 @pytest.mark.slow
 def test_a_clone_in_an_empty_folder_passes_the_model_and_converter_tests(tmp_path):
     """HEAD cloned where nothing is beside it; the built extension is the one thing copied in."""
-    _tracked_files()  # a git checkout, or skip / fail as that says
+    _require_git_checkout()
     native = sorted((REPO / "hicmae_dist").glob("_C*.so"))
     require("the built native extension hicmae_dist/_C*.so", bool(native), "make setup builds it")
     clone = tmp_path / "empty" / "hicmae-dist"

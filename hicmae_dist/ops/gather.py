@@ -55,6 +55,13 @@ def native_built_with_cuda() -> bool:
     return bool(flag is not None and flag())
 
 
+def native_build() -> str:
+    """What the extension holds, in the words `--version` and `make setup` print."""
+    if not native_available():
+        return f"hicmae_dist._C not built ({_NATIVE_ERROR}): PyTorch fallbacks"
+    return f"hicmae_dist._C with {'CPU + CUDA' if native_built_with_cuda() else 'CPU'} kernels"
+
+
 def gather_visible_reference(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     """The PyTorch indexing the native op replaces."""
     return torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))

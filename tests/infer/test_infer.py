@@ -16,6 +16,7 @@ import torch
 import hicmae_dist
 from hicmae_dist.data import downstream as ds
 from tests.infer.conftest import ffmpeg, lossless_video, read_wav
+from tests.support import CAVMAE_TINY_MODEL
 
 CLI = [sys.executable, "-m", "hicmae_dist.cli"]
 
@@ -79,22 +80,7 @@ def test_cavmae_embed_equals_its_ten_frame_test_views(downstream, tmp_path):
     from hicmae_dist.models import build_finetune_model
     from hicmae_dist.train.finetune.task import Task
 
-    cfg = load_config(
-        "finetune-cavmae",
-        [
-            "model.arch=cavmae",
-            "model.width=64",
-            "model.heads=2",
-            "model.modality_depth=1",
-            "model.shared_depth=1",
-            "model.decoder_width=32",
-            "model.decoder_heads=2",
-            "model.decoder_depth=1",
-            "model.num_frames=1",
-            "model.image_size=224",
-            "model.audio_frames=1024",
-        ],
-    ).model
+    cfg = load_config("finetune-cavmae", CAVMAE_TINY_MODEL).model
     torch.manual_seed(0)
     net = build_finetune_model(cfg, 3)
     model = InferenceModel(

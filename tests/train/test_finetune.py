@@ -17,6 +17,7 @@ from hicmae_dist.cli import EXIT_INTERRUPTED
 from hicmae_dist.data import downstream as ds
 from hicmae_dist.data.synth import write_downstream
 from hicmae_dist.train.export import checkpoint_weights
+from tests.support import CAVMAE_TINY_MODEL
 
 CLI = [sys.executable, "-m", "hicmae_dist.cli"]
 
@@ -240,26 +241,8 @@ def test_cavmae_multimodal_finetune_with_its_head_lr(downstream, cli_env, tmp_pa
         _small_splits(downstream, tmp_path / "splits"),
         run_dir,
         cli_env,
-        "--preset",
-        "finetune-cavmae",
-        "--from-scratch",
-        "finetune.num_outputs=4",
+        *CAVMAE_TINY,
         "finetune.epochs=1",
-        "finetune.warmup_epochs=0",
-        "data.batch_size=2",
-        "data.num_workers=0",
-        "train.bf16=false",
-        "model.arch=cavmae",
-        "model.width=64",
-        "model.heads=2",
-        "model.modality_depth=1",
-        "model.shared_depth=1",
-        "model.decoder_width=32",
-        "model.decoder_heads=2",
-        "model.decoder_depth=1",
-        "model.num_frames=1",
-        "model.image_size=224",
-        "model.audio_frames=1024",
     )
     result = json.loads((run_dir / "fold01" / "results.json").read_text())
     assert result["test_views"] == 10  # CAV-MAE's 10-frame test ensemble
@@ -275,17 +258,7 @@ CAVMAE_TINY = [
     "data.batch_size=2",
     "data.num_workers=0",
     "train.bf16=false",
-    "model.arch=cavmae",
-    "model.width=64",
-    "model.heads=2",
-    "model.modality_depth=1",
-    "model.shared_depth=1",
-    "model.decoder_width=32",
-    "model.decoder_heads=2",
-    "model.decoder_depth=1",
-    "model.num_frames=1",
-    "model.image_size=224",
-    "model.audio_frames=1024",
+    *CAVMAE_TINY_MODEL,
 ]
 
 
