@@ -362,13 +362,18 @@ class FinetuneConfig:
         )
 
 
+# ops.attention's backends (config sits below ops, so the names are repeated here; a test holds
+# them equal). Whether an explicit one can run is checked where the device is known, at start-up.
+ATTENTION_BACKENDS = ("auto", "triton", "xformers", "sdpa", "reference")
+
+
 @dataclass
 class ExecutionConfig:
     """How a run executes, not what it computes: the same maths with any of these, so they are
     outside the config hash and a resume may change them. The models take them beside their
     ModelConfig: build_model(cfg.model, cfg.execution)."""
 
-    attention_backend: str = "auto"  # see hicmae_dist.ops.attention
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS; see hicmae_dist.ops.attention
     # HiCMAE fusion: run the two cross-attentions of a fusion layer (video->audio, audio->video)
     # as one packed varlen attention launch, and likewise the two self-attentions. CAV-MAE: run
     # the shared block's three passes (unified [audio, video], audio alone, video alone; same
@@ -382,9 +387,9 @@ class ExecutionConfig:
 
     def validate(self) -> None:
         expect(
-            self.attention_backend in ("auto", "sdpa", "reference"),
+            self.attention_backend in ATTENTION_BACKENDS,
             "execution.attention_backend",
-            "one of auto, sdpa, reference",
+            f"one of {', '.join(ATTENTION_BACKENDS)}",
             self.attention_backend,
         )
 

@@ -181,10 +181,32 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path):
 def test_execution_section_is_outside_the_hash_and_checked():
     cfg = load_config("tiny-cpu", ["execution.attention_backend=reference"])
     assert cfg.execution.attention_backend == "reference" and cfg.hash() == load_config("tiny-cpu").hash()
-    with pytest.raises(ConfigError, match="execution.attention_backend: expected one of auto, sdpa, reference"):
+    with pytest.raises(
+        ConfigError, match="execution.attention_backend: expected one of auto, triton, xformers, sdpa, reference"
+    ):
         load_config("tiny-cpu", ["execution.attention_backend=fast"])
     with pytest.raises(ConfigError, match="unknown config key 'model.attention_backend'"):
         load_config("tiny-cpu", ["model.attention_backend=sdpa"])
+
+
+def test_every_attention_backend_is_selectable_and_checked_at_start_up(monkeypatch):
+    """The config takes every backend ops.attention has (triton and xformers were refused once, so
+    a GPU run could not pick its kernels); one that cannot run on this device is a ConfigError
+    naming the key and why, raised before the engine is built."""
+    from hicmae_dist.config import ATTENTION_BACKENDS
+    from hicmae_dist.ops import triton as triton_pkg
+    from hicmae_dist.ops.attention import BACKENDS
+    from hicmae_dist.train.runtime import check_attention_backend
+
+    assert ATTENTION_BACKENDS == BACKENDS.names
+    for name in ATTENTION_BACKENDS:
+        assert load_config("tiny-cpu", [f"execution.attention_backend={name}"]).execution.attention_backend == name
+    for name in ("auto", "sdpa", "reference"):
+        check_attention_backend(load_config("tiny-cpu", [f"execution.attention_backend={name}"]).execution)
+    monkeypatch.setattr(triton_pkg, "interpreting", lambda: False)  # as on a CPU machine outside the tests
+    for name, why in (("triton", "triton kernels need CUDA tensors"), ("xformers", "xformers")):
+        with pytest.raises(ConfigError, match=rf"^execution.attention_backend={name} cannot run on cpu: .*{why}"):
+            check_attention_backend(load_config("tiny-cpu", [f"execution.attention_backend={name}"]).execution)
 
 
 # The hashes of the shipped presets when runs were first written (c1a1ba4). A changed hash makes

@@ -37,6 +37,7 @@ from hicmae_dist.train.progress import Progress
 from hicmae_dist.train.rundir import RunDir
 from hicmae_dist.train.runtime import (
     RunState,
+    check_attention_backend,
     check_resume,
     check_tracking,
     clear_stop,
@@ -264,6 +265,7 @@ def pretrain(
     if not cfg.data.shards:
         raise ValueError("data.shards is empty: pass --data DIR (a directory of .tar shards)")
     check_decode_on(cfg.data)  # before minutes of engine set-up
+    check_attention_backend(cfg.execution)
     check_tracking(cfg, run.path, tracking_uri, rank0)
     engine, state = _start(cfg, run, resume, allow_config_change, world_size, rank0)
     start_step, batch = state.step, global_batch(cfg, world_size)

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from hicmae_dist import comm
-from hicmae_dist.config import Config, TrainConfig
+from hicmae_dist.config import Config, ConfigError, ExecutionConfig, TrainConfig
 from hicmae_dist.data.loader import find_shards
+from hicmae_dist.ops.attention import BACKENDS as ATTENTION
 from hicmae_dist.tracking import Tracker, TrackingUnavailable, check_reachable, run_uri
 from hicmae_dist.train.checkpoint import ResumeError, load_checkpoint
 from hicmae_dist.train.rundir import RunDir
@@ -76,6 +77,18 @@ def compute_dtype(train: TrainConfig) -> torch.dtype:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_attention_backend(execution: ExecutionConfig) -> None:
+    """An explicit execution.attention_backend that cannot run on this rank's device (triton
+    without a GPU of compute capability 8.0+, xformers not installed): a ConfigError at start-up,
+    before minutes of engine set-up, not a RuntimeError at the first forward."""
+    backend, device = execution.attention_backend, comm.current_device()
+    why = None if backend == "auto" else ATTENTION.unavailable(backend, device, None)
+    if why is not None:
+        raise ConfigError(
+            f"execution.attention_backend={backend} cannot run on {device.type}: {why} (auto picks what runs here)"
+        )
 
 
 # --- the tracker -----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from hicmae_dist.train.finetune.task import Task, build_finetune, finetune_model
 from hicmae_dist.train.progress import Progress
 from hicmae_dist.train.rundir import RunDir
 from hicmae_dist.train.runtime import (
+    check_attention_backend,
     clear_stop,
     compute_dtype,
     open_tracker,
@@ -431,6 +432,7 @@ def finetune_fold(
     dist_env = comm.init_distributed()
     rank0, ft = dist_env.rank == 0, cfg.finetune
     run = RunDir(run_dir).create()
+    check_attention_backend(cfg.execution)  # before the engine set-up
     task = task or resolve_task(cfg)
     datasets, mcfg, steps_per_epoch = _prepare(cfg, splits, task, pretrained, dist_env.world_size)
     engine, state, load_report = _start(cfg, task, pretrained, run, resume, allow_config_change, dist_env.world_size)
