@@ -5,6 +5,7 @@ a full disk reported in one line with the last good checkpoint intact."""
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -302,3 +303,37 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_good_checkpoint
     assert summary["start_step"] == 2 and summary["steps"] == 6 and summary["mlflow_run_id"] == run_id
     assert not list(root.glob(".tmp-*"))
     assert checkpoint.verify_checkpoint(root / "step00000006") is None
+
+
+def test_a_rank_saves_and_restores_its_own_gpus_random_stream(monkeypatch, tmp_path):
+    """A task that sees all 8 of its node's GPUs (rank 3 on cuda:3) saves cuda:3's stream only, and
+    its requeued attempt restores that stream on whatever device it now has, without touching the
+    other devices (CUDA emulated: the checkpoint code sees these functions as torch.cuda's)."""
+    streams = {i: torch.tensor([i], dtype=torch.uint8) for i in range(8)}
+    restored = []
+
+    def get_rng_state(device="cuda"):
+        assert device == "cuda", "only the current device"
+        return streams[current[0]].clone()
+
+    def get_rng_state_all():
+        raise AssertionError("every visible device's state was read")
+
+    current = [3]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", get_rng_state_all)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append((current[0], s)))
+    torch.save(checkpoint._rng_state(), tmp_path / "rng.pt")
+    current[0] = 0  # requeued with one visible GPU per task
+    checkpoint._set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert [(device, s.tolist()) for device, s in restored] == [(0, [3])]
+
+    restored.clear()  # written before: a list of every visible device's state
+    old = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    current[0] = 3
+    checkpoint._set_rng_state({**old, "cuda": [streams[i] for i in range(8)]})
+    current[0] = 5
+    checkpoint._set_rng_state({**old, "cuda": [streams[0]]})  # that device's state was not saved
+    assert [(device, s.tolist()) for device, s in restored] == [(3, [3])]
