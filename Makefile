@@ -15,6 +15,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 DEMO_DIR ?= runs/demo
 DEMO_CLIPS ?= 256
 PYTEST_ARGS ?=
+# pytest-xdist workers: one per core, at most 4 (each holds torch and runs multi-process tests);
+# Whole modules go to a worker (their fixtures are built once), slow ones first (tests/conftest.py).
+# PYTEST_WORKERS=0 runs the suite in this process.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); if [ $$n -gt 4 ]; then n=4; elif [ $$n -lt 2 ]; then n=0; fi; echo $$n)
 
 .PHONY: setup demo demo-finetune lint test install-check clean
 setup: $(STAMP)
@@ -59,7 +63,7 @@ lint: setup
 
 # pytest exits 5 when a selection (PYTEST_ARGS=-k ...) collects nothing: say so, not a failure.
 test: setup lint
-	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected for '$(PYTEST_ARGS)'"; rc=0; fi; exit $$rc
 
 # `pip install .` and `python -m build` outside the Makefile, in a fresh venv (.ci/install-check).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 
 import pytest
@@ -20,6 +22,25 @@ CAVMAE_TINY_MODEL = [
     "model.image_size=224",
     "model.audio_frames=1024",
 ]
+
+
+# Figures for the end of a run: {section: {name: value}}, printed by tests/conftest.py (under
+# xdist the workers send theirs to the controller, which prints them).
+SUMMARY: dict[str, dict[str, float]] = {}
+
+
+@contextlib.contextmanager
+def shared_across_workers(tmp_path_factory, name: str):
+    """A directory of this test session shared by its xdist workers, held under an exclusive
+    lock: the first worker fills it (a costly session fixture), the others wait, then read it.
+    Without xdist, a directory of this session's own."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common parent
+    path = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path.mkdir(exist_ok=True)
+        yield path
 
 
 def strict() -> bool:

@@ -28,6 +28,7 @@ from hicmae_dist.eval import metrics as M
 from hicmae_dist.models.convert import Converted
 from hicmae_dist.train.finetune.evaluate import score
 from hicmae_dist.train.finetune.task import Task, build_finetune
+from hicmae_dist.train.runtime import seed_everything
 
 log = logging.getLogger(__name__)
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -111,6 +112,7 @@ def linear_probe(
 ) -> dict[str, Any]:
     """The probe (module docstring) on splits train / val / test; weights None probes a
     randomly initialised encoder (the baseline a pretrained one must beat)."""
+    seed_everything(cfg.train.seed)  # the random encoder (and head) the same on every call
     model, _, report = build_finetune(cfg, task, weights)
     model.eval()
     mcfg = model.cfg

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import require
+from tests.support import SUMMARY, require
 
 REPO = Path(__file__).resolve().parents[2]
 START = REPO / "slurm" / "local" / "start.sh"
 STOP = REPO / "slurm" / "local" / "stop.sh"
 CLI = [sys.executable, "-m", "hicmae_dist.cli"]
-TIMINGS: dict[str, float] = {}
+TIMINGS: dict[str, float] = SUMMARY.setdefault("local Slurm timings", {})
 # the small, fast job every Slurm test starts from (per-rank batch 2, every step logged)
 FAST = ["data.num_workers=0", "data.batch_size=2", "train.log_every=1", "train.warmup_steps=1"]
 
@@ -200,10 +200,3 @@ def slurm(slurm_session, slurm_shards, tmp_path):
     s = Slurm(slurm_session, slurm_shards, tmp_path)
     yield s
     s.cancel_all()  # a failed test leaves no job behind to hold the node's two CPUs
-
-
-def pytest_terminal_summary(terminalreporter):
-    if TIMINGS:
-        terminalreporter.section("local Slurm timings")
-        for key, value in TIMINGS.items():
-            terminalreporter.write_line(f"{key:28s} {value:.1f}")

@@ -1,12 +1,13 @@
 """A small synthetic corpus, sharded once per test session, for the training tests."""
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.support import require
+from tests.support import require, shared_across_workers
 
 
 @pytest.fixture(scope="session")
@@ -38,30 +39,37 @@ def cli_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def two_minute_run(shards, cli_env, tmp_path_factory):
-    """The tiny preset pretrained for 120 steps through the CLI, once a session: the loss and
+    """The tiny preset pretrained for 120 steps through the CLI, once a session (once for all
+    xdist workers: the first to need it runs it, the others wait and read it): the loss and
     tracking test checks the run, the fine-tuning tests start from its weights. Progress is on,
     with output to pipes, as in a Slurm log. Returns (run_dir, the finished process)."""
     import subprocess
     import sys
 
-    run_dir = tmp_path_factory.mktemp("two_minute") / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "hicmae_dist.cli",
-        "pretrain",
-        "--preset",
-        "tiny-cpu",
-        "--data",
-        str(shards),
-        "--run-dir",
-        str(run_dir),
-        "train.steps=120",
-        "train.warmup_steps=10",
-        "train.log_every=10",
-        "train.checkpoint_every=60",
-    ]
-    return run_dir, subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=900)
+    with shared_across_workers(tmp_path_factory, "two_minute") as root:
+        run_dir, done = root / "run", root / "process.json"
+        if not done.exists():
+            cmd = [
+                sys.executable,
+                "-m",
+                "hicmae_dist.cli",
+                "pretrain",
+                "--preset",
+                "tiny-cpu",
+                "--data",
+                str(shards),
+                "--run-dir",
+                str(run_dir),
+                "train.steps=120",
+                "train.warmup_steps=10",
+                "train.log_every=10",
+                "train.checkpoint_every=60",
+            ]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=900)
+            done.write_text(
+                json.dumps({"args": r.args, "returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr})
+            )
+        return run_dir, subprocess.CompletedProcess(**json.loads(done.read_text()))
 
 
 @pytest.fixture(scope="module")

@@ -205,7 +205,7 @@ def test_pretrained_features_beat_random_ones_and_retrieval_runs(two_minute_run,
         probe[name] = json.loads(out.read_text())
     assert probe["pretrained"]["pretrained_tensors"] > 100 and probe["random"]["pretrained_tensors"] == 0
     assert probe["pretrained"]["test"]["war"] >= 0.5  # well above chance
-    assert probe["pretrained"]["test"]["war"] > probe["random"]["test"]["war"]
+    assert probe["pretrained"]["test"]["war"] > probe["random"]["test"]["war"], probe
 
     everything = tmp_path / "all.csv"
     ds.write_annotations(
