@@ -1005,7 +1005,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_universal(args: argparse.Namespace) -> int:
-    from hicmae_dist.train.checkpoint import to_universal
+    from hicmae_dist.train.checkpoint import ResumeError, to_universal, verify_checkpoint
     from hicmae_dist.train.rundir import RunDir
 
     run = RunDir(args.run_dir)
@@ -1013,6 +1013,12 @@ def cmd_ckpt_universal(args: argparse.Namespace) -> int:
     if ckpt is None:
         raise FileNotFoundError(
             f"{args.run_dir}: no checkpoint ({run.latest_pointer.relative_to(run.path)} is missing)"
+        )
+    problem = verify_checkpoint(ckpt)
+    if problem is not None:  # never convert a torn checkpoint into one that loads
+        raise ResumeError(
+            f"{ckpt} does not verify ({problem[1]}); the next training start moves it aside and resumes from "
+            f"the one before it"
         )
     print(f"universal checkpoint: {to_universal(ckpt)}")
     return 0

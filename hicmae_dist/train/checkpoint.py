@@ -200,18 +200,41 @@ def disk_full_error(code: int, what: Path | str, run_dir: Path) -> DiskFullError
     )
 
 
+def _space_short(run: RunDir) -> str | None:
+    """Why the next save would not fit: the newest complete checkpoint's size (the next one is as
+    large, and the old ones go only once it is complete) against the free space under the
+    checkpoints. None when it fits, or when there is none to measure yet."""
+    done = run.complete_checkpoints()
+    if not done:
+        return None
+    need = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file())
+    free = shutil.disk_usage(run.checkpoints).free
+    if free >= need:
+        return None
+    free_mib, need_mib = free / 2**20, need / 2**20
+    return f"{free_mib:,.1f} MiB free under {run.checkpoints}, a checkpoint takes {need_mib:,.1f} MiB ({done[-1].name})"
+
+
 def save_checkpoint(
     engine, run_dir: Path, step: int, state: dict[str, Any], keep: int, keep_also: Callable[[Path], bool] | None = None
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory. The newest `keep`
     checkpoints stay, and the older ones keep_also(path) is True for (fine-tuning's weight average).
-    Raises DiskFullError (the partial .tmp-<tag> removed) when a write fails for lack of space;
-    the launcher (torchrun, srun) then ends the other ranks."""
+    Raises DiskFullError on every rank, before anything is written, when a rank finds less free
+    space than the last checkpoint took (agreed: a rank that failed alone inside DeepSpeed's save
+    would leave the others at its barrier until the launcher ends them). A write that still fails
+    for lack of space (the disk filled meanwhile) raises it on that rank, the partial .tmp-<tag>
+    removed; the launcher (torchrun, srun --kill-on-bad-exit) then ends the other ranks."""
     run = RunDir(run_dir)
     root, tag = run.checkpoints, RunDir.tag(step)
     tmp_tag, final = f"{TMP_PREFIX}{tag}", run.checkpoint(tag)
     tmp = root / tmp_tag
     rank, world_size = comm.world()
+    short = _space_short(run)
+    if comm.agree([short is not None])[0]:
+        why = short or "another rank found too little space, see its log"
+        message = f"{os.strerror(errno.ENOSPC)} for the checkpoint of step {step}: {why}; the last good checkpoint is"
+        raise DiskFullError(errno.ENOSPC, f"{message} {_last_good(run_dir)}", str(root))
     written: list[Path] = []
     try:
         if comm.is_rank0() and tmp.exists():  # left by a crash during an earlier save
@@ -308,13 +331,13 @@ def remove_stale_temporaries(run_dir: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def _move_aside(run: RunDir, path: Path, reason: str) -> Path:
+def _move_aside(run: RunDir, path: Path, reason: str, prefix: str = "") -> Path:
     bad = run.bad_checkpoints
     bad.mkdir(exist_ok=True)
-    dest, n = bad / f"{path.name}-{reason}", 1
+    dest, n = bad / f"{prefix}{path.name}-{reason}", 1
     while dest.exists():
         n += 1
-        dest = bad / f"{path.name}-{reason}-{n}"
+        dest = bad / f"{prefix}{path.name}-{reason}-{n}"
     os.replace(path, dest)
     return dest
 
@@ -374,15 +397,27 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     )
 
 
+def universal_path(path: Path) -> Path:
+    """Where to_universal puts the conversion of the checkpoint `path`."""
+    return RunDir(path.parent.parent).universal_checkpoints / path.name
+
+
 def to_universal(path: Path) -> Path:
-    """Convert a checkpoint to DeepSpeed's universal format (loadable at any world size) under
-    checkpoints/universal/<tag>; done once, atomically (temporary name, then rename)."""
+    """Convert a (verified) checkpoint to DeepSpeed's universal format (loadable at any world
+    size) under checkpoints/universal/<tag>; one process does it (rank 0, or the CLI), once,
+    atomically (temporary name, then rename). The conversion records its files like a save
+    (one files_rank00000.json), and one already there is verified before it is used: a bad or
+    unrecorded one is moved aside to checkpoints/bad/universal-<tag>-<reason> and converted again."""
     from deepspeed.checkpoint import ds_to_universal
 
-    out = RunDir(path.parent.parent).universal_checkpoints / path.name
-    if (out / STATE_FILE).exists():
-        return out
-    tmp = out.with_name(f".tmp-{path.name}")
+    out = universal_path(path)
+    if out.exists():
+        problem = verify_checkpoint(out)
+        if problem is None:
+            return out
+        moved = _move_aside(RunDir(path.parent.parent), out, problem[0], prefix="universal-")
+        log.warning("universal checkpoint %s is bad (%s); moved aside to %s, converting again", out, problem[1], moved)
+    tmp = out.with_name(f"{TMP_PREFIX}{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(
         input_folder=str(path),
@@ -395,7 +430,10 @@ def to_universal(path: Path) -> Path:
     )
     with weights_only_loads():
         ds_to_universal.main(args)
-    shutil.copy(path / STATE_FILE, tmp / STATE_FILE)
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    manifest = {"rank": 0, "files": {str(f.relative_to(tmp)): file_record(f) for f in files}}
+    _atomic_write(tmp / _manifest_file(0), json.dumps(manifest, indent=1))
+    _atomic_write(tmp / STATE_FILE, json.dumps({**RunDir.read_state(path), MANIFEST_KEY: 1}, indent=1))
     os.replace(tmp, out)
     return out
 

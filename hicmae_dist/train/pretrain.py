@@ -31,6 +31,7 @@ from hicmae_dist.train.checkpoint import (
     save_checkpoint,
     saved_world_size,
     to_universal,
+    universal_path,
 )
 from hicmae_dist.train.engine import build_engine, build_model_for_engine, deepspeed_config, global_batch
 from hicmae_dist.train.progress import Progress
@@ -74,7 +75,7 @@ def _start(cfg: Config, run: RunDir, resume: str, allow_config_change: bool, wor
             )
             to_universal(ckpt)
         comm.barrier()
-        ckpt = to_universal(ckpt)
+        ckpt = universal_path(ckpt)
 
     seed_everything(cfg.train.seed)
     engine = build_engine(build_model_for_engine(cfg, world_size), cfg, world_size, load_universal=universal)

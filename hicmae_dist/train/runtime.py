@@ -7,12 +7,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
 import signal
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +25,9 @@ from hicmae_dist.ops.attention import BACKENDS as ATTENTION
 from hicmae_dist.tracking import Tracker, TrackingUnavailable, check_reachable, run_uri
 from hicmae_dist.train.checkpoint import ResumeError, load_checkpoint
 from hicmae_dist.train.rundir import RunDir
+
+if TYPE_CHECKING:
+    from hicmae_dist.data.downstream import DownstreamItem
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +171,36 @@ def shard_set_identity(shards_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def split_set_identity(splits: Mapping[str, Sequence[DownstreamItem]]) -> dict[str, str]:
+    """A fine-tuning fold's data identity: a hash of its split files' rows (split, clip and audio
+    paths relative to the clips' common root, labels, in order: the order the sampler draws
+    from), so moving the data set keeps it and another fold, an edited label or a reordered file
+    changes it. The media files are not read."""
+    rows = [
+        [name, os.path.abspath(item.frame_dir), os.path.abspath(item.wav_path), list(item.label)]
+        for name, items in sorted(splits.items())
+        for item in items
+    ]
+    root = os.path.commonpath([p for row in rows for p in row[1:3]]) if rows else ""
+    for row in rows:
+        row[1:3] = (os.path.relpath(p, root) for p in row[1:3])
+    named = [n for n in ("train", "val", "test") if n in splits] + sorted(set(splits) - {"train", "val", "test"})
+    counts = " / ".join(f"{name} {len(splits[name])}" for name in named)
+    return {
+        "data_id": hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16],
+        "data_splits": f"{counts} clips under {root}",
+    }
+
+
+def _data_description(state: Mapping[str, Any]) -> tuple[str, str]:
+    """(what kind of data set, which one) for the refusal of another data set."""
+    if state.get("data_splits"):
+        return "the splits", f"{state['data_splits']} (id {state['data_id']})"
+    return "the shard set", f"{state.get('data_shards')} ({state.get('data_num_shards')} shards, id {state['data_id']})"
+
+
 # The fields of a run state that describe this run, not the checkpoint: kept on restore.
-_THIS_RUN = ("world_size", "config_hash", "data_id", "data_shards", "data_num_shards")
+_THIS_RUN = ("world_size", "config_hash", "data_id", "data_shards", "data_num_shards", "data_splits")
 
 
 def refuse_existing(run_dir: Path, resume: str) -> None:
@@ -192,9 +225,9 @@ def check_resume(ckpt: Path, state, run_dir: Path, allow_config_change: bool) ->
         problems.append(config_problem)
     if data_changed:
         problems.append(
-            f"checkpoint {ckpt} was written on the shard set {saved.get('data_shards')} "
-            f"({saved.get('data_num_shards')} shards, id {saved['data_id']}), this run reads "
-            f"{state.data_shards} ({state.data_num_shards} shards, id {state.data_id}): another data set"
+            "checkpoint {} was written on {} {}, this run reads {}: another data set".format(
+                ckpt, *_data_description(saved), _data_description(vars(state))[1]
+            )
         )
     if problems and not allow_config_change:
         raise ResumeError("; ".join(problems) + "; --allow-config-change resumes anyway")

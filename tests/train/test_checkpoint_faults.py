@@ -92,6 +92,31 @@ def test_no_checkpoint_that_verifies_is_an_error_not_a_fresh_start(engine, tmp_p
         checkpoint.resume_checkpoint(tmp_path)
 
 
+def test_a_universal_conversion_is_recorded_verified_before_use_and_redone_when_bad(engine, tmp_path, caplog, capsys):
+    from hicmae_dist.cli import main as cli_main
+
+    ckpt = checkpoint.save_checkpoint(engine, tmp_path, 1, {"config_hash": "h", "world_size": 2}, keep=2)
+    out = checkpoint.to_universal(ckpt)
+    assert out == checkpoint.universal_path(ckpt) and checkpoint.verify_checkpoint(out) is None
+    recorded = json.loads((out / "files_rank00000.json").read_text())["files"]
+    tensors = sorted(p for p in out.rglob("*.pt") if "zero" in p.parts)
+    assert tensors and {str(p.relative_to(out)) for p in tensors} <= set(recorded)
+    assert json.loads((out / "state.json").read_text())["world_size"] == 2  # the source's state, kept
+
+    _cut_in_half(tensors[0])
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.to_universal(ckpt) == out
+    bad = tmp_path / "checkpoints" / "bad" / "universal-step00000001-size"
+    assert (bad / tensors[0].relative_to(out)).exists() and "converting again" in caplog.text
+    assert checkpoint.verify_checkpoint(out) is None  # converted again from the verified source
+
+    # the CLI converts only a checkpoint that verifies
+    _cut_in_half(ckpt / OPTIM)
+    shutil.rmtree(out)
+    assert cli_main(["ckpt", "universal", str(tmp_path)]) == 1
+    assert f"{ckpt} does not verify ({ckpt / OPTIM} has" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.slow
 def test_truncated_newest_checkpoint_is_moved_aside_and_the_previous_one_resumes(shards, tmp_path, caplog):
     _pretrain(shards, tmp_path, "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2")
@@ -191,7 +216,10 @@ def test_changed_config_or_data_is_refused_before_any_weight_is_loaded(shards, c
     assert state["data_shards"] == str(other) and state["data_num_shards"] == 4  # the run now trains on it
 
 
-def _rank(rank: int, port: int, shards: str, run_dir: str, steps: int, queue) -> None:
+def _rank(rank: int, port: int, shards: str, run_dir: str, steps: int, queue, no_space_on: int) -> None:
+    if rank == no_space_on:  # this rank's disk is full (only its view: the others see the free space)
+        real_disk_usage = shutil.disk_usage
+        shutil.disk_usage = lambda path: real_disk_usage(path)._replace(free=0)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -202,11 +230,15 @@ def _rank(rank: int, port: int, shards: str, run_dir: str, steps: int, queue) ->
     )
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    summary = _pretrain(shards, run_dir, f"train.steps={steps}", "train.checkpoint_every=2")
+    try:
+        summary = _pretrain(shards, run_dir, f"train.steps={steps}", "train.checkpoint_every=2")
+    except checkpoint.DiskFullError as err:
+        queue.put((rank, "disk full", str(err)))
+        return
     queue.put((rank, summary["start_step"], summary["steps"]))
 
 
-def _two_ranks(shards, run_dir, steps):
+def _two_ranks(shards, run_dir, steps, no_space_on=-1):
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -214,7 +246,10 @@ def _two_ranks(shards, run_dir, steps):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, str(shards), str(run_dir), steps, queue)) for r in range(2)]
+    procs = [
+        ctx.Process(target=_rank, args=(r, port, str(shards), str(run_dir), steps, queue, no_space_on))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     try:
@@ -242,6 +277,15 @@ def test_two_ranks_agree_on_a_checkpoint_only_one_of_them_finds_bad(shards, tmp_
     assert (root / "bad" / "step00000004-size" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
     assert (root / "latest").read_text() == "step00000006"
 
+    # rank 1 alone finds its disk full before the step-8 save: both ranks end with the error, none
+    # waits at a barrier, nothing is written
+    (zero, _, msg0), (one, _, msg1) = _two_ranks(shards, tmp_path, 8, no_space_on=1)
+    last_good = f"; the last good checkpoint is {root / 'step00000006'}"
+    assert msg0.startswith("No space left on device for the checkpoint of step 8: another rank found too little")
+    assert msg1.startswith(f"No space left on device for the checkpoint of step 8: 0.0 MiB free under {root}")
+    assert msg0.endswith(last_good) and msg1.endswith(last_good) and "(step00000006)" in msg1
+    assert (root / "latest").read_text() == "step00000006" and not list(root.glob(".tmp-*"))
+
 
 @pytest.fixture
 def small_disk(tmp_path):
@@ -266,7 +310,9 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_good_checkpoint(shards, small_disk, tmp_path):
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_good_checkpoint(
+    shards, small_disk, tmp_path, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
     disk, resize = small_disk
@@ -285,7 +331,18 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_good_checkpoint
     used = shutil.disk_usage(disk).used
     resize(used + size // 2)  # room for half a checkpoint more: the step-4 save fills the disk
 
+    # the step-4 save finds less free space than step 2's checkpoint took: refused before writing
     with pytest.raises(checkpoint.DiskFullError) as err:
+        _pretrain(shards, run_dir, "train.steps=6", *args)
+    msg = str(err.value)
+    assert "\n" not in msg and not list(root.glob(".tmp-*"))
+    assert msg.startswith("No space left on device for the checkpoint of step 4: ")
+    assert f" MiB free under {root}, a checkpoint takes {size / 2**20:,.1f} MiB (step00000002); " in msg
+    assert msg.endswith(f"; the last good checkpoint is {root / 'step00000002'}")
+
+    # the disk fills between that check and the write (another job): the write fails, is removed
+    with monkeypatch.context() as m, pytest.raises(checkpoint.DiskFullError) as err:
+        m.setattr(checkpoint, "_space_short", lambda run: None)
         _pretrain(shards, run_dir, "train.steps=6", *args)
     msg = str(err.value)
     assert "\n" not in msg

@@ -4,7 +4,9 @@ authors'-format checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -352,6 +354,19 @@ def test_sigterm_mid_epoch_then_rerun_continues_the_fold(downstream, cli_env, tm
     assert (
         state["epoch"] == 1 and 0 < state["batch_in_epoch"] < 3 and not (run_dir / "fold01" / "results.json").exists()
     )
+    # other split files (one training label edited) do not continue this fold's checkpoint
+    edited = tmp_path / "edited-splits"
+    shutil.copytree(splits, edited)
+    train_csv = edited / "split01" / "train.csv"
+    rows = ds.read_annotations(train_csv)
+    rows[0] = dataclasses.replace(rows[0], label=((rows[0].label[0] + 1) % 4,))
+    ds.write_annotations(train_csv, rows)
+    at = cmd.index("--splits") + 1
+    r = subprocess.run(cmd[:at] + [str(edited)] + cmd[at + 1 :], capture_output=True, text=True, env=cli_env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("hicmae-dist finetune:")]
+    assert "written on the splits train 6 / val 2 / test 2 clips under" in line and "another data set" in line, line
+
     r = _run(cmd[3:], cli_env)
     assert "| last epoch | 1 |" in r.stdout
     history = json.loads((run_dir / "fold01" / "history.json").read_text())

@@ -20,6 +20,7 @@ from hicmae_dist.train.finetune.mixing import mix_batch, smooth_one_hot
 from hicmae_dist.train.finetune.protocol import format_table, summarize
 from hicmae_dist.train.finetune.sampling import EpochBatches
 from hicmae_dist.train.finetune.task import ccc_loss, load_encoder_weights, resolve_task
+from hicmae_dist.train.runtime import split_set_identity
 from tests.support import run_ranks
 
 
@@ -167,6 +168,22 @@ def test_epoch_batches_split_ranks_and_resume_inside_an_epoch():
     assert len(r0) == len(r1) == 5 and not set(sum(r0, [])) & set(sum(r1, []))
     assert list(EpochBatches(22, 2, 0, 1, seed=0, epoch=3, start=4)) == full[4:]
     assert list(EpochBatches(22, 2, 0, 1, seed=0, epoch=4)) != full
+
+
+def test_a_folds_data_identity_follows_its_split_rows_not_where_the_set_lies(tmp_path):
+    def splits(root, label_of=lambda i: i % 3, order=slice(None)):
+        items = _items({"s01": 3, "s02": 2}, root, label_of)
+        return {"train": items[:3][order], "val": items[3:4], "test": items[4:]}
+
+    here = split_set_identity(splits(tmp_path / "a"))
+    assert here["data_splits"] == f"train 3 / val 1 / test 1 clips under {tmp_path / 'a'}"
+    assert split_set_identity(splits(tmp_path / "b" / "moved"))["data_id"] == here["data_id"]
+    changed = [
+        splits(tmp_path / "a", label_of=lambda i: (i + (i == 2)) % 3),  # one label edited
+        splits(tmp_path / "a", order=slice(None, None, -1)),  # the same rows, drawn in another order
+        {**splits(tmp_path / "a"), "val": [], "test": splits(tmp_path / "a")["val"]},  # val is no longer val
+    ]
+    assert len({here["data_id"], *(split_set_identity(s)["data_id"] for s in changed)}) == 4
 
 
 def test_task_from_preset_and_errors():

@@ -42,6 +42,7 @@ from hicmae_dist.train.runtime import (
     refuse_existing,
     restore,
     seed_everything,
+    split_set_identity,
     stop_requested,
     why_stopped,
 )
@@ -63,6 +64,8 @@ class FoldState:
     config_hash: str = ""
     world_size: int = 1
     nonfinite_skipped: int = 0
+    data_id: str = ""  # split_set_identity: the split files the fold trains, selects and tests on
+    data_splits: str = ""
 
 
 @dataclass
@@ -209,17 +212,18 @@ def _start(
     cfg: Config,
     task: Task,
     pretrained: Converted | None,
+    splits: dict[str, list[DownstreamItem]],
     run: RunDir,
     resume: str,
     allow_config_change: bool,
     world_size: int,
 ):
     """(engine, state, load report): the model from the pretrained weights, or the fold's newest
-    checkpoint that verifies, restored."""
+    checkpoint that verifies, restored (refused when written on another config or other splits)."""
     seed_everything(cfg.train.seed)
     model, groups, load_report = build_finetune(cfg, task, pretrained)
     engine = build_engine(model, cfg, world_size, groups=groups)
-    state = FoldState(config_hash=cfg.hash(finetune=True), world_size=world_size)
+    state = FoldState(config_hash=cfg.hash(finetune=True), world_size=world_size, **split_set_identity(splits))
     refuse_existing(run.path, resume)
     ckpt = resume_checkpoint(run.path)  # verified; removes what interrupted saves left
     if ckpt is not None:
@@ -435,7 +439,9 @@ def finetune_fold(
     check_attention_backend(cfg.execution)  # before the engine set-up
     task = task or resolve_task(cfg)
     datasets, mcfg, steps_per_epoch = _prepare(cfg, splits, task, pretrained, dist_env.world_size)
-    engine, state, load_report = _start(cfg, task, pretrained, run, resume, allow_config_change, dist_env.world_size)
+    engine, state, load_report = _start(
+        cfg, task, pretrained, splits, run, resume, allow_config_change, dist_env.world_size
+    )
     # config.yaml and the params record the model trained (the pretrained weights' sizes); the hash
     # stays the requested config's, so runs written before this keep resuming
     tracker = _open_run(
