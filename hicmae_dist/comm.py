@@ -117,13 +117,27 @@ def resolve_env(env: Mapping[str, str], cuda_count: int) -> DistEnv:
     torchrun's MASTER_ADDR / MASTER_PORT are used as they are. Under Slurm the rendezvous host is
     the first node of the job's node list (127.0.0.1 when all tasks share one node) and the port
     comes from the job id and SLURM_RESTART_COUNT (rendezvous_port); a MASTER_* exported from the
-    submitting shell is ignored there (a stale port would defeat the per-attempt port)."""
-    if "RANK" in env and "WORLD_SIZE" in env:
+    submitting shell is ignored there (a stale port would defeat the per-attempt port), and so are
+    RANK / WORLD_SIZE unless torchrun set them (TORCHELASTIC_RUN_ID: torchrun started inside the
+    allocation): sbatch exports the submitting shell's environment, and a RANK=0 left there by a
+    debugging session made every task rank 0 of a job of one."""
+    slurm_task = "SLURM_PROCID" in env and "SLURM_NTASKS" in env
+    torchrun = "RANK" in env and "WORLD_SIZE" in env and ("TORCHELASTIC_RUN_ID" in env or not slurm_task)
+    if slurm_task and not torchrun and "RANK" in env:
+        log.warning(
+            "ignoring RANK=%s WORLD_SIZE=%s (not set by torchrun; exported by the submitting shell?): "
+            "Slurm says rank %s of %s",
+            env["RANK"],
+            env.get("WORLD_SIZE", "<unset>"),
+            env["SLURM_PROCID"],
+            env["SLURM_NTASKS"],
+        )
+    if torchrun:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", 0))
         local_world = int(env.get("LOCAL_WORLD_SIZE", world))
         addr, port, launcher = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)), "torchrun"
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    elif slurm_task:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
         local_world = _tasks_on_node(env, world)

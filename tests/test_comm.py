@@ -140,6 +140,34 @@ CASES = [
         0,
         (1, 1, 2, 2, "cpu", "127.0.0.1", comm.rendezvous_port("7", 0), "slurm"),
     ),  # one node: loopback
+    (
+        "slurm tasks with RANK=0 WORLD_SIZE=1 exported by the submitting shell: Slurm's places",
+        {
+            "SLURM_JOB_ID": "7",
+            "SLURM_NTASKS": "2",
+            "SLURM_PROCID": "1",
+            "SLURM_LOCALID": "1",
+            "SLURM_NODELIST": "node1",
+            "SLURM_NTASKS_PER_NODE": "2",
+            **{"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_PORT": "29500"},
+        },
+        0,
+        (1, 1, 2, 2, "cpu", "127.0.0.1", comm.rendezvous_port("7", 0), "slurm"),
+    ),
+    (
+        "torchrun started by a Slurm task on each of 2 nodes: torchrun's places",
+        {
+            **SLURM_2x4,
+            "SLURM_NTASKS": "2",
+            "SLURM_PROCID": "1",
+            "SLURM_TASKS_PER_NODE": "1(x2)",
+            "TORCHELASTIC_RUN_ID": "4242",
+            **{"RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"},
+            **{"MASTER_ADDR": "gpu07", "MASTER_PORT": "29500"},
+        },
+        8,
+        (9, 1, 16, 8, "cuda:1", "gpu07", 29500, "torchrun"),
+    ),
     ("CPU only, one process", {}, 0, (0, 0, 1, 1, "cpu", "127.0.0.1", 0, "single")),
     ("one process on a GPU machine", {}, 2, (0, 0, 1, 1, "cuda:0", "127.0.0.1", 0, "single")),
 ]

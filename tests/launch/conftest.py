@@ -70,6 +70,9 @@ def slurm_session(slurm_cluster, tmp_path_factory):
     env["HICMAE_DIST_JOBS"] = str(root / "jobs.jsonl")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/hicmae-dist/torch_extensions"))
     env["TQDM_DISABLE"] = "1"
+    # what a shell that ran a process group by hand leaves exported (so does this worker, after an
+    # in-process distributed test): sbatch passes it on, and every task must still take Slurm's place
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     yield {"root": root, "env": env, "registry": root / "jobs.jsonl"}
     TIMINGS["slurm tests (s)"] = time.perf_counter() - t0
     # nothing of ours may outlive the session
