@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 DEMO_DIR ?= runs/demo
 DEMO_CLIPS ?= 256
 PYTEST_ARGS ?=
-# pytest-xdist workers: one per core, at most 4 (each holds torch and runs multi-process tests);
+# pytest-xdist workers: one per core, at most 4 (each holds torch and runs multi-process tests).
 # Whole modules go to a worker (their fixtures are built once), slow ones first (tests/conftest.py).
 # PYTEST_WORKERS=0 runs the suite in this process.
 PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); if [ $$n -gt 4 ]; then n=4; elif [ $$n -lt 2 ]; then n=0; fi; echo $$n)

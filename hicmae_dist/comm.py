@@ -300,6 +300,15 @@ def broadcast_values(values: Sequence[float], src: int = 0, device: torch.device
     return t.tolist()
 
 
+def max_values(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
+    """The largest of each number over the ranks (float64), on every rank; the smallest of a
+    number is -max_values([-x])."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if multi_rank():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the ranks, in place; returns t."""
     if multi_rank():

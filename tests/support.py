@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,24 @@ CAVMAE_TINY_MODEL = [
 # Figures for the end of a run: {section: {name: value}}, printed by tests/conftest.py (under
 # xdist the workers send theirs to the controller, which prints them).
 SUMMARY: dict[str, dict[str, float]] = {}
+
+
+def pretrain_cmd(shards: Path, run_dir: Path, *overrides: str, progress: bool = False) -> list[str]:
+    """`hicmae-dist pretrain` of the tiny preset on `shards`, as a subprocess command line."""
+    return [
+        sys.executable,
+        "-m",
+        "hicmae_dist.cli",
+        "pretrain",
+        "--preset",
+        "tiny-cpu",
+        "--data",
+        str(shards),
+        "--run-dir",
+        str(run_dir),
+        *([] if progress else ["--no-progress"]),
+        *overrides,
+    ]
 
 
 @contextlib.contextmanager

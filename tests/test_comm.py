@@ -94,6 +94,16 @@ SLURM_2x4 = {
     "SLURM_RESTART_COUNT": "1",
 }
 
+# the second of 2 tasks on one CPU node
+SLURM_1x2_TASK1 = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODELIST": "node1",
+    "SLURM_NTASKS_PER_NODE": "2",
+}
+
 CASES = [
     # name, environment, visible CUDA devices, expected (rank, local, world, local world, device, addr, port, launcher)
     (
@@ -129,26 +139,14 @@ CASES = [
     ),
     (
         "slurm on CPUs, 2 tasks on one node",
-        {
-            "SLURM_JOB_ID": "7",
-            "SLURM_NTASKS": "2",
-            "SLURM_PROCID": "1",
-            "SLURM_LOCALID": "1",
-            "SLURM_NODELIST": "node1",
-            "SLURM_NTASKS_PER_NODE": "2",
-        },
+        SLURM_1x2_TASK1,
         0,
         (1, 1, 2, 2, "cpu", "127.0.0.1", comm.rendezvous_port("7", 0), "slurm"),
     ),  # one node: loopback
     (
         "slurm tasks with RANK=0 WORLD_SIZE=1 exported by the submitting shell: Slurm's places",
         {
-            "SLURM_JOB_ID": "7",
-            "SLURM_NTASKS": "2",
-            "SLURM_PROCID": "1",
-            "SLURM_LOCALID": "1",
-            "SLURM_NODELIST": "node1",
-            "SLURM_NTASKS_PER_NODE": "2",
+            **SLURM_1x2_TASK1,
             **{"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_PORT": "29500"},
         },
         0,

@@ -26,6 +26,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -201,18 +202,21 @@ def disk_full_error(code: int, what: Path | str, run_dir: Path) -> DiskFullError
 
 
 def _space_short(run: RunDir) -> str | None:
-    """Why the next save would not fit: the newest complete checkpoint's size (the next one is as
-    large, and the old ones go only once it is complete) against the free space under the
-    checkpoints. None when it fits, or when there is none to measure yet."""
-    done = run.complete_checkpoints()
-    if not done:
+    """Collective: why the next save would not fit on this rank, agreed by all. Rank 0 measures
+    the newest complete checkpoint (the next one is as large, and the old ones go only once it is
+    complete; one listing on the shared file system, not one per rank); every rank compares it
+    with its own free space under the checkpoints; one all-reduce. None when it fits everywhere,
+    or when there is no checkpoint to measure yet."""
+    done = run.complete_checkpoints() if comm.is_rank0() else []
+    need = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else 0
+    free = shutil.disk_usage(run.checkpoints).free if run.checkpoints.is_dir() else math.inf
+    need, minus_least_free = comm.max_values([need, -free])
+    if -minus_least_free >= need:
         return None
-    need = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file())
-    free = shutil.disk_usage(run.checkpoints).free
     if free >= need:
-        return None
-    free_mib, need_mib = free / 2**20, need / 2**20
-    return f"{free_mib:,.1f} MiB free under {run.checkpoints}, a checkpoint takes {need_mib:,.1f} MiB ({done[-1].name})"
+        return "another rank found too little space, see its log"
+    free_mib, need_mib, last = free / 2**20, need / 2**20, run.complete_checkpoints()[-1].name
+    return f"{free_mib:,.1f} MiB free under {run.checkpoints}, a checkpoint takes {need_mib:,.1f} MiB ({last})"
 
 
 def save_checkpoint(
@@ -231,9 +235,8 @@ def save_checkpoint(
     tmp = root / tmp_tag
     rank, world_size = comm.world()
     short = _space_short(run)
-    if comm.agree([short is not None])[0]:
-        why = short or "another rank found too little space, see its log"
-        message = f"{os.strerror(errno.ENOSPC)} for the checkpoint of step {step}: {why}; the last good checkpoint is"
+    if short is not None:  # on every rank, before anything is written
+        message = f"{os.strerror(errno.ENOSPC)} for the checkpoint of step {step}: {short}; the last good checkpoint is"
         raise DiskFullError(errno.ENOSPC, f"{message} {_last_good(run_dir)}", str(root))
     written: list[Path] = []
     try:

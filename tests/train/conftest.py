@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import require, shared_across_workers
+from tests.support import pretrain_cmd, require, shared_across_workers
 
 
 @pytest.fixture(scope="session")
@@ -44,27 +44,12 @@ def two_minute_run(shards, cli_env, tmp_path_factory):
     tracking test checks the run, the fine-tuning tests start from its weights. Progress is on,
     with output to pipes, as in a Slurm log. Returns (run_dir, the finished process)."""
     import subprocess
-    import sys
 
     with shared_across_workers(tmp_path_factory, "two_minute") as root:
         run_dir, done = root / "run", root / "process.json"
         if not done.exists():
-            cmd = [
-                sys.executable,
-                "-m",
-                "hicmae_dist.cli",
-                "pretrain",
-                "--preset",
-                "tiny-cpu",
-                "--data",
-                str(shards),
-                "--run-dir",
-                str(run_dir),
-                "train.steps=120",
-                "train.warmup_steps=10",
-                "train.log_every=10",
-                "train.checkpoint_every=60",
-            ]
+            overrides = ["train.steps=120", "train.warmup_steps=10", "train.log_every=10", "train.checkpoint_every=60"]
+            cmd = pretrain_cmd(shards, run_dir, *overrides, progress=True)
             r = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=900)
             done.write_text(
                 json.dumps({"args": r.args, "returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr})

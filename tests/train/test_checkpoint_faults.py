@@ -19,7 +19,7 @@ from hicmae_dist.config import load_config
 from hicmae_dist.train import checkpoint
 from hicmae_dist.train import pretrain as pretrain_mod
 from hicmae_dist.train import runtime as runtime_mod
-from tests.support import require
+from tests.support import pretrain_cmd, require
 
 TINY = [
     "model.width=32",
@@ -180,23 +180,7 @@ def test_changed_config_or_data_is_refused_before_any_weight_is_loaded(shards, c
 
     # the CLI: the refusal, not a size-mismatch traceback from loading the weights
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hicmae_dist.cli",
-            "pretrain",
-            "--preset",
-            "tiny-cpu",
-            "--data",
-            str(shards),
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--no-progress",
-            *TINY,
-            "train.steps=4",
-            "model.width=128",
-            "model.decoder_width=64",
-        ],
+        pretrain_cmd(shards, tmp_path / "run", *TINY, "train.steps=4", "model.width=128", "model.decoder_width=64"),
         capture_output=True,
         text=True,
         env=cli_env,
@@ -279,7 +263,8 @@ def test_two_ranks_agree_on_a_checkpoint_only_one_of_them_finds_bad(shards, tmp_
 
     # rank 1 alone finds its disk full before the step-8 save: both ranks end with the error, none
     # waits at a barrier, nothing is written
-    (zero, _, msg0), (one, _, msg1) = _two_ranks(shards, tmp_path, 8, no_space_on=1)
+    (rank0, kind0, msg0), (rank1, kind1, msg1) = _two_ranks(shards, tmp_path, 8, no_space_on=1)
+    assert (rank0, kind0, rank1, kind1) == (0, "disk full", 1, "disk full")
     last_good = f"; the last good checkpoint is {root / 'step00000006'}"
     assert msg0.startswith("No space left on device for the checkpoint of step 8: another rank found too little")
     assert msg1.startswith(f"No space left on device for the checkpoint of step 8: 0.0 MiB free under {root}")

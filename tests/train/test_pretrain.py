@@ -18,22 +18,9 @@ import torch
 from hicmae_dist.cli import EXIT_INTERRUPTED
 from hicmae_dist.config import load_config
 from hicmae_dist.train.schedule import lr_at
+from tests.support import pretrain_cmd
 
 CLI = [sys.executable, "-m", "hicmae_dist.cli"]
-
-
-def _pretrain_cmd(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return CLI + [
-        "pretrain",
-        "--preset",
-        "tiny-cpu",
-        "--data",
-        str(shards),
-        "--run-dir",
-        str(run_dir),
-        "--no-progress",
-        *overrides,
-    ]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -123,7 +110,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(shards, cli_env, 
     )
     reference = tmp_path / "uninterrupted"
     r = subprocess.run(
-        _pretrain_cmd(shards, reference, *args, "tracking.enabled=false"),
+        pretrain_cmd(shards, reference, *args, "tracking.enabled=false"),
         capture_output=True,
         text=True,
         env=cli_env,
@@ -133,7 +120,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(shards, cli_env, 
 
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(
-        _pretrain_cmd(shards, run_dir, *args),
+        pretrain_cmd(shards, run_dir, *args),
         env=cli_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -152,7 +139,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(shards, cli_env, 
     killed_at = latest.read_text()
     assert killed_at != f"step{steps:08d}", "the run finished before the kill; make it longer"
 
-    r = subprocess.run(_pretrain_cmd(shards, run_dir, *args), capture_output=True, text=True, env=cli_env, timeout=900)
+    r = subprocess.run(pretrain_cmd(shards, run_dir, *args), capture_output=True, text=True, env=cli_env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     resumed_from = int(killed_at.removeprefix("step"))
     assert f"this session from {resumed_from}" in r.stdout
@@ -191,7 +178,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_repeats_nothing(shards,
         "data.batch_size=4",
     )
     proc = subprocess.Popen(
-        _pretrain_cmd(shards, run_dir, *args), env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        pretrain_cmd(shards, run_dir, *args), env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 600
     while not ((run_dir / "metrics.jsonl").exists() and len(_metrics(run_dir)) >= 3):
@@ -206,7 +193,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_repeats_nothing(shards,
     assert 3 <= stopped < 12
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
 
-    r = subprocess.run(_pretrain_cmd(shards, run_dir, *args), capture_output=True, text=True, env=cli_env, timeout=900)
+    r = subprocess.run(pretrain_cmd(shards, run_dir, *args), capture_output=True, text=True, env=cli_env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     runs, history = _mlflow_history(run_dir, "loss")
     (hist,) = history.values()
@@ -246,7 +233,7 @@ def test_resume_at_another_world_size_through_universal_checkpoint(shards, cli_e
     )
 
     def run(nproc, steps):
-        cmd = _pretrain_cmd(shards, run_dir, *base, f"train.steps={steps}")
+        cmd = pretrain_cmd(shards, run_dir, *base, f"train.steps={steps}")
         cmd = _torchrun(nproc) + cmd[len(CLI) :] if nproc > 1 else cmd
         r = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -334,7 +321,7 @@ def test_tracking_to_a_real_mlflow_server_with_system_metrics(shards, cli_env, t
     from mlflow.tracking import MlflowClient
 
     r = subprocess.run(
-        _pretrain_cmd(
+        pretrain_cmd(
             shards,
             tmp_path / "run",
             "--tracking-uri",
@@ -383,7 +370,7 @@ def test_tracking_server_killed_mid_run_training_goes_on_and_sync_sends_one_valu
     server = MlflowServer(tmp_path / "server")
     server.start()
     run_dir, steps = tmp_path / "run", 10
-    cmd = _pretrain_cmd(
+    cmd = pretrain_cmd(
         shards,
         run_dir,
         "--tracking-uri",
@@ -470,7 +457,7 @@ def test_unreachable_tracking_uri_is_one_line_within_seconds(shards, cli_env, tm
         uri = f"http://127.0.0.1:{s.getsockname()[1]}"
     start = time.time()
     r = subprocess.run(
-        _pretrain_cmd(shards, tmp_path / "run", "--tracking-uri", uri, "train.steps=2", "train.warmup_steps=1"),
+        pretrain_cmd(shards, tmp_path / "run", "--tracking-uri", uri, "train.steps=2", "train.warmup_steps=1"),
         capture_output=True,
         text=True,
         env=cli_env,
